@@ -14,6 +14,8 @@ from napari_morphomol import __version__
 from napari_morphomol.errors import InputError
 
 SUBCOMMANDS = [
+    "info",
+    "demo",
 ]
 
 EPILOG = """\

@@ -1,0 +1,111 @@
+"""napari layer data for a sample: every layer placed in micrometres so they all overlay.
+
+Layer data tuples are plain data (no napari import), shared by the reader, the sample-data
+entry and the widgets. Each layer's metadata carries the SpatialData sample it came from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from spatialdata import SpatialData
+from spatialdata.transformations import get_transformation
+
+from napari_morphomol.coords import HE_PX, layer_affine_um, scale_matrix
+from napari_morphomol.io.sample import HE_IMAGE, MORPHOLOGY, TRANSCRIPTS, sample_info
+from napari_morphomol.io.transcript_density import TranscriptDensity, build_transcript_density
+
+HE_LAYER = "H&E"
+DAPI_LAYER = "DAPI"
+DENSITY_LAYER = "transcripts (all genes)"
+
+
+def _levels(element, channel: int | None = None) -> list:
+    """Multiscale dask levels as napari wants them: (y, x, c) for RGB, (y, x) for one channel."""
+    arrays = [element[name]["image"].data for name in element.children]
+    if channel is None:
+        return [a.transpose(1, 2, 0) for a in arrays]
+    return [a[channel] for a in arrays]
+
+
+def _contrast_limits(level) -> tuple[float, float]:
+    low, high = np.percentile(np.asarray(level), [1.0, 99.8])
+    return float(low), float(max(high, low + 1))
+
+
+def he_pixel_to_global(sdata: SpatialData) -> np.ndarray:
+    """H&E px -> global as a 3 x 3 (x, y) matrix; the H&E alone is shown at its own pixel size."""
+    info = sample_info(sdata)
+    if info.he_to_global is not None:
+        return np.asarray(info.he_to_global)
+    xenium_px = info.xenium_pixel_size_um or info.he_pixel_size_um
+    return scale_matrix(info.he_pixel_size_um / xenium_px)
+
+
+def display_pixel_size_um(sdata: SpatialData) -> float:
+    """The um per ``global`` px used for display (the H&E's own when there is no Xenium run)."""
+    info = sample_info(sdata)
+    return info.xenium_pixel_size_um or info.he_pixel_size_um
+
+
+def he_layer(sdata: SpatialData) -> tuple:
+    element = sdata.images[HE_IMAGE]
+    assert get_transformation(element, HE_PX) is not None
+    affine = layer_affine_um(he_pixel_to_global(sdata), display_pixel_size_um(sdata))
+    return (
+        _levels(element),
+        {"name": HE_LAYER, "rgb": True, "multiscale": True, "affine": affine,
+         "metadata": {"sdata": sdata, "element": HE_IMAGE}},
+        "image",
+    )
+
+
+def dapi_layer(sdata: SpatialData) -> tuple:
+    element = sdata.images[MORPHOLOGY]
+    levels = _levels(element, channel=0)
+    pixel_um = display_pixel_size_um(sdata)
+    return (
+        levels,
+        {"name": DAPI_LAYER, "multiscale": True, "scale": (pixel_um, pixel_um), "colormap": "gray",
+         "blending": "additive", "contrast_limits": _contrast_limits(levels[-1]),
+         "metadata": {"sdata": sdata, "element": MORPHOLOGY}},
+        "image",
+    )
+
+
+def transcript_density(sdata: SpatialData, bin_um: float = 4.0) -> TranscriptDensity:
+    """The density index of a sample's transcripts over the morphology image's extent."""
+    height_px, width_px = sdata.images[MORPHOLOGY]["scale0"]["image"].shape[1:]
+    pixel_um = display_pixel_size_um(sdata)
+    return build_transcript_density(
+        sdata.points[TRANSCRIPTS], extent_um=(width_px * pixel_um, height_px * pixel_um), bin_um=bin_um
+    )
+
+
+def density_layer(density: TranscriptDensity, sdata: SpatialData, genes: list[str] | None = None,
+                  colormap: str = "magma") -> tuple:
+    """A density raster (transcripts per bin, qv >= 20) as a multiscale image in um."""
+    raster = density.raster(genes)
+    levels = density.pyramid(raster)
+    b = density.bin_um
+    name = DENSITY_LAYER if genes is None else f"density: {', '.join(genes)}"
+    high = float(np.percentile(raster[raster > 0], 99.5)) if (raster > 0).any() else 1.0
+    return (
+        levels if len(levels) > 1 else levels[0],
+        {"name": name, "multiscale": len(levels) > 1, "scale": (b, b), "translate": (b / 2, b / 2),
+         "colormap": colormap, "blending": "additive", "contrast_limits": (0.0, max(high, 1.0)),
+         "metadata": {"sdata": sdata, "element": TRANSCRIPTS, "density_genes": genes,
+                      "units": f"transcripts per {b:g} x {b:g} um bin"}},
+        "image",
+    )
+
+
+def sample_layers(sdata: SpatialData, *, with_density: bool = True) -> list[tuple]:
+    """The layers a user expects on opening a sample: H&E, DAPI, transcript density."""
+    layers = []
+    if HE_IMAGE in sdata.images:
+        layers.append(he_layer(sdata))
+    if MORPHOLOGY in sdata.images:
+        layers.append(dapi_layer(sdata))
+    if with_density and TRANSCRIPTS in sdata.points and MORPHOLOGY in sdata.images:
+        layers.append(density_layer(transcript_density(sdata), sdata))
+    return layers

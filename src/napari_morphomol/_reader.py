@@ -1,0 +1,32 @@
+"""npe2 reader: a Xenium folder, a sample folder (``xenium/`` + H&E), or our SpatialData ``.zarr``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from napari_morphomol._layers import sample_layers
+from napari_morphomol.io.sample import ATTRS_KEY, find_sample_parts, open_sample
+
+
+def _is_our_zarr(path: Path) -> bool:
+    return path.suffix == ".zarr" and path.is_dir() and ATTRS_KEY in (path / "zarr.json").read_text(errors="ignore")
+
+
+def get_reader(path):
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    path = Path(path)
+    try:
+        recognised = find_sample_parts(path) is not None or (
+            (path / "zarr.json").is_file() and _is_our_zarr(path)
+        )
+    except (OSError, ValueError):
+        return None
+    return read_sample if recognised else None
+
+
+def read_sample(path):
+    path = path[0] if isinstance(path, list) else path
+    return sample_layers(open_sample(path))

@@ -1,0 +1,336 @@
+"""A Xenium run and an H&E image as one lazy SpatialData sample.
+
+spatialdata-io reads the bundle (transcripts as a dask dataframe, cells); the morphology and H&E
+images are read from their own TIFF pyramids so that no level is computed from full resolution.
+Nothing is ever written into the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from spatialdata import SpatialData, read_zarr
+from spatialdata.models import Image2DModel
+from spatialdata.models.pyramids_utils import dask_arrays_to_datatree
+from spatialdata.transformations import Affine, Identity, set_transformation
+
+from napari_morphomol.coords import GLOBAL, HE_PX
+from napari_morphomol.errors import InputError
+from napari_morphomol.io.he_image import read_pyramid, rgb_levels_cyx
+
+HE_IMAGE = "he_image"
+MORPHOLOGY = "morphology_focus"
+TRANSCRIPTS = "transcripts"
+ATTRS_KEY = "morphomol"
+
+_VERSION_RE = re.compile(r"^xenium-(\d+)\.(\d+)\.(\d+)(\.\d+)*")
+_REQUIRED_TRANSCRIPT_COLUMNS = ("feature_name", "x_location", "y_location", "z_location", "cell_id")
+_MORPHOLOGY_CHANNELS_4 = ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin"]
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """What a sample was made of; kept in ``sdata.attrs['morphomol']`` (plain JSON types)."""
+
+    xenium_dir: str | None
+    he_path: str | None
+    alignment_csv: str | None
+    xenium_pixel_size_um: float | None
+    he_pixel_size_um: float | None
+    analysis_sw_version: str | None
+    he_to_global: list[list[float]] | None
+
+
+def sample_info(sdata: SpatialData) -> SampleInfo:
+    """The provenance and pixel sizes of a sample opened by :func:`open_sample`."""
+    attrs = sdata.attrs.get(ATTRS_KEY)
+    if attrs is None:
+        raise InputError("this SpatialData object was not opened by napari-morphomol (no attrs['morphomol']).")
+    return SampleInfo(**attrs)
+
+
+def read_experiment(xenium_dir: str | Path) -> dict:
+    """Validate a Xenium output folder and return its ``experiment.xenium`` specs."""
+    path = Path(xenium_dir)
+    if not path.is_dir():
+        raise InputError(f"Xenium folder not found: {path}")
+    spec_file = path / "experiment.xenium"
+    if not spec_file.is_file():
+        nested = sorted(p.parent for p in path.glob("*/experiment.xenium"))
+        hint = f" Did you mean {nested[0]}?" if nested else ""
+        raise InputError(
+            f"{path} is not a Xenium output folder: it has no experiment.xenium. "
+            f"Point to the folder the instrument wrote (it holds experiment.xenium and transcripts.parquet).{hint}"
+        )
+    try:
+        specs = json.loads(spec_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{spec_file} is not valid JSON ({exc}); the bundle may be damaged.") from exc
+    version = str(specs.get("analysis_sw_version", ""))
+    if not _VERSION_RE.match(version):
+        raise InputError(
+            f"{spec_file}: analysis_sw_version {version!r} is not of the form 'xenium-X.Y.Z'; "
+            "spatialdata-io would then read the bundle with the pre-2.0 layout and fail. "
+            "Fix the field (e.g. \"xenium-3.0.0.15\") in a copy of the bundle."
+        )
+    pixel_size = specs.get("pixel_size")
+    if not isinstance(pixel_size, (int, float)) or not 0.01 < pixel_size < 10:
+        raise InputError(f"{spec_file}: pixel_size {pixel_size!r} is missing or not a size in um.")
+    return specs
+
+
+def _check_transcripts(xenium_dir: Path) -> None:
+    file = xenium_dir / "transcripts.parquet"
+    if not file.is_file():
+        raise InputError(
+            f"{xenium_dir} has no transcripts.parquet. Older runs (XOA < 1.3) only have transcripts.csv.gz: "
+            "re-export with Xenium Ranger, or convert the CSV to parquet."
+        )
+    try:
+        schema = pq.read_schema(file)
+        pq.ParquetFile(file).metadata  # noqa: B018  (reads the footer: catches truncation)
+    except Exception as exc:
+        raise InputError(f"{file} is unreadable, truncated or not parquet ({exc}).") from exc
+    missing = [c for c in _REQUIRED_TRANSCRIPT_COLUMNS if c not in schema.names]
+    if missing:
+        raise InputError(f"{file} lacks the columns {missing}; is it a Xenium transcripts table?")
+
+
+def read_alignment_csv(path: str | Path) -> np.ndarray:
+    """A Xenium ``*he_imagealignment.csv``: headerless 3 x 3 matrix, H&E px -> morphology px."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"alignment file not found: {path}")
+    try:
+        matrix = pd.read_csv(path, header=None).to_numpy(dtype=np.float64)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not a numeric CSV matrix ({exc}).") from exc
+    if matrix.shape != (3, 3) or not np.allclose(matrix[2], [0, 0, 1]) or not np.isfinite(matrix).all():
+        raise InputError(
+            f"{path} is not a 3 x 3 affine matrix (shape {matrix.shape}, last row {matrix[-1].tolist()}); "
+            "expected Xenium's headerless he_imagealignment.csv with last row 0,0,1."
+        )
+    if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
+        raise InputError(f"{path}: the matrix is singular (maps the image to a line); re-export the alignment.")
+    return matrix
+
+
+def _multiscale_element(levels, transformations: dict, channels: list[str]):
+    tree = dask_arrays_to_datatree(levels, dims=("c", "y", "x"), channels=channels)
+    set_transformation(tree, transformations, set_all=True)
+    Image2DModel().validate(tree)
+    return tree
+
+
+def open_he_image(
+    he_path: str | Path, *, he_pixel_size_um: float | None = None, he_to_global: np.ndarray | None = None
+):
+    """The H&E pyramid as a multiscale image element (``he_px``, and ``global`` when aligned)."""
+    pyramid = read_pyramid(he_path)
+    pixel_size = he_pixel_size_um if he_pixel_size_um is not None else pyramid.pixel_size_um
+    if pixel_size is None:
+        raise InputError(
+            f"{he_path} does not record its pixel size. Pass it: --he-pixel-size-um "
+            "(he_pixel_size_um=...), e.g. 0.2737 for a 40x scan; it is in the scanner's metadata."
+        )
+    if not 0.05 < pixel_size < 50:
+        raise InputError(f"H&E pixel size {pixel_size} um is implausible; give it in micrometres per pixel.")
+    transformations = {HE_PX: Identity()}
+    if he_to_global is not None:
+        transformations[GLOBAL] = Affine(he_to_global, input_axes=("x", "y"), output_axes=("x", "y"))
+    element = _multiscale_element(rgb_levels_cyx(pyramid), transformations, ["r", "g", "b"])
+    return element, float(pixel_size)
+
+
+def _open_morphology(xenium_dir: Path):
+    focus = xenium_dir / "morphology_focus"
+    files = sorted(focus.glob("*.ome.tif")) if focus.is_dir() else []
+    files = [f for f in files if not f.name.startswith("._")]
+    if not files:
+        legacy = xenium_dir / "morphology_focus.ome.tif"
+        if not legacy.is_file():
+            raise InputError(f"{xenium_dir} has no morphology_focus image (morphology_focus/*.ome.tif).")
+        files = [legacy]
+    pyramid = read_pyramid(files[0])
+    levels = []
+    for level in pyramid.levels:
+        if level.ndim == 2:
+            level = level[None]
+        if level.ndim != 3:
+            raise InputError(f"{files[0]}: unexpected morphology image shape {level.shape}.")
+        levels.append(level)
+    n = levels[0].shape[0]
+    channels = _MORPHOLOGY_CHANNELS_4[:n] if n <= 4 else [f"channel_{i}" for i in range(n)]
+    return _multiscale_element(levels, {GLOBAL: Identity()}, channels)
+
+
+def load_sample(
+    xenium_dir: str | Path | None = None,
+    he_path: str | Path | None = None,
+    alignment_csv: str | Path | None = None,
+    *,
+    he_pixel_size_um: float | None = None,
+    cells: bool = False,
+    cell_labels: bool = False,
+) -> SpatialData:
+    """One lazy SpatialData sample from a Xenium bundle and/or an H&E image.
+
+    Elements: ``morphology_focus`` (multiscale, ``global``), ``transcripts`` (dask points, um
+    columns, Scale to ``global``), ``he_image`` (multiscale RGB in ``he_px``, and in ``global``
+    when an alignment is given), and with ``cells`` the cell table and boundaries.
+    """
+    if xenium_dir is None and he_path is None:
+        raise InputError("give a Xenium folder, an H&E image, or both.")
+    if alignment_csv is not None and (xenium_dir is None or he_path is None):
+        raise InputError("an alignment maps H&E onto a Xenium run: give both the Xenium folder and the H&E image.")
+    he_to_global = read_alignment_csv(alignment_csv) if alignment_csv is not None else None
+    specs: dict = {}
+    if xenium_dir is not None:
+        xenium_dir = Path(xenium_dir)
+        specs = read_experiment(xenium_dir)
+        _check_transcripts(xenium_dir)
+        sdata = _read_bundle(xenium_dir, cells=cells, cell_labels=cell_labels)
+        sdata.images[MORPHOLOGY] = _open_morphology(xenium_dir)
+    else:
+        sdata = SpatialData()
+    he_size = None
+    if he_path is not None:
+        sdata.images[HE_IMAGE], he_size = open_he_image(
+            he_path, he_pixel_size_um=he_pixel_size_um, he_to_global=he_to_global
+        )
+    info = SampleInfo(
+        xenium_dir=str(xenium_dir) if xenium_dir is not None else None,
+        he_path=str(he_path) if he_path is not None else None,
+        alignment_csv=str(alignment_csv) if alignment_csv is not None else None,
+        xenium_pixel_size_um=float(specs["pixel_size"]) if specs else None,
+        he_pixel_size_um=he_size,
+        analysis_sw_version=specs.get("analysis_sw_version"),
+        he_to_global=he_to_global.tolist() if he_to_global is not None else None,
+    )
+    if he_to_global is not None:
+        _warn_if_scale_disagrees(info)
+    sdata.attrs[ATTRS_KEY] = asdict(info)
+    return sdata
+
+
+def _warn_if_scale_disagrees(info: SampleInfo) -> None:
+    """An alignment whose scale contradicts the two pixel sizes is usually the inverse matrix."""
+    matrix = np.asarray(info.he_to_global)
+    scale = np.sqrt(abs(np.linalg.det(matrix[:2, :2])))
+    expected = info.he_pixel_size_um / info.xenium_pixel_size_um
+    if not 0.8 < scale / expected < 1.25:
+        warnings.warn(
+            f"the alignment scales H&E px by {scale:.3f} but the pixel sizes imply {expected:.3f} "
+            f"({info.he_pixel_size_um} / {info.xenium_pixel_size_um} um/px). If it is about "
+            f"{1 / expected:.3f}, the matrix is inverted (global -> H&E): invert it before loading.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _read_bundle(xenium_dir: Path, *, cells: bool, cell_labels: bool) -> SpatialData:
+    from spatialdata_io import xenium
+
+    try:
+        return xenium(
+            xenium_dir,
+            cells_boundaries=cells,
+            nucleus_boundaries=cells,
+            cells_as_circles=False,
+            cells_labels=cell_labels,
+            nucleus_labels=cell_labels,
+            transcripts=True,
+            morphology_mip=False,
+            morphology_focus=False,
+            aligned_images=False,
+            cells_table=cells,
+        )
+    except (OSError, ValueError, KeyError, AssertionError) as exc:
+        raise InputError(f"spatialdata-io could not read {xenium_dir}: {type(exc).__name__}: {exc}") from exc
+
+
+def open_sample(path: str | Path, **kwargs) -> SpatialData:
+    """Open what a user points at: a sample or Xenium folder, a SpatialData ``.zarr``, or an H&E image."""
+    path = Path(path)
+    parts = find_sample_parts(path)
+    if parts is not None:
+        return load_sample(parts.xenium_dir, parts.he_path, parts.alignment_csv, **kwargs)
+    if path.is_dir() and ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
+        try:
+            return read_zarr(path)
+        except Exception as exc:
+            raise InputError(f"{path} is a zarr store but not a readable SpatialData object ({exc}).") from exc
+    if path.is_file():
+        return load_sample(he_path=path, **kwargs)
+    return load_sample(xenium_dir=path, **kwargs)  # raises the Xenium folder error with a hint
+
+
+@dataclass(frozen=True)
+class SampleParts:
+    """The files of one sample found in a folder."""
+
+    xenium_dir: Path | None
+    he_path: Path | None
+    alignment_csv: Path | None
+
+
+def _single(paths: list[Path], what: str, folder: Path) -> Path | None:
+    if len(paths) > 1:
+        raise InputError(f"{folder} holds several {what} ({', '.join(p.name for p in paths)}); open the files explicitly.")
+    return paths[0] if paths else None
+
+
+def find_sample_parts(folder: str | Path) -> SampleParts | None:
+    """Recognise a sample folder: a Xenium bundle (with 10x's aligned ``*he_image.ome.tif`` and
+    ``*he_imagealignment.csv`` beside it, if present), or a folder holding ``xenium/`` plus those
+    H&E files (the layout ``morphomol synth`` writes). None when the folder is neither."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    if (folder / "experiment.xenium").is_file():
+        xenium_dir = folder
+    elif (folder / "xenium" / "experiment.xenium").is_file():
+        xenium_dir = folder / "xenium"
+    else:
+        return None
+    he = _single(sorted(folder.glob("*he_image.ome.tif")), "H&E images", folder)
+    alignment = _single(sorted(folder.glob("*he_imagealignment.csv")), "alignment files", folder)
+    return SampleParts(xenium_dir=xenium_dir, he_path=he, alignment_csv=alignment if he else None)
+
+
+def summarize_sample(sdata: SpatialData) -> dict:
+    """Plain facts about a sample for people and logs: sizes in px and um, counts, genes."""
+    info = sample_info(sdata)
+    summary: dict = {"xenium_dir": info.xenium_dir, "he_path": info.he_path, "alignment_csv": info.alignment_csv}
+    if MORPHOLOGY in sdata.images:
+        channels, height, width = sdata.images[MORPHOLOGY]["scale0"]["image"].shape
+        px = info.xenium_pixel_size_um
+        summary["morphology"] = {
+            "channels": channels, "width_px": width, "height_px": height, "pixel_size_um": px,
+            "width_um": round(width * px, 1), "height_um": round(height * px, 1),
+            "levels": len(sdata.images[MORPHOLOGY].children),
+        }
+    if HE_IMAGE in sdata.images:
+        _, height, width = sdata.images[HE_IMAGE]["scale0"]["image"].shape
+        summary["he"] = {
+            "width_px": width, "height_px": height, "pixel_size_um": info.he_pixel_size_um,
+            "levels": len(sdata.images[HE_IMAGE].children), "aligned": info.he_to_global is not None,
+        }
+    if TRANSCRIPTS in sdata.points:
+        points = sdata.points[TRANSCRIPTS]
+        names = points["feature_name"].dtype.categories
+        summary["transcripts"] = {
+            "count": int(points.shape[0].compute()),
+            "partitions": points.npartitions,
+            "features": len(names),
+        }
+    if "table" in sdata.tables:
+        summary["cells"] = int(sdata.tables["table"].n_obs)
+    return summary

@@ -1,0 +1,181 @@
+"""Dock widget "Load sample": open Xenium + H&E, then browse genes as density maps and points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from magicgui.widgets import (
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    PushButton,
+    Select,
+)
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+
+from napari_morphomol.coords import xy_to_napari
+from napari_morphomol._layers import density_layer, sample_layers, transcript_density
+from napari_morphomol.io.sample import TRANSCRIPTS, load_sample
+from napari_morphomol.io.transcript_density import transcripts_in_box_um
+
+POINTS_FIELD_OF_VIEW_UM = 800.0
+"""Actual transcripts are drawn only when the view is narrower than this (density otherwise)."""
+
+GENE_COLORS = ["cyan", "magenta", "yellow", "lime", "orange", "red", "dodgerblue", "white"]
+
+
+def _optional_path(edit: FileEdit) -> Path | None:
+    value = edit.value
+    return Path(value) if value is not None and str(value) not in ("", ".") else None
+
+
+class LoadSampleWidget(Container):
+    """Open a sample (any of Xenium folder, H&E, alignment), then choose genes to show."""
+
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        self.sdata = None
+        self.density = None
+        self.xenium_dir = FileEdit(mode="d", label="Xenium folder")
+        self.he_path = FileEdit(mode="r", label="H&E image", filter="*.tif *.tiff *.svs *.ome.tif")
+        self.alignment_csv = FileEdit(mode="r", label="alignment CSV", filter="*.csv")
+        self.he_pixel_size_um = FloatSpinBox(
+            value=0.0, min=0.0, max=50.0, step=0.0001, label="H&E um/px (0 = from file)"
+        )
+        self.load_button = PushButton(text="Load")
+        self.status = Label(value="")
+        self.gene_search = LineEdit(label="find gene")
+        self.gene_list = Select(choices=[], label="genes", allow_multiple=True)
+        self.show_density_button = PushButton(text="Show density of selected genes")
+        self.show_points = PushButton(text="Show transcripts in view")
+        super().__init__(
+            widgets=[
+                self.xenium_dir, self.he_path, self.alignment_csv, self.he_pixel_size_um,
+                self.load_button, self.status, self.gene_search, self.gene_list,
+                self.show_density_button, self.show_points,
+            ]
+        )
+        self._all_genes: list[str] = []
+        self.load_button.changed.connect(self.load)
+        self.gene_search.changed.connect(self._filter_genes)
+        self.show_density_button.changed.connect(self.add_density_of_selection)
+        self.show_points.changed.connect(self.refresh_points_in_view)
+        self._camera_timer = QTimer()
+        self._camera_timer.setSingleShot(True)
+        self._camera_timer.setInterval(300)
+        self._camera_timer.timeout.connect(self._points_if_zoomed_in)
+        self.viewer.camera.events.zoom.connect(self._camera_timer.start)
+        self.viewer.camera.events.center.connect(self._camera_timer.start)
+        self._points_worker = None
+
+    # loading -------------------------------------------------------------------------------
+    def load(self):
+        pixel = self.he_pixel_size_um.value or None
+        args = (_optional_path(self.xenium_dir), _optional_path(self.he_path), _optional_path(self.alignment_csv))
+        self.status.value = "loading..."
+        self.load_button.enabled = False
+
+        def work():
+            sdata = load_sample(*args, he_pixel_size_um=pixel)
+            return sdata, sample_layers(sdata, with_density=False), (
+                transcript_density(sdata) if TRANSCRIPTS in sdata.points else None
+            )
+
+        worker = create_worker(work, _progress={"desc": "Loading sample"})
+        worker.returned.connect(self._on_loaded)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(lambda: setattr(self.load_button, "enabled", True))
+        worker.start()
+        return worker
+
+    def _on_error(self, exc):
+        self.status.value = f"error: {exc}"
+        show_error(str(exc))
+
+    def _on_loaded(self, result):
+        self.sdata, layers, self.density = result
+        if self.density is not None:
+            layers.append(density_layer(self.density, self.sdata))
+        for data, kwargs, kind in layers:
+            getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+        self.viewer.scale_bar.visible = True
+        self.viewer.scale_bar.unit = "um"
+        self.viewer.reset_view()
+        if self.density is not None:
+            totals = self.density.gene_totals().sort_values(ascending=False)
+            self._all_genes = list(totals.index)
+            self._filter_genes()
+            self.status.value = (
+                f"{int(totals.sum()):,} transcripts (qv >= 20) of {len(totals)} genes; "
+                f"{self.density.n_low_qv:,} below qv 20 hidden"
+            )
+        else:
+            self.status.value = "H&E only (no Xenium run)"
+        show_info("sample loaded")
+
+    # genes ---------------------------------------------------------------------------------
+    def _filter_genes(self, *_):
+        text = (self.gene_search.value or "").strip().upper()
+        shown = [g for g in self._all_genes if text in g.upper()] if text else self._all_genes
+        self.gene_list.choices = shown
+
+    def selected_genes(self) -> list[str]:
+        return list(self.gene_list.value)
+
+    def add_density_of_selection(self, *_):
+        genes = self.selected_genes()
+        if self.density is None or not genes:
+            show_info("load a Xenium run and select one or more genes first")
+            return None
+        data, kwargs, _ = density_layer(self.density, self.sdata, genes, colormap="inferno")
+        return self.viewer.add_image(data, **kwargs)
+
+    def _view_box_um(self):
+        """The (x, y) ranges in um currently in view."""
+        cy, cx = self.viewer.camera.center[-2:]
+        height_px, width_px = self.viewer._canvas_size
+        half_w = width_px / self.viewer.camera.zoom / 2
+        half_h = height_px / self.viewer.camera.zoom / 2
+        return (cx - half_w, cx + half_w), (cy - half_h, cy + half_h)
+
+    def _points_if_zoomed_in(self):
+        if self.sdata is None or not self.selected_genes():
+            return
+        (x0, x1), _ = self._view_box_um()
+        if x1 - x0 <= POINTS_FIELD_OF_VIEW_UM:
+            self.refresh_points_in_view()
+
+    def refresh_points_in_view(self, *_):
+        genes = self.selected_genes()
+        if self.sdata is None or TRANSCRIPTS not in self.sdata.points or not genes:
+            show_info("load a Xenium run and select one or more genes first")
+            return None
+        x_range, y_range = self._view_box_um()
+        points = self.sdata.points[TRANSCRIPTS]
+        if self._points_worker is not None:
+            self._points_worker.quit()
+        worker = create_worker(
+            transcripts_in_box_um, points, genes, x_range_um=x_range, y_range_um=y_range
+        )
+        worker.returned.connect(lambda df: self._show_points(df, genes))
+        worker.errored.connect(self._on_error)
+        self._points_worker = worker
+        worker.start()
+        return worker
+
+    def _show_points(self, df, genes):
+        name = "transcripts in view"
+        colors = {g: GENE_COLORS[i % len(GENE_COLORS)] for i, g in enumerate(genes)}
+        data = xy_to_napari(df[["x", "y"]].to_numpy())
+        kwargs = {
+            "size": 2.0, "border_width": 0, "features": {"gene": df["feature_name"].to_numpy()},
+            "face_color": [colors[g] for g in df["feature_name"]] if len(df) else "white",
+        }
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        self.viewer.add_points(data, name=name, **kwargs)
+        self.status.value = f"{len(df):,} transcripts of {', '.join(genes)} in view"
