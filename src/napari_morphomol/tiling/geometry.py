@@ -1,0 +1,161 @@
+"""Tile and token geometry: one grid of *cells* in H&E space that tiles, tokens and image pixels share.
+
+Positions are continuous pixel coordinates: pixel ``i`` covers ``[i, i + 1)``, the image corner is
+0. The model sees tiles of ``tile_px`` px at ``tile_mpp`` um/px (512 px at 0.5 um/px) split into
+``tokens_per_side`` x ``tokens_per_side`` tokens (14 x 14, the ViT-S/16 patches of the 224 px
+resized tile). A *cell* is one token: ``tile_px / tokens_per_side`` tile px (36.571 px = 18.29 um).
+
+Everything is anchored at the H&E image corner in *cell coordinates*
+``q = u * cells_per_he_px`` (``u`` in native H&E px). Cell ``(r, c)`` is the half-open square
+``q_y in [r, r + 1)``, ``q_x in [c, c + 1)``; a point exactly on an edge belongs to the cell
+below/right of it. The stride is a whole number of cells (256 px = 7 cells), so tile ``(i, j)``
+is cells ``[s*i, s*i + 14) x [s*j, s*j + 14)`` and its tokens are ``raster[s*i:s*i+14, s*j:s*j+14]``
+of one global token raster. Resized tile pixels are a grid too: ``image_px / tokens_per_side``
+(16) pixels per cell, so tile ``(i, j)`` is ``resized[16*s*i : 16*s*i + 224, ...]`` of one global
+resampled image, and token ``(a, b)`` is its pixels ``[16a, 16a + 16) x [16b, 16b + 16)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from napari_morphomol.errors import InputError
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """The shared cell grid of one H&E image; see the module docstring for the definitions."""
+
+    he_mpp: float
+    """Native H&E pixel size (um/px)."""
+    he_height_px: int
+    he_width_px: int
+    tile_mpp: float = 0.5
+    tile_px: int = 512
+    stride_px: int = 256
+    tokens_per_side: int = 14
+    image_px: int = 224
+
+    def __post_init__(self) -> None:
+        if not (self.he_mpp > 0 and math.isfinite(self.he_mpp)):
+            raise InputError(f"H&E pixel size must be a positive number of um/px, got {self.he_mpp}")
+        if not self.tile_mpp > 0:
+            raise InputError(f"tile pixel size must be positive (um/px), got {self.tile_mpp}")
+        if self.tile_px <= 0 or self.stride_px <= 0:
+            raise InputError(f"tile ({self.tile_px}) and stride ({self.stride_px}) must be positive px")
+        if (self.stride_px * self.tokens_per_side) % self.tile_px:
+            raise InputError(
+                f"stride {self.stride_px} px is not a whole number of tokens of {self.tile_px}/"
+                f"{self.tokens_per_side} px; tiles would not share one token raster. Use a stride of "
+                f"k * {self.tile_px}/{math.gcd(self.tile_px, self.tokens_per_side)} "
+                f"(e.g. {self.tile_px // 2} for the paper's half-tile stride)."
+            )
+        if self.image_px % self.tokens_per_side:
+            raise InputError(
+                f"resized tile size {self.image_px} px is not a multiple of {self.tokens_per_side} tokens"
+            )
+        if self.he_height_px <= 0 or self.he_width_px <= 0:
+            raise InputError(f"H&E image size must be positive, got {self.he_height_px} x {self.he_width_px}")
+
+    # -- scale factors -----------------------------------------------------------------------
+    @property
+    def stride_cells(self) -> int:
+        return self.stride_px * self.tokens_per_side // self.tile_px
+
+    @property
+    def cell_tile_px(self) -> float:
+        """Token size in tile px (512 / 14 = 36.571)."""
+        return self.tile_px / self.tokens_per_side
+
+    @property
+    def he_px_per_tile_px(self) -> float:
+        return self.tile_mpp / self.he_mpp
+
+    @property
+    def cells_per_he_px(self) -> float:
+        return self.he_mpp * self.tokens_per_side / (self.tile_mpp * self.tile_px)
+
+    @property
+    def image_px_per_cell(self) -> int:
+        return self.image_px // self.tokens_per_side
+
+    # -- extents -------------------------------------------------------------------------------
+    @property
+    def extent_cells_xy(self) -> tuple[float, float]:
+        """Image width and height in cell coordinates (where transcripts stop being inside)."""
+        return self.he_width_px * self.cells_per_he_px, self.he_height_px * self.cells_per_he_px
+
+    @property
+    def raster_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the token raster: every cell that touches the image."""
+        wx, wy = self.extent_cells_xy
+        return math.ceil(wy), math.ceil(wx)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(rows, cols) of tiles lying wholly inside the image."""
+        wx, wy = self.extent_cells_xy
+        t, s = self.tokens_per_side, self.stride_cells
+
+        def count(extent: float) -> int:
+            return 0 if extent < t else int((extent - t) // s) + 1
+
+        return count(wy), count(wx)
+
+    @property
+    def stride_raster_shape(self) -> tuple[int, int]:
+        """(rows, cols) of stride cells (s x s tokens); tile (i, j) is stride cells [i, i+2) x [j, j+2)."""
+        rows, cols = self.grid_shape
+        t_in_s = self.tokens_per_side // self.stride_cells if self.tokens_per_side % self.stride_cells == 0 else None
+        if t_in_s is None:
+            raise InputError("stride cells need a tile made of whole strides (tile_px a multiple of stride_px)")
+        return rows + t_in_s - 1, cols + t_in_s - 1
+
+    # -- mappings -------------------------------------------------------------------------------
+    def he_px_to_cells(self, points_he_px: np.ndarray) -> np.ndarray:
+        """(x, y) native H&E px -> (x, y) cell coordinates (floats; floor gives the cell)."""
+        return np.asarray(points_he_px, dtype=np.float64) * self.cells_per_he_px
+
+    def cells_to_he_px(self, points_cells: np.ndarray) -> np.ndarray:
+        return np.asarray(points_cells, dtype=np.float64) / self.cells_per_he_px
+
+    def he_px_to_tile_px(self, points_he_px: np.ndarray) -> np.ndarray:
+        """Native H&E px -> px of the 0.5 um/px tile grid (same origin)."""
+        return np.asarray(points_he_px, dtype=np.float64) / self.he_px_per_tile_px
+
+    def tile_box_he_px(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(N, 4) boxes [x0, y0, x1, y1] of tiles in native H&E px (half-open)."""
+        rows = np.asarray(rows, dtype=np.float64)
+        cols = np.asarray(cols, dtype=np.float64)
+        s, t = self.stride_cells, self.tokens_per_side
+        box_cells = np.stack([s * cols, s * rows, s * cols + t, s * rows + t], axis=1)
+        return box_cells / self.cells_per_he_px
+
+    def to_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "stride_cells": self.stride_cells,
+            "cell_tile_px": self.cell_tile_px,
+            "cells_per_he_px": self.cells_per_he_px,
+            "image_px_per_cell": self.image_px_per_cell,
+            "raster_shape": list(self.raster_shape),
+            "grid_shape": list(self.grid_shape),
+            "origin": "H&E image corner; pixel i covers [i, i+1); cells half-open [k, k+1)",
+        }
+
+
+def pick_pyramid_level(level_shapes_yx: list[tuple[int, int]], he_mpp: float, tile_mpp: float = 0.5) -> int:
+    """Coarsest level still at least as fine as ``tile_mpp`` (so tiles are never upsampled).
+
+    Falls back to level 0 when even the full resolution is coarser than ``tile_mpp``.
+    """
+    full_h, full_w = level_shapes_yx[0]
+    best = 0
+    for index, (h, w) in enumerate(level_shapes_yx):
+        level_mpp = he_mpp * max(full_w / w, full_h / h)
+        if level_mpp <= tile_mpp * (1 + 1e-6):
+            best = index
+    return best

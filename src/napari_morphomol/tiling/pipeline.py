@@ -1,0 +1,151 @@
+"""From an H&E pyramid and a transcript table to the model's tiles: grid, filters, counts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+from napari_morphomol.errors import InputError
+from napari_morphomol.tiling.geometry import TileGeometry
+from napari_morphomol.tiling.panel import GenePanel
+from napari_morphomol.tiling.tissue import pick_mask_level, tile_background_fraction, tiles_in_region, tissue_mask
+from napari_morphomol.tiling.transcripts import (
+    HeGlobalTransform,
+    TranscriptBins,
+    as_he_global_transform,
+    bin_transcripts,
+    feature_names,
+)
+
+
+@dataclass
+class Tiling:
+    """Kept tiles (one row each), the counts they are cut from, and what every filter removed."""
+
+    geometry: TileGeometry
+    tiles: pd.DataFrame
+    bins: TranscriptBins
+    report: dict = field(default_factory=dict)
+
+    @property
+    def panel(self) -> GenePanel:
+        return self.bins.panel
+
+    def tokens(self, positions: np.ndarray) -> np.ndarray:
+        """(B, 14, 14, core genes) uint32 token counts of tiles at table positions."""
+        sel = self.tiles.iloc[np.atleast_1d(positions)]
+        return self.bins.tokens.tile_tokens(self.geometry, sel["row"].to_numpy(), sel["col"].to_numpy())
+
+    def targets_log1p(self) -> np.ndarray:
+        """(tiles, add-on genes) float32 log1p of add-on counts summed over each tile."""
+        counts = self.bins.tile_addon_counts(self.tiles["row"].to_numpy(), self.tiles["col"].to_numpy())
+        return np.log1p(counts).astype(np.float32)
+
+
+def compute_tissue_mask(levels_yxc: Sequence, he_mpp: float, *, mask_mpp: float = 8.0
+                        ) -> tuple[np.ndarray, tuple[float, float]]:
+    """Tissue mask at about ``mask_mpp`` um/px from the pyramid, and its pixel size in H&E px (x, y)."""
+    shapes = [tuple(int(s) for s in lv.shape[:2]) for lv in levels_yxc]
+    index = pick_mask_level(shapes, he_mpp, mask_mpp)
+    level = levels_yxc[index]
+    level = level if isinstance(level, da.Array) else da.from_array(level, chunks=(2048, 2048, 3))
+    level_mpp = he_mpp * shapes[0][1] / shapes[index][1]
+    factor = max(1, int(mask_mpp // level_mpp))
+    h, w = (shapes[index][0] // factor) * factor, (shapes[index][1] // factor) * factor
+    if factor > 1:
+        level = da.coarsen(np.mean, level[:h, :w].astype(np.float32), {0: factor, 1: factor})
+    rgb = np.asarray(level.compute())
+    mask = tissue_mask(rgb)
+    return mask, (shapes[0][1] / shapes[index][1] * factor, shapes[0][0] / shapes[index][0] * factor)
+
+
+def grid_tiles(geometry: TileGeometry, he_to_global: HeGlobalTransform, xenium_mpp: float) -> pd.DataFrame:
+    """Every whole tile of the grid: id, row, col, H&E px box, centre in ``global`` px and um."""
+    n_rows, n_cols = geometry.grid_shape
+    if n_rows == 0 or n_cols == 0:
+        raise InputError(
+            f"the H&E image ({geometry.he_width_px} x {geometry.he_height_px} px at {geometry.he_mpp} um/px) "
+            f"is smaller than one tile of {geometry.tile_px * geometry.tile_mpp:g} um; check the pixel size"
+        )
+    rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
+    boxes = geometry.tile_box_he_px(rows, cols)
+    centre_he = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    centre_global = he_to_global.he_px_to_global_px(centre_he)
+    return pd.DataFrame({
+        "tile_id": rows * n_cols + cols,
+        "row": rows,
+        "col": cols,
+        "he_x0": boxes[:, 0], "he_y0": boxes[:, 1], "he_x1": boxes[:, 2], "he_y1": boxes[:, 3],
+        "global_x": centre_global[:, 0], "global_y": centre_global[:, 1],
+        "um_x": centre_global[:, 0] * xenium_mpp, "um_y": centre_global[:, 1] * xenium_mpp,
+    })
+
+
+def make_tiling(
+    transcripts,
+    levels_yxc: Sequence,
+    *,
+    he_mpp: float,
+    he_to_global: np.ndarray | HeGlobalTransform,
+    xenium_mpp: float,
+    panel: GenePanel | None,
+    tile_px: int = 512,
+    stride_px: int = 256,
+    tile_mpp: float = 0.5,
+    max_background: float = 0.3,
+    mask: tuple[np.ndarray, tuple[float, float]] | None = None,
+    region_he_px: np.ndarray | None = None,
+    min_transcripts: int = 1000,
+    min_qv: float = 20.0,
+    x_col: str = "x_location",
+    y_col: str = "y_location",
+    max_dense_bytes: int = 2 * 1024**3,
+    progress: Callable[[int, int], None] | None = None,
+) -> Tiling:
+    """Tile an H&E image (levels ``(H, W, 3)``, full resolution first) with its transcripts (um).
+
+    ``panel=None`` uses every measured gene as core and no add-on. Tiles are kept when their
+    background fraction is at most ``max_background`` (mask from the pyramid unless given), their
+    centre is in ``region_he_px`` (if given) and they hold at least ``min_transcripts`` core +
+    add-on transcripts (0 disables).
+    """
+    if not 0.0 <= max_background <= 1.0:
+        raise InputError(f"max_background is a fraction in [0, 1], got {max_background}")
+    if min_transcripts < 0:
+        raise InputError(f"min_transcripts must be >= 0, got {min_transcripts}")
+    transform = as_he_global_transform(he_to_global)
+    full_h, full_w = (int(s) for s in levels_yxc[0].shape[:2])
+    geometry = TileGeometry(he_mpp=he_mpp, he_height_px=full_h, he_width_px=full_w, tile_mpp=tile_mpp,
+                            tile_px=tile_px, stride_px=stride_px)
+    features = feature_names(transcripts)
+    panel = GenePanel.all_genes(features) if panel is None else panel.validated(features)
+
+    tiles = grid_tiles(geometry, transform, xenium_mpp)
+    report: dict = {"grid_tiles": len(tiles)}
+    tissue, mask_px = mask if mask is not None else compute_tissue_mask(levels_yxc, he_mpp)
+    boxes = tiles[["he_x0", "he_y0", "he_x1", "he_y1"]].to_numpy()
+    tiles["background_fraction"] = tile_background_fraction(tissue, mask_px, boxes)
+    tiles = tiles[tiles["background_fraction"] <= max_background]
+    report["tissue_tiles"] = len(tiles)
+    if region_he_px is not None:
+        tiles = tiles[tiles_in_region(geometry, tiles["row"].to_numpy(), tiles["col"].to_numpy(), region_he_px)]
+        report["region_tiles"] = len(tiles)
+
+    bins = bin_transcripts(transcripts, geometry, panel, transform, xenium_mpp=xenium_mpp, min_qv=min_qv,
+                           x_col=x_col, y_col=y_col, max_dense_bytes=max_dense_bytes, progress=progress)
+    rows, cols = tiles["row"].to_numpy(), tiles["col"].to_numpy()
+    tiles["n_core"] = bins.tile_core_totals(rows, cols)
+    tiles["n_addon"] = bins.tile_addon_counts(rows, cols).sum(axis=1)
+    tiles["n_transcripts"] = tiles["n_core"] + tiles["n_addon"]
+    enough = tiles["n_transcripts"] >= min_transcripts
+    report["transcript_filter"] = {"min_transcripts": int(min_transcripts), "kept": int(enough.sum()),
+                                   "dropped": int((~enough).sum())}
+    report["transcripts"] = bins.counts.to_dict()
+    report["token_raster"] = {"sparse": bins.tokens.is_sparse, "nbytes": int(bins.tokens.nbytes)}
+    tiles = tiles[enough].reset_index(drop=True)
+    report["kept_tiles"] = len(tiles)
+    return Tiling(geometry, tiles, bins, report)
