@@ -1,0 +1,63 @@
+"""Landmark registration of an H&E image to Xenium ``global`` px (headless: no Qt, no napari).
+
+Fit with :func:`fit_transform`, read and write landmark and matrix files with the ``read_*`` /
+``write_*`` functions, move transcripts with :func:`transform_xy_columns` or
+:func:`transcripts_with_he_px`, and put the result on a SpatialData sample with
+:func:`set_he_registration`.
+"""
+
+from napari_morphomol.registration.apply import (
+    HE_X_PX,
+    HE_Y_PX,
+    REGISTRATION_ATTRS_KEY,
+    fitted_from_record,
+    read_registration_json,
+    registration_record,
+    set_he_registration,
+    transcripts_with_he_px,
+    transform_xy_columns,
+    write_registration_json,
+)
+from napari_morphomol.registration.fit import MIN_PAIRS, MODELS, FitOptions, FittedTransform, fit_transform
+from napari_morphomol.registration.formats import (
+    check_direction,
+    read_alignment_csv,
+    read_bigwarp_csv,
+    read_keypoints_csv,
+    read_landmarks,
+    write_alignment_csv,
+    write_bigwarp_csv,
+    write_keypoints_csv,
+)
+from napari_morphomol.registration.landmarks import LandmarkPairs
+from napari_morphomol.registration.transforms import AffineXY, PerRegionAffine, ThinPlateSplineXY
+
+__all__ = [
+    "HE_X_PX",
+    "HE_Y_PX",
+    "MIN_PAIRS",
+    "MODELS",
+    "REGISTRATION_ATTRS_KEY",
+    "AffineXY",
+    "FitOptions",
+    "FittedTransform",
+    "LandmarkPairs",
+    "PerRegionAffine",
+    "ThinPlateSplineXY",
+    "check_direction",
+    "fit_transform",
+    "fitted_from_record",
+    "read_alignment_csv",
+    "read_bigwarp_csv",
+    "read_keypoints_csv",
+    "read_landmarks",
+    "read_registration_json",
+    "registration_record",
+    "set_he_registration",
+    "transcripts_with_he_px",
+    "transform_xy_columns",
+    "write_alignment_csv",
+    "write_bigwarp_csv",
+    "write_keypoints_csv",
+    "write_registration_json",
+]
