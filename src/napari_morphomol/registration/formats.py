@@ -225,9 +225,8 @@ def check_direction(
                     "while the reverse direction matches it"
                 )
     if he_size_xy is not None and global_size_xy is not None:
-        # the reverse reading maps the Xenium image's rectangle into the H&E image
         here = _footprint_overlap(m, he_size_xy, global_size_xy)
-        there = _footprint_overlap(inv, global_size_xy, he_size_xy)
+        there = _footprint_overlap(inv, he_size_xy, global_size_xy)
         if here < _FOOTPRINT_BAD and there > _FOOTPRINT_GOOD:
             evidence.append(
                 f"the H&E image would overlap only {here:.0%} of the Xenium image, "
