@@ -1,0 +1,67 @@
+"""The paper's Min-MAE baseline: each add-on gene copies the one core gene closest to it.
+
+"Closest" = lowest mean absolute error between log1p tile totals over the training tiles. It
+sets the bar a learned model has to clear: what a single measured gene already tells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from napari_morphomol.errors import InputError
+from napari_morphomol.models.config import ModelConfig
+from napari_morphomol.models.fusion import ModelOutput
+
+
+class MinMAEBaseline(nn.Module):
+    """Predicts log1p(tile total of the chosen core gene) for every add-on gene.
+
+    The tile embedding is the log1p core-gene tile totals (G_core), the baseline's whole view
+    of a tile. ``source_gene_index[a]`` is the core gene copied for add-on gene ``a``.
+    """
+
+    def __init__(self, config: ModelConfig, source_gene_index: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if config.variant != "min_mae":
+            raise InputError(f"MinMAEBaseline needs variant 'min_mae', got {config.variant!r}.")
+        self.config = config
+        self.n_tokens = (config.img_size // config.patch_px) ** 2
+        self.embedding_dim = config.n_core_genes
+        index = torch.zeros(config.n_addon_genes, dtype=torch.int64) if source_gene_index is None else source_gene_index
+        self.register_buffer("source_gene_index", index.to(torch.int64).clone())
+
+    def forward(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> ModelOutput:
+        if token_counts is None:
+            raise InputError("The Min-MAE baseline needs core-panel transcript counts.")
+        if token_counts.ndim != 3 or tuple(token_counts.shape[1:]) != (self.n_tokens, self.config.n_core_genes):
+            raise InputError(
+                f"Transcript counts must be (batch, {self.n_tokens}, {self.config.n_core_genes}); "
+                f"got {tuple(token_counts.shape)}."
+            )
+        core_totals = torch.log1p(token_counts.float().sum(dim=1))
+        return ModelOutput(core_totals[:, self.source_gene_index], core_totals)
+
+
+def fit_min_mae_baseline(config: ModelConfig, batches: Iterable[Mapping[str, torch.Tensor]]) -> MinMAEBaseline:
+    """Choose, per add-on gene, the core gene with the lowest training MAE; one pass, streaming.
+
+    ``batches`` yield dicts with "tokens" (B, 196, G_core) counts and "target" (B, G_add) log1p.
+    """
+    absolute_error_sums = torch.zeros(config.n_core_genes, config.n_addon_genes, dtype=torch.float64)
+    n_tiles = 0
+    for batch in batches:
+        core = torch.log1p(batch["tokens"].double().sum(dim=1))
+        target = batch["target"].double()
+        if core.shape[1] != config.n_core_genes or target.shape[1] != config.n_addon_genes:
+            raise InputError(
+                f"Training batches have {core.shape[1]} core and {target.shape[1]} add-on genes; the "
+                f"model config says {config.n_core_genes} and {config.n_addon_genes}."
+            )
+        absolute_error_sums += (core[:, :, None] - target[:, None, :]).abs().sum(dim=0)
+        n_tiles += core.shape[0]
+    if n_tiles == 0:
+        raise InputError("The training set is empty; the Min-MAE baseline needs at least one tile.")
+    return MinMAEBaseline(config, absolute_error_sums.argmin(dim=0))

@@ -1,0 +1,252 @@
+"""The fusion model family of the paper: early/late fusion, morph-only and expr-only.
+
+One module covers every neural variant so that training, checkpoints and inference handle a
+single type. Inputs are what the tiling step produces, untransformed: images uint8
+(B, 3, 224, 224) channels-first, transcript counts (B, 196, G_core) per token in row-major
+order. Normalisation (uint8/255, mean/std 0.5) and log1p happen inside, so callers never
+have to know them and a checkpoint fully describes its preprocessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import nn
+
+from napari_morphomol.errors import InputError
+from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, ModelConfig
+
+#: Expression tokens with a norm below this carry no signal and stay zero after norm matching.
+EXPRESSION_NORM_EPSILON = 1e-5
+
+
+class ModelOutput(NamedTuple):
+    """log1p add-on expression per tile (B, G_add) and the tile embedding (B, E)."""
+
+    predictions: torch.Tensor
+    embeddings: torch.Tensor
+
+
+def expression_mlp(n_inputs: int, config: ModelConfig) -> nn.Sequential:
+    """Linear-ReLU-Dropout blocks then a Linear, the paper's expression encoder (32 units)."""
+    layers: list[nn.Module] = [
+        nn.Linear(n_inputs, config.expression_hidden_dim),
+        nn.ReLU(),
+        nn.Dropout(config.dropout),
+    ]
+    for _ in range(config.expression_hidden_layers):
+        layers += [
+            nn.Linear(config.expression_hidden_dim, config.expression_hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+        ]
+    layers.append(nn.Linear(config.expression_hidden_dim, config.expression_dim))
+    return nn.Sequential(*layers)
+
+
+def create_backbone(config: ModelConfig, backbone_weights: str | Path | None = None) -> nn.Module:
+    """timm ViT without classifier or pooling; weights from nowhere, a local file, or the hub.
+
+    ``backbone_weights``: None = random init; "hub" = timm's pretrained weights for
+    ``config.backbone`` (downloads; name a tag like ``vit_small_patch16_224.augreg_in21k`` to
+    pick one); otherwise a local weights file (.safetensors, .pth/.bin read weights-only, or
+    the augreg .npz) given to timm as ``pretrained_cfg_overlay=dict(file=...)``.
+    """
+    kwargs = dict(num_classes=0, global_pool="", img_size=config.img_size, **config.backbone_kwargs)
+    if backbone_weights is None:
+        pretrained = False
+    elif str(backbone_weights) == "hub":
+        pretrained = True
+    else:
+        path = Path(backbone_weights)
+        if not path.is_file():
+            raise InputError(
+                f"Backbone weights file {path} does not exist. Give a local .safetensors/.pth/.npz "
+                "file of the timm model, 'hub' to download, or nothing for random init."
+            )
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=path.suffix == ".npz")
+    try:
+        backbone = timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
+    except RuntimeError as error:
+        raise InputError(f"Could not create backbone {config.backbone!r} with {backbone_weights!r}: {error}") from error
+    if not all(hasattr(backbone, part) for part in ("patch_embed", "_pos_embed", "blocks", "norm", "norm_pre")):
+        raise InputError(f"Backbone {config.backbone!r} is not a timm VisionTransformer; pick a timm ViT.")
+    if not isinstance(backbone.patch_drop, nn.Identity):
+        raise InputError("Patch dropout would break the token alignment of fusion; set patch_drop_rate=0.")
+    return backbone
+
+
+class FusionModel(nn.Module):
+    """Every neural variant of the paper; ``config.variant`` picks the route."""
+
+    def __init__(self, config: ModelConfig, backbone_weights: str | Path | None = None) -> None:
+        super().__init__()
+        if config.variant == "min_mae":
+            raise InputError("min_mae is not a neural model; use MinMAEBaseline.")
+        self.config = config
+        embed_dim = None
+        if config.uses_image:
+            self.image_encoder = create_backbone(config, backbone_weights)
+            embed_dim = self.image_encoder.embed_dim
+            if tuple(self.image_encoder.patch_embed.patch_size) != (config.patch_px, config.patch_px):
+                raise InputError(
+                    f"Backbone {config.backbone!r} has patches of {self.image_encoder.patch_embed.patch_size} px "
+                    f"but the model config says {config.patch_px} px; tokens would not align."
+                )
+            if self.image_encoder.num_prefix_tokens != 1 or self.image_encoder.cls_token is None:
+                raise InputError("The backbone must have exactly one class token (the tile embedding).")
+        self.n_tokens = (config.img_size // config.patch_px) ** 2
+        if config.uses_transcripts:
+            self.expression_encoder = expression_mlp(config.n_core_genes, config)
+        if config.stage is not None:
+            self.expression_projection = nn.Linear(config.expression_dim, embed_dim)
+        if config.learnable_gate:
+            self.fusion_gate_logit = nn.Parameter(torch.zeros(1))
+        if config.modality_embedding:
+            self.modality_embedding = nn.Parameter(torch.zeros(1, embed_dim))
+        if config.stage == "late":
+            self.image_norm = nn.LayerNorm(embed_dim)
+            self.expression_norm = nn.LayerNorm(embed_dim)
+        if config.stage == "late":
+            self.embedding_dim = embed_dim * (2 if config.fusion == "concat" else 1)
+        elif config.uses_image:
+            self.embedding_dim = embed_dim
+        else:
+            self.embedding_dim = config.expression_dim
+        self.head = nn.Linear(self.embedding_dim, config.n_addon_genes)
+        self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Everything but the head, trained at the backbone rate as in the reference code."""
+        head_ids = {id(p) for p in self.head.parameters()}
+        return [p for p in self.parameters() if id(p) not in head_ids]
+
+    def forward(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> ModelOutput:
+        self._check_inputs(images, token_counts)
+        variant = self.config.variant
+        if variant == "morph_only":
+            embeddings = self.image_encoder.forward_features(self._normalise(images))[:, 0]
+        elif self.config.stage is None:
+            embeddings = self._expression_embedding(token_counts)
+        elif self.config.stage == "early":
+            embeddings = self._early_fusion(images, token_counts)
+        else:
+            embeddings = self._late_fusion(images, token_counts)
+        return ModelOutput(self.head(embeddings), embeddings)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.to(self.image_mean.dtype) / 255.0
+        return (pixels - self.image_mean) / self.image_std
+
+    def _expression_embedding(self, token_counts: torch.Tensor) -> torch.Tensor:
+        """Tile-level: one embedding of the mean counts; token-level: mean of token embeddings."""
+        if self.config.transcript_level == "tile":
+            return self._encode_expression(token_counts.float().mean(dim=1))
+        return self._encode_expression(token_counts.float()).mean(dim=1)
+
+    def _encode_expression(self, counts: torch.Tensor) -> torch.Tensor:
+        encoded = self.expression_encoder(torch.log1p(counts))
+        if self.config.stage is not None:
+            encoded = self.expression_projection(encoded)
+        return encoded
+
+    def _gate(self) -> torch.Tensor | float:
+        return torch.tanh(self.fusion_gate_logit) if self.config.learnable_gate else 1.0
+
+    def _early_fusion(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> torch.Tensor:
+        vit = self.image_encoder
+        image_tokens = vit.patch_embed(self._normalise(images)) if images is not None else None
+        expression_tokens = self._encode_expression(token_counts.float()) if token_counts is not None else None
+        if self.config.fusion == "add":
+            if expression_tokens is None:
+                tokens = image_tokens
+            elif image_tokens is None:
+                tokens = self._gate() * expression_tokens
+            else:
+                tokens = image_tokens + self._gate() * match_token_norms(expression_tokens, image_tokens)
+            tokens = vit._pos_embed(tokens)
+        else:
+            parts = []
+            if image_tokens is not None:
+                parts.append(vit._pos_embed(image_tokens))
+            if expression_tokens is not None:
+                with_position = vit._pos_embed(expression_tokens)
+                if image_tokens is None:
+                    parts.append(with_position[:, :1])  # class token
+                expression_part = with_position[:, 1:]
+                if self.config.modality_embedding:
+                    expression_part = expression_part + self.modality_embedding
+                parts.append(expression_part)
+            tokens = torch.cat(parts, dim=1)
+        tokens = vit.norm_pre(vit.patch_drop(tokens))
+        for block in vit.blocks:
+            tokens = block(tokens)
+        return vit.norm(tokens)[:, 0]
+
+    def _late_fusion(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> torch.Tensor:
+        image_part = expression_part = None
+        if images is not None:
+            image_part = self.image_norm(self.image_encoder.forward_features(self._normalise(images))[:, 0])
+        if token_counts is not None:
+            expression_part = self.expression_norm(self._expression_embedding(token_counts))
+        if self.config.fusion == "concat":
+            return torch.cat([image_part, expression_part], dim=1)
+        if expression_part is None:
+            return image_part
+        if image_part is None:
+            return self._gate() * expression_part
+        return image_part + self._gate() * expression_part
+
+    def _check_inputs(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> None:
+        config = self.config
+        needs_image = config.uses_image and not (config.unimodal_inputs and token_counts is not None)
+        needs_tokens = config.uses_transcripts and not (config.unimodal_inputs and images is not None)
+        if needs_image and images is None:
+            raise InputError(
+                f"Model variant {config.variant} needs the H&E image"
+                + ("" if config.stage is None else " (it was not trained for transcript-only input)")
+                + "."
+            )
+        if needs_tokens and token_counts is None:
+            raise InputError(
+                f"Model variant {config.variant} needs core-panel transcript counts"
+                + ("" if config.stage is None else " (it was not trained for image-only input)")
+                + "."
+            )
+        if images is not None and config.uses_image:
+            size = config.img_size
+            if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+                raise InputError(
+                    f"Images must be uint8 (batch, 3, {size}, {size}) channels-first; got "
+                    f"{images.dtype} {tuple(images.shape)}."
+                )
+        if token_counts is not None and config.uses_transcripts:
+            want = (self.n_tokens, config.n_core_genes)
+            if token_counts.ndim != 3 or tuple(token_counts.shape[1:]) != want:
+                raise InputError(
+                    f"Transcript counts must be (batch, {want[0]} tokens row-major, {want[1]} core genes); "
+                    f"got {tuple(token_counts.shape)}."
+                )
+        if images is not None and token_counts is not None and images.shape[0] != token_counts.shape[0]:
+            raise InputError(f"Batch sizes differ: {images.shape[0]} images, {token_counts.shape[0]} token sets.")
+
+
+def match_token_norms(expression_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    """Rescale each expression token to the L2 norm of the image token at its position.
+
+    Keeps the transcript signal at the scale of the image signal it is added to; tokens with
+    (almost) no expression stay zero instead of being blown up.
+    """
+    expression_norms = expression_tokens.float().norm(dim=-1, keepdim=True)
+    image_norms = image_tokens.float().norm(dim=-1, keepdim=True)
+    has_signal = expression_norms > EXPRESSION_NORM_EPSILON
+    scale = torch.where(has_signal, image_norms / expression_norms.clamp(min=EXPRESSION_NORM_EPSILON), 0.0)
+    return (expression_tokens.float() * scale).to(expression_tokens.dtype)

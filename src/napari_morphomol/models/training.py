@@ -1,0 +1,352 @@
+"""Training and evaluation of the model family with Lightning, as in the paper.
+
+Data contract (what the tiling step's torch Dataset yields, one dict per tile):
+
+- ``"image"``: uint8 tensor (3, 224, 224), channels-first RGB, the 512 px tile resized once;
+- ``"tokens"``: float32 tensor (196, G_core), core-panel transcript counts per 16 px token of
+  the 224 px tile, row-major (top to bottom, then left to right), not log-transformed;
+- ``"target"``: float32 tensor (G_add,), log1p of add-on counts summed over the tile.
+
+Splits are grouped by sample (``split_by_sample``) so no tissue section is seen in training
+and validation. Defaults follow the reference code: AdamW, 1e-4 head / 1e-5 backbone, weight
+decay 1e-3, 5 warm-up epochs then cosine to 1e-6 over 35 epochs, batch 256 x 2 accumulation,
+gradient clip 1.0, MSE, early stopping on validation MSE (patience 10), bf16 on GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from napari_morphomol.errors import InputError
+from napari_morphomol.models.baseline import fit_min_mae_baseline
+from napari_morphomol.models.checkpoint import ModelCard, build_model, save_checkpoint
+from napari_morphomol.models.config import ModelConfig, TileGeometry
+from napari_morphomol.models.metrics import mean_metrics, per_gene_metrics
+
+VALIDATION_METRIC = "val/mse"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How to train; defaults are the paper's. ``modality_dropout`` is the fraction of batches
+    that lose one modality (half image, half transcripts) for models with unimodal_inputs."""
+
+    lr_head: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-3
+    max_epochs: int = 35
+    warmup_epochs: int = 5
+    lr_min: float = 1e-6
+    batch_size: int = 256
+    accumulate_grad_batches: int = 2
+    gradient_clip: float = 1.0
+    patience: int = 10
+    seed: int = 0
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    num_workers: int = 0
+    modality_dropout: float = 0.0
+    progress_bar: bool = False
+
+    def resolved_precision(self) -> str:
+        """bf16 mixed precision on a GPU, fp32 on the CPU unless set."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+@dataclass(frozen=True)
+class SampleSplit:
+    """Tile indices per split; every sample's tiles fall in exactly one split."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    samples: dict[str, tuple[str, ...]]
+
+
+def split_by_sample(
+    sample_ids: Sequence[str], *, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0
+) -> SampleSplit:
+    """Assign whole samples to train/val/test (at least one sample each for train and val)."""
+    sample_ids = np.asarray(sample_ids, dtype=str)
+    samples = np.unique(sample_ids)
+    if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise InputError("Split fractions must be in [0, 1) and sum to less than 1 (validation > 0).")
+    n_val = max(1, round(val_fraction * len(samples)))
+    n_test = max(1, round(test_fraction * len(samples))) if test_fraction > 0 else 0
+    if len(samples) - n_val - n_test < 1:
+        raise InputError(
+            f"{len(samples)} sample(s) cannot be split into train, validation"
+            + (" and test" if n_test else "")
+            + " without sharing a tissue section; give more samples or smaller fractions."
+        )
+    shuffled = np.random.default_rng(seed).permutation(samples)
+    groups = {"val": shuffled[:n_val], "test": shuffled[n_val : n_val + n_test], "train": shuffled[n_val + n_test :]}
+    indices = {name: np.flatnonzero(np.isin(sample_ids, members)) for name, members in groups.items()}
+    return SampleSplit(
+        train=indices["train"],
+        val=indices["val"],
+        test=indices["test"],
+        samples={name: tuple(sorted(members)) for name, members in groups.items()},
+    )
+
+
+def check_tile_dataset(dataset: Dataset, config: ModelConfig, what: str) -> None:
+    """Fail early, with the contract spelled out, when a dataset's items do not fit the model."""
+    if len(dataset) == 0:
+        raise InputError(f"The {what} set is empty.")
+    item = dataset[0]
+    n_tokens = (config.img_size // config.patch_px) ** 2
+    expected = {
+        "image": ((3, config.img_size, config.img_size), torch.uint8),
+        "tokens": ((n_tokens, config.n_core_genes), None),
+        "target": ((config.n_addon_genes,), None),
+    }
+    for key, (shape, dtype) in expected.items():
+        value = item.get(key) if isinstance(item, dict) else None
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or (dtype and value.dtype != dtype):
+            described = "missing" if value is None else f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}"
+            raise InputError(
+                f"{what} item[{key!r}] must be a tensor {shape}" + (f" {dtype}" if dtype else "") + f"; got {described}."
+            )
+
+
+class FusionTrainingModule(L.LightningModule):
+    """MSE on log1p add-on targets; the optimiser and schedule of the reference code."""
+
+    def __init__(self, model: nn.Module, settings: TrainingSettings) -> None:
+        super().__init__()
+        self.model = model
+        self.settings = settings
+
+    def forward(self, images: torch.Tensor | None, token_counts: torch.Tensor | None):
+        return self.model(images, token_counts)
+
+    def _inputs(self, batch: dict[str, torch.Tensor], training: bool):
+        config = self.model.config
+        images = batch["image"] if config.uses_image else None
+        tokens = batch["tokens"] if config.uses_transcripts else None
+        if training and config.unimodal_inputs and self.settings.modality_dropout > 0:
+            draw = float(torch.rand(()))
+            if draw < self.settings.modality_dropout / 2:
+                images = None
+            elif draw < self.settings.modality_dropout:
+                tokens = None
+        return images, tokens
+
+    def _loss(self, batch: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+        predictions = self.model(*self._inputs(batch, training)).predictions
+        return F.mse_loss(predictions.float(), batch["target"].float())
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch, training=True)
+        self.log("train/mse", loss, on_step=False, on_epoch=True, batch_size=len(batch["target"]), sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self._loss(batch, training=False)
+        self.log(VALIDATION_METRIC, loss, on_step=False, on_epoch=True, batch_size=len(batch["target"]), sync_dist=True)
+
+    def configure_optimizers(self):
+        settings = self.settings
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": self.model.head_parameters(), "lr": settings.lr_head},
+                {"params": [p for p in self.model.backbone_parameters() if p.requires_grad], "lr": settings.lr_backbone},
+            ],
+            weight_decay=settings.weight_decay,
+        )
+        warmup_epochs = min(settings.warmup_epochs, settings.max_epochs - 1)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, settings.max_epochs - warmup_epochs), eta_min=settings.lr_min
+        )
+        if warmup_epochs > 0:
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-2, total_iters=warmup_epochs)
+            schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
+        else:
+            schedule = cosine
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+
+class BestWeights(Callback):
+    """Keeps the weights of the best validation epoch in memory, so no pickled checkpoint is
+    written during training; restored at the end (early stopping would otherwise leave the last)."""
+
+    def __init__(self) -> None:
+        self.best_score = float("inf")
+        self.best_epoch = -1
+        self.state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.sanity_checking:
+            return
+        score = float(trainer.callback_metrics[VALIDATION_METRIC])
+        self.history.append({"epoch": trainer.current_epoch, "val_mse": score})
+        if score < self.best_score:
+            self.best_score, self.best_epoch = score, trainer.current_epoch
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in module.model.state_dict().items()}
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if self.history and "train/mse" in trainer.callback_metrics:
+            self.history[-1]["train_mse"] = float(trainer.callback_metrics["train/mse"])
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Predictions, targets and embeddings (tiles in dataset order) and their metrics."""
+
+    predictions: np.ndarray
+    targets: np.ndarray
+    embeddings: np.ndarray
+    gene_metrics: pd.DataFrame
+    means: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    model: nn.Module
+    card: ModelCard
+    checkpoint_path: Path | None
+    history: list[dict[str, float]]
+    validation: Evaluation
+
+
+def _loader(dataset: Dataset, settings: TrainingSettings, shuffle: bool) -> DataLoader:
+    generator = torch.Generator().manual_seed(settings.seed)
+    return DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=shuffle,
+        generator=generator if shuffle else None,
+        num_workers=settings.num_workers,
+        persistent_workers=settings.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def train_model(
+    config: ModelConfig,
+    train_dataset: Dataset,
+    val_dataset: Dataset,
+    *,
+    core_genes: Sequence[str],
+    addon_genes: Sequence[str],
+    checkpoint_path: str | Path | None = None,
+    settings: TrainingSettings = TrainingSettings(),
+    backbone_weights: str | Path | None = None,
+    tile_geometry: TileGeometry = TileGeometry(),
+    data_summary: dict[str, Any] | None = None,
+) -> TrainingResult:
+    """Train one variant, keep the best validation epoch, evaluate it and save a checkpoint.
+
+    Runs on whatever Lightning finds (``settings.accelerator/devices/num_nodes/strategy``, so
+    DDP over GPUs or nodes when launched that way); only global rank 0 writes the checkpoint.
+    The Min-MAE baseline is fitted in one pass instead.
+    """
+    card_without_results = ModelCard(config, tuple(core_genes), tuple(addon_genes), tile_geometry)
+    check_tile_dataset(train_dataset, config, "training")
+    check_tile_dataset(val_dataset, config, "validation")
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    history: list[dict[str, float]] = []
+    is_writer = True
+    if config.variant == "min_mae":
+        model = fit_min_mae_baseline(config, _loader(train_dataset, settings, shuffle=False))
+        how = {"method": "Min-MAE: per add-on gene, the core gene with the lowest training MAE (log1p tile totals)"}
+    else:
+        model = build_model(config, backbone_weights)
+        module = FusionTrainingModule(model, settings)
+        best = BestWeights()
+        deterministic_before = torch.are_deterministic_algorithms_enabled()
+        trainer = L.Trainer(
+            accelerator=settings.accelerator,
+            devices=settings.devices,
+            num_nodes=settings.num_nodes,
+            strategy=settings.strategy,
+            precision=settings.resolved_precision(),
+            max_epochs=settings.max_epochs,
+            accumulate_grad_batches=settings.accumulate_grad_batches,
+            gradient_clip_val=settings.gradient_clip,
+            callbacks=[EarlyStopping(VALIDATION_METRIC, patience=settings.patience, mode="min"), best],
+            deterministic=True,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=settings.progress_bar,
+            num_sanity_val_steps=0,
+        )
+        try:
+            trainer.fit(module, _loader(train_dataset, settings, True), _loader(val_dataset, settings, False))
+        finally:
+            torch.use_deterministic_algorithms(deterministic_before)
+        model.load_state_dict(best.state)
+        model.cpu()
+        history = best.history
+        is_writer = trainer.is_global_zero
+        how = {
+            "method": "Lightning fit, best validation epoch kept",
+            "best_epoch": best.best_epoch,
+            "epochs_run": trainer.current_epoch,
+            "backbone_weights": None if backbone_weights is None else Path(backbone_weights).name,
+            "precision": settings.resolved_precision(),
+        }
+    model.eval()
+    validation = evaluate_model(model, val_dataset, addon_genes=addon_genes, batch_size=min(settings.batch_size, 64))
+    training = {
+        "how": {**how, "settings": dataclasses.asdict(settings)},
+        "data": {"n_train_tiles": len(train_dataset), "n_val_tiles": len(val_dataset), **(data_summary or {})},
+        "validation_metrics": validation.means,
+        "validation_gene_metrics": validation.gene_metrics.reset_index().to_dict(orient="list"),
+        "history": history,
+    }
+    card = dataclasses.replace(card_without_results, training=training)
+    written = None
+    if checkpoint_path is not None and is_writer:
+        written = save_checkpoint(model, card, checkpoint_path)
+    return TrainingResult(model, card, written, history, validation)
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    addon_genes: Sequence[str],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+) -> Evaluation:
+    """Predict every tile of ``dataset`` and score it per gene (Pearson, Spearman, MSE)."""
+    config = model.config
+    check_tile_dataset(dataset, config, "evaluation")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    predictions, targets, embeddings = [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch in loader:
+            images = batch["image"].to(device) if config.uses_image else None
+            tokens = batch["tokens"].to(device) if config.uses_transcripts else None
+            output = model(images, tokens)
+            predictions.append(output.predictions.float().cpu().numpy())
+            embeddings.append(output.embeddings.float().cpu().numpy())
+            targets.append(batch["target"].float().numpy())
+    predicted, measured = np.concatenate(predictions), np.concatenate(targets)
+    gene_metrics = per_gene_metrics(predicted, measured, addon_genes)
+    return Evaluation(predicted, measured, np.concatenate(embeddings), gene_metrics, mean_metrics(gene_metrics))
