@@ -1,0 +1,338 @@
+"""Synthetic tissue: smooth random fields -> regions -> cells with types, states and shapes.
+
+Everything lives in world micrometres (x right, y down, origin at the morphology image's
+top-left corner). Cells sit on a jittered node grid (at most one cell per node), which gives
+region-dependent density without overlaps piling up, and lets any point find its candidate
+cells in constant time: the cell owning a point is among the 5 x 5 nodes around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+FIELD_STEP_UM = 8.0
+"""Resolution of the coarse random fields; sampled bilinearly everywhere else."""
+
+NODE_UM = 8.0
+"""Node grid pitch: at most one cell per node, so 15,625 candidate sites per mm^2."""
+
+NODE_JITTER = 0.35
+"""Cell centres jitter +- this fraction of a node around the node centre."""
+
+NODE_REACH = 2
+"""Nodes searched on each side: covers cell radii up to (NODE_REACH - NODE_JITTER) nodes."""
+
+BLOCK_NODES = 64
+"""Cells, transcripts and cell rows are produced per block of 64 x 64 nodes (512 um)."""
+
+REGIONS = ("background", "stroma", "tumour", "immune_aggregate", "necrosis")
+BACKGROUND, STROMA, TUMOUR, IMMUNE, NECROSIS = range(len(REGIONS))
+
+CELL_TYPES = ("tumour", "fibroblast", "endothelial", "T_cell", "B_cell", "macrophage", "necrotic")
+
+# Cells per mm^2 by region, and cell-type mix (rows = regions, columns = CELL_TYPES).
+REGION_DENSITY_PER_MM2 = np.array([0.0, 4200.0, 9500.0, 12500.0, 2500.0])
+REGION_TYPE_MIX = np.array(
+    [
+        [0, 0, 0, 0, 0, 0, 0],
+        [0.02, 0.55, 0.15, 0.12, 0.04, 0.12, 0.0],
+        [0.85, 0.06, 0.03, 0.03, 0.0, 0.03, 0.0],
+        [0.0, 0.05, 0.04, 0.50, 0.33, 0.08, 0.0],
+        [0.10, 0.0, 0.0, 0.05, 0.0, 0.15, 0.70],
+    ]
+)
+REGION_TYPE_MIX[0, 1] = 1.0  # never used (no cells on background); keeps rows normalised
+
+# Per cell type: nucleus radius mean and sd (um), nucleus aspect ratio, hematoxylin
+# (chromatin) darkness, DAPI brightness, cell radius (um), cytoplasm eosin, mean transcripts.
+NUCLEUS_RADIUS_UM = np.array([4.2, 2.6, 2.6, 2.7, 2.9, 3.4, 1.8])
+NUCLEUS_RADIUS_SD = np.array([0.15, 0.12, 0.12, 0.08, 0.08, 0.12, 0.2])  # log-normal sd
+NUCLEUS_ASPECT = np.array([1.25, 3.0, 2.2, 1.05, 1.05, 1.4, 1.1])
+CHROMATIN_DARKNESS = np.array([0.85, 1.0, 0.95, 1.35, 1.3, 0.7, 1.8])
+DAPI_BRIGHTNESS = np.array([1.0, 1.1, 1.0, 1.5, 1.45, 0.8, 1.9])
+CELL_RADIUS_UM = np.array([8.0, 6.5, 5.5, 4.0, 4.3, 9.0, 4.5])
+CYTOPLASM_EOSIN = np.array([0.45, 0.6, 0.5, 0.2, 0.2, 0.65, 0.95])
+MEAN_TRANSCRIPTS = np.array([260.0, 150.0, 150.0, 110.0, 120.0, 220.0, 45.0])
+
+PROLIFERATING_RADIUS_GAIN = 1.3
+PROLIFERATING_DARKNESS_GAIN = 1.5
+
+
+@dataclass(frozen=True)
+class TissueFields:
+    """Smooth standard-normal random fields on a coarse grid, plus the region thresholds."""
+
+    step_um: float
+    fields: dict[str, np.ndarray]
+    thresholds: dict[str, float]
+    immune_proximity: np.ndarray
+    necrosis_proximity: np.ndarray
+
+    def sample(self, name: str, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Bilinear value of a field at world points (grid nodes at (i + 0.5) * step)."""
+        grid = self.immune_proximity if name == "immune_proximity" else (
+            self.necrosis_proximity if name == "necrosis_proximity" else self.fields[name]
+        )
+        return _bilinear(grid, x_um / self.step_um - 0.5, y_um / self.step_um - 0.5)
+
+    def region(self, x_um: np.ndarray, y_um: np.ndarray, size_um: tuple[float, float]) -> np.ndarray:
+        """Region id (index into REGIONS) at world points; background outside the section."""
+        tissue = self.sample("tissue", x_um, y_um)
+        tumour = self.sample("tumour", x_um, y_um)
+        necrosis = self.sample("necrosis", x_um, y_um)
+        immune = self.sample("immune", x_um, y_um)
+        t = self.thresholds
+        out = np.full(np.shape(x_um), STROMA, dtype=np.uint8)
+        in_tumour = tumour > t["tumour"]
+        out[in_tumour] = TUMOUR
+        out[in_tumour & (tumour > t["tumour_core"]) & (necrosis > t["necrosis"])] = NECROSIS
+        out[~in_tumour & (immune > t["immune"])] = IMMUNE
+        inside = (x_um >= 0) & (y_um >= 0) & (x_um < size_um[0]) & (y_um < size_um[1])
+        out[(tissue < t["tissue"]) | ~inside] = BACKGROUND
+        return out
+
+
+def _bilinear(grid: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    gx = np.clip(np.asarray(gx, dtype=np.float32), 0, grid.shape[1] - 1.001)
+    gy = np.clip(np.asarray(gy, dtype=np.float32), 0, grid.shape[0] - 1.001)
+    ix = gx.astype(np.int32)
+    iy = gy.astype(np.int32)
+    fx = gx - ix
+    fy = gy - iy
+    g00 = grid[iy, ix]
+    g01 = grid[iy, ix + 1]
+    g10 = grid[iy + 1, ix]
+    g11 = grid[iy + 1, ix + 1]
+    top = g00 + (g01 - g00) * fx
+    bottom = g10 + (g11 - g10) * fx
+    return top + (bottom - top) * fy
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale_um: float) -> np.ndarray:
+    noise = rng.standard_normal(shape)
+    field = ndimage.gaussian_filter(noise, scale_um / FIELD_STEP_UM, mode="reflect")
+    return ((field - field.mean()) / (field.std() + 1e-12)).astype(np.float32)
+
+
+def make_fields(rng: np.random.Generator, size_um: tuple[float, float]) -> TissueFields:
+    """Random fields at FIELD_STEP_UM over the section plus a margin, and region thresholds."""
+    margin = 4
+    shape = (int(np.ceil(size_um[1] / FIELD_STEP_UM)) + margin, int(np.ceil(size_um[0] / FIELD_STEP_UM)) + margin)
+    fields = {
+        "tissue": _smooth_field(rng, shape, 300.0),
+        "tumour": _smooth_field(rng, shape, 110.0),
+        "necrosis": _smooth_field(rng, shape, 60.0),
+        "immune": _smooth_field(rng, shape, 40.0),
+        "ifn": _smooth_field(rng, shape, 150.0),
+        "hypoxia": _smooth_field(rng, shape, 120.0),
+        "proliferation": _smooth_field(rng, shape, 200.0),
+        "fibre_angle": _smooth_field(rng, shape, 120.0),
+    }
+    thresholds = {
+        "tissue": -1.6,  # about 5 % of the section is bare glass (holes, tears)
+        "tumour": 0.1,
+        "tumour_core": 1.0,
+        "necrosis": 0.3,
+        "immune": 1.2,
+    }
+    immune = (fields["immune"] > thresholds["immune"]) & (fields["tumour"] <= thresholds["tumour"])
+    necrosis = (fields["tumour"] > thresholds["tumour_core"]) & (fields["necrosis"] > thresholds["necrosis"])
+    return TissueFields(
+        step_um=FIELD_STEP_UM,
+        fields=fields,
+        thresholds=thresholds,
+        immune_proximity=_proximity(immune, 70.0),
+        necrosis_proximity=_proximity(necrosis, 50.0),
+    )
+
+
+def _proximity(mask: np.ndarray, reach_um: float) -> np.ndarray:
+    """1 inside the mask, decaying as exp(-distance / reach) outside."""
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=np.float32)
+    distance_um = ndimage.distance_transform_edt(~mask) * FIELD_STEP_UM
+    return np.exp(-distance_um / reach_um).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Cells:
+    """One row per cell, ordered block by block (row-major blocks, row-major nodes within)."""
+
+    x_um: np.ndarray
+    y_um: np.ndarray
+    node_x: np.ndarray
+    node_y: np.ndarray
+    block: np.ndarray
+    region: np.ndarray
+    cell_type: np.ndarray
+    nucleus_a_um: np.ndarray
+    nucleus_b_um: np.ndarray
+    nucleus_angle: np.ndarray
+    cell_radius_um: np.ndarray
+    darkness: np.ndarray
+    dapi: np.ndarray
+    eosin: np.ndarray
+    ifn: np.ndarray
+    hypoxia: np.ndarray
+    proliferating: np.ndarray
+    nuclear_size_z: np.ndarray
+    library_size: np.ndarray
+    block_starts: np.ndarray
+    node_index: np.ndarray
+    """(ny, nx) int32: cell row at each node, -1 for none."""
+
+    def __len__(self) -> int:
+        return len(self.x_um)
+
+    @property
+    def nucleus_radius_um(self) -> np.ndarray:
+        return np.sqrt(self.nucleus_a_um * self.nucleus_b_um)
+
+
+def block_grid(size_um: tuple[float, float]) -> tuple[int, int, int, int]:
+    """Node grid (nx, ny) and block grid (bx, by) sizes covering the section."""
+    nx = int(np.ceil(size_um[0] / NODE_UM))
+    ny = int(np.ceil(size_um[1] / NODE_UM))
+    return nx, ny, -(-nx // BLOCK_NODES), -(-ny // BLOCK_NODES)
+
+
+def make_cells(seed: int, fields: TissueFields, size_um: tuple[float, float]) -> Cells:
+    """Place cells block by block; each block has its own random stream, so blocks are independent."""
+    nx, ny, bx, by = block_grid(size_um)
+    parts = []
+    for block_y in range(by):
+        for block_x in range(bx):
+            rng = np.random.default_rng([seed, 1, block_y, block_x])
+            parts.append(_block_cells(rng, fields, size_um, block_x, block_y, nx, ny, block_y * bx + block_x))
+    columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    counts = np.array([len(p["x_um"]) for p in parts])
+    block_starts = np.concatenate([[0], np.cumsum(counts)])
+    node_index = np.full((ny, nx), -1, dtype=np.int32)
+    node_index[columns["node_y"], columns["node_x"]] = np.arange(len(columns["x_um"]), dtype=np.int32)
+    return Cells(**columns, block_starts=block_starts, node_index=node_index)
+
+
+def _block_cells(rng, fields, size_um, block_x, block_y, nx, ny, block_id) -> dict[str, np.ndarray]:
+    x0, y0 = block_x * BLOCK_NODES, block_y * BLOCK_NODES
+    gy, gx = np.mgrid[y0 : min(y0 + BLOCK_NODES, ny), x0 : min(x0 + BLOCK_NODES, nx)]
+    gx = gx.ravel().astype(np.int32)
+    gy = gy.ravel().astype(np.int32)
+    n = len(gx)
+    x = (gx + 0.5 + rng.uniform(-NODE_JITTER, NODE_JITTER, n)) * NODE_UM
+    y = (gy + 0.5 + rng.uniform(-NODE_JITTER, NODE_JITTER, n)) * NODE_UM
+    region = fields.region(x, y, size_um)
+    accept_p = REGION_DENSITY_PER_MM2[region] * (NODE_UM * 1e-3) ** 2
+    keep = rng.random(n) < accept_p
+    x, y, gx, gy, region = x[keep], y[keep], gx[keep], gy[keep], region[keep]
+    n = len(x)
+
+    cumulative = np.cumsum(REGION_TYPE_MIX[region], axis=1)
+    cell_type = (rng.random(n)[:, None] > cumulative).sum(axis=1).clip(max=len(CELL_TYPES) - 1)
+    cell_type = cell_type.astype(np.uint8)
+
+    # Hidden states: smooth fields that only some core genes reveal (not the morphology).
+    ifn = _sigmoid(2.5 * (fields.sample("ifn", x, y) + 2.0 * fields.sample("immune_proximity", x, y) - 0.8))
+    hypoxia = _sigmoid(2.5 * (fields.sample("hypoxia", x, y) + 2.5 * fields.sample("necrosis_proximity", x, y) - 1.0))
+    # Morphology states: visible in the nuclei, revealed by no core gene.
+    is_tumour = cell_type == 0
+    p_prolif = 0.05 + 0.25 * _sigmoid(2.0 * fields.sample("proliferation", x, y))
+    proliferating = is_tumour & (rng.random(n) < p_prolif)
+    nuclear_size_z = rng.standard_normal(n).clip(-2.5, 2.5)
+
+    radius = NUCLEUS_RADIUS_UM[cell_type] * np.exp(NUCLEUS_RADIUS_SD[cell_type] * nuclear_size_z)
+    radius = np.where(proliferating, radius * PROLIFERATING_RADIUS_GAIN, radius)
+    aspect = NUCLEUS_ASPECT[cell_type] * np.exp(0.12 * rng.standard_normal(n))
+    aspect = np.where(proliferating, 1.05, np.maximum(aspect, 1.0))
+    fibre_angle = fields.sample("fibre_angle", x, y) * 1.2
+    random_angle = rng.uniform(0, np.pi, n)
+    elongated = (cell_type == 1) | (cell_type == 2)
+    angle = np.where(elongated, fibre_angle + 0.25 * rng.standard_normal(n), random_angle)
+    darkness = CHROMATIN_DARKNESS[cell_type] * np.exp(0.1 * rng.standard_normal(n))
+    darkness = np.where(proliferating, darkness * PROLIFERATING_DARKNESS_GAIN, darkness)
+    dapi = DAPI_BRIGHTNESS[cell_type] * np.exp(0.1 * rng.standard_normal(n))
+    dapi = np.where(proliferating, dapi * PROLIFERATING_DARKNESS_GAIN, dapi)
+    cell_radius = CELL_RADIUS_UM[cell_type] * np.exp(0.1 * rng.standard_normal(n))
+    max_radius = (NODE_REACH - NODE_JITTER) * NODE_UM
+    cell_radius = np.clip(np.maximum(cell_radius, radius * np.sqrt(aspect) + 1.0), None, max_radius)
+    library = MEAN_TRANSCRIPTS[cell_type] * np.exp(0.3 * rng.standard_normal(n) - 0.045)
+    return {
+        "x_um": x,
+        "y_um": y,
+        "node_x": gx,
+        "node_y": gy,
+        "block": np.full(n, block_id, dtype=np.int32),
+        "region": region,
+        "cell_type": cell_type,
+        "nucleus_a_um": (radius * np.sqrt(aspect)).astype(np.float32),
+        "nucleus_b_um": (radius / np.sqrt(aspect)).astype(np.float32),
+        "nucleus_angle": angle.astype(np.float32),
+        "cell_radius_um": cell_radius.astype(np.float32),
+        "darkness": darkness.astype(np.float32),
+        "dapi": dapi.astype(np.float32),
+        "eosin": (CYTOPLASM_EOSIN[cell_type] * np.exp(0.1 * rng.standard_normal(n))).astype(np.float32),
+        "ifn": ifn.astype(np.float32),
+        "hypoxia": hypoxia.astype(np.float32),
+        "proliferating": proliferating,
+        "nuclear_size_z": nuclear_size_z.astype(np.float32),
+        "library_size": library.astype(np.float32),
+    }
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def owning_cell(cells: Cells, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+    """Row of the cell whose territory holds each point, or -1.
+
+    A territory is the cell's disk (cell_radius_um) cut by the Voronoi diagram of the cell
+    centres: the same rule draws the cell masks, the cell polygons and assigns transcripts.
+    """
+    x_um = np.asarray(x_um, dtype=np.float32)
+    y_um = np.asarray(y_um, dtype=np.float32)
+    ny, nx = cells.node_index.shape
+    jx = np.floor(x_um / NODE_UM).astype(np.int32)
+    jy = np.floor(y_um / NODE_UM).astype(np.int32)
+    best = np.full(x_um.shape, -1, dtype=np.int32)
+    best_d2 = np.full(x_um.shape, np.inf, dtype=np.float32)
+    cx = cells.x_um.astype(np.float32)
+    cy = cells.y_um.astype(np.float32)
+    r2 = cells.cell_radius_um.astype(np.float32) ** 2
+    for oy in range(-NODE_REACH, NODE_REACH + 1):
+        ky = np.clip(jy + oy, 0, ny - 1)
+        for ox in range(-NODE_REACH, NODE_REACH + 1):
+            kx = np.clip(jx + ox, 0, nx - 1)
+            cand = cells.node_index[ky, kx]
+            valid = cand >= 0
+            c = np.where(valid, cand, 0)
+            d2 = (x_um - cx[c]) ** 2 + (y_um - cy[c]) ** 2
+            better = valid & (d2 < best_d2)
+            best_d2 = np.where(better, d2, best_d2)
+            best = np.where(better, cand, best)
+    inside = best >= 0
+    best[inside & (best_d2 >= r2[np.maximum(best, 0)])] = -1
+    return best
+
+
+def cells_in_box(cells: Cells, x0_um: float, y0_um: float, x1_um: float, y1_um: float) -> np.ndarray:
+    """Rows of cells whose node lies in the box (grown by NODE_REACH nodes), sorted."""
+    ny, nx = cells.node_index.shape
+    ix0 = max(int(np.floor(x0_um / NODE_UM)) - NODE_REACH, 0)
+    iy0 = max(int(np.floor(y0_um / NODE_UM)) - NODE_REACH, 0)
+    ix1 = min(int(np.floor(x1_um / NODE_UM)) + NODE_REACH + 1, nx)
+    iy1 = min(int(np.floor(y1_um / NODE_UM)) + NODE_REACH + 1, ny)
+    if ix1 <= ix0 or iy1 <= iy0:
+        return np.zeros(0, dtype=np.int32)
+    rows = cells.node_index[iy0:iy1, ix0:ix1].ravel()
+    return np.sort(rows[rows >= 0])
+
+
+def ellipse_radius(dx, dy, a, b, angle) -> np.ndarray:
+    """Normalised radius of offsets from a nucleus centre: 1 on its elliptic boundary."""
+    cos_a, sin_a = np.cos(angle), np.sin(angle)
+    along = dx * cos_a + dy * sin_a
+    across = -dx * sin_a + dy * cos_a
+    return np.sqrt((along / a) ** 2 + (across / b) ** 2).astype(np.float32)

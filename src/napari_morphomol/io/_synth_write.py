@@ -1,0 +1,174 @@
+"""Streaming writers for the files of a synthetic sample: pyramidal OME-TIFF, 10x HDF5.
+
+Both take their data piece by piece, so memory stays at one strip (OME-TIFF) or one block
+(HDF5) whatever the slide size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import tifffile
+
+TILE_PX = 512
+_MIN_LEVEL_PX = 1024
+_COMPRESSION = "zlib"
+_COMPRESSION_LEVEL = 1
+
+
+def _ome_xml(name: str, width: int, height: int, samples: int, dtype: np.dtype, pixel_size_um: float, channel: str) -> str:
+    """Minimal OME-XML (ASCII; the micrometre unit spelled &#181;m as Xenium does)."""
+    pixel_type = {np.dtype("uint8"): "uint8", np.dtype("uint16"): "uint16"}[np.dtype(dtype)]
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+        'xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 '
+        'http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd" Creator="napari-morphomol synthetic">'
+        f'<Image ID="Image:0" Name="{name}">'
+        f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="{pixel_type}" SizeX="{width}" SizeY="{height}" '
+        f'SizeC="{samples}" SizeZ="1" SizeT="1" Interleaved="{"true" if samples > 1 else "false"}" '
+        f'PhysicalSizeX="{pixel_size_um}" PhysicalSizeXUnit="&#181;m" '
+        f'PhysicalSizeY="{pixel_size_um}" PhysicalSizeYUnit="&#181;m">'
+        f'<Channel ID="Channel:0:0" SamplesPerPixel="{samples}" Name="{channel}"/>'
+        '<TiffData IFD="0" PlaneCount="1"/>'
+        "</Pixels></Image></OME>"
+    )
+
+
+def _halve(strip: np.ndarray) -> np.ndarray:
+    """2 x 2 mean, edge rows/columns repeated when odd."""
+    if strip.shape[0] % 2:
+        strip = np.concatenate([strip, strip[-1:]], axis=0)
+    if strip.shape[1] % 2:
+        strip = np.concatenate([strip, strip[:, -1:]], axis=1)
+    s = strip.astype(np.float32)
+    mean = (s[0::2, 0::2] + s[1::2, 0::2] + s[0::2, 1::2] + s[1::2, 1::2]) * 0.25
+    return np.rint(mean).astype(strip.dtype)
+
+
+def write_pyramidal_ome_tiff(
+    path: Path,
+    render_strip: Callable[[int, int], np.ndarray],
+    height: int,
+    width: int,
+    samples: int,
+    dtype: np.dtype,
+    pixel_size_um: float,
+    channel: str,
+    scratch_dir: Path,
+) -> list[tuple[int, int]]:
+    """Tiled pyramidal OME-TIFF (levels halve down to about 1024 px, in SubIFDs).
+
+    ``render_strip(row0, n_rows)`` returns full-width rows of level 0, called in order.
+    Lower levels are downsampled on the fly into raw scratch files and read back strip by strip.
+    Returns the (height, width) of each level.
+    """
+    levels = [(height, width)]
+    while max(levels[-1]) > _MIN_LEVEL_PX:
+        h, w = levels[-1]
+        levels.append(((h + 1) // 2, (w + 1) // 2))
+    raw = [scratch_dir / f"{path.name}.level{k}.raw" for k in range(len(levels))]
+    item = np.dtype(dtype).itemsize * samples
+
+    def read_raw(level: int, row0: int, n_rows: int) -> np.ndarray:
+        w = levels[level][1]
+        count = n_rows * w * samples
+        data = np.fromfile(raw[level], dtype=dtype, count=count, offset=row0 * w * item)
+        return data.reshape((n_rows, w, samples) if samples > 1 else (n_rows, w))
+
+    def tiles(level: int) -> Iterator[np.ndarray]:
+        h, w = levels[level]
+        n_tile_cols = -(-w // TILE_PX)
+        sink = open(raw[level + 1], "wb") if level + 1 < len(levels) else None
+        try:
+            for row0 in range(0, h, TILE_PX):
+                n_rows = min(TILE_PX, h - row0)
+                strip = render_strip(row0, n_rows) if level == 0 else read_raw(level, row0, n_rows)
+                if sink is not None:
+                    sink.write(np.ascontiguousarray(_halve(strip)).tobytes())
+                    sink.flush()
+                pad = [(0, TILE_PX - n_rows), (0, n_tile_cols * TILE_PX - w)] + ([(0, 0)] if samples > 1 else [])
+                padded = np.pad(strip, pad, mode="constant")
+                for c in range(n_tile_cols):
+                    yield padded[:, c * TILE_PX : (c + 1) * TILE_PX]
+        finally:
+            if sink is not None:
+                sink.close()
+
+    photometric = "rgb" if samples == 3 else "minisblack"
+    common = {
+        "dtype": dtype,
+        "tile": (TILE_PX, TILE_PX),
+        "photometric": photometric,
+        "compression": _COMPRESSION,
+        "compressionargs": {"level": _COMPRESSION_LEVEL},
+        "resolution": (1e4 / pixel_size_um, 1e4 / pixel_size_um),
+        "resolutionunit": "CENTIMETER",
+        "metadata": None,
+    }
+    shape = lambda lv: levels[lv] + ((samples,) if samples > 1 else ())  # noqa: E731
+    try:
+        with tifffile.TiffWriter(path, bigtiff=True) as tif:
+            tif.write(
+                tiles(0),
+                shape=shape(0),
+                subifds=len(levels) - 1,
+                description=_ome_xml(path.name, width, height, samples, dtype, pixel_size_um, channel),
+                **common,
+            )
+            for level in range(1, len(levels)):
+                tif.write(tiles(level), shape=shape(level), subfiletype=1, **common)
+    finally:
+        for p in raw:
+            p.unlink(missing_ok=True)
+    return levels
+
+
+class TenXMatrixWriter:
+    """10x Genomics v3 feature-barcode HDF5, appended cell by cell in barcode order."""
+
+    def __init__(self, path: Path, feature_names: list[str], feature_types: list[str], n_cells: int):
+        self._file = h5py.File(path, "w")
+        self._file.attrs["filetype"] = "matrix"
+        self._file.attrs["version"] = 2
+        self._file.attrs["software_version"] = "napari-morphomol synthetic"
+        g = self._file.create_group("matrix")
+        self._group = g
+        self._data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,), compression="gzip", compression_opts=1)
+        self._indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,), compression="gzip", compression_opts=1)
+        self._indptr = [np.zeros(1, dtype=np.int64)]
+        self._nnz = 0
+        self._n_cells = n_cells
+        self._n_features = len(feature_names)
+        f = g.create_group("features")
+        f.create_dataset("id", data=np.array(feature_names, dtype="S"))
+        f.create_dataset("name", data=np.array(feature_names, dtype="S"))
+        f.create_dataset("feature_type", data=np.array(feature_types, dtype="S"))
+        f.create_dataset("genome", data=np.array(["Unknown"] * len(feature_names), dtype="S"))
+        f.create_dataset("_all_tag_keys", data=np.array(["genome"], dtype="S"))
+
+    def append(self, counts: np.ndarray) -> None:
+        """Counts of the next cells, (cells, features)."""
+        rows, cols = np.nonzero(counts)
+        values = counts[rows, cols].astype(np.int32)
+        n = len(values)
+        self._data.resize((self._nnz + n,))
+        self._indices.resize((self._nnz + n,))
+        self._data[self._nnz :] = values
+        self._indices[self._nnz :] = cols.astype(np.int32)
+        per_cell = np.bincount(rows, minlength=counts.shape[0])
+        self._indptr.append(self._nnz + np.cumsum(per_cell))
+        self._nnz += n
+
+    def close(self, barcodes: np.ndarray) -> None:
+        indptr = np.concatenate(self._indptr)
+        if len(indptr) != self._n_cells + 1 or len(barcodes) != self._n_cells:
+            raise RuntimeError(f"matrix has {len(indptr) - 1} cells written, {self._n_cells} expected")
+        self._group.create_dataset("indptr", data=indptr)
+        self._group.create_dataset("barcodes", data=np.asarray(barcodes, dtype="S"))
+        self._group.create_dataset("shape", data=np.array([self._n_features, self._n_cells], dtype=np.int32))
+        self._file.close()
