@@ -35,7 +35,7 @@ CONTROL_PREFIXES = (
 
 def is_control_feature(names: pd.Index | list[str]) -> np.ndarray:
     """True for Xenium control probes/codewords (XENIUM_FORMAT.md), which are not genes."""
-    return pd.Index(names).astype(str).str.startswith(CONTROL_PREFIXES).to_numpy()
+    return np.asarray(pd.Index(names).astype(str).str.startswith(CONTROL_PREFIXES), dtype=bool)
 
 
 @dataclass(frozen=True)

@@ -71,9 +71,11 @@ class LoadSampleWidget(Container):
         self.viewer.camera.events.zoom.connect(self._camera_timer.start)
         self.viewer.camera.events.center.connect(self._camera_timer.start)
         self._points_worker = None
+        self.load_worker = self.density_worker = None
 
     # loading -------------------------------------------------------------------------------
     def load(self):
+        """Images first (lazy, shown at once), then the transcript density pass in the background."""
         pixel = self.he_pixel_size_um.value or None
         args = (_optional_path(self.xenium_dir), _optional_path(self.he_path), _optional_path(self.alignment_csv))
         self.status.value = "loading..."
@@ -81,15 +83,14 @@ class LoadSampleWidget(Container):
 
         def work():
             sdata = load_sample(*args, he_pixel_size_um=pixel)
-            return sdata, sample_layers(sdata, with_density=False), (
-                transcript_density(sdata) if TRANSCRIPTS in sdata.points else None
-            )
+            return sdata, sample_layers(sdata, with_density=False)
 
         worker = create_worker(work, _progress={"desc": "Loading sample"})
         worker.returned.connect(self._on_loaded)
         worker.errored.connect(self._on_error)
-        worker.finished.connect(lambda: setattr(self.load_button, "enabled", True))
+        worker.errored.connect(lambda _: setattr(self.load_button, "enabled", True))
         worker.start()
+        self.load_worker = worker
         return worker
 
     def _on_error(self, exc):
@@ -97,24 +98,35 @@ class LoadSampleWidget(Container):
         show_error(str(exc))
 
     def _on_loaded(self, result):
-        self.sdata, layers, self.density = result
-        if self.density is not None:
-            layers.append(density_layer(self.density, self.sdata))
+        self.sdata, layers = result
         for data, kwargs, kind in layers:
             getattr(self.viewer, f"add_{kind}")(data, **kwargs)
         self.viewer.scale_bar.visible = True
         self.viewer.scale_bar.unit = "um"
         self.viewer.reset_view()
-        if self.density is not None:
-            totals = self.density.gene_totals().sort_values(ascending=False)
-            self._all_genes = list(totals.index)
-            self._filter_genes()
-            self.status.value = (
-                f"{int(totals.sum()):,} transcripts (qv >= 20) of {len(totals)} genes; "
-                f"{self.density.n_low_qv:,} below qv 20 hidden"
-            )
-        else:
+        if TRANSCRIPTS not in self.sdata.points:
             self.status.value = "H&E only (no Xenium run)"
+            self.load_button.enabled = True
+            return
+        self.status.value = "counting transcripts per gene..."
+        worker = create_worker(transcript_density, self.sdata, _progress={"desc": "Transcript density"})
+        worker.returned.connect(self._on_density)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(lambda: setattr(self.load_button, "enabled", True))
+        worker.start()
+        self.density_worker = worker
+
+    def _on_density(self, density):
+        self.density = density
+        data, kwargs, kind = density_layer(density, self.sdata)
+        self.viewer.add_image(data, **kwargs)
+        totals = density.gene_totals().sort_values(ascending=False)
+        self._all_genes = list(totals.index)
+        self._filter_genes()
+        self.status.value = (
+            f"{int(totals.sum()):,} transcripts (qv >= 20) of {len(totals)} genes; "
+            f"{density.n_low_qv:,} below qv 20 not shown"
+        )
         show_info("sample loaded")
 
     # genes ---------------------------------------------------------------------------------
