@@ -442,3 +442,33 @@ def test_reference_checkpoint_of_another_variant_or_backbone_is_explained(tmp_pa
         path, variant="early_fusion_add", core_genes=CORE_GENES, addon_genes=ADDON_GENES, backbone_kwargs=TINY_VIT
     )
     assert card.model.learnable_gate and float(model.fusion_gate_logit) == pytest.approx(0.3)
+
+
+# ---- backbone weights ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_backbone_starts_from_a_local_weights_file(tmp_path, suffix):
+    import timm
+
+    torch.manual_seed(3)
+    pretrained = timm.create_model("vit_small_patch16_224", num_classes=0, global_pool="", **TINY_VIT)
+    path = tmp_path / f"vit{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(path))
+    else:
+        torch.save(pretrained.state_dict(), path)
+    model = build_model(tiny_config("early_fusion_add"), backbone_weights=path)
+    for name, tensor in pretrained.state_dict().items():
+        assert torch.equal(model.image_encoder.state_dict()[name], tensor), name
+
+
+def test_hostile_or_missing_backbone_weights_are_refused(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "vit.pth"
+    torch.save({"pos_embed": ReducePayload(marker)}, path)
+    with pytest.raises(InputError, match="(?s)blocked loading.*re-save its state dict as .safetensors"):
+        build_model(tiny_config("morph_only"), backbone_weights=path)
+    assert not marker.exists()
+    with pytest.raises(InputError, match="does not exist"):
+        build_model(tiny_config("morph_only"), backbone_weights=tmp_path / "nope.safetensors")

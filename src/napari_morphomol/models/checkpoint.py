@@ -79,10 +79,10 @@ class ModelCard:
                     "transcripts": "log1p of counts per token (tile-level: of the mean over tokens)",
                     "target": "log1p of add-on counts summed over the tile",
                 },
-                "training": self.training,
+                "training": _finite_or_null(self.training),
                 "provenance": self.provenance,
             },
-            sort_keys=False,
+            allow_nan=False,
         )
 
     @classmethod
@@ -115,6 +115,17 @@ class ModelCard:
             provenance=values.get("provenance", {}),
             **genes,
         )
+
+
+def _finite_or_null(value: Any) -> Any:
+    """NaN/inf (e.g. the correlation of a constant gene) as null, so the card is strict JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def build_model(config: ModelConfig, backbone_weights: str | Path | None = None) -> nn.Module:

@@ -71,8 +71,12 @@ def create_backbone(config: ModelConfig, backbone_weights: str | Path | None = N
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=path.suffix == ".npz")
     try:
         backbone = timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
-    except RuntimeError as error:
-        raise InputError(f"Could not create backbone {config.backbone!r} with {backbone_weights!r}: {error}") from error
+    except (RuntimeError, OSError, ValueError) as error:
+        raise InputError(
+            f"Could not create backbone {config.backbone!r} with weights {backbone_weights!r}: {error}\n"
+            "Weight files are only read weights-only here (tensors, no Python objects); if the file is "
+            "trusted, re-save its state dict as .safetensors."
+        ) from error
     if not all(hasattr(backbone, part) for part in ("patch_embed", "_pos_embed", "blocks", "norm", "norm_pre")):
         raise InputError(f"Backbone {config.backbone!r} is not a timm VisionTransformer; pick a timm ViT.")
     if not isinstance(backbone.patch_drop, nn.Identity):

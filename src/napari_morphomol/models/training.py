@@ -262,6 +262,11 @@ def train_model(
     The Min-MAE baseline is fitted in one pass instead.
     """
     card_without_results = ModelCard(config, tuple(core_genes), tuple(addon_genes), tile_geometry)
+    if config.unimodal_inputs != (settings.modality_dropout > 0):
+        raise InputError(
+            "A model accepts one modality at inference only if trained so: set both unimodal_inputs=True "
+            "and modality_dropout > 0 (e.g. 0.2), or neither."
+        )
     check_tile_dataset(train_dataset, config, "training")
     check_tile_dataset(val_dataset, config, "validation")
     L.seed_everything(settings.seed, workers=True, verbose=False)
