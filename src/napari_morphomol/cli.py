@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "info",
     "demo",
     "synth",
+    "register",
 ]
 
 EPILOG = """\
