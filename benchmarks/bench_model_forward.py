@@ -8,6 +8,7 @@ measured in this run on this machine. Usage:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -15,14 +16,24 @@ import torch
 from napari_morphomol.models import ModelConfig, build_model
 
 
-def tiles_per_second(model, images, counts, repeats: int, bf16: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+def forward_seconds(model, images, counts, bf16: bool):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        output = model(images, counts)  # warm-up: oneDNN picks kernels on the first call
         start = time.perf_counter()
-        for _ in range(repeats):
-            output = model(images, counts)
-        elapsed = time.perf_counter() - start
-    return repeats * len(images) / elapsed, output.predictions.float(), output.embeddings.float()
+        output = model(images, counts)
+        return time.perf_counter() - start, output
+
+
+def interleaved_timings(model, images, counts, repeats: int):
+    """fp32 and bf16 batches alternate, so load from other processes hits both alike."""
+    forward_seconds(model, images, counts, bf16=False)  # warm-up: oneDNN picks kernels on first use
+    forward_seconds(model, images, counts, bf16=True)
+    seconds = {"fp32": [], "bf16": []}
+    outputs = {}
+    for _ in range(repeats):
+        for name in seconds:
+            elapsed, outputs[name] = forward_seconds(model, images, counts, bf16=name == "bf16")
+            seconds[name].append(elapsed)
+    return seconds, outputs
 
 
 def main() -> None:
@@ -42,18 +53,20 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, oneDNN {torch.backends.mkldnn.is_available()}"
     )
-    print(f"model: early_fusion_add, {model.config.backbone}, batch {args.batch}, {args.repeats} timed batches each")
-    fp32_rate, fp32_pred, fp32_emb = tiles_per_second(model, images, counts, args.repeats, bf16=False)
-    bf16_rate, bf16_pred, bf16_emb = tiles_per_second(model, images, counts, args.repeats, bf16=True)
-    fp32_again, _, _ = tiles_per_second(model, images, counts, args.repeats, bf16=False)
-    print(f"fp32          : {fp32_rate:8.2f} tiles/s (repeat: {fp32_again:.2f})")
-    print(f"bf16 autocast : {bf16_rate:8.2f} tiles/s")
-    print(f"ratio bf16/fp32 (vs mean of both fp32 runs): {bf16_rate / ((fp32_rate + fp32_again) / 2):.2f}x")
+    print(f"model: early_fusion_add, {model.config.backbone}, batch {args.batch}, {args.repeats} timed batches per dtype")
+    seconds, outputs = interleaved_timings(model, images, counts, args.repeats)
+    rates = {name: args.batch / statistics.median(values) for name, values in seconds.items()}
+    pair_ratios = [fp32 / bf16 for fp32, bf16 in zip(seconds["fp32"], seconds["bf16"])]
+    print(f"fp32          : {rates['fp32']:8.2f} tiles/s (median of {args.repeats} batches)")
+    print(f"bf16 autocast : {rates['bf16']:8.2f} tiles/s")
     print(
-        f"max |bf16 - fp32|: predictions {float((bf16_pred - fp32_pred).abs().max()):.4g} "
-        f"(fp32 range {float(fp32_pred.abs().max()):.3g}), embeddings {float((bf16_emb - fp32_emb).abs().max()):.4g} "
-        f"(fp32 range {float(fp32_emb.abs().max()):.3g})"
+        f"ratio bf16/fp32: {rates['bf16'] / rates['fp32']:.2f}x "
+        f"(per interleaved pair: {', '.join(f'{r:.2f}' for r in pair_ratios)})"
     )
+    for field in ("predictions", "embeddings"):
+        reference = getattr(outputs["fp32"], field).float()
+        difference = (getattr(outputs["bf16"], field).float() - reference).abs().max()
+        print(f"max |bf16 - fp32| {field}: {float(difference):.4g} (largest fp32 value {float(reference.abs().max()):.3g})")
 
 
 if __name__ == "__main__":

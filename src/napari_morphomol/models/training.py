@@ -271,7 +271,7 @@ def train_model(
     check_tile_dataset(val_dataset, config, "validation")
     L.seed_everything(settings.seed, workers=True, verbose=False)
     history: list[dict[str, float]] = []
-    is_writer = True
+    is_writer, device, bf16 = True, torch.device("cpu"), False
     if config.variant == "min_mae":
         model = fit_min_mae_baseline(config, _loader(train_dataset, settings, shuffle=False))
         how = {"method": "Min-MAE: per add-on gene, the core gene with the lowest training MAE (log1p tile totals)"}
@@ -302,7 +302,7 @@ def train_model(
         finally:
             torch.use_deterministic_algorithms(deterministic_before)
         model.load_state_dict(best.state)
-        model.cpu()
+        device, bf16 = module.device, settings.resolved_precision().startswith("bf16")
         history = best.history
         is_writer = trainer.is_global_zero
         how = {
@@ -312,8 +312,10 @@ def train_model(
             "backbone_weights": None if backbone_weights is None else Path(backbone_weights).name,
             "precision": settings.resolved_precision(),
         }
-    model.eval()
-    validation = evaluate_model(model, val_dataset, addon_genes=addon_genes, batch_size=min(settings.batch_size, 64))
+    validation = evaluate_model(
+        model, val_dataset, addon_genes=addon_genes, batch_size=min(settings.batch_size, 64), device=device, bf16=bf16
+    )
+    model.cpu()
     training = {
         "how": {**how, "settings": dataclasses.asdict(settings)},
         "data": {"n_train_tiles": len(train_dataset), "n_val_tiles": len(val_dataset), **(data_summary or {})},
