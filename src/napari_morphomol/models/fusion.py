@@ -79,6 +79,8 @@ def create_backbone(config: ModelConfig, backbone_weights: str | Path | None = N
         ) from error
     if not all(hasattr(backbone, part) for part in ("patch_embed", "_pos_embed", "blocks", "norm", "norm_pre")):
         raise InputError(f"Backbone {config.backbone!r} is not a timm VisionTransformer; pick a timm ViT.")
+    if getattr(backbone, "dynamic_img_size", False):
+        raise InputError("dynamic_img_size changes the token layout fusion relies on; leave it off.")
     if not isinstance(backbone.patch_drop, nn.Identity):
         raise InputError("Patch dropout would break the token alignment of fusion; set patch_drop_rate=0.")
     return backbone
@@ -115,7 +117,6 @@ class FusionModel(nn.Module):
         if config.stage == "late":
             self.image_norm = nn.LayerNorm(embed_dim)
             self.expression_norm = nn.LayerNorm(embed_dim)
-        if config.stage == "late":
             self.embedding_dim = embed_dim * (2 if config.fusion == "concat" else 1)
         elif config.uses_image:
             self.embedding_dim = embed_dim
@@ -135,8 +136,7 @@ class FusionModel(nn.Module):
 
     def forward(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> ModelOutput:
         self._check_inputs(images, token_counts)
-        variant = self.config.variant
-        if variant == "morph_only":
+        if self.config.variant == "morph_only":
             embeddings = self.image_encoder.forward_features(self._normalise(images))[:, 0]
         elif self.config.stage is None:
             embeddings = self._expression_embedding(token_counts)
