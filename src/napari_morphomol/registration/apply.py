@@ -25,10 +25,15 @@ from napari_morphomol.registration.fit import FitOptions, FittedTransform, fit_t
 from napari_morphomol.registration.formats import write_text_atomic
 from napari_morphomol.registration.landmarks import LandmarkPairs
 
-DEFAULT_CHUNK_POINTS = 1 << 20
-"""Points per chunk: a few MB per column, so chunks stay in cache-friendly working sets."""
+AFFINE_CHUNK_POINTS = 1 << 20
+"""Points per chunk for affine maps: a few passes over a few MB per column."""
+BLENDED_CHUNK_POINTS = 1 << 14
+"""Points per chunk for per-region and spline maps: their per-point work (K region weights,
+Newton steps) then stays in cache, which is several times faster than 1 M-point chunks."""
 
 REGISTRATION_ATTRS_KEY = "morphomol_registration"
+SAMPLE_ATTRS_KEY = "morphomol"
+"""The loader's sample record (``napari_morphomol.io.sample``); its ``he_to_global`` is kept current."""
 RECORD_FORMAT = "napari-morphomol.registration/1"
 HE_X_PX = "he_x_px"
 HE_Y_PX = "he_y_px"
@@ -40,7 +45,7 @@ def transform_xy_columns(
     y: np.ndarray,
     *,
     inverse: bool = False,
-    chunk_points: int = DEFAULT_CHUNK_POINTS,
+    chunk_points: int | None = None,
     workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Map point columns H&E px -> ``global`` px (``inverse=True``: ``global`` px -> H&E px).
@@ -55,6 +60,9 @@ def transform_xy_columns(
     dtype = np.result_type(x.dtype, y.dtype, np.float32) if fitted.matrix is not None else np.float64
     out_x = np.empty(x.shape, dtype=dtype)
     out_y = np.empty(x.shape, dtype=dtype)
+
+    if chunk_points is None:
+        chunk_points = AFFINE_CHUNK_POINTS if fitted.matrix is not None else BLENDED_CHUNK_POINTS
 
     def run(start: int) -> None:
         sl = slice(start, start + chunk_points)
@@ -170,7 +178,11 @@ def read_registration_json(path: str | Path) -> FittedTransform:
 
 
 def set_he_registration(sdata, fitted: FittedTransform, image_key: str = "he_image") -> None:
-    """Give the H&E element its transform to ``global`` and record the full model in attrs."""
+    """Give the H&E element its transform to ``global`` and record the full model in attrs.
+
+    The element gets ``best_affine``; ``attrs[REGISTRATION_ATTRS_KEY]`` gets the full record, and
+    the loader's ``attrs['morphomol']['he_to_global']`` (when present) the same best affine.
+    """
     from spatialdata.transformations import Affine, set_transformation
 
     if image_key not in sdata.images:
@@ -178,4 +190,7 @@ def set_he_registration(sdata, fitted: FittedTransform, image_key: str = "he_ima
     affine = Affine(fitted.best_affine, input_axes=("x", "y"), output_axes=("x", "y"))
     set_transformation(sdata.images[image_key], affine, to_coordinate_system=GLOBAL)
     sdata.attrs[REGISTRATION_ATTRS_KEY] = registration_record(fitted)
+    sample_attrs = sdata.attrs.get(SAMPLE_ATTRS_KEY)
+    if isinstance(sample_attrs, dict) and "he_to_global" in sample_attrs:
+        sample_attrs["he_to_global"] = fitted.best_affine.tolist()
 

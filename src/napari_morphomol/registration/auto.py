@@ -32,6 +32,8 @@ COARSE_MAX_SIDE_PX = 320
 MIN_MATCH_CORRELATION = 0.3
 """Local matches whose correlation after alignment is below this are not proposed."""
 MIN_COARSE_CORRELATION = 0.15
+MAX_COARSE_READ_PX = 8192 * 8192
+"""The coarse step refuses to read a level larger than this (an image without a pyramid)."""
 REFINEMENT_ROUNDS = 2
 """Local matching is redone from the affine of the previous round: the residual motion in each
 patch is then almost a pure shift, which phase correlation measures without bias."""
@@ -141,6 +143,12 @@ def propose_landmarks(
 
     def coarse_image(levels, px_um, prepare):
         i = _level_index(levels, px_um, coarse_um)
+        if np.prod(levels[i].shape[-2:]) > MAX_COARSE_READ_PX:
+            raise InputError(
+                f"the image has no pyramid level near {coarse_um:g} um/px (coarsest is "
+                f"{levels[-1].shape[-1]} px wide); write it as a pyramidal OME-TIFF first, e.g. "
+                "`vips tiffsave in.tif out.ome.tif --tile --pyramid`"
+            )
         level = np.asarray(levels[i])
         img = prepare(level)
         level_um = px_um * levels[0].shape[-1] / level.shape[-1]

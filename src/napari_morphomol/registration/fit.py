@@ -174,6 +174,8 @@ def fit_transform(
         raise InputError(f"unknown registration model {model!r}; choose one of {', '.join(MODELS)}")
     if not xenium_pixel_size_um > 0:
         raise InputError(f"the Xenium pixel size must be > 0 um, got {xenium_pixel_size_um}")
+    if n_regions is not None and model != "per-region":
+        raise InputError(f"a number of regions only applies to the per-region model, not {model}")
     polygons = None
     if region_polygons_he_px is not None:
         if model != "per-region":
