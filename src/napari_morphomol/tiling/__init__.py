@@ -1,0 +1,46 @@
+"""Tile grid, tissue / transcript filters and token binning for the fusion model (no Qt).
+
+Geometry: :mod:`napari_morphomol.tiling.geometry` (one cell grid shared by tiles, tokens and
+resized image pixels). Entry points: :func:`tile_sample` (a loaded sample) and
+:func:`make_tiling` (plain arrays and dataframes); :class:`LevelSampler` cuts the H&E tiles;
+:func:`write_tiles_zarr` / :func:`read_tiles_zarr` store the result.
+"""
+
+from napari_morphomol.tiling.geometry import TileGeometry, pick_pyramid_level
+from napari_morphomol.tiling.he_tiles import LevelSampler
+from napari_morphomol.tiling.panel import GenePanel, is_control_feature
+from napari_morphomol.tiling.pipeline import Tiling, compute_tissue_mask, he_levels_yxc, make_tiling, tile_sample
+from napari_morphomol.tiling.store import TilesStore, check_output_path, read_tiles_zarr, write_tiles_zarr
+from napari_morphomol.tiling.transcripts import (
+    AffineHeToGlobal,
+    CellMapping,
+    HeGlobalTransform,
+    TokenRaster,
+    TranscriptBins,
+    bin_transcripts,
+    feature_names,
+)
+
+__all__ = [
+    "AffineHeToGlobal",
+    "CellMapping",
+    "GenePanel",
+    "HeGlobalTransform",
+    "LevelSampler",
+    "TileGeometry",
+    "TilesStore",
+    "Tiling",
+    "TokenRaster",
+    "TranscriptBins",
+    "bin_transcripts",
+    "check_output_path",
+    "compute_tissue_mask",
+    "feature_names",
+    "he_levels_yxc",
+    "is_control_feature",
+    "make_tiling",
+    "pick_pyramid_level",
+    "read_tiles_zarr",
+    "tile_sample",
+    "write_tiles_zarr",
+]

@@ -117,8 +117,13 @@ class LevelSampler:
         n_out_cols = c_hi - c_lo
         y_edges = _chunk_edges(self.array, 0)
         x_edges = _chunk_edges(self.array, 1)
-        x_blocks = [(a, b) for a, b in zip(x_edges[:-1], x_edges[1:], strict=True) if b > x0 and a < x1]
-        wx_blocks = [area_weights(c_lo, n_out_cols, self.step_x, a, b - a) for a, b in x_blocks]
+        x_blocks = []  # (input cols, output cols relative to c_lo, weights) per chunk column
+        for xa, xb in zip(x_edges[:-1], x_edges[1:], strict=True):
+            oc0 = max(c_lo, int(np.floor(xa / self.step_x)))
+            oc1 = min(c_hi, int(np.ceil(xb / self.step_x)))
+            if xb > x0 and xa < x1 and oc1 > oc0:
+                wx = area_weights(oc0, oc1 - oc0, self.step_x, int(xa), int(xb - xa))
+                x_blocks.append((int(xa), int(xb), oc0 - c_lo, oc1 - c_lo, wx))
 
         acc_lo = self.out_span_px(int(tile_rows[0]))[0]  # first resized row held in ``acc``
         acc = np.zeros((0, n_out_cols, 3), dtype=np.float32)
@@ -138,9 +143,9 @@ class LevelSampler:
                 acc = np.concatenate([acc, np.zeros((hi - acc_lo - len(acc), n_out_cols, 3), np.float32)])
             if hi > lo:
                 wy = area_weights(lo, hi - lo, self.step_y, int(ya), int(yb - ya))
-                for (xa, xb), wx in zip(x_blocks, wx_blocks, strict=True):
+                for xa, xb, oc0, oc1, wx in x_blocks:
                     block = np.asarray(self.array[ya:yb, xa:xb])
-                    acc[lo - acc_lo:hi - acc_lo] += resample_block(block, wy, wx)
+                    acc[lo - acc_lo:hi - acc_lo, oc0:oc1] += resample_block(block, wy, wx)
             # cut every tile row whose resized rows are now complete
             while next_row < len(tile_rows):
                 i = int(tile_rows[next_row])

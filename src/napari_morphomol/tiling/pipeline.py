@@ -29,6 +29,8 @@ class Tiling:
     geometry: TileGeometry
     tiles: pd.DataFrame
     bins: TranscriptBins
+    transform: HeGlobalTransform
+    xenium_mpp: float
     report: dict = field(default_factory=dict)
 
     @property
@@ -148,4 +150,36 @@ def make_tiling(
     report["token_raster"] = {"sparse": bins.tokens.is_sparse, "nbytes": int(bins.tokens.nbytes)}
     tiles = tiles[enough].reset_index(drop=True)
     report["kept_tiles"] = len(tiles)
-    return Tiling(geometry, tiles, bins, report)
+    return Tiling(geometry, tiles, bins, transform, xenium_mpp, report)
+
+
+def he_levels_yxc(element) -> list:
+    """The (y, x, c) levels of a SpatialData image element (multiscale or single scale)."""
+    if hasattr(element, "children") and element.children:
+        names = sorted(element.children, key=lambda name: int(name.removeprefix("scale")))
+        return [element[name]["image"].data.transpose(1, 2, 0) for name in names]
+    return [element.data.transpose(1, 2, 0)]
+
+
+def tile_sample(sdata, *, panel: GenePanel | None, he_to_global: np.ndarray | HeGlobalTransform | None = None,
+                **options) -> Tiling:
+    """:func:`make_tiling` on a sample opened by :func:`napari_morphomol.io.load_sample`.
+
+    ``he_to_global`` overrides the sample's alignment (e.g. a per-region registration).
+    """
+    from napari_morphomol.io.sample import HE_IMAGE, TRANSCRIPTS, sample_info
+
+    info = sample_info(sdata)
+    if HE_IMAGE not in sdata.images or TRANSCRIPTS not in sdata.points:
+        raise InputError("tiling needs a sample with both an H&E image and Xenium transcripts")
+    transform = he_to_global if he_to_global is not None else info.he_to_global
+    if transform is None:
+        raise InputError(
+            "the H&E image is not registered to the Xenium run: give an alignment CSV "
+            "(Xenium's he_imagealignment.csv or one exported by the registration widget)"
+        )
+    return make_tiling(
+        sdata.points[TRANSCRIPTS], he_levels_yxc(sdata.images[HE_IMAGE]), he_mpp=info.he_pixel_size_um,
+        he_to_global=transform, xenium_mpp=info.xenium_pixel_size_um, panel=panel, x_col="x", y_col="y",
+        **options,
+    )

@@ -1,0 +1,99 @@
+"""Cut the model's tiles from an H&E image registered to a Xenium run, and count their transcripts.
+
+Tiles are 512 px at 0.5 um/px (stride 256) in H&E space, kept on tissue, optionally inside a
+region, and with at least --min-transcripts core + add-on transcripts (qv >= 20, no controls).
+Writes TILES.zarr: the tile table, the 14 x 14-per-tile token raster of core-gene counts and
+the add-on targets (sums per tile, and per stride cell for maps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from napari_morphomol.errors import InputError
+
+NAME = "tiles"
+HELP = "tile grid, core-gene token raster and add-on targets -> TILES.zarr"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("xenium_dir", metavar="XENIUM_DIR", help="Xenium output folder (holds experiment.xenium)")
+    parser.add_argument("--he", required=True, metavar="HE", help="H&E image (pyramidal OME-TIFF / TIFF / SVS)")
+    parser.add_argument("--alignment", metavar="CSV",
+                        help="3 x 3 H&E px -> global px matrix (Xenium's he_imagealignment.csv); "
+                             "default: a *he_imagealignment.csv in XENIUM_DIR")
+    parser.add_argument("--panel", metavar="FILE",
+                        help='JSON {"core": [...], "addon": [...]}; default: every gene core, no add-on')
+    parser.add_argument("--out", required=True, metavar="TILES.zarr", help="output store (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--he-pixel-size-um", type=float, help="H&E um/px when the file does not record it")
+    parser.add_argument("--tile-px", type=int, default=512, help="tile size in px at --tile-mpp (default 512)")
+    parser.add_argument("--stride-px", type=int, default=256, help="tile stride in px (default 256)")
+    parser.add_argument("--tile-mpp", type=float, default=0.5, help="tile pixel size, um/px (default 0.5)")
+    parser.add_argument("--max-background", type=float, default=0.3,
+                        help="largest background fraction of a kept tile (default 0.3)")
+    parser.add_argument("--min-transcripts", type=int, default=1000,
+                        help="fewest core + add-on transcripts of a kept tile; 0 keeps all (default 1000)")
+    parser.add_argument("--min-qv", type=float, default=20.0, help="lowest transcript qv counted (default 20)")
+    parser.add_argument("--region", metavar="CSV",
+                        help="polygon with columns x,y in H&E px: keep only tiles whose centre is inside")
+
+
+def _region(path: str | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the region polygon {path} ({exc})") from exc
+    if not {"x", "y"} <= set(table.columns):
+        raise InputError(f"{path} needs columns x,y (polygon vertices in H&E px), has {list(table.columns)}")
+    return table[["x", "y"]].to_numpy(dtype=np.float64)
+
+
+def _alignment(xenium_dir: Path, given: str | None) -> str:
+    if given is not None:
+        return given
+    found = sorted(xenium_dir.glob("*he_imagealignment.csv"))
+    if len(found) != 1:
+        raise InputError(
+            f"no --alignment given and {len(found)} *he_imagealignment.csv files in {xenium_dir}; "
+            "register the H&E first and pass its CSV with --alignment"
+        )
+    return str(found[0])
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_morphomol.io.sample import load_sample
+    from napari_morphomol.tiling import GenePanel, check_output_path, tile_sample, write_tiles_zarr
+
+    out = check_output_path(args.out, overwrite=args.overwrite)
+    alignment = _alignment(Path(args.xenium_dir), args.alignment)
+    panel = GenePanel.from_json(args.panel) if args.panel else None
+    sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rbinning transcripts: partition {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    tiling = tile_sample(
+        sdata, panel=panel, tile_px=args.tile_px, stride_px=args.stride_px, tile_mpp=args.tile_mpp,
+        max_background=args.max_background, min_transcripts=args.min_transcripts, min_qv=args.min_qv,
+        region_he_px=_region(args.region), progress=progress,
+    )
+    print(file=sys.stderr)
+    provenance = {"xenium_dir": str(args.xenium_dir), "he": str(args.he), "alignment": alignment,
+                  "panel": args.panel}
+    write_tiles_zarr(tiling, out, overwrite=args.overwrite, provenance=provenance)
+    report = tiling.report
+    print(f"{report['kept_tiles']} tiles kept of {report['grid_tiles']} in the grid "
+          f"({report['tissue_tiles']} on tissue; transcript filter: {report['transcript_filter']['kept']} kept, "
+          f"{report['transcript_filter']['dropped']} dropped)")
+    print("transcripts: " + json.dumps(report["transcripts"]))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,142 @@
+"""The tiles store (``TILES.zarr``): grid, token raster and targets, for training and inspection.
+
+Layout (zarr v3 group):
+- attrs ``morphomol_tiles``: format version, geometry, ordered core and add-on genes, the filter
+  report, the Xenium pixel size and the H&E -> ``global`` matrix when it is one affine.
+- ``tiles/<column>``: the kept tiles' table (id, row, col, H&E px box, centre in ``global`` and um,
+  background fraction, transcript counts), one 1-D array per column.
+- ``tokens`` (cell rows, cell cols, core genes) uint32: tile (i, j) is ``tokens[s*i:s*i+14, s*j:s*j+14]``
+  with ``s = geometry["stride_cells"]``. Empty chunks are not stored.
+- ``core_totals`` (cell rows, cell cols) uint32; ``addon_stride`` (stride rows, stride cols, add-on genes)
+  uint32: add-on counts per stride cell (tile (i, j) = stride cells [i, i+2) x [j, j+2)).
+- ``addon_counts`` (tiles, add-on genes) uint32 and ``targets_log1p`` float32, rows in table order.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from napari_morphomol.errors import InputError
+from napari_morphomol.tiling.geometry import TileGeometry
+from napari_morphomol.tiling.pipeline import Tiling
+from napari_morphomol.tiling.transcripts import AffineHeToGlobal
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "morphomol_tiles"
+_BAND_CELLS = 28
+
+
+def check_output_path(out_path: str | Path, *, overwrite: bool) -> Path:
+    out = Path(out_path)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; choose another --out or pass --overwrite")
+    if not out.parent.is_dir():
+        raise InputError(f"the folder of {out} does not exist; create it first")
+    return out
+
+
+def write_tiles_zarr(tiling: Tiling, out_path: str | Path, *, overwrite: bool = False,
+                     provenance: dict | None = None) -> Path:
+    """Write atomically: a hidden temporary store beside ``out_path``, then one rename."""
+    out = check_output_path(out_path, overwrite=overwrite)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write(tiling, tmp, provenance=provenance or {})
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
+    bins, geometry, transform = tiling.bins, tiling.geometry, tiling.transform
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    root.attrs[ATTRS_KEY] = {
+        "format_version": FORMAT_VERSION,
+        "geometry": geometry.to_dict(),
+        "core_genes": list(tiling.panel.core),
+        "addon_genes": list(tiling.panel.addon),
+        "report": tiling.report,
+        "tile_columns": list(tiling.tiles.columns),
+        "xenium_pixel_size_um": float(tiling.xenium_mpp),
+        "he_to_global": transform.matrix.tolist() if isinstance(transform, AffineHeToGlobal) else None,
+        "provenance": provenance,
+    }
+    table = root.create_group("tiles")
+    for column in tiling.tiles.columns:
+        values = tiling.tiles[column].to_numpy()
+        table.create_array(column, data=values, chunks=(max(1, min(len(values), 65536)),))
+    rows, cols, genes = bins.tokens.shape
+    tokens = root.create_array("tokens", shape=(rows, cols, genes), dtype=np.uint32,
+                               chunks=(_BAND_CELLS, _BAND_CELLS, max(genes, 1)), fill_value=0,
+                               dimension_names=("cell_y", "cell_x", "core_gene"))
+    for r0 in range(0, rows, _BAND_CELLS):
+        tokens[r0:r0 + _BAND_CELLS] = bins.tokens.window(r0, 0, _BAND_CELLS, cols)
+    root.create_array("core_totals", data=bins.core_totals, chunks=(256, 256),
+                      dimension_names=("cell_y", "cell_x"))
+    root.create_array("addon_stride", data=bins.addon_stride,
+                      chunks=(64, 64, max(bins.addon_stride.shape[2], 1)),
+                      dimension_names=("stride_y", "stride_x", "addon_gene"))
+    rows_, cols_ = tiling.tiles["row"].to_numpy(), tiling.tiles["col"].to_numpy()
+    counts = bins.tile_addon_counts(rows_, cols_).astype(np.uint32)
+    n_tiles, n_addon = counts.shape
+    chunk = (max(1, min(n_tiles, 8192)), max(n_addon, 1))
+    root.create_array("addon_counts", data=counts, chunks=chunk, dimension_names=("tile", "addon_gene"))
+    root.create_array("targets_log1p", data=np.log1p(counts).astype(np.float32), chunks=chunk,
+                      dimension_names=("tile", "addon_gene"))
+
+
+@dataclass
+class TilesStore:
+    """A written tiles store, read lazily (token arrays stay on disk)."""
+
+    path: Path
+    geometry: TileGeometry
+    tiles: pd.DataFrame
+    core_genes: list[str]
+    addon_genes: list[str]
+    report: dict
+    tokens: zarr.Array
+    addon_counts: zarr.Array
+    targets_log1p: zarr.Array
+    attrs: dict
+
+    def tile_tokens(self, position: int) -> np.ndarray:
+        """(14, 14, core genes) token counts of the tile at table ``position``."""
+        s, t = self.geometry.stride_cells, self.geometry.tokens_per_side
+        i, j = int(self.tiles["row"].iloc[position]), int(self.tiles["col"].iloc[position])
+        return self.tokens[s * i:s * i + t, s * j:s * j + t]
+
+
+def read_tiles_zarr(path: str | Path) -> TilesStore:
+    path = Path(path)
+    try:
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs[ATTRS_KEY])
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise InputError(f"{path} is not a tiles store written by `morphomol tiles` ({exc})") from exc
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path} has tiles format {attrs.get('format_version')}; this version reads {FORMAT_VERSION}")
+    g = attrs["geometry"]
+    geometry = TileGeometry(he_mpp=g["he_mpp"], he_height_px=g["he_height_px"], he_width_px=g["he_width_px"],
+                            tile_mpp=g["tile_mpp"], tile_px=g["tile_px"], stride_px=g["stride_px"],
+                            tokens_per_side=g["tokens_per_side"], image_px=g["image_px"])
+    table = root["tiles"]
+    tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
+    return TilesStore(path, geometry, tiles, attrs["core_genes"], attrs["addon_genes"], attrs["report"],
+                      root["tokens"], root["addon_counts"], root["targets_log1p"], attrs)

@@ -1,0 +1,145 @@
+"""H&E tile reading: exact area averaging, one decode per stored chunk, geometry equal to the token grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from napari_morphomol.tiling import AffineHeToGlobal, CellMapping, GenePanel, LevelSampler, TileGeometry, bin_transcripts
+
+XENIUM_MPP = 0.2125
+
+
+class CountingArray:
+    """A chunked (H, W, 3) array that records how often each stored chunk is decoded."""
+
+    def __init__(self, data: np.ndarray, chunk: int) -> None:
+        self.data, self.chunk = data, chunk
+        self.shape, self.ndim, self.dtype = data.shape, data.ndim, data.dtype
+        self.chunks = (chunk, chunk, data.shape[2])
+        self.decodes = np.zeros((-(-data.shape[0] // chunk), -(-data.shape[1] // chunk)), dtype=np.int64)
+
+    def __getitem__(self, key):
+        ys, xs = key[0], key[1]
+        self.decodes[ys.start // self.chunk:-(-ys.stop // self.chunk), xs.start // self.chunk:-(-xs.stop // self.chunk)] += 1
+        return self.data[key]
+
+
+def reference_tile(image: np.ndarray, geometry: TileGeometry, i: int, j: int) -> np.ndarray:
+    """Area average (float64, unrounded) of the tile's box into 224 x 224, by explicit pixel overlaps."""
+    x0, y0, x1, y1 = geometry.tile_box_he_px([i], [j])[0]
+
+    def weights(start: float, stop: float, size: int) -> np.ndarray:
+        step = (stop - start) / geometry.image_px
+        w = np.zeros((geometry.image_px, size))
+        for k in range(geometry.image_px):
+            a, b = start + k * step, start + (k + 1) * step
+            for m in range(int(np.floor(a)), min(int(np.ceil(b)), size)):
+                w[k, m] = (min(b, m + 1) - max(a, m)) / step
+        return w
+
+    wy, wx = weights(y0, y1, image.shape[0]), weights(x0, x1, image.shape[1])
+    ys, xs = np.flatnonzero(wy.any(axis=0)), np.flatnonzero(wx.any(axis=0))
+    crop = image[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1].astype(np.float64)
+    out = np.einsum("ky,yxc,lx->klc", wy[:, ys[0]:ys[-1] + 1], crop, wx[:, xs[0]:xs[-1] + 1], optimize=True)
+    return out
+
+
+def noise_image(shape, seed):
+    return np.random.default_rng(seed).integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.floats(0.2, 0.5), st.integers(0, 1000), st.sampled_from([64, 100, 256]))
+def test_chunk_reader_equals_reference_and_decodes_each_chunk_once(he_mpp, seed, chunk):
+    shape = (int(600 / he_mpp), int(500 / he_mpp))  # 3 x 2 tiles of 256 um
+    image = noise_image(shape, seed)
+    geometry = TileGeometry(he_mpp=he_mpp, he_height_px=shape[0], he_width_px=shape[1])
+    rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
+    counting = CountingArray(image, chunk)
+    sampler = LevelSampler(geometry, [counting])
+    got = {}
+    for positions, images in sampler.iter_tiles(rows, cols, batch_size=3):
+        for p, im in zip(positions, images, strict=True):
+            got[(rows[p], cols[p])] = im
+    assert len(got) == len(rows)
+    assert counting.decodes.max() == 1
+    for (i, j), im in got.items():
+        ref = reference_tile(image, geometry, i, j)
+        off = im != np.rint(ref)
+        # float32 sums may round an exact .5 tie the other way, nothing else
+        assert np.all(np.abs(ref[off] - np.trunc(ref[off]) - 0.5) < 1e-3)
+        assert np.all(np.abs(im[off] - ref[off]) <= 0.5 + 1e-3)
+        window = sampler.read_window(i, j).astype(int)
+        assert np.all(np.abs(window - ref) <= 0.5 + 1e-3)
+
+
+def test_per_window_reading_decodes_chunks_repeatedly():
+    image = noise_image((2400, 2400), 0)
+    geometry = TileGeometry(he_mpp=0.25, he_height_px=2400, he_width_px=2400)
+    counting = CountingArray(image, 256)
+    sampler = LevelSampler(geometry, [counting])
+    for i in range(geometry.grid_shape[0]):
+        for j in range(geometry.grid_shape[1]):
+            sampler.read_window(i, j)
+    assert counting.decodes.max() >= 4
+
+
+def test_pyramid_level_at_or_below_half_micron_is_used():
+    yy, xx = np.mgrid[0:3000, 0:3000]
+    smooth = 127.5 + 100 * np.sin(xx / 90.0) * np.cos(yy / 130.0)
+    image = np.repeat(smooth[..., None], 3, axis=2).round().astype(np.uint8)
+    half = image.reshape(1500, 2, 1500, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+    fine = LevelSampler(TileGeometry(he_mpp=0.2, he_height_px=3000, he_width_px=3000), [image, half])
+    coarse = LevelSampler(TileGeometry(he_mpp=0.3, he_height_px=3000, he_width_px=3000), [image, half])
+    assert fine.level == 1 and coarse.level == 0
+    # on a smooth image the 2x level gives the tile of full resolution up to rounding
+    full = LevelSampler(fine.geometry, [image], level=0)
+    assert np.abs(fine.read_window(1, 1).astype(int) - full.read_window(1, 1)).max() <= 2
+
+
+@pytest.mark.parametrize(("he_mpp", "use_half_level"), [(0.2737, False), (0.2, True), (0.3791, False)])
+def test_image_pixels_and_tokens_share_one_grid(he_mpp, use_half_level):
+    """Dark squares drawn where transcripts are: the transcript's token holds its count and the resized
+    pixel that (by the 16 px per token rule) contains it is fully dark."""
+    rng = np.random.default_rng(7)
+    shape = (int(900 / he_mpp), int(900 / he_mpp))
+    image = np.full((*shape, 3), 255, np.uint8)
+    centres = np.stack(np.meshgrid(np.arange(40, shape[1] - 40, 53), np.arange(40, shape[0] - 40, 53)), -1).reshape(-1, 2)
+    centres = centres + rng.integers(-5, 6, size=centres.shape)
+    for u, v in centres:
+        image[v - 12:v + 13, u - 12:u + 13] = 0
+    levels = [image]
+    if use_half_level:
+        h, w = shape[0] // 2 * 2, shape[1] // 2 * 2
+        levels.append(image[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8))
+    geometry = TileGeometry(he_mpp=he_mpp, he_height_px=shape[0], he_width_px=shape[1])
+    matrix = np.array([[he_mpp / XENIUM_MPP, 0.0, 17.0], [0.0, he_mpp / XENIUM_MPP, -9.0], [0.0, 0.0, 1.0]])
+    he_points = centres + 0.5
+    um = AffineHeToGlobal(matrix).he_px_to_global_px(he_points) * XENIUM_MPP
+    df = pd.DataFrame({"feature_name": pd.Categorical(["A"] * len(um)), "x_location": um[:, 0],
+                       "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
+    bins = bin_transcripts(df, geometry, GenePanel(core=("A",)), matrix, xenium_mpp=XENIUM_MPP)
+    qx, qy = CellMapping(geometry, AffineHeToGlobal(matrix), XENIUM_MPP).um_to_cells_xy(um[:, 0], um[:, 1])
+    rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
+    sampler = LevelSampler(geometry, levels)
+    assert sampler.level == (1 if use_half_level else 0)
+    s, t, p = geometry.stride_cells, geometry.tokens_per_side, geometry.image_px_per_cell
+    checked = 0
+    for positions, images in sampler.iter_tiles(rows, cols):
+        tokens = bins.tokens.tile_tokens(geometry, rows[positions], cols[positions])
+        for k, pos in enumerate(positions):
+            i, j = rows[pos], cols[pos]
+            inside = (qx >= s * j) & (qx < s * j + t) & (qy >= s * i) & (qy < s * i + t)
+            for x, y in zip(qx[inside], qy[inside], strict=True):
+                a, b = int(y) - s * i, int(x) - s * j
+                assert tokens[k, a, b, 0] >= 1
+                pr, pc = int(np.floor(y * p)) - s * p * i, int(np.floor(x * p)) - s * p * j
+                assert pr // p == a and pc // p == b
+                assert images[k, pr, pc].max() == 0
+                checked += 1
+            assert tokens[k].sum() == inside.sum()
+    assert checked > 50
