@@ -16,6 +16,7 @@ from napari_morphomol.errors import InputError
 SUBCOMMANDS = [
     "info",
     "demo",
+    "tiles",
     "synth",
     "register",
 ]
