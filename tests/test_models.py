@@ -17,7 +17,6 @@ from napari_morphomol.models import (
     VARIANTS,
     ModelCard,
     ModelConfig,
-    TileGeometry,
     build_model,
     check_tile_geometry,
     convert_reference_checkpoint,
@@ -297,11 +296,14 @@ def test_missing_core_genes_are_listed_and_extra_genes_reported():
         match_gene_panel(card, [g for g in CORE_GENES if g not in ("CORE1", "CORE4")])
 
 
-def test_geometry_mismatch_is_explained_and_stride_may_differ():
+def test_geometry_mismatch_is_explained():
     card = tiny_card(tiny_config("expr_only_tile"))
-    check_tile_geometry(card, TileGeometry(stride_px=512))
-    with pytest.raises(InputError, match=r"mpp 0.25 \(model trained with 0.5\).*512 px at 0.5 um/px"):
-        check_tile_geometry(card, TileGeometry(mpp=0.25))
+    paper = dict(tile_px=512, tile_mpp=0.5, image_px=224, tokens_per_side=14)
+    check_tile_geometry(card, **paper)
+    with pytest.raises(InputError, match=r"tile_mpp 0.25 \(model trained with 0.5\).*512 px at 0.5 um/px"):
+        check_tile_geometry(card, **{**paper, "tile_mpp": 0.25})
+    with pytest.raises(InputError, match=r"tokens_per_side 16 \(model trained with 14\)"):
+        check_tile_geometry(card, **{**paper, "tokens_per_side": 16})
 
 
 # ---- reference layout ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from napari_morphomol.models.checkpoint import (
     read_model_card,
     save_checkpoint,
 )
-from napari_morphomol.models.config import DEFAULT_BACKBONE, DEFAULT_VARIANT, VARIANTS, ModelConfig, TileGeometry
+from napari_morphomol.models.config import DEFAULT_BACKBONE, DEFAULT_VARIANT, VARIANTS, ModelConfig, ModelTileGeometry
 from napari_morphomol.models.fusion import FusionModel, ModelOutput
 from napari_morphomol.models.metrics import (
     mean_metrics,
@@ -51,7 +51,7 @@ __all__ = [
     "ModelOutput",
     "PanelMatch",
     "SampleSplit",
-    "TileGeometry",
+    "ModelTileGeometry",
     "TrainingResult",
     "TrainingSettings",
     "build_model",

@@ -24,7 +24,7 @@ from torch import nn
 from napari_morphomol import __version__
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.baseline import MinMAEBaseline
-from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, ModelConfig, TileGeometry
+from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, ModelConfig, ModelTileGeometry
 from napari_morphomol.models.fusion import FusionModel
 
 CARD_METADATA_KEY = "morphomol_model_card"
@@ -43,7 +43,7 @@ class ModelCard:
     model: ModelConfig
     core_genes: tuple[str, ...]
     addon_genes: tuple[str, ...]
-    tile_geometry: TileGeometry = TileGeometry()
+    tile_geometry: ModelTileGeometry = ModelTileGeometry()
     training: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -110,7 +110,7 @@ class ModelCard:
                 raise InputError(f"Model card field {key!r} must be a JSON object.")
         return cls(
             model=ModelConfig.from_dict(values.get("model")),
-            tile_geometry=TileGeometry.from_dict(values.get("tile_geometry", {})),
+            tile_geometry=ModelTileGeometry.from_dict(values.get("tile_geometry", {})),
             training=values.get("training", {}),
             provenance=values.get("provenance", {}),
             **genes,
@@ -258,21 +258,25 @@ def match_gene_panel(card: ModelCard, sample_genes: Sequence[str]) -> PanelMatch
     )
 
 
-def check_tile_geometry(card: ModelCard, geometry: TileGeometry) -> None:
+def check_tile_geometry(card: ModelCard, *, tile_px: int, tile_mpp: float, image_px: int, tokens_per_side: int) -> None:
     """Raise InputError when tiles would show the model a different scale than in training.
 
-    The stride only sets how much tiles overlap, so it may differ.
+    Arguments are named as in ``napari_morphomol.tiling.TileGeometry``. The stride only sets
+    how much tiles overlap, so it may differ.
     """
     trained = card.tile_geometry
-    differences = [
-        f"{name} {getattr(geometry, name)} (model trained with {getattr(trained, name)})"
-        for name in ("tile_px", "mpp", "img_size", "patch_px")
-        if getattr(geometry, name) != getattr(trained, name)
-    ]
+    given = {
+        "tile_px": (tile_px, trained.tile_px),
+        "tile_mpp": (tile_mpp, trained.mpp),
+        "image_px": (image_px, trained.img_size),
+        "tokens_per_side": (tokens_per_side, trained.img_size // trained.patch_px),
+    }
+    differences = [f"{name} {value} (model trained with {want})" for name, (value, want) in given.items() if value != want]
     if differences:
         raise InputError(
             "The tile geometry differs from the model's training: "
             + "; ".join(differences)
-            + f". Cut tiles of {trained.tile_px} px at {trained.mpp} um/px resized to {trained.img_size} px, "
-            "so each token covers the tissue area the model learned from."
+            + f". Cut tiles of {trained.tile_px} px at {trained.mpp} um/px resized to {trained.img_size} px "
+            f"({trained.img_size // trained.patch_px} x {trained.img_size // trained.patch_px} tokens), so each "
+            "token covers the tissue area the model learned from."
         )

@@ -37,7 +37,7 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
-class TileGeometry:
+class ModelTileGeometry:
     """How tiles and tokens were cut: 512 px tiles at 0.5 um/px, stride 256, resized to 224."""
 
     tile_px: int = 512
@@ -58,7 +58,7 @@ class TileGeometry:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TileGeometry:
+    def from_dict(cls, values: dict[str, Any]) -> ModelTileGeometry:
         return _from_dict(cls, values, "tile_geometry")
 
 
