@@ -250,3 +250,9 @@ def test_region_polygons_need_the_per_region_model():
     square = np.array([[0, 0], [1, 0], [1, 1]], dtype=float)
     with pytest.raises(InputError, match="per-region"):
         fit_transform(LandmarkPairs.from_arrays(he, he), "affine", region_polygons_he_px=[square])
+
+
+def test_number_of_regions_needs_the_per_region_model():
+    he = spread_points(8)
+    with pytest.raises(InputError, match="only applies to the per-region"):
+        fit_transform(LandmarkPairs.from_arrays(he, he), "affine", n_regions=2)

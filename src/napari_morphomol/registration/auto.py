@@ -32,6 +32,9 @@ COARSE_MAX_SIDE_PX = 320
 MIN_MATCH_CORRELATION = 0.3
 """Local matches whose correlation after alignment is below this are not proposed."""
 MIN_COARSE_CORRELATION = 0.15
+MIN_OVERLAP = 0.25
+"""A shift that overlaps less than this share of the smaller image's tissue is not a match
+(tiny overlaps correlate well by chance)."""
 MAX_COARSE_READ_PX = 8192 * 8192
 """The coarse step refuses to read a level larger than this (an image without a pyramid)."""
 REFINEMENT_ROUNDS = 2
@@ -116,7 +119,10 @@ def _match(fixed: np.ndarray, moving: np.ndarray, valid: np.ndarray, upsample: i
     shift_rc = phase_cross_correlation(fixed, moving, upsample_factor=upsample, normalization="phase")[0]
     moved = ndimage.shift(moving, shift_rc, order=1, cval=0.0)
     moved_valid = ndimage.shift(valid.astype(float), shift_rc, order=0, cval=0.0) > 0.5
-    return shift_rc[::-1].copy(), _correlation(fixed, moved, moved_valid & (fixed > 0))
+    overlap = moved_valid & (fixed > 0)
+    if overlap.sum() < MIN_OVERLAP * min(valid.sum(), (fixed > 0).sum()):
+        return shift_rc[::-1].copy(), -1.0
+    return shift_rc[::-1].copy(), _correlation(fixed, moved, overlap)
 
 
 def propose_landmarks(
