@@ -296,6 +296,11 @@ def test_missing_core_genes_are_listed_and_extra_genes_reported():
         match_gene_panel(card, [g for g in CORE_GENES if g not in ("CORE1", "CORE4")])
 
 
+def test_morph_only_model_needs_no_core_genes():
+    match = match_gene_panel(tiny_card(tiny_config("morph_only")), ["ADD0", "OTHER"])
+    assert match.core_index.size == 0 and match.addon_measured == ("ADD0",) and match.extra_genes == ("OTHER",)
+
+
 def test_geometry_mismatch_is_explained():
     card = tiny_card(tiny_config("expr_only_tile"))
     paper = dict(tile_px=512, tile_mpp=0.5, image_px=224, tokens_per_side=14)

@@ -240,10 +240,15 @@ def match_gene_panel(card: ModelCard, sample_genes: Sequence[str]) -> PanelMatch
     """Check a sample's gene list against the model's; every core gene must be present.
 
     Raises InputError listing the missing core genes. Genes of neither panel are ignored and
-    reported in ``PanelMatch.extra_genes``.
+    reported in ``PanelMatch.extra_genes``. A morph-only model reads no transcripts: its
+    ``core_index`` is empty and its core genes need not be present.
     """
     position = {gene: i for i, gene in enumerate(sample_genes)}
     missing = [gene for gene in card.core_genes if gene not in position]
+    if not card.model.uses_transcripts:
+        missing, core_genes = [], ()
+    else:
+        core_genes = card.core_genes
     if missing:
         raise InputError(
             f"The sample lacks {len(missing)} of the model's {len(card.core_genes)} core genes: "
@@ -252,7 +257,7 @@ def match_gene_panel(card: ModelCard, sample_genes: Sequence[str]) -> PanelMatch
         )
     panel = set(card.core_genes) | set(card.addon_genes)
     return PanelMatch(
-        core_index=np.array([position[gene] for gene in card.core_genes], dtype=np.int64),
+        core_index=np.array([position[gene] for gene in core_genes], dtype=np.int64),
         addon_measured=tuple(gene for gene in card.addon_genes if gene in position),
         extra_genes=tuple(gene for gene in sample_genes if gene not in panel),
     )
