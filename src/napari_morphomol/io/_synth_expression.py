@@ -56,6 +56,7 @@ CONTROL_RATE_PER_TRANSCRIPT = 1e-4
 EXTRACELLULAR_SHARE = 0.08
 """Unassigned transcripts outside any cell, as a share of the cells' transcripts."""
 NUCLEAR_SHARE = 0.4
+CYTOPLASM_REDRAWS = 3
 DIFFUSION_UM = 0.7
 LOW_QV_SHARE = 0.12
 
@@ -236,22 +237,21 @@ def sample_block(
     a = cells.nucleus_a_um[gen]
     b = cells.nucleus_b_um[gen]
     angle = cells.nucleus_angle[gen]
-    nuclear = rng.random(n) < NUCLEAR_SHARE
-    radius01 = np.sqrt(rng.random(n, dtype=np.float32))
-    theta = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
-    u = radius01 * np.cos(theta)
-    v = radius01 * np.sin(theta)
-    # nuclear: uniform in the ellipse; cytoplasmic: uniform in the cell disk
     cell_r = cells.cell_radius_um[gen]
-    ex = np.where(nuclear, a * u, cell_r * u)
-    ey = np.where(nuclear, b * v, cell_r * v)
-    cos_a, sin_a = np.cos(angle), np.sin(angle)
-    dx = np.where(nuclear, ex * cos_a - ey * sin_a, ex) + rng.normal(0, DIFFUSION_UM, n).astype(np.float32)
-    dy = np.where(nuclear, ex * sin_a + ey * cos_a, ey) + rng.normal(0, DIFFUSION_UM, n).astype(np.float32)
+    nuclear = rng.random(n, dtype=np.float32) < NUCLEAR_SHARE
+    dx, dy = _offsets(rng, nuclear, a, b, angle, cell_r)
+    owner = owning_cell(cells, cells.x_um[gen] + dx, cells.y_um[gen] + dy)
+    # cytoplasmic transcripts fill the cell's territory (its disk cut by the neighbours'):
+    # redraw those that fell outside; the few left after that spill over as unassigned
+    for _ in range(CYTOPLASM_REDRAWS):
+        again = np.flatnonzero((owner != gen) & ~nuclear)
+        if len(again) == 0:
+            break
+        rdx, rdy = _offsets(rng, nuclear[again], a[again], b[again], angle[again], cell_r[again])
+        dx[again], dy[again] = rdx, rdy
+        owner[again] = owning_cell(cells, cells.x_um[gen[again]] + rdx, cells.y_um[gen[again]] + rdy)
     x = cells.x_um[gen] + dx
     y = cells.y_um[gen] + dy
-
-    owner = owning_cell(cells, x, y)
     cell = np.where(owner == gen, gen, -1).astype(np.int32)
     rho = ellipse_radius(dx, dy, a, b, angle)
 
@@ -275,18 +275,38 @@ def sample_block(
     r_eff = np.concatenate([np.sqrt(a * b), np.full(len(fx), 3.0, dtype=np.float32)])
     n_all = len(x)
 
-    z = 11.0 + 2e-4 * x + 1e-4 * y + rng.normal(0, 1.8, n_all)
+    # a slightly tilted section about 11 um above the coverslip
+    z = np.float32(11.0) + np.float32(2e-4) * x + np.float32(1e-4) * y + np.float32(1.8) * rng.standard_normal(n_all, dtype=np.float32)
     is_control = feature >= panel.n_genes
-    low_share = np.where(is_control, 0.5, LOW_QV_SHARE)
-    low = rng.random(n_all) < low_share
-    qv = np.where(low, rng.uniform(0, 20, n_all), 40.0 - 20.0 * rng.beta(1.0, 6.0, n_all))
+    low_share = np.where(is_control, np.float32(0.5), np.float32(LOW_QV_SHARE))
+    low = rng.random(n_all, dtype=np.float32) < low_share
+    # good calls pile up towards 40 (1 - U^(1/6) is Beta(1, 6)); failed ones spread below 20
+    spread = rng.random(n_all, dtype=np.float32)
+    qv = np.where(low, np.float32(20.0) * spread, np.float32(20.0) + np.float32(20.0) * spread ** np.float32(1 / 6))
     return BlockTranscripts(
         x_um=x.astype(np.float32),
         y_um=y.astype(np.float32),
-        z_um=np.clip(z, 0.5, 30.0).astype(np.float32),
+        z_um=np.clip(z, 0.5, 30.0),
         feature=feature,
         cell=cell,
         overlaps_nucleus=(rho < 1.0).astype(np.uint8) * (cell >= 0),
         nucleus_distance_um=(np.maximum(rho - 1.0, 0.0) * r_eff).astype(np.float32),
-        qv=qv.astype(np.float32),
+        qv=qv,
     )
+
+
+def _offsets(rng, nuclear, a, b, angle, cell_r) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets from the cell centre: uniform in the nucleus ellipse or in the cell disk, then diffused."""
+    n = len(nuclear)
+    radius01 = np.sqrt(rng.random(n, dtype=np.float32))
+    theta = rng.random(n, dtype=np.float32) * np.float32(2 * np.pi)
+    u = radius01 * np.cos(theta)
+    v = radius01 * np.sin(theta)
+    ex = np.where(nuclear, a * u, cell_r * u)
+    ey = np.where(nuclear, b * v, cell_r * v)
+    cos_a, sin_a = np.cos(angle), np.sin(angle)
+    dx = np.where(nuclear, ex * cos_a - ey * sin_a, ex)
+    dy = np.where(nuclear, ex * sin_a + ey * cos_a, ey)
+    dx += np.float32(DIFFUSION_UM) * rng.standard_normal(n, dtype=np.float32)
+    dy += np.float32(DIFFUSION_UM) * rng.standard_normal(n, dtype=np.float32)
+    return dx, dy

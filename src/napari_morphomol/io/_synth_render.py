@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from napari_morphomol.io._synth_kernels import beer_lambert_kernel, stamp_kernel
 from napari_morphomol.io._synth_tissue import (
     BACKGROUND,
     NECROSIS,
@@ -20,12 +21,10 @@ from napari_morphomol.io._synth_tissue import (
     Cells,
     TissueFields,
     cells_in_box,
-    ellipse_radius,
     owning_cell,
 )
 
 MARGIN_PX = 6
-_STAMP_BATCH = 256
 
 # Ruifrok & Johnston optical-density vectors, perturbed per slide.
 _HEMATOXYLIN_OD = np.array([0.650, 0.704, 0.286])
@@ -76,37 +75,30 @@ def random_stain(rng: np.random.Generator) -> Stain:
     )
 
 
-def _stamp(cells: Cells, rows: np.ndarray, centre_px: np.ndarray, wx: np.ndarray, wy: np.ndarray, px_um: float):
-    """Pixels inside each nucleus: flat index, cell row and soft coverage in (0, 1]."""
-    height, width = wx.shape
-    out_idx, out_cell, out_val = [], [], []
-    for start in range(0, len(rows), _STAMP_BATCH):
-        r = rows[start : start + _STAMP_BATCH]
-        c = centre_px[start : start + _STAMP_BATCH]
-        half = int(np.ceil(float(cells.nucleus_a_um[r].max()) / px_um)) + 2
-        offsets = np.arange(-half, half + 1, dtype=np.int32)
-        col = np.floor(c[:, 0]).astype(np.int32)[:, None, None] + offsets[None, None, :]
-        row = np.floor(c[:, 1]).astype(np.int32)[:, None, None] + offsets[None, :, None]
-        valid = (col >= 0) & (col < width) & (row >= 0) & (row < height)
-        flat = np.where(valid, row * width + col, 0)
-        dx = wx.ravel()[flat] - cells.x_um[r, None, None].astype(np.float32)
-        dy = wy.ravel()[flat] - cells.y_um[r, None, None].astype(np.float32)
-        rho = ellipse_radius(
-            dx,
-            dy,
-            cells.nucleus_a_um[r, None, None],
-            cells.nucleus_b_um[r, None, None],
-            cells.nucleus_angle[r, None, None],
-        )
-        edge_px = (cells.nucleus_b_um[r, None, None] / px_um).astype(np.float32)
-        value = np.clip((1.0 - rho) * edge_px + 0.5, 0.0, 1.0)
-        hit = valid & (value > 0)
-        out_idx.append(flat[hit])
-        out_cell.append(np.broadcast_to(r[:, None, None], hit.shape)[hit])
-        out_val.append(value[hit])
-    if not out_idx:
-        return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
-    return np.concatenate(out_idx), np.concatenate(out_cell), np.concatenate(out_val)
+def _stamp(cells: Cells, rows: np.ndarray, centre_px: np.ndarray, wx: np.ndarray, wy: np.ndarray, px_um: float, weight: np.ndarray):
+    """Nuclei of ``rows`` drawn into the chunk: weighted intensity, coverage, labels (row + 1)."""
+    intensity = np.zeros(wx.shape, dtype=np.float32)
+    cover = np.zeros(wx.shape, dtype=np.float32)
+    labels = np.zeros(wx.shape, dtype=np.uint32)
+    stamp_kernel(
+        wx,
+        wy,
+        np.ascontiguousarray(centre_px[:, 0], dtype=np.float64),
+        np.ascontiguousarray(centre_px[:, 1], dtype=np.float64),
+        cells.x_um[rows].astype(np.float32),
+        cells.y_um[rows].astype(np.float32),
+        cells.nucleus_a_um[rows],
+        cells.nucleus_b_um[rows],
+        cells.nucleus_angle[rows],
+        weight[rows].astype(np.float32),
+        cells.vesicular[rows],
+        (rows + 1).astype(np.uint32),
+        np.float32(px_um),
+        intensity,
+        cover,
+        labels,
+    )
+    return intensity, np.minimum(cover, np.float32(1.0)), labels
 
 
 def _coarse(a: np.ndarray, step: int) -> np.ndarray:
@@ -121,14 +113,16 @@ def _upsample(a: np.ndarray, step: int, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _texture(rng: np.random.Generator, shape: tuple[int, int], amount: float) -> np.ndarray:
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 0.8)
-    return 1.0 + amount * 2.2 * noise
+    """Chromatin grain: pixel noise around 1 (the optical blur that follows smooths it)."""
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    noise *= np.float32(amount)
+    noise += np.float32(1.0)
+    return noise
 
 
 def render_morphology_chunk(
     cells: Cells,
     fields: TissueFields,
-    size_um: tuple[float, float],
     pixel_size_um: float,
     col0: int,
     row0: int,
@@ -147,13 +141,7 @@ def render_morphology_chunk(
 
     box = cells_in_box(cells, float(wx[0, 0]), float(wy[0, 0]), float(wx[-1, -1]), float(wy[-1, -1]))
     centre_px = np.column_stack([cells.x_um[box] / pixel_size_um - (col0 - m), cells.y_um[box] / pixel_size_um - (row0 - m)])
-    flat, cell, value = _stamp(cells, box, centre_px, wx, wy, pixel_size_um)
-    size = shape[0] * shape[1]
-    nuclei = np.bincount(flat, weights=value * cells.dapi[cell], minlength=size).reshape(shape).astype(np.float32)
-    nucleus_labels = np.zeros(size, dtype=np.uint32)
-    inside = value >= 0.5
-    nucleus_labels[flat[inside]] = cell[inside] + 1
-    nucleus_labels = nucleus_labels.reshape(shape)
+    nuclei, _, nucleus_labels = _stamp(cells, box, centre_px, wx, wy, pixel_size_um, cells.dapi)
 
     step = 2
     owner = owning_cell(cells, _coarse(wx, step), _coarse(wy, step))
@@ -161,11 +149,11 @@ def render_morphology_chunk(
     cell_labels = np.where(nucleus_labels > 0, nucleus_labels, cell_labels)
 
     region_step = 8
-    region = fields.region(_coarse(wx, region_step), _coarse(wy, region_step), size_um)
+    region = fields.region(_coarse(wx, region_step), _coarse(wy, region_step))
     background = _upsample(np.where(region == BACKGROUND, 0.015, 0.05).astype(np.float32), region_step, shape)
     signal = ndimage.gaussian_filter(nuclei * _texture(rng, shape, 0.25) + background, 1.1)
-    dapi = 120.0 + 1800.0 * signal
-    dapi += rng.normal(0.0, 1.0, shape).astype(np.float32) * np.sqrt(dapi) * 1.5
+    dapi = np.float32(120.0) + np.float32(1800.0) * signal
+    dapi += rng.standard_normal(shape, dtype=np.float32) * np.sqrt(dapi) * np.float32(1.5)
     crop = (slice(m, m + height), slice(m, m + width))
     return (
         np.clip(dapi[crop], 0, 65535).astype(np.uint16),
@@ -177,7 +165,6 @@ def render_morphology_chunk(
 def render_he_chunk(
     cells: Cells,
     fields: TissueFields,
-    size_um: tuple[float, float],
     transform,
     xenium_pixel_size_um: float,
     he_pixel_size_um: float,
@@ -192,42 +179,41 @@ def render_he_chunk(
     m = MARGIN_PX
     cols = np.arange(col0 - m, col0 + width + m)
     rows = np.arange(row0 - m, row0 + height + m)
-    gx, gy = transform.he_grid_to_global_px(cols, rows)
-    wx = (gx * xenium_pixel_size_um).astype(np.float32)
-    wy = (gy * xenium_pixel_size_um).astype(np.float32)
+    wx, wy = transform.he_grid_to_world_um(cols, rows, xenium_pixel_size_um)
     shape = wx.shape
 
     box = cells_in_box(cells, float(wx.min()), float(wy.min()), float(wx.max()), float(wy.max()))
     centres_global = np.column_stack([cells.x_um[box], cells.y_um[box]]) / xenium_pixel_size_um
     centre_px = transform.global_to_he_px(centres_global) - np.array([col0 - m, row0 - m])
-    flat, cell, value = _stamp(cells, box, centre_px, wx, wy, he_pixel_size_um)
-    size = shape[0] * shape[1]
-    nuclear_h = np.bincount(flat, weights=value * cells.darkness[cell], minlength=size).reshape(shape)
-    nuclear_cover = np.minimum(np.bincount(flat, weights=value, minlength=size).reshape(shape), 1.0)
+    nuclear_h, nuclear_cover, _ = _stamp(cells, box, centre_px, wx, wy, he_pixel_size_um, cells.darkness)
 
     step = 2
     cx, cy = _coarse(wx, step), _coarse(wy, step)
-    region = fields.region(cx, cy, size_um)
+    region = fields.region(cx, cy)
     owner = owning_cell(cells, cx, cy)
     eosin = np.where(owner >= 0, cells.eosin[np.maximum(owner, 0)], _REGION_EOSIN[region])
-    angle = fields.sample("fibre_angle", cx, cy) * 1.2 + np.pi / 2
-    fibres = 0.55 + 0.45 * np.sin(2 * np.pi * (cx * np.cos(angle) + cy * np.sin(angle)) / 4.0)
     loose = (owner < 0) & (region == STROMA)
-    eosin = np.where(loose, eosin * fibres, eosin)
-    debris = (region == NECROSIS) & (rng.random(cx.shape) < 0.08)
-    hema_bg = _REGION_HEMATOXYLIN[region] + np.where(debris, 0.6, 0.0)
+    fibres = np.float32(0.5) + np.float32(0.5) * np.sin(fields.fibre_phase(cx[loose], cy[loose]))
+    eosin[loose] *= np.float32(0.7) + np.float32(0.5) * fibres * fibres
+    debris = (region == NECROSIS) & (rng.random(cx.shape, dtype=np.float32) < 0.08)
+    hema_bg = np.where(owner >= 0, cells.cytoplasm_hematoxylin[np.maximum(owner, 0)], _REGION_HEMATOXYLIN[region])
+    hema_bg = hema_bg + np.where(debris, np.float32(0.6), np.float32(0.0))
 
-    eosin = _upsample(eosin.astype(np.float32), step, shape) * (1.0 - 0.7 * nuclear_cover)
+    eosin = _upsample(eosin.astype(np.float32), step, shape) * (np.float32(1.0) - np.float32(0.7) * nuclear_cover)
     hema = _upsample(hema_bg.astype(np.float32), step, shape) + nuclear_h * _texture(rng, shape, 0.3)
-    hema = ndimage.gaussian_filter(hema.astype(np.float32), stain.blur_px) * stain.hematoxylin_gain
-    eosin = ndimage.gaussian_filter(eosin.astype(np.float32), stain.blur_px) * stain.eosin_gain
+    hema = ndimage.gaussian_filter(hema, stain.blur_px) * np.float32(stain.hematoxylin_gain)
+    eosin = ndimage.gaussian_filter(eosin, stain.blur_px) * np.float32(stain.eosin_gain)
     crop = (slice(m, m + height), slice(m, m + width))
     hema, eosin = hema[crop], eosin[crop]
-    od = (
-        hema[..., None] * stain.hematoxylin_od.astype(np.float32)
-        + eosin[..., None] * stain.eosin_od.astype(np.float32)
-        + stain.glass_od.astype(np.float32)
+    rgb = np.empty((height, width, 3), dtype=np.uint8)
+    beer_lambert_kernel(
+        np.ascontiguousarray(hema),
+        np.ascontiguousarray(eosin),
+        stain.hematoxylin_od.astype(np.float32),
+        stain.eosin_od.astype(np.float32),
+        stain.glass_od.astype(np.float32),
+        np.float32(stain.noise),
+        int(rng.integers(1, 2**32 - 1)),
+        rgb,
     )
-    rgb = 255.0 * np.power(np.float32(10.0), -od)
-    rgb += rng.normal(0.0, stain.noise, rgb.shape).astype(np.float32)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+    return rgb

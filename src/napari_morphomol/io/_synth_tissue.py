@@ -13,8 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from napari_morphomol.io._synth_kernels import owner_kernel
+
 FIELD_STEP_UM = 8.0
 """Resolution of the coarse random fields; sampled bilinearly everywhere else."""
+
+REGION_STEP_UM = 1.0
+"""Resolution of the region map, computed once from the fields."""
 
 NODE_UM = 8.0
 """Node grid pitch: at most one cell per node, so 15,625 candidate sites per mm^2."""
@@ -25,6 +30,8 @@ NODE_JITTER = 0.35
 NODE_REACH = 2
 """Nodes searched on each side: covers cell radii up to (NODE_REACH - NODE_JITTER) nodes."""
 
+_FAR_UM = 1e9
+
 BLOCK_NODES = 64
 """Cells, transcripts and cell rows are produced per block of 64 x 64 nodes (512 um)."""
 
@@ -34,7 +41,7 @@ BACKGROUND, STROMA, TUMOUR, IMMUNE, NECROSIS = range(len(REGIONS))
 CELL_TYPES = ("tumour", "fibroblast", "endothelial", "T_cell", "B_cell", "macrophage", "necrotic")
 
 # Cells per mm^2 by region, and cell-type mix (rows = regions, columns = CELL_TYPES).
-REGION_DENSITY_PER_MM2 = np.array([0.0, 4200.0, 9500.0, 12500.0, 2500.0])
+REGION_DENSITY_PER_MM2 = np.array([0.0, 4200.0, 8000.0, 12500.0, 2500.0])
 REGION_TYPE_MIX = np.array(
     [
         [0, 0, 0, 0, 0, 0, 0],
@@ -48,14 +55,17 @@ REGION_TYPE_MIX[0, 1] = 1.0  # never used (no cells on background); keeps rows n
 
 # Per cell type: nucleus radius mean and sd (um), nucleus aspect ratio, hematoxylin
 # (chromatin) darkness, DAPI brightness, cell radius (um), cytoplasm eosin, mean transcripts.
-NUCLEUS_RADIUS_UM = np.array([4.2, 2.6, 2.6, 2.7, 2.9, 3.4, 1.8])
+NUCLEUS_RADIUS_UM = np.array([4.0, 2.6, 2.6, 2.7, 2.9, 3.4, 1.8])
 NUCLEUS_RADIUS_SD = np.array([0.15, 0.12, 0.12, 0.08, 0.08, 0.12, 0.2])  # log-normal sd
 NUCLEUS_ASPECT = np.array([1.25, 3.0, 2.2, 1.05, 1.05, 1.4, 1.1])
 CHROMATIN_DARKNESS = np.array([0.85, 1.0, 0.95, 1.35, 1.3, 0.7, 1.8])
 DAPI_BRIGHTNESS = np.array([1.0, 1.1, 1.0, 1.5, 1.45, 0.8, 1.9])
 CELL_RADIUS_UM = np.array([8.0, 6.5, 5.5, 4.0, 4.3, 9.0, 4.5])
-CYTOPLASM_EOSIN = np.array([0.45, 0.6, 0.5, 0.2, 0.2, 0.65, 0.95])
-MEAN_TRANSCRIPTS = np.array([260.0, 150.0, 150.0, 110.0, 120.0, 220.0, 45.0])
+CYTOPLASM_EOSIN = np.array([0.5, 0.5, 0.45, 0.25, 0.25, 0.6, 0.95])
+CYTOPLASM_HEMATOXYLIN = np.array([0.12, 0.03, 0.03, 0.06, 0.06, 0.05, 0.1])
+VESICULAR = np.array([0.45, 0.0, 0.1, 0.0, 0.0, 0.25, 0.0])
+"""How much lighter the nucleus centre is than its rim (open chromatin of tumour cells)."""
+MEAN_TRANSCRIPTS = np.array([210.0, 120.0, 120.0, 90.0, 95.0, 175.0, 40.0])
 
 PROLIFERATING_RADIUS_GAIN = 1.3
 PROLIFERATING_DARKNESS_GAIN = 1.5
@@ -70,6 +80,8 @@ class TissueFields:
     thresholds: dict[str, float]
     immune_proximity: np.ndarray
     necrosis_proximity: np.ndarray
+    region_raster: np.ndarray
+    """Region id at REGION_STEP_UM over the section (computed once by exact_region)."""
 
     def sample(self, name: str, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Bilinear value of a field at world points (grid nodes at (i + 0.5) * step)."""
@@ -78,21 +90,42 @@ class TissueFields:
         )
         return _bilinear(grid, x_um / self.step_um - 0.5, y_um / self.step_um - 0.5)
 
-    def region(self, x_um: np.ndarray, y_um: np.ndarray, size_um: tuple[float, float]) -> np.ndarray:
+    def fibre_phase(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Phase (radians) of the collagen fibre stripes: level lines of a smooth stream function."""
+        stream = self.sample("fibre_stream", x_um, y_um) * np.float32(_FIBRE_STREAM_SCALE_UM)
+        return stream * np.float32(2 * np.pi / FIBRE_PERIOD_UM)
+
+    def fibre_direction(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Angle (radians) along the fibres, which elongated stromal nuclei follow."""
+        h = 2.0
+        gx = self.sample("fibre_stream", x_um + h, y_um) - self.sample("fibre_stream", x_um - h, y_um)
+        gy = self.sample("fibre_stream", x_um, y_um + h) - self.sample("fibre_stream", x_um, y_um - h)
+        return np.arctan2(gy, gx) + np.pi / 2
+
+    def region(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Region id (index into REGIONS) at world points; background outside the section."""
-        tissue = self.sample("tissue", x_um, y_um)
-        tumour = self.sample("tumour", x_um, y_um)
-        necrosis = self.sample("necrosis", x_um, y_um)
-        immune = self.sample("immune", x_um, y_um)
-        t = self.thresholds
-        out = np.full(np.shape(x_um), STROMA, dtype=np.uint8)
-        in_tumour = tumour > t["tumour"]
-        out[in_tumour] = TUMOUR
-        out[in_tumour & (tumour > t["tumour_core"]) & (necrosis > t["necrosis"])] = NECROSIS
-        out[~in_tumour & (immune > t["immune"])] = IMMUNE
-        inside = (x_um >= 0) & (y_um >= 0) & (x_um < size_um[0]) & (y_um < size_um[1])
-        out[(tissue < t["tissue"]) | ~inside] = BACKGROUND
-        return out
+        h, w = self.region_raster.shape
+        col = np.floor(np.asarray(x_um, dtype=np.float32) * np.float32(1 / REGION_STEP_UM)).astype(np.int32)
+        row = np.floor(np.asarray(y_um, dtype=np.float32) * np.float32(1 / REGION_STEP_UM)).astype(np.int32)
+        inside = (col >= 0) & (row >= 0) & (col < w) & (row < h)
+        out = self.region_raster[np.clip(row, 0, h - 1), np.clip(col, 0, w - 1)]
+        return np.where(inside, out, np.uint8(BACKGROUND))
+
+
+FIBRE_PERIOD_UM = 4.0
+_FIBRE_STREAM_SCALE_UM = 120.0
+
+
+def _exact_region(fields: dict[str, np.ndarray], t: dict[str, float], x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+    gx, gy = x_um / FIELD_STEP_UM - 0.5, y_um / FIELD_STEP_UM - 0.5
+    tumour = _bilinear(fields["tumour"], gx, gy)
+    in_tumour = tumour > t["tumour"]
+    out = np.full(np.shape(x_um), STROMA, dtype=np.uint8)
+    out[in_tumour] = TUMOUR
+    out[in_tumour & (tumour > t["tumour_core"]) & (_bilinear(fields["necrosis"], gx, gy) > t["necrosis"])] = NECROSIS
+    out[~in_tumour & (_bilinear(fields["immune"], gx, gy) > t["immune"])] = IMMUNE
+    out[_bilinear(fields["tissue"], gx, gy) < t["tissue"]] = BACKGROUND
+    return out
 
 
 def _bilinear(grid: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
@@ -129,7 +162,7 @@ def make_fields(rng: np.random.Generator, size_um: tuple[float, float]) -> Tissu
         "ifn": _smooth_field(rng, shape, 150.0),
         "hypoxia": _smooth_field(rng, shape, 120.0),
         "proliferation": _smooth_field(rng, shape, 200.0),
-        "fibre_angle": _smooth_field(rng, shape, 120.0),
+        "fibre_stream": _smooth_field(rng, shape, 120.0),
     }
     thresholds = {
         "tissue": -1.6,  # about 5 % of the section is bare glass (holes, tears)
@@ -140,12 +173,21 @@ def make_fields(rng: np.random.Generator, size_um: tuple[float, float]) -> Tissu
     }
     immune = (fields["immune"] > thresholds["immune"]) & (fields["tumour"] <= thresholds["tumour"])
     necrosis = (fields["tumour"] > thresholds["tumour_core"]) & (fields["necrosis"] > thresholds["necrosis"])
+    raster_w = int(np.ceil(size_um[0] / REGION_STEP_UM))
+    raster_h = int(np.ceil(size_um[1] / REGION_STEP_UM))
+    raster = np.empty((raster_h, raster_w), dtype=np.uint8)
+    x = ((np.arange(raster_w) + 0.5) * REGION_STEP_UM).astype(np.float32)
+    for row0 in range(0, raster_h, 256):
+        y = ((np.arange(row0, min(row0 + 256, raster_h)) + 0.5) * REGION_STEP_UM).astype(np.float32)
+        xx, yy = np.meshgrid(x, y)
+        raster[row0 : row0 + len(y)] = _exact_region(fields, thresholds, xx, yy)
     return TissueFields(
         step_um=FIELD_STEP_UM,
         fields=fields,
         thresholds=thresholds,
         immune_proximity=_proximity(immune, 70.0),
         necrosis_proximity=_proximity(necrosis, 50.0),
+        region_raster=raster,
     )
 
 
@@ -175,6 +217,8 @@ class Cells:
     darkness: np.ndarray
     dapi: np.ndarray
     eosin: np.ndarray
+    cytoplasm_hematoxylin: np.ndarray
+    vesicular: np.ndarray
     ifn: np.ndarray
     hypoxia: np.ndarray
     proliferating: np.ndarray
@@ -183,6 +227,8 @@ class Cells:
     block_starts: np.ndarray
     node_index: np.ndarray
     """(ny, nx) int32: cell row at each node, -1 for none."""
+    lookup: dict[str, np.ndarray]
+    """Node grids padded by NODE_REACH, flattened: cell x, y (far away when empty), radius^2, row."""
 
     def __len__(self) -> int:
         return len(self.x_um)
@@ -212,7 +258,17 @@ def make_cells(seed: int, fields: TissueFields, size_um: tuple[float, float]) ->
     block_starts = np.concatenate([[0], np.cumsum(counts)])
     node_index = np.full((ny, nx), -1, dtype=np.int32)
     node_index[columns["node_y"], columns["node_x"]] = np.arange(len(columns["x_um"]), dtype=np.int32)
-    return Cells(**columns, block_starts=block_starts, node_index=node_index)
+    padded = np.pad(node_index, NODE_REACH, constant_values=-1)
+    has = padded >= 0
+    rows = np.maximum(padded, 0)
+    lookup = {
+        "x": np.where(has, columns["x_um"][rows], _FAR_UM).astype(np.float32).ravel(),
+        "y": np.where(has, columns["y_um"][rows], _FAR_UM).astype(np.float32).ravel(),
+        "r2": np.where(has, columns["cell_radius_um"][rows].astype(np.float32) ** 2, 0).astype(np.float32).ravel(),
+        "cell": padded.ravel(),
+        "shape": np.array(padded.shape),
+    }
+    return Cells(**columns, block_starts=block_starts, node_index=node_index, lookup=lookup)
 
 
 def _block_cells(rng, fields, size_um, block_x, block_y, nx, ny, block_id) -> dict[str, np.ndarray]:
@@ -223,7 +279,7 @@ def _block_cells(rng, fields, size_um, block_x, block_y, nx, ny, block_id) -> di
     n = len(gx)
     x = (gx + 0.5 + rng.uniform(-NODE_JITTER, NODE_JITTER, n)) * NODE_UM
     y = (gy + 0.5 + rng.uniform(-NODE_JITTER, NODE_JITTER, n)) * NODE_UM
-    region = fields.region(x, y, size_um)
+    region = fields.region(x, y)
     accept_p = REGION_DENSITY_PER_MM2[region] * (NODE_UM * 1e-3) ** 2
     keep = rng.random(n) < accept_p
     x, y, gx, gy, region = x[keep], y[keep], gx[keep], gy[keep], region[keep]
@@ -246,7 +302,7 @@ def _block_cells(rng, fields, size_um, block_x, block_y, nx, ny, block_id) -> di
     radius = np.where(proliferating, radius * PROLIFERATING_RADIUS_GAIN, radius)
     aspect = NUCLEUS_ASPECT[cell_type] * np.exp(0.12 * rng.standard_normal(n))
     aspect = np.where(proliferating, 1.05, np.maximum(aspect, 1.0))
-    fibre_angle = fields.sample("fibre_angle", x, y) * 1.2
+    fibre_angle = fields.fibre_direction(x, y)
     random_angle = rng.uniform(0, np.pi, n)
     elongated = (cell_type == 1) | (cell_type == 2)
     angle = np.where(elongated, fibre_angle + 0.25 * rng.standard_normal(n), random_angle)
@@ -273,6 +329,9 @@ def _block_cells(rng, fields, size_um, block_x, block_y, nx, ny, block_id) -> di
         "darkness": darkness.astype(np.float32),
         "dapi": dapi.astype(np.float32),
         "eosin": (CYTOPLASM_EOSIN[cell_type] * np.exp(0.1 * rng.standard_normal(n))).astype(np.float32),
+        "cytoplasm_hematoxylin": CYTOPLASM_HEMATOXYLIN[cell_type].astype(np.float32),
+        # mitotic (proliferating) nuclei are condensed: no open chromatin
+        "vesicular": np.where(proliferating, 0.0, VESICULAR[cell_type]).astype(np.float32),
         "ifn": ifn.astype(np.float32),
         "hypoxia": hypoxia.astype(np.float32),
         "proliferating": proliferating,
@@ -291,30 +350,14 @@ def owning_cell(cells: Cells, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
     A territory is the cell's disk (cell_radius_um) cut by the Voronoi diagram of the cell
     centres: the same rule draws the cell masks, the cell polygons and assigns transcripts.
     """
-    x_um = np.asarray(x_um, dtype=np.float32)
-    y_um = np.asarray(y_um, dtype=np.float32)
+    shape = np.shape(x_um)
+    x = np.ascontiguousarray(x_um, dtype=np.float32).ravel()
+    y = np.ascontiguousarray(y_um, dtype=np.float32).ravel()
+    owner = np.empty(x.shape, dtype=np.int32)
+    lk = cells.lookup
     ny, nx = cells.node_index.shape
-    jx = np.floor(x_um / NODE_UM).astype(np.int32)
-    jy = np.floor(y_um / NODE_UM).astype(np.int32)
-    best = np.full(x_um.shape, -1, dtype=np.int32)
-    best_d2 = np.full(x_um.shape, np.inf, dtype=np.float32)
-    cx = cells.x_um.astype(np.float32)
-    cy = cells.y_um.astype(np.float32)
-    r2 = cells.cell_radius_um.astype(np.float32) ** 2
-    for oy in range(-NODE_REACH, NODE_REACH + 1):
-        ky = np.clip(jy + oy, 0, ny - 1)
-        for ox in range(-NODE_REACH, NODE_REACH + 1):
-            kx = np.clip(jx + ox, 0, nx - 1)
-            cand = cells.node_index[ky, kx]
-            valid = cand >= 0
-            c = np.where(valid, cand, 0)
-            d2 = (x_um - cx[c]) ** 2 + (y_um - cy[c]) ** 2
-            better = valid & (d2 < best_d2)
-            best_d2 = np.where(better, d2, best_d2)
-            best = np.where(better, cand, best)
-    inside = best >= 0
-    best[inside & (best_d2 >= r2[np.maximum(best, 0)])] = -1
-    return best
+    owner_kernel(x, y, lk["x"], lk["y"], lk["r2"], lk["cell"], int(lk["shape"][1]), nx, ny, NODE_REACH, np.float32(NODE_UM), owner)
+    return owner.reshape(shape)
 
 
 def cells_in_box(cells: Cells, x0_um: float, y0_um: float, x1_um: float, y1_um: float) -> np.ndarray:

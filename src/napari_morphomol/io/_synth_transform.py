@@ -48,24 +48,25 @@ class TrueTransform:
             pts = apply_affine_xy(inv, target - self.displacement_px(pts))
         return pts
 
-    def he_grid_to_global_px(self, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global px (x, y) of the pixel centres of an H&E pixel grid, as two (rows, cols) arrays.
+    def he_grid_to_world_um(self, cols: np.ndarray, rows: np.ndarray, xenium_pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
+        """World um (x, y) of the pixel centres of an H&E pixel grid, as two float32 (rows, cols) arrays.
 
-        Same values as he_to_global_px on every pixel centre, computed separably
-        (sin(a + b) = sin a cos b + cos a sin b), so rendering costs a few products per pixel.
+        he_to_global_px times the Xenium pixel size on every pixel centre (to float32 precision),
+        computed separably (sin(a + b) = sin a cos b + cos a sin b): a few products per pixel.
         """
         u = np.asarray(cols, dtype=np.float64) + 0.5
         v = np.asarray(rows, dtype=np.float64) + 0.5
-        m = self.affine
-        gx = m[0, 0] * u[None, :] + m[0, 1] * v[:, None] + m[0, 2]
-        gy = m[1, 0] * u[None, :] + m[1, 1] * v[:, None] + m[1, 2]
+        m = self.affine * xenium_pixel_size_um
+        wx = ((m[0, 0] * u + m[0, 2])[None, :] + (m[0, 1] * v)[:, None]).astype(np.float32)
+        wy = ((m[1, 0] * u + m[1, 2])[None, :] + (m[1, 1] * v)[:, None]).astype(np.float32)
         for amp_x, amp_y, fu, fv, phase in self.warp:
             au = 2 * np.pi * fu * u
             bv = 2 * np.pi * fv * v + phase
-            s = np.sin(au)[None, :] * np.cos(bv)[:, None] + np.cos(au)[None, :] * np.sin(bv)[:, None]
-            gx += amp_x * s
-            gy += amp_y * s
-        return gx, gy
+            s = np.sin(au).astype(np.float32)[None, :] * np.cos(bv).astype(np.float32)[:, None]
+            s += np.cos(au).astype(np.float32)[None, :] * np.sin(bv).astype(np.float32)[:, None]
+            wx += np.float32(amp_x * xenium_pixel_size_um) * s
+            wy += np.float32(amp_y * xenium_pixel_size_um) * s
+        return wx, wy
 
 
 def random_transform(

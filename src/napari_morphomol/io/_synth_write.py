@@ -15,8 +15,10 @@ import tifffile
 
 TILE_PX = 512
 _MIN_LEVEL_PX = 1024
-_COMPRESSION = "zlib"
-_COMPRESSION_LEVEL = 1
+LOSSLESS = ("zlib", 1)
+"""Fluorescence: deflate at its fastest level."""
+JPEG = ("jpeg", 90)
+"""Brightfield H&E, as slide scanners store it."""
 
 
 def _ome_xml(name: str, width: int, height: int, samples: int, dtype: np.dtype, pixel_size_um: float, channel: str) -> str:
@@ -60,6 +62,7 @@ def write_pyramidal_ome_tiff(
     pixel_size_um: float,
     channel: str,
     scratch_dir: Path,
+    compression: tuple[str, int] = LOSSLESS,
 ) -> list[tuple[int, int]]:
     """Tiled pyramidal OME-TIFF (levels halve down to about 1024 px, in SubIFDs).
 
@@ -104,8 +107,8 @@ def write_pyramidal_ome_tiff(
         "dtype": dtype,
         "tile": (TILE_PX, TILE_PX),
         "photometric": photometric,
-        "compression": _COMPRESSION,
-        "compressionargs": {"level": _COMPRESSION_LEVEL},
+        "compression": compression[0],
+        "compressionargs": {"level": compression[1]},
         "resolution": (1e4 / pixel_size_um, 1e4 / pixel_size_um),
         "resolutionunit": "CENTIMETER",
         "metadata": None,

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from napari_morphomol.io._synth_tissue import (
     make_fields,
 )
 from napari_morphomol.io._synth_transform import TrueTransform, random_transform
-from napari_morphomol.io._synth_write import TenXMatrixWriter, write_pyramidal_ome_tiff
+from napari_morphomol.io._synth_write import JPEG, TenXMatrixWriter, write_pyramidal_ome_tiff
 
 GENERATOR_VERSION = 1
 XENIUM_SOFTWARE_VERSION = "xenium-3.0.0.15"
@@ -88,7 +89,10 @@ class SampleSummary:
     morphology_shape: tuple[int, int]
     he_shape: tuple[int, int]
     seconds: float
+    cpu_seconds: float
+    """Process CPU time (all threads): less sensitive than wall time to other processes' load."""
     transcript_seconds: float
+    transcript_cpu_seconds: float
 
 
 def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
@@ -276,6 +280,7 @@ def write_synthetic_sample_with_summary(
 ) -> tuple[SyntheticSample, SampleSummary]:
     """:func:`write_synthetic_sample`, also returning counts and timings."""
     t_start = time.perf_counter()
+    cpu_start = time.process_time()
     out_dir = Path(out_dir).absolute()
     size_mm = tuple(float(s) for s in size_mm)
     if len(size_mm) != 2 or min(size_mm) < 0.1 or max(size_mm) > 40:
@@ -310,9 +315,10 @@ def write_synthetic_sample_with_summary(
     xdir = tmp / "xenium"
     (xdir / "morphology_focus").mkdir(parents=True)
     try:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         n_transcripts, cell_counts = _write_cell_tables(xdir, cells, cell_ids, panel, fields, size_um, seed)
         transcript_seconds = time.perf_counter() - t0
+        transcript_cpu_seconds = time.process_time() - cpu0
         say(f"{n_transcripts} transcripts written in {transcript_seconds:.1f} s")
         _write_images(tmp, xdir, cells, fields, size_um, transform, stain, he_pixel_size_um, (morph_h, morph_w), (he_h, he_w), seed, cell_ids, cell_counts)
         say("images written")
@@ -337,7 +343,9 @@ def write_synthetic_sample_with_summary(
         morphology_shape=(morph_h, morph_w),
         he_shape=(he_h, he_w),
         seconds=time.perf_counter() - t_start,
+        cpu_seconds=time.process_time() - cpu_start,
         transcript_seconds=transcript_seconds,
+        transcript_cpu_seconds=transcript_cpu_seconds,
     )
     return sample, summary
 
@@ -355,98 +363,128 @@ def _write_cell_tables(xdir: Path, cells: Cells, cell_ids: np.ndarray, panel: Ge
     n_genes = panel.n_genes
     control_kind = {"negative_control_probe": 1, "negative_control_codeword": 2, "unassigned_codeword": 3}
     feature_kind = np.array([control_kind.get(c, 0) for c in panel.categories])
-    region_of = lambda x, y: fields.region(x, y, size_um)  # noqa: E731
 
-    matrix = TenXMatrixWriter(xdir / "cell_feature_matrix.h5", panel.names, panel.feature_types, len(cells))
-    tw = pq.ParquetWriter(xdir / "transcripts.parquet", _TRANSCRIPT_SCHEMA, compression="zstd", store_schema=False)
-    cell_writer = cell_bounds = nucleus_bounds = None
+    sink = _TableSink(xdir, panel, len(cells))
     cell_summary = np.zeros((len(cells), 8))
     next_id = 0
     block_um = BLOCK_NODES * NODE_UM
-    try:
-        for block in range(bx * by):
-            rows = np.arange(cells.block_starts[block], cells.block_starts[block + 1])
-            block_y, block_x = divmod(block, bx)
-            box = (block_x * block_um, block_y * block_um, min((block_x + 1) * block_um, size_um[0]), min((block_y + 1) * block_um, size_um[1]))
-            rng = np.random.default_rng([seed, 5, block_y, block_x])
-            t = sample_block(rng, panel, cells, rows, region_of, box)
-            n = len(t)
-            local = np.where(t.cell >= 0, t.cell - (rows[0] if len(rows) else 0) + 1, 0).astype(np.int32)
-            fov = (np.clip((t.y_um // _FOV_UM).astype(np.int32), 0, n_fov_y - 1) * n_fov_x + np.clip((t.x_um // _FOV_UM).astype(np.int32), 0, n_fov_x - 1)).astype(np.int32)
-            table = pa.table(
-                {
-                    "transcript_id": np.arange(next_id, next_id + n, dtype=np.uint64) + np.uint64(281474976710656),
-                    "cell_id": pa.DictionaryArray.from_arrays(pa.array(local), pa.array(np.concatenate([["UNASSIGNED"], cell_ids[rows]]))),
-                    "overlaps_nucleus": t.overlaps_nucleus,
-                    "feature_name": pa.DictionaryArray.from_arrays(pa.array(t.feature), feature_dict),
-                    "x_location": t.x_um,
-                    "y_location": t.y_um,
-                    "z_location": t.z_um,
-                    "qv": t.qv,
-                    "fov_name": pa.DictionaryArray.from_arrays(pa.array(fov), fov_dict),
-                    "nucleus_distance": t.nucleus_distance_um,
-                    "codeword_index": t.feature,
-                    "codeword_category": pa.DictionaryArray.from_arrays(pa.array(feature_category[t.feature]), category_dict),
-                    "is_gene": t.feature < n_genes,
-                },
-                schema=_TRANSCRIPT_SCHEMA,
-            )
-            tw.write_table(table, row_group_size=1 << 20)
-            next_id += n
-            if len(rows) == 0:
-                continue
-
-            assigned = t.cell >= 0
-            good = assigned & (t.qv >= 20)
-            counts = np.bincount(
-                (t.cell[good] - rows[0]).astype(np.int64) * len(panel.names) + t.feature[good],
-                minlength=len(rows) * len(panel.names),
-            ).reshape(len(rows), len(panel.names))
-            matrix.append(counts)
-
-            territory, _ = _territory_polygons(cells, rows)
-            area, centroid_x, centroid_y = _polygon_area_centroid(territory)
-            nucleus = _ellipse_polygons(cells, rows)
-            nucleus_area = np.pi * cells.nucleus_a_um[rows] * cells.nucleus_b_um[rows]
-            kind_counts = [counts[:, feature_kind == k].sum(axis=1) for k in range(4)]
-            cell_table = pa.table(
-                {
-                    "cell_id": pa.array(cell_ids[rows]),
-                    "x_centroid": centroid_x,
-                    "y_centroid": centroid_y,
-                    "transcript_counts": kind_counts[0].astype(np.uint32),
-                    "control_probe_counts": kind_counts[1].astype(np.uint32),
-                    "genomic_control_counts": np.zeros(len(rows), np.uint32),
-                    "control_codeword_counts": kind_counts[2].astype(np.uint32),
-                    "unassigned_codeword_counts": kind_counts[3].astype(np.uint32),
-                    "deprecated_codeword_counts": np.zeros(len(rows), np.uint32),
-                    "total_counts": counts.sum(axis=1).astype(np.uint32),
-                    "cell_area": area,
-                    "nucleus_area": nucleus_area.astype(np.float64),
-                    "nucleus_count": np.ones(len(rows), np.uint32),
-                    "segmentation_method": pa.array(["Segmented by nucleus expansion of 5.0um"] * len(rows)),
-                }
-            )
-            labels = rows + 1
-            cb = _boundary_table(territory, cell_ids[rows], labels)
-            nb = _boundary_table(nucleus, cell_ids[rows], labels)
-            if cell_writer is None:
-                cell_writer = pq.ParquetWriter(xdir / "cells.parquet", cell_table.schema, compression="zstd")
-                cell_bounds = pq.ParquetWriter(xdir / "cell_boundaries.parquet", cb.schema, compression="zstd")
-                nucleus_bounds = pq.ParquetWriter(xdir / "nucleus_boundaries.parquet", nb.schema, compression="zstd")
-            cell_writer.write_table(cell_table)
-            cell_bounds.write_table(cb)
-            nucleus_bounds.write_table(nb)
-            cell_summary[rows] = np.column_stack(
-                [centroid_x, centroid_y, area, cells.x_um[rows], cells.y_um[rows], nucleus_area, np.zeros(len(rows)), np.ones(len(rows))]
-            )
-    finally:
-        tw.close()
-        for w in (cell_writer, cell_bounds, nucleus_bounds):
-            if w is not None:
-                w.close()
-    matrix.close(cell_ids)
+    # one writer thread: parquet/HDF5 encoding overlaps with sampling the next block
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: list = []
+        try:
+            for block in range(bx * by):
+                rows = np.arange(cells.block_starts[block], cells.block_starts[block + 1])
+                block_y, block_x = divmod(block, bx)
+                box = (block_x * block_um, block_y * block_um, min((block_x + 1) * block_um, size_um[0]), min((block_y + 1) * block_um, size_um[1]))
+                rng = np.random.default_rng([seed, 5, block_y, block_x])
+                t = sample_block(rng, panel, cells, rows, fields.region, box)
+                n = len(t)
+                local = np.where(t.cell >= 0, t.cell - (rows[0] if len(rows) else 0) + 1, 0).astype(np.int32)
+                fov = (np.clip((t.y_um // _FOV_UM).astype(np.int32), 0, n_fov_y - 1) * n_fov_x + np.clip((t.x_um // _FOV_UM).astype(np.int32), 0, n_fov_x - 1)).astype(np.int32)
+                table = pa.table(
+                    {
+                        "transcript_id": np.arange(next_id, next_id + n, dtype=np.uint64) + np.uint64(281474976710656),
+                        "cell_id": pa.DictionaryArray.from_arrays(pa.array(local), pa.array(np.concatenate([["UNASSIGNED"], cell_ids[rows]]))),
+                        "overlaps_nucleus": t.overlaps_nucleus,
+                        "feature_name": pa.DictionaryArray.from_arrays(pa.array(t.feature), feature_dict),
+                        "x_location": t.x_um,
+                        "y_location": t.y_um,
+                        "z_location": t.z_um,
+                        "qv": t.qv,
+                        "fov_name": pa.DictionaryArray.from_arrays(pa.array(fov), fov_dict),
+                        "nucleus_distance": t.nucleus_distance_um,
+                        "codeword_index": t.feature,
+                        "codeword_category": pa.DictionaryArray.from_arrays(pa.array(feature_category[t.feature]), category_dict),
+                        "is_gene": t.feature < n_genes,
+                    },
+                    schema=_TRANSCRIPT_SCHEMA,
+                )
+                next_id += n
+                cell_tables = None
+                if len(rows):
+                    good = (t.cell >= 0) & (t.qv >= 20)
+                    counts = np.bincount(
+                        (t.cell[good] - rows[0]).astype(np.int64) * len(panel.names) + t.feature[good],
+                        minlength=len(rows) * len(panel.names),
+                    ).reshape(len(rows), len(panel.names))
+                    cell_tables = _cell_tables(cells, rows, cell_ids, counts, feature_kind, cell_summary)
+                while len(pending) >= 2:
+                    pending.pop(0).result()
+                pending.append(pool.submit(sink.write, table, cell_tables))
+            for future in pending:
+                future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+            sink.close(cell_ids)
     return next_id, cell_summary
+
+
+def _cell_tables(cells: Cells, rows: np.ndarray, cell_ids: np.ndarray, counts: np.ndarray, feature_kind: np.ndarray, cell_summary: np.ndarray):
+    """cells.parquet rows, both boundary tables and the counts of a block's cells; fills cell_summary."""
+    territory, _ = _territory_polygons(cells, rows)
+    area, centroid_x, centroid_y = _polygon_area_centroid(territory)
+    nucleus = _ellipse_polygons(cells, rows)
+    nucleus_area = np.pi * cells.nucleus_a_um[rows].astype(np.float64) * cells.nucleus_b_um[rows]
+    kind_counts = [counts[:, feature_kind == k].sum(axis=1).astype(np.uint32) for k in range(4)]
+    n = len(rows)
+    cell_table = pa.table(
+        {
+            "cell_id": pa.array(cell_ids[rows]),
+            "x_centroid": centroid_x,
+            "y_centroid": centroid_y,
+            "transcript_counts": kind_counts[0],
+            "control_probe_counts": kind_counts[1],
+            "genomic_control_counts": np.zeros(n, np.uint32),
+            "control_codeword_counts": kind_counts[2],
+            "unassigned_codeword_counts": kind_counts[3],
+            "deprecated_codeword_counts": np.zeros(n, np.uint32),
+            "total_counts": counts.sum(axis=1).astype(np.uint32),
+            "cell_area": area,
+            "nucleus_area": nucleus_area,
+            "nucleus_count": np.ones(n, np.uint32),
+            "segmentation_method": pa.array(["Segmented by nucleus expansion of 5.0um"] * n),
+        }
+    )
+    cell_summary[rows] = np.column_stack([centroid_x, centroid_y, area, cells.x_um[rows], cells.y_um[rows], nucleus_area, np.zeros(n), np.ones(n)])
+    labels = rows + 1
+    return cell_table, _boundary_table(territory, cell_ids[rows], labels), _boundary_table(nucleus, cell_ids[rows], labels), counts
+
+
+class _TableSink:
+    """The block-by-block files of the bundle; written from one thread, in block order."""
+
+    def __init__(self, xdir: Path, panel: GenePanel, n_cells: int):
+        self._xdir = xdir
+        self._matrix = TenXMatrixWriter(xdir / "cell_feature_matrix.h5", panel.names, panel.feature_types, n_cells)
+        self._transcripts = pq.ParquetWriter(
+            xdir / "transcripts.parquet",
+            _TRANSCRIPT_SCHEMA,
+            compression="zstd",
+            compression_level=1,
+            use_dictionary=["cell_id", "feature_name", "fov_name", "codeword_category"],
+            store_schema=False,
+        )
+        self._cell_writers: list[pq.ParquetWriter] = []
+
+    def write(self, transcripts: pa.Table, cell_tables) -> None:
+        self._transcripts.write_table(transcripts, row_group_size=1 << 20)
+        if cell_tables is None:
+            return
+        *tables, counts = cell_tables
+        self._matrix.append(counts)
+        if not self._cell_writers:
+            names = ("cells.parquet", "cell_boundaries.parquet", "nucleus_boundaries.parquet")
+            self._cell_writers = [pq.ParquetWriter(self._xdir / name, t.schema, compression="zstd") for name, t in zip(names, tables)]
+        for writer, table in zip(self._cell_writers, tables):
+            writer.write_table(table)
+
+    def close(self, cell_ids: np.ndarray) -> None:
+        self._transcripts.close()
+        for writer in self._cell_writers:
+            writer.close()
+        self._matrix.close(cell_ids)
 
 
 def _write_images(tmp, xdir, cells, fields, size_um, transform, stain, he_px_um, morph_shape, he_shape, seed, cell_ids, cell_summary):
@@ -487,7 +525,7 @@ def _write_images(tmp, xdir, cells, fields, size_um, transform, stain, he_px_um,
         for col0 in range(0, morph_w, _CHUNK_COLS):
             w = min(_CHUNK_COLS, morph_w - col0)
             rng = np.random.default_rng([seed, 6, row0, col0])
-            d, nl, cl = render_morphology_chunk(cells, fields, size_um, px, col0, row0, w, n_rows, rng)
+            d, nl, cl = render_morphology_chunk(cells, fields, px, col0, row0, w, n_rows, rng)
             dapi[:, col0 : col0 + w] = d
             nuc[:, col0 : col0 + w] = nl
             cel[:, col0 : col0 + w] = cl
@@ -517,10 +555,10 @@ def _write_images(tmp, xdir, cells, fields, size_um, transform, stain, he_px_um,
         for col0 in range(0, he_w, _CHUNK_COLS):
             w = min(_CHUNK_COLS, he_w - col0)
             rng = np.random.default_rng([seed, 7, row0, col0])
-            rgb[:, col0 : col0 + w] = render_he_chunk(cells, fields, size_um, transform, px, he_px_um, stain, col0, row0, w, n_rows, rng)
+            rgb[:, col0 : col0 + w] = render_he_chunk(cells, fields, transform, px, he_px_um, stain, col0, row0, w, n_rows, rng)
         return rgb
 
-    write_pyramidal_ome_tiff(tmp / "he_image.ome.tif", he_strip, he_h, he_w, 3, np.dtype(np.uint8), he_px_um, "RGB", tmp)
+    write_pyramidal_ome_tiff(tmp / "he_image.ome.tif", he_strip, he_h, he_w, 3, np.dtype(np.uint8), he_px_um, "RGB", tmp, JPEG)
 
 
 def _write_metadata(tmp, xdir, cells, cell_ids, panel, transform, stain, size_um, he_px_um, morph_shape, he_shape, seed, n_transcripts, deformation):
