@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from napari_morphomol.errors import InputError
+from napari_morphomol.registration.transforms import AffineXY
 from napari_morphomol.tiling import (
-    AffineHeToGlobal,
     CellMapping,
     GenePanel,
     TileGeometry,
@@ -28,15 +28,15 @@ class TwoRegionTransform:
     """A non-affine registration: one affine left of a vertical line in H&E px, another right of it."""
 
     def __init__(self, left: np.ndarray, right: np.ndarray, split_he_x: float) -> None:
-        self.left, self.right, self.split = AffineHeToGlobal(left), AffineHeToGlobal(right), split_he_x
+        self.left, self.right, self.split = AffineXY(left), AffineXY(right), split_he_x
 
-    def he_px_to_global_px(self, points_xy):
+    def apply_xy(self, points_xy):
         pts = np.asarray(points_xy, dtype=np.float64)
-        return np.where(pts[:, :1] < self.split, self.left.he_px_to_global_px(pts), self.right.he_px_to_global_px(pts))
+        return np.where(pts[:, :1] < self.split, self.left.apply_xy(pts), self.right.apply_xy(pts))
 
-    def global_px_to_he_px(self, points_xy):
-        a = self.left.global_px_to_he_px(points_xy)
-        b = self.right.global_px_to_he_px(points_xy)
+    def inverse_apply_xy(self, points_xy):
+        a = self.left.inverse_apply_xy(points_xy)
+        b = self.right.inverse_apply_xy(points_xy)
         return np.where(a[:, :1] < self.split, a, b)
 
 
@@ -82,9 +82,9 @@ def scenes(draw):
     ex, ey = geometry.extent_cells_xy
     q = rng.uniform(-2, [ex + 2, ey + 2], size=(n, 2))
     q[: n // 3] = np.round(q[: n // 3])
-    mapping = CellMapping(geometry, AffineHeToGlobal(matrix), XENIUM_MPP)
+    mapping = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP)
     he = geometry.cells_to_he_px(q)
-    um = mapping.transform.he_px_to_global_px(he) * XENIUM_MPP if n else np.zeros((0, 2))
+    um = mapping.transform.apply_xy(he) * XENIUM_MPP if n else np.zeros((0, 2))
     df = pd.DataFrame({
         "feature_name": pd.Categorical(rng.choice(GENES + CONTROLS, n), categories=GENES + CONTROLS),
         "x_location": um[:, 0], "y_location": um[:, 1],
@@ -108,7 +108,7 @@ def test_binning_matches_per_tile_reference(scene, sparse):
     bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_mpp=XENIUM_MPP, max_dense_bytes=0 if sparse else 1 << 30)
     assert bins.tokens.is_sparse == sparse
     rows, cols = all_tiles(geometry)
-    mapping = CellMapping(geometry, AffineHeToGlobal(matrix), XENIUM_MPP)
+    mapping = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP)
     ref_tokens, ref_addon = reference_tiles(df, geometry, PANEL, mapping, 20.0, rows, cols)
     np.testing.assert_array_equal(bins.tokens.tile_tokens(geometry, rows, cols), ref_tokens)
     np.testing.assert_array_equal(bins.tile_addon_counts(rows, cols), ref_addon)
@@ -121,7 +121,7 @@ def test_binning_matches_per_tile_reference(scene, sparse):
 def test_every_transcript_is_accounted_for(scene):
     geometry, matrix, df = scene
     bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_mpp=XENIUM_MPP)
-    mapping = CellMapping(geometry, AffineHeToGlobal(matrix), XENIUM_MPP)
+    mapping = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP)
     qx, qy = mapping.um_to_cells_xy(df["x_location"], df["y_location"])
     ex, ey = geometry.extent_cells_xy
     names = df["feature_name"].astype(str)
@@ -144,7 +144,7 @@ def test_region_transform_and_dask_partitions_match_reference():
     base = 0.2737 / XENIUM_MPP
     transform = TwoRegionTransform(affine(base, 0.02, 30, -10), affine(base * 1.01, -0.01, 45, 5), split_he_x=2500.0)
     he = rng.uniform(0, [5000, 4000], size=(20000, 2))
-    um = transform.he_px_to_global_px(he) * XENIUM_MPP
+    um = transform.apply_xy(he) * XENIUM_MPP
     df = pd.DataFrame({"feature_name": pd.Categorical(rng.choice(GENES, len(he))), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(he), 30.0, np.float32)})
     ddf = dd.from_pandas(df, npartitions=4)
@@ -162,10 +162,10 @@ def test_region_transform_and_dask_partitions_match_reference():
 def test_affine_mapping_is_the_composition():
     geometry = TileGeometry(he_mpp=0.3791, he_height_px=3000, he_width_px=3000)
     matrix = affine(0.3791 / XENIUM_MPP, 0.1, 12.0, -7.0)
-    mapping = CellMapping(geometry, AffineHeToGlobal(matrix), XENIUM_MPP)
+    mapping = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP)
     um = np.random.default_rng(0).uniform(0, 1000, size=(100, 2))
     q = np.stack(mapping.um_to_cells_xy(um[:, 0], um[:, 1]), axis=1)
-    he = AffineHeToGlobal(matrix).global_px_to_he_px(um / XENIUM_MPP)
+    he = AffineXY(matrix).inverse_apply_xy(um / XENIUM_MPP)
     np.testing.assert_allclose(q, he * 0.3791 / 0.5 * 14 / 512, rtol=1e-12, atol=1e-9)
 
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from napari_morphomol.tiling import AffineHeToGlobal, CellMapping, GenePanel, LevelSampler, TileGeometry, bin_transcripts
+from napari_morphomol.registration.transforms import AffineXY
+from napari_morphomol.tiling import CellMapping, GenePanel, LevelSampler, TileGeometry, bin_transcripts
 
 XENIUM_MPP = 0.2125
 
@@ -117,11 +118,11 @@ def test_image_pixels_and_tokens_share_one_grid(he_mpp, use_half_level):
         levels.append(image.reshape(shape[0] // 2, 2, shape[1] // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8))
     geometry = TileGeometry(he_mpp=he_mpp, he_height_px=shape[0], he_width_px=shape[1])
     matrix = np.array([[he_mpp / XENIUM_MPP, 0.0, 17.0], [0.0, he_mpp / XENIUM_MPP, -9.0], [0.0, 0.0, 1.0]])
-    um = AffineHeToGlobal(matrix).he_px_to_global_px(corners + 1.0) * XENIUM_MPP  # dot centres
+    um = AffineXY(matrix).apply_xy(corners + 1.0) * XENIUM_MPP  # dot centres
     df = pd.DataFrame({"feature_name": pd.Categorical(["A"] * len(um)), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
     bins = bin_transcripts(df, geometry, GenePanel(core=("A",)), matrix, xenium_mpp=XENIUM_MPP)
-    qx, qy = CellMapping(geometry, AffineHeToGlobal(matrix), XENIUM_MPP).um_to_cells_xy(um[:, 0], um[:, 1])
+    qx, qy = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP).um_to_cells_xy(um[:, 0], um[:, 1])
     rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
     sampler = LevelSampler(geometry, levels)
     assert sampler.level == (1 if use_half_level else 0)

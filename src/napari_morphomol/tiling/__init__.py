@@ -12,7 +12,6 @@ from napari_morphomol.tiling.panel import GenePanel, is_control_feature
 from napari_morphomol.tiling.pipeline import Tiling, compute_tissue_mask, he_levels_yxc, make_tiling, tile_sample
 from napari_morphomol.tiling.store import TilesStore, check_output_path, read_tiles_zarr, write_tiles_zarr
 from napari_morphomol.tiling.transcripts import (
-    AffineHeToGlobal,
     CellMapping,
     HeGlobalTransform,
     TokenRaster,
@@ -22,7 +21,6 @@ from napari_morphomol.tiling.transcripts import (
 )
 
 __all__ = [
-    "AffineHeToGlobal",
     "CellMapping",
     "GenePanel",
     "HeGlobalTransform",

@@ -76,7 +76,7 @@ def grid_tiles(geometry: TileGeometry, he_to_global: HeGlobalTransform, xenium_m
     rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
     boxes = geometry.tile_box_he_px(rows, cols)
     centre_he = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
-    centre_global = he_to_global.he_px_to_global_px(centre_he)
+    centre_global = he_to_global.apply_xy(centre_he)
     return pd.DataFrame({
         "tile_id": rows * n_cols + cols,
         "row": rows,

@@ -27,7 +27,7 @@ import zarr
 from napari_morphomol.errors import InputError
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.pipeline import Tiling
-from napari_morphomol.tiling.transcripts import AffineHeToGlobal
+from napari_morphomol.registration.transforms import AffineXY
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "morphomol_tiles"
@@ -74,7 +74,7 @@ def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
         "report": tiling.report,
         "tile_columns": list(tiling.tiles.columns),
         "xenium_pixel_size_um": float(tiling.xenium_mpp),
-        "he_to_global": transform.matrix.tolist() if isinstance(transform, AffineHeToGlobal) else None,
+        "he_to_global": transform.matrix.tolist() if isinstance(transform, AffineXY) else None,
         "provenance": provenance,
     }
     table = root.create_group("tiles")

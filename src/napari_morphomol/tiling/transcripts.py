@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from napari_morphomol.coords import apply_affine_xy
 from napari_morphomol.errors import InputError
+from napari_morphomol.registration.transforms import AffineXY
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.panel import GenePanel, is_control_feature
 
@@ -29,37 +29,19 @@ _SLOT_CONTROL = -2  # a control probe / codeword
 
 @runtime_checkable
 class HeGlobalTransform(Protocol):
-    """A registration between H&E px and ``global`` px, both directions, vectorised on (N, 2) (x, y)."""
+    """The registration interface (see :mod:`napari_morphomol.registration.transforms`): H&E px ->
+    ``global`` px and back, vectorised on (N, 2) (x, y) points; per-region transforms included."""
 
-    def he_px_to_global_px(self, points_xy: np.ndarray) -> np.ndarray: ...
+    def apply_xy(self, points_he_px: np.ndarray) -> np.ndarray: ...
 
-    def global_px_to_he_px(self, points_xy: np.ndarray) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class AffineHeToGlobal:
-    """One affine, H&E px -> ``global`` px (the matrix of Xenium's ``he_imagealignment.csv``)."""
-
-    matrix: np.ndarray
-
-    def __post_init__(self) -> None:
-        m = np.asarray(self.matrix, dtype=np.float64)
-        if m.shape != (3, 3) or not np.allclose(m[2], [0, 0, 1]) or abs(np.linalg.det(m[:2, :2])) < 1e-12:
-            raise InputError(f"an H&E -> global alignment must be an invertible 3 x 3 affine, got {m.tolist()}")
-        object.__setattr__(self, "matrix", m)
-
-    def he_px_to_global_px(self, points_xy: np.ndarray) -> np.ndarray:
-        return apply_affine_xy(self.matrix, points_xy)
-
-    def global_px_to_he_px(self, points_xy: np.ndarray) -> np.ndarray:
-        return apply_affine_xy(np.linalg.inv(self.matrix), points_xy)
+    def inverse_apply_xy(self, points_global_px: np.ndarray) -> np.ndarray: ...
 
 
 def as_he_global_transform(transform: np.ndarray | HeGlobalTransform) -> HeGlobalTransform:
-    """Accept a 3 x 3 H&E px -> global px matrix or any object with both mapping methods."""
+    """Accept a 3 x 3 H&E px -> global px matrix or any registration transform."""
     if isinstance(transform, HeGlobalTransform):
         return transform
-    return AffineHeToGlobal(np.asarray(transform))
+    return AffineXY(np.asarray(transform, dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -72,7 +54,7 @@ class CellMapping:
 
     @property
     def um_to_cells_matrix(self) -> np.ndarray | None:
-        if not isinstance(self.transform, AffineHeToGlobal):
+        if not isinstance(self.transform, AffineXY):
             return None
         to_global = np.diag([1 / self.xenium_mpp, 1 / self.xenium_mpp, 1.0])
         to_cells = np.diag([self.geometry.cells_per_he_px, self.geometry.cells_per_he_px, 1.0])
@@ -84,7 +66,7 @@ class CellMapping:
         y = np.asarray(y_um, dtype=np.float64)
         a = self.um_to_cells_matrix
         if a is None:
-            he = self.transform.global_px_to_he_px(np.stack([x, y], axis=1) / self.xenium_mpp)
+            he = self.transform.inverse_apply_xy(np.stack([x, y], axis=1) / self.xenium_mpp)
             q = self.geometry.he_px_to_cells(he)
             return np.ascontiguousarray(q[:, 0]), np.ascontiguousarray(q[:, 1])
         return a[0, 0] * x + a[0, 1] * y + a[0, 2], a[1, 0] * x + a[1, 1] * y + a[1, 2]

@@ -1,0 +1,65 @@
+"""`morphomol tiles` on a synthetic sample: the store agrees with tiling the raw files directly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_morphomol.cli import main
+from napari_morphomol.io.he_image import read_pyramid
+from napari_morphomol.io.sample import read_alignment_csv
+from napari_morphomol.tiling import GenePanel, LevelSampler, make_tiling, read_tiles_zarr
+
+
+@pytest.fixture(scope="module")
+def tiles_store(synthetic_sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiles") / "tiles.zarr"
+    code = main(["tiles", str(synthetic_sample.xenium_dir), "--he", str(synthetic_sample.he_path),
+                 "--alignment", str(synthetic_sample.alignment_csv), "--panel", str(synthetic_sample.panel_json),
+                 "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_store_matches_direct_tiling_of_the_files(synthetic_sample, tiles_store):
+    store = read_tiles_zarr(tiles_store)
+    panel = GenePanel.from_json(synthetic_sample.panel_json)
+    assert store.core_genes == list(panel.core) and store.addon_genes == list(panel.addon)
+    pyramid = read_pyramid(synthetic_sample.he_path)
+    transcripts = pd.read_parquet(synthetic_sample.xenium_dir / "transcripts.parquet")
+    direct = make_tiling(transcripts, pyramid.levels, he_mpp=pyramid.pixel_size_um,
+                         he_to_global=read_alignment_csv(synthetic_sample.alignment_csv),
+                         xenium_mpp=json.loads((synthetic_sample.xenium_dir / "experiment.xenium").read_text())["pixel_size"],
+                         panel=panel)
+    assert len(store.tiles) == len(direct.tiles) > 0
+    pd.testing.assert_frame_equal(store.tiles, direct.tiles, check_dtype=False)
+    for position in range(len(store.tiles)):
+        tokens = store.tile_tokens(position)
+        np.testing.assert_array_equal(tokens, direct.tokens([position])[0])
+        assert tokens.sum() == store.tiles["n_core"].iloc[position]
+    np.testing.assert_allclose(store.targets_log1p[:], direct.targets_log1p())
+    np.testing.assert_array_equal(store.addon_counts[:].sum(axis=1), store.tiles["n_addon"])
+    report = store.report
+    assert report["transcripts"]["total"] == len(transcripts)
+    assert report["transcripts"]["low_qv"] == int((transcripts["qv"] < 20).sum())
+    # tile images cut from the same geometry read back
+    sampler = LevelSampler(store.geometry, pyramid.levels)
+    positions, images = next(sampler.iter_tiles(store.tiles["row"].to_numpy()[:2], store.tiles["col"].to_numpy()[:2]))
+    assert images.shape == (2, 224, 224, 3) and images.dtype == np.uint8
+
+
+def test_existing_output_and_unknown_genes_are_refused(synthetic_sample, tiles_store, tmp_path, capsys):
+    base = ["tiles", str(synthetic_sample.xenium_dir), "--he", str(synthetic_sample.he_path),
+            "--alignment", str(synthetic_sample.alignment_csv)]
+    assert main([*base, "--out", str(tiles_store)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    panel = tmp_path / "panel.json"
+    panel.write_text(json.dumps({"core": ["EPCAM", "NOTAGENE1"], "addon": ["NOTAGENE2"]}))
+    out = tmp_path / "t.zarr"
+    assert main([*base, "--panel", str(panel), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "NOTAGENE1, NOTAGENE2" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [panel]
