@@ -191,7 +191,7 @@ def fit_transform(
         region_stiffness=float(region_stiffness),
         seed=seed,
     )
-    _require_pairs(model, pairs.n_active, "")
+    _require_pairs(model, pairs.n_active)
     if model == "per-region" and polygons is None and n_regions is not None:
         if n_regions < 1 or MIN_PAIRS["affine"] * n_regions > pairs.n_active:
             raise InputError(
@@ -224,12 +224,12 @@ def fit_transform(
     )
 
 
-def _require_pairs(model: str, n: int, context: str) -> None:
+def _require_pairs(model: str, n: int) -> None:
     need = MIN_PAIRS[model]
     if n < need:
         raise InputError(
             f"the {model} model needs at least {need} active landmark pair{'s' if need > 1 else ''}"
-            f"{context}; there {'is' if n == 1 else 'are'} {n}. Add landmark pairs or pick a "
+            f"; there {'is' if n == 1 else 'are'} {n}. Add landmark pairs or pick a "
             "simpler model (translation needs 1, similarity 2, affine 3)."
         )
 
