@@ -38,9 +38,11 @@ class HeGlobalTransform(Protocol):
 
 
 def as_he_global_transform(transform: np.ndarray | HeGlobalTransform) -> HeGlobalTransform:
-    """Accept a 3 x 3 H&E px -> global px matrix or any registration transform."""
+    """Accept a 3 x 3 H&E px -> global px matrix, a registration transform or a fitted one."""
     if isinstance(transform, HeGlobalTransform):
         return transform
+    if isinstance(getattr(transform, "transform", None), HeGlobalTransform):  # registration.FittedTransform
+        return transform.transform
     return AffineXY(np.asarray(transform, dtype=np.float64))
 
 
