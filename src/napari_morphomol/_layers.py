@@ -17,6 +17,7 @@ from napari_morphomol.io.transcript_density import TranscriptDensity, build_tran
 HE_LAYER = "H&E"
 DAPI_LAYER = "DAPI"
 DENSITY_LAYER = "transcripts (all genes)"
+UNITS_UM = ("um", "um")
 
 
 def _levels(element, channel: int | None = None) -> list:
@@ -53,7 +54,7 @@ def he_layer(sdata: SpatialData) -> tuple:
     affine = layer_affine_um(he_pixel_to_global(sdata), display_pixel_size_um(sdata))
     return (
         _levels(element),
-        {"name": HE_LAYER, "rgb": True, "multiscale": True, "affine": affine,
+        {"name": HE_LAYER, "rgb": True, "units": UNITS_UM, "multiscale": True, "affine": affine,
          "metadata": {"sdata": sdata, "element": HE_IMAGE}},
         "image",
     )
@@ -65,7 +66,7 @@ def dapi_layer(sdata: SpatialData) -> tuple:
     pixel_um = display_pixel_size_um(sdata)
     return (
         levels,
-        {"name": DAPI_LAYER, "multiscale": True, "scale": (pixel_um, pixel_um), "colormap": "gray",
+        {"name": DAPI_LAYER, "units": UNITS_UM, "multiscale": True, "scale": (pixel_um, pixel_um), "colormap": "gray",
          "blending": "additive", "contrast_limits": _contrast_limits(levels[-1]),
          "metadata": {"sdata": sdata, "element": MORPHOLOGY}},
         "image",
@@ -91,7 +92,7 @@ def density_layer(density: TranscriptDensity, sdata: SpatialData, genes: list[st
     high = float(np.percentile(raster[raster > 0], 99.5)) if (raster > 0).any() else 1.0
     return (
         levels if len(levels) > 1 else levels[0],
-        {"name": name, "multiscale": len(levels) > 1, "scale": (b, b), "translate": (b / 2, b / 2),
+        {"name": name, "units": UNITS_UM, "multiscale": len(levels) > 1, "scale": (b, b), "translate": (b / 2, b / 2),
          "colormap": colormap, "blending": "additive", "contrast_limits": (0.0, max(high, 1.0)),
          "metadata": {"sdata": sdata, "element": TRANSCRIPTS, "density_genes": genes,
                       "units": f"transcripts per {b:g} x {b:g} um bin"}},

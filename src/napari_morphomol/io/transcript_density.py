@@ -158,7 +158,7 @@ def transcripts_in_box_um(
 
     def select(df: pd.DataFrame) -> pd.DataFrame:
         mask = (df["x"] >= x0) & (df["x"] < x1) & (df["y"] >= y0) & (df["y"] < y1)
-        mask &= df["feature_name"].astype(str).isin(wanted)
+        mask &= df["feature_name"].isin(wanted)
         if "qv" in df.columns:
             mask &= df["qv"] >= min_qv
         return df.loc[mask, ["x", "y", "feature_name"]].astype({"feature_name": str})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from magicgui.widgets import (
@@ -18,7 +19,8 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
 from napari_morphomol.coords import xy_to_napari
-from napari_morphomol._layers import density_layer, sample_layers, transcript_density
+from napari_morphomol.errors import InputError
+from napari_morphomol._layers import UNITS_UM, density_layer, sample_layers, transcript_density
 from napari_morphomol.io.sample import TRANSCRIPTS, load_sample
 from napari_morphomol.io.transcript_density import transcripts_in_box_um
 
@@ -26,6 +28,13 @@ POINTS_FIELD_OF_VIEW_UM = 800.0
 """Actual transcripts are drawn only when the view is narrower than this (density otherwise)."""
 
 GENE_COLORS = ["cyan", "magenta", "yellow", "lime", "orange", "red", "dodgerblue", "white"]
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A worker's result for bad input (superqt re-raises exceptions that are returned)."""
+
+    error: InputError
 
 
 def _optional_path(edit: FileEdit) -> Path | None:
@@ -49,7 +58,8 @@ class LoadSampleWidget(Container):
         self.load_button = PushButton(text="Load")
         self.status = Label(value="")
         self.gene_search = LineEdit(label="find gene")
-        self.gene_list = Select(choices=[], label="genes", allow_multiple=True)
+        self._all_genes: list[str] = []
+        self.gene_list = Select(choices=self._gene_choices, label="genes", allow_multiple=True)
         self.show_density_button = PushButton(text="Show density of selected genes")
         self.show_points = PushButton(text="Show transcripts in view")
         super().__init__(
@@ -59,7 +69,6 @@ class LoadSampleWidget(Container):
                 self.show_density_button, self.show_points,
             ]
         )
-        self._all_genes: list[str] = []
         self.load_button.changed.connect(self.load)
         self.gene_search.changed.connect(self._filter_genes)
         self.show_density_button.changed.connect(self.add_density_of_selection)
@@ -68,8 +77,9 @@ class LoadSampleWidget(Container):
         self._camera_timer.setSingleShot(True)
         self._camera_timer.setInterval(300)
         self._camera_timer.timeout.connect(self._points_if_zoomed_in)
-        self.viewer.camera.events.zoom.connect(self._camera_timer.start)
-        self.viewer.camera.events.center.connect(self._camera_timer.start)
+        camera = self.viewer.scene.camera
+        camera.events.zoom.connect(lambda _: self._camera_timer.start())
+        camera.events.center.connect(lambda _: self._camera_timer.start())
         self._points_worker = None
         self.load_worker = self.density_worker = None
 
@@ -82,12 +92,14 @@ class LoadSampleWidget(Container):
         self.load_button.enabled = False
 
         def work():
-            sdata = load_sample(*args, he_pixel_size_um=pixel)
-            return sdata, sample_layers(sdata, with_density=False)
+            try:
+                sdata = load_sample(*args, he_pixel_size_um=pixel)
+                return sdata, sample_layers(sdata, with_density=False)
+            except InputError as exc:  # the user's to fix: a message, not a traceback
+                return _Failed(exc)
 
         worker = create_worker(work, _progress={"desc": "Loading sample"})
         worker.returned.connect(self._on_loaded)
-        worker.errored.connect(self._on_error)
         worker.errored.connect(lambda _: setattr(self.load_button, "enabled", True))
         worker.start()
         self.load_worker = worker
@@ -98,11 +110,14 @@ class LoadSampleWidget(Container):
         show_error(str(exc))
 
     def _on_loaded(self, result):
+        if isinstance(result, _Failed):
+            self._on_error(result.error)
+            self.load_button.enabled = True
+            return
         self.sdata, layers = result
         for data, kwargs, kind in layers:
             getattr(self.viewer, f"add_{kind}")(data, **kwargs)
         self.viewer.scale_bar.visible = True
-        self.viewer.scale_bar.unit = "um"
         self.viewer.reset_view()
         if TRANSCRIPTS not in self.sdata.points:
             self.status.value = "H&E only (no Xenium run)"
@@ -130,10 +145,13 @@ class LoadSampleWidget(Container):
         show_info("sample loaded")
 
     # genes ---------------------------------------------------------------------------------
-    def _filter_genes(self, *_):
+    def _gene_choices(self, *_) -> list[str]:
+        """Genes by total count, filtered by the search text (magicgui asks again on reset)."""
         text = (self.gene_search.value or "").strip().upper()
-        shown = [g for g in self._all_genes if text in g.upper()] if text else self._all_genes
-        self.gene_list.choices = shown
+        return [g for g in self._all_genes if text in g.upper()] if text else self._all_genes
+
+    def _filter_genes(self, *_):
+        self.gene_list.reset_choices()
 
     def selected_genes(self) -> list[str]:
         return list(self.gene_list.value)
@@ -148,10 +166,11 @@ class LoadSampleWidget(Container):
 
     def _view_box_um(self):
         """The (x, y) ranges in um currently in view."""
-        cy, cx = self.viewer.camera.center[-2:]
-        height_px, width_px = self.viewer._canvas_size
-        half_w = width_px / self.viewer.camera.zoom / 2
-        half_h = height_px / self.viewer.camera.zoom / 2
+        camera = self.viewer.scene.camera
+        cy, cx = camera.center[-2:]
+        height_px, width_px = self.viewer.canvas.size
+        half_w = width_px / camera.zoom / 2
+        half_h = height_px / camera.zoom / 2
         return (cx - half_w, cx + half_w), (cy - half_h, cy + half_h)
 
     def _points_if_zoomed_in(self):
@@ -184,7 +203,7 @@ class LoadSampleWidget(Container):
         colors = {g: GENE_COLORS[i % len(GENE_COLORS)] for i, g in enumerate(genes)}
         data = xy_to_napari(df[["x", "y"]].to_numpy())
         kwargs = {
-            "size": 2.0, "border_width": 0, "features": {"gene": df["feature_name"].to_numpy()},
+            "units": UNITS_UM, "size": 2.0, "border_width": 0, "features": {"gene": df["feature_name"].to_numpy()},
             "face_color": [colors[g] for g in df["feature_name"]] if len(df) else "white",
         }
         if name in self.viewer.layers:

@@ -17,7 +17,6 @@ def screenshot_sample(sdata, path: str | Path, *, size_px: tuple[int, int] = (10
         for data, kwargs, kind in sample_layers(sdata):
             getattr(viewer, f"add_{kind}")(data, **kwargs)
         viewer.scale_bar.visible = True
-        viewer.scale_bar.unit = "um"
         viewer.window._qt_window.resize(size_px[1], size_px[0])
         viewer.reset_view()
         viewer.screenshot(str(path), canvas_only=True, flash=False)
