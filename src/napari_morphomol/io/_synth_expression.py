@@ -56,7 +56,7 @@ CONTROL_RATE_PER_TRANSCRIPT = 1e-4
 EXTRACELLULAR_SHARE = 0.08
 """Unassigned transcripts outside any cell, as a share of the cells' transcripts."""
 NUCLEAR_SHARE = 0.4
-CYTOPLASM_REDRAWS = 3
+REDRAWS = 3
 DIFFUSION_UM = 0.7
 LOW_QV_SHARE = 0.12
 
@@ -241,10 +241,10 @@ def sample_block(
     nuclear = rng.random(n, dtype=np.float32) < NUCLEAR_SHARE
     dx, dy = _offsets(rng, nuclear, a, b, angle, cell_r)
     owner = owning_cell(cells, cells.x_um[gen] + dx, cells.y_um[gen] + dy)
-    # cytoplasmic transcripts fill the cell's territory (its disk cut by the neighbours'):
-    # redraw those that fell outside; the few left after that spill over as unassigned
-    for _ in range(CYTOPLASM_REDRAWS):
-        again = np.flatnonzero((owner != gen) & ~nuclear)
+    # transcripts fill the cell's territory (its disk cut by the neighbours'): redraw those that
+    # fell outside, so a cell's counts do not depend on its size; the few left spill over
+    for _ in range(REDRAWS):
+        again = np.flatnonzero(owner != gen)
         if len(again) == 0:
             break
         rdx, rdy = _offsets(rng, nuclear[again], a[again], b[again], angle[again], cell_r[again])

@@ -41,7 +41,7 @@ from napari_morphomol.io._synth_tissue import (
 from napari_morphomol.io._synth_transform import TrueTransform, random_transform
 from napari_morphomol.io._synth_write import JPEG, TenXMatrixWriter, write_pyramidal_ome_tiff
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 XENIUM_SOFTWARE_VERSION = "xenium-3.0.0.15"
 _CHUNK_COLS = 2048
 _FOV_UM = 256.0
