@@ -1,6 +1,7 @@
 """Landmark registration of an H&E image to Xenium ``global`` px (headless: no Qt, no napari).
 
-Fit with :func:`fit_transform`, read and write landmark and matrix files with the ``read_*`` /
+Fit with :func:`fit_transform` (landmarks clicked, read from a file, or proposed by
+:func:`propose_landmarks_for_sample`), read and write landmark and matrix files with the ``read_*`` /
 ``write_*`` functions, move transcripts with :func:`transform_xy_columns` or
 :func:`transcripts_with_he_px`, and put the result on a SpatialData sample with
 :func:`set_he_registration`.
@@ -18,6 +19,7 @@ from napari_morphomol.registration.apply import (
     transform_xy_columns,
     write_registration_json,
 )
+from napari_morphomol.registration.auto import AutoRegistration, propose_landmarks, propose_landmarks_for_sample
 from napari_morphomol.registration.fit import MIN_PAIRS, MODELS, FitOptions, FittedTransform, fit_transform
 from napari_morphomol.registration.formats import (
     check_direction,
@@ -39,6 +41,7 @@ __all__ = [
     "MODELS",
     "REGISTRATION_ATTRS_KEY",
     "AffineXY",
+    "AutoRegistration",
     "FitOptions",
     "FittedTransform",
     "LandmarkPairs",
@@ -51,6 +54,8 @@ __all__ = [
     "read_bigwarp_csv",
     "read_keypoints_csv",
     "read_landmarks",
+    "propose_landmarks",
+    "propose_landmarks_for_sample",
     "read_registration_json",
     "registration_record",
     "set_he_registration",
