@@ -127,6 +127,10 @@ def test_refuses_non_empty_folder_and_bad_sizes(tmp_path):
         write_synthetic_sample(tmp_path / "new", size_mm=(0.2, 0.2), n_addon_genes=3)
     assert not (tmp_path / "new").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["full"]
+    (tmp_path / "empty").mkdir()
+    sample = write_synthetic_sample(tmp_path / "empty", size_mm=(0.15, 0.15), n_core_genes=24, n_addon_genes=10)
+    assert (sample.xenium_dir / "experiment.xenium").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full"]
 
 
 def test_he_pyramid_pixel_size_and_alignment_csv(synthetic_sample):
@@ -321,3 +325,28 @@ def test_cli_synth_writes_a_sample(tmp_path, capsys):
     assert load_ground_truth(out).raw["deformation"]["enabled"] is False
     assert main(["synth", str(out), "--size-mm", "0.2", "0.15"]) == 2
     assert "pick a new folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def small_cells():
+    from napari_morphomol.io._synth_tissue import make_cells, make_fields
+
+    size_um = (300.0, 250.0)
+    return make_cells(0, make_fields(np.random.default_rng([0, 0]), size_um), size_um)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(-30, 330), st.floats(-30, 280)), min_size=1, max_size=50))
+def test_owning_cell_is_nearest_centre_within_its_radius(small_cells, points):
+    from napari_morphomol.io._synth_tissue import owning_cell
+
+    pts = np.array(points, dtype=np.float32)
+    owner = owning_cell(small_cells, pts[:, 0], pts[:, 1])
+    centres = np.column_stack([small_cells.x_um, small_cells.y_um]).astype(np.float32)
+    d2 = ((pts[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2)
+    nearest = d2.argmin(axis=1)
+    inside = d2[np.arange(len(pts)), nearest] < small_cells.cell_radius_um[nearest].astype(np.float32) ** 2
+    expected = np.where(inside, nearest, -1)
+    # exact ties between two centres are measure-zero; allow them anyway
+    tie = np.sort(d2, axis=1)[:, :2]
+    np.testing.assert_array_equal(owner[~np.isclose(tie[:, 0], tie[:, 1])], expected[~np.isclose(tie[:, 0], tie[:, 1])])

@@ -44,6 +44,8 @@ from napari_morphomol.io._synth_write import JPEG, TenXMatrixWriter, write_pyram
 GENERATOR_VERSION = 2
 XENIUM_SOFTWARE_VERSION = "xenium-3.0.0.15"
 _CHUNK_COLS = 2048
+_RENDER_THREADS = 2
+"""Image chunks rendered at once: the compiled kernels and scipy's filters release the GIL."""
 _FOV_UM = 256.0
 _POLYGON_VERTICES = 16
 _HE_MARGIN_UM = 80.0
@@ -522,29 +524,32 @@ def _write_images(tmp, xdir, cells, fields, size_um, transform, stain, he_px_um,
         dapi = np.empty((n_rows, morph_w), np.uint16)
         nuc = np.empty((n_rows, morph_w), np.uint32)
         cel = np.empty((n_rows, morph_w), np.uint32)
-        for col0 in range(0, morph_w, _CHUNK_COLS):
+        def chunk(col0: int):
             w = min(_CHUNK_COLS, morph_w - col0)
             rng = np.random.default_rng([seed, 6, row0, col0])
             d, nl, cl = render_morphology_chunk(cells, fields, px, col0, row0, w, n_rows, rng)
             dapi[:, col0 : col0 + w] = d
             nuc[:, col0 : col0 + w] = nl
             cel[:, col0 : col0 + w] = cl
+
+        list(pool.map(chunk, range(0, morph_w, _CHUNK_COLS)))
         masks[0][row0 : row0 + n_rows, :] = nuc
         masks[1][row0 : row0 + n_rows, :] = cel
         return dapi
 
     try:
-        write_pyramidal_ome_tiff(
-            xdir / "morphology_focus" / "morphology_focus_0000.ome.tif",
-            morphology_strip,
-            morph_h,
-            morph_w,
-            1,
-            np.dtype(np.uint16),
-            px,
-            "DAPI",
-            tmp,
-        )
+        with ThreadPoolExecutor(max_workers=_RENDER_THREADS) as pool:
+            write_pyramidal_ome_tiff(
+                xdir / "morphology_focus" / "morphology_focus_0000.ome.tif",
+                morphology_strip,
+                morph_h,
+                morph_w,
+                1,
+                np.dtype(np.uint16),
+                px,
+                "DAPI",
+                tmp,
+            )
     finally:
         store.close()
 
@@ -552,13 +557,16 @@ def _write_images(tmp, xdir, cells, fields, size_um, transform, stain, he_px_um,
 
     def he_strip(row0: int, n_rows: int) -> np.ndarray:
         rgb = np.empty((n_rows, he_w, 3), np.uint8)
-        for col0 in range(0, he_w, _CHUNK_COLS):
+        def chunk(col0: int):
             w = min(_CHUNK_COLS, he_w - col0)
             rng = np.random.default_rng([seed, 7, row0, col0])
             rgb[:, col0 : col0 + w] = render_he_chunk(cells, fields, transform, px, he_px_um, stain, col0, row0, w, n_rows, rng)
+
+        list(pool.map(chunk, range(0, he_w, _CHUNK_COLS)))
         return rgb
 
-    write_pyramidal_ome_tiff(tmp / "he_image.ome.tif", he_strip, he_h, he_w, 3, np.dtype(np.uint8), he_px_um, "RGB", tmp, JPEG)
+    with ThreadPoolExecutor(max_workers=_RENDER_THREADS) as pool:
+        write_pyramidal_ome_tiff(tmp / "he_image.ome.tif", he_strip, he_h, he_w, 3, np.dtype(np.uint8), he_px_um, "RGB", tmp, JPEG)
 
 
 def _write_metadata(tmp, xdir, cells, cell_ids, panel, transform, stain, size_um, he_px_um, morph_shape, he_shape, seed, n_transcripts, deformation):
