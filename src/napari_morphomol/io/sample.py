@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 from spatialdata import SpatialData, read_zarr
 from spatialdata.models import Image2DModel
@@ -24,6 +23,7 @@ from spatialdata.transformations import Affine, Identity, set_transformation
 from napari_morphomol.coords import GLOBAL, HE_PX
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.he_image import read_pyramid, rgb_levels_cyx
+from napari_morphomol.registration.formats import read_alignment_csv
 
 HE_IMAGE = "he_image"
 MORPHOLOGY = "morphology_focus"
@@ -101,25 +101,6 @@ def _check_transcripts(xenium_dir: Path) -> None:
     missing = [c for c in _REQUIRED_TRANSCRIPT_COLUMNS if c not in schema.names]
     if missing:
         raise InputError(f"{file} lacks the columns {missing}; is it a Xenium transcripts table?")
-
-
-def read_alignment_csv(path: str | Path) -> np.ndarray:
-    """A Xenium ``*he_imagealignment.csv``: headerless 3 x 3 matrix, H&E px -> morphology px."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"alignment file not found: {path}")
-    try:
-        matrix = pd.read_csv(path, header=None).to_numpy(dtype=np.float64)
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not a numeric CSV matrix ({exc}).") from exc
-    if matrix.shape != (3, 3) or not np.allclose(matrix[2], [0, 0, 1]) or not np.isfinite(matrix).all():
-        raise InputError(
-            f"{path} is not a 3 x 3 affine matrix (shape {matrix.shape}, last row {matrix[-1].tolist()}); "
-            "expected Xenium's headerless he_imagealignment.csv with last row 0,0,1."
-        )
-    if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
-        raise InputError(f"{path}: the matrix is singular (maps the image to a line); re-export the alignment.")
-    return matrix
 
 
 def _multiscale_element(levels, transformations: dict, channels: list[str]):
