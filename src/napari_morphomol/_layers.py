@@ -18,6 +18,11 @@ HE_LAYER = "H&E"
 DAPI_LAYER = "DAPI"
 DENSITY_LAYER = "transcripts (all genes)"
 UNITS_UM = ("um", "um")
+DENSITY_COLORMAP = {
+    "name": "transcript density",
+    "colors": [[0.0, 0.0, 0.0, 0.0], [0.0, 0.75, 0.3, 0.7], [0.85, 1.0, 0.1, 1.0]],
+}
+"""Transparent where there are no transcripts, so a density map reads on top of the H&E."""
 
 
 def _levels(element, channel: int | None = None) -> list:
@@ -66,8 +71,8 @@ def dapi_layer(sdata: SpatialData) -> tuple:
     pixel_um = display_pixel_size_um(sdata)
     return (
         levels,
-        {"name": DAPI_LAYER, "units": UNITS_UM, "multiscale": True, "scale": (pixel_um, pixel_um), "colormap": "gray",
-         "blending": "additive", "contrast_limits": _contrast_limits(levels[-1]),
+        {"name": DAPI_LAYER, "units": UNITS_UM, "multiscale": True, "scale": (pixel_um, pixel_um), "colormap": "cyan",
+         "blending": "additive", "opacity": 0.6, "contrast_limits": _contrast_limits(levels[-1]),
          "metadata": {"sdata": sdata, "element": MORPHOLOGY}},
         "image",
     )
@@ -82,8 +87,7 @@ def transcript_density(sdata: SpatialData, bin_um: float = 4.0) -> TranscriptDen
     )
 
 
-def density_layer(density: TranscriptDensity, sdata: SpatialData, genes: list[str] | None = None,
-                  colormap: str = "magma") -> tuple:
+def density_layer(density: TranscriptDensity, sdata: SpatialData, genes: list[str] | None = None) -> tuple:
     """A density raster (transcripts per bin, qv >= 20) as a multiscale image in um."""
     raster = density.raster(genes)
     levels = density.pyramid(raster)
@@ -93,7 +97,8 @@ def density_layer(density: TranscriptDensity, sdata: SpatialData, genes: list[st
     return (
         levels if len(levels) > 1 else levels[0],
         {"name": name, "units": UNITS_UM, "multiscale": len(levels) > 1, "scale": (b, b), "translate": (b / 2, b / 2),
-         "colormap": colormap, "blending": "additive", "contrast_limits": (0.0, max(high, 1.0)),
+         "colormap": DENSITY_COLORMAP, "blending": "translucent", "contrast_limits": (0.0, max(high, 1.0)),
+         "visible": genes is not None,
          "metadata": {"sdata": sdata, "element": TRANSCRIPTS, "density_genes": genes,
                       "units": f"transcripts per {b:g} x {b:g} um bin"}},
         "image",

@@ -142,7 +142,6 @@ class LoadSampleWidget(Container):
             f"{int(totals.sum()):,} transcripts (qv >= 20) of {len(totals)} genes; "
             f"{density.n_low_qv:,} below qv 20 not shown"
         )
-        show_info("sample loaded")
 
     # genes ---------------------------------------------------------------------------------
     def _gene_choices(self, *_) -> list[str]:
@@ -161,7 +160,7 @@ class LoadSampleWidget(Container):
         if self.density is None or not genes:
             show_info("load a Xenium run and select one or more genes first")
             return None
-        data, kwargs, _ = density_layer(self.density, self.sdata, genes, colormap="inferno")
+        data, kwargs, _ = density_layer(self.density, self.sdata, genes)
         return self.viewer.add_image(data, **kwargs)
 
     def _view_box_um(self):
