@@ -25,6 +25,7 @@ def ensure_sample(n_transcripts: float, seed: int) -> Path:
     side_mm = round(math.sqrt(n_transcripts / TRANSCRIPTS_PER_MM2), 1)
     folder = OUT / f"open-bench-{side_mm}mm-seed{seed}"
     if not folder.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
         print(f"generating a {side_mm} x {side_mm} mm sample into {folder} ...", flush=True)
         start = time.perf_counter()
         write_synthetic_sample(folder, size_mm=(side_mm, side_mm), seed=seed)
