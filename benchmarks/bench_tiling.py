@@ -207,7 +207,12 @@ def write_parquet_transcripts(folder: Path, n: int, size_um: float, parts: int) 
         df.to_parquet(folder / f"part{k:03d}.parquet", index=False)
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmHWM") -> float:
+    """Peak (VmHWM) or current (VmRSS) resident memory of this process; unlike ru_maxrss, VmHWM is
+    not inherited from the parent that spawned it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
