@@ -210,3 +210,48 @@ def test_bad_panels_are_refused(core, addon, message):
 def test_stride_must_be_whole_tokens():
     with pytest.raises(InputError, match="whole number of tokens"):
         TileGeometry(he_mpp=0.5, he_height_px=2000, he_width_px=2000, tile_px=512, stride_px=200)
+
+
+def test_tissue_mask_and_region_select_tiles():
+    he_mpp = 0.5
+    image = np.full((3072, 3072, 3), 238, np.uint8)  # glass
+    image[:, :1536] = (175, 75, 150)  # stained tissue on the left half
+    um = np.random.default_rng(2).uniform(0, 1536, size=(50000, 2))
+    df = pd.DataFrame({"feature_name": pd.Categorical(np.full(len(um), "A"), categories=GENES), "x_location": um[:, 0],
+                       "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
+    matrix = np.diag([he_mpp / XENIUM_MPP, he_mpp / XENIUM_MPP, 1.0])
+    common = dict(he_mpp=he_mpp, he_to_global=matrix, xenium_mpp=XENIUM_MPP, panel=PANEL, min_transcripts=0)
+    tiling = make_tiling(df, [image], **common)
+    boxes = tiling.tiles[["he_x0", "he_x1"]].to_numpy()
+    # background fraction <= 0.3: tiles reaching at most 30 % into the glass
+    assert (boxes[:, 1] <= 1536 + 0.3 * 512 + 1e-9).all()
+    assert tiling.report["grid_tiles"] == 121 and tiling.report["tissue_tiles"] == 11 * 5
+    region = np.array([[0, 0], [1100, 0], [1100, 3072], [0, 3072]], dtype=float)  # H&E px
+    inside = make_tiling(df, [image], region_he_px=region, **common)
+    centres = (inside.tiles["he_x0"] + inside.tiles["he_x1"]) / 2
+    assert inside.report["region_tiles"] == len(inside.tiles) == 11 * 4 and (centres < 1100).all()
+    assert (inside.tiles["global_x"] * XENIUM_MPP == inside.tiles["um_x"]).all()
+    np.testing.assert_allclose(inside.tiles["um_x"], centres * he_mpp)
+
+
+def test_sparse_raster_round_trips_through_the_store(tmp_path):
+    from napari_morphomol.tiling import read_tiles_zarr, write_tiles_zarr
+
+    rng = np.random.default_rng(4)
+    image = np.full((2048, 2048, 3), (170, 70, 140), np.uint8)
+    um = rng.uniform(0, 1024, size=(30000, 2))
+    df = pd.DataFrame({"feature_name": pd.Categorical(rng.choice(GENES, len(um))), "x_location": um[:, 0],
+                       "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
+    matrix = np.diag([0.5 / XENIUM_MPP, 0.5 / XENIUM_MPP, 1.0])
+    dense = make_tiling(df, [image], he_mpp=0.5, he_to_global=matrix, xenium_mpp=XENIUM_MPP, panel=PANEL,
+                        min_transcripts=100)
+    sparse = make_tiling(df, [image], he_mpp=0.5, he_to_global=matrix, xenium_mpp=XENIUM_MPP, panel=PANEL,
+                         min_transcripts=100, max_dense_bytes=0)
+    assert sparse.bins.tokens.is_sparse and not dense.bins.tokens.is_sparse
+    out = write_tiles_zarr(sparse, tmp_path / "t.zarr")
+    store = read_tiles_zarr(out)
+    np.testing.assert_array_equal(store.tokens[:], dense.bins.tokens.dense)
+    for position in range(len(store.tiles)):
+        np.testing.assert_array_equal(store.tile_tokens(position), dense.tokens([position])[0])
+    assert store.report == sparse.report
+    assert [p.name for p in tmp_path.iterdir()] == ["t.zarr"]  # no temporary left behind
