@@ -63,3 +63,36 @@ def test_existing_output_and_unknown_genes_are_refused(synthetic_sample, tiles_s
     err = capsys.readouterr().err
     assert "NOTAGENE1, NOTAGENE2" in err
     assert not out.exists() and list(tmp_path.iterdir()) == [panel]
+
+
+def test_per_region_registration_is_used_as_fitted(synthetic_sample_deformed, tmp_path):
+    from napari_morphomol.registration import fit_transform, read_keypoints_csv, write_registration_json
+
+    sample = synthetic_sample_deformed
+    fitted = fit_transform(read_keypoints_csv(sample.keypoints_csv), "per-region", n_regions=2)
+    record = write_registration_json(tmp_path / "registration.json", fitted)
+    out = tmp_path / "tiles.zarr"
+    assert main(["tiles", str(sample.xenium_dir), "--he", str(sample.he_path), "--registration", str(record),
+                 "--panel", str(sample.panel_json), "--out", str(out)]) == 0
+    store = read_tiles_zarr(out)
+    pyramid = read_pyramid(sample.he_path)
+    direct = make_tiling(pd.read_parquet(sample.xenium_dir / "transcripts.parquet"), pyramid.levels,
+                         he_mpp=pyramid.pixel_size_um, he_to_global=fitted.transform, xenium_mpp=0.2125,
+                         panel=GenePanel.from_json(sample.panel_json))
+    affine = make_tiling(pd.read_parquet(sample.xenium_dir / "transcripts.parquet"), pyramid.levels,
+                         he_mpp=pyramid.pixel_size_um, he_to_global=fitted.best_affine, xenium_mpp=0.2125,
+                         panel=GenePanel.from_json(sample.panel_json))
+    pd.testing.assert_frame_equal(store.tiles, direct.tiles, check_dtype=False)
+    tokens = np.stack([store.tile_tokens(p) for p in range(len(store.tiles))])
+    np.testing.assert_array_equal(tokens, direct.tokens(np.arange(len(direct.tiles))))
+    # the per-region model moves transcripts across token edges compared with its best single affine
+    assert not np.array_equal(tokens, affine.tokens(np.arange(len(affine.tiles))))
+    # a registration recorded on the sample is used as is by tile_sample
+    from napari_morphomol.io.sample import load_sample
+    from napari_morphomol.registration import set_he_registration
+    from napari_morphomol.tiling import tile_sample
+
+    sdata = load_sample(sample.xenium_dir, sample.he_path, sample.alignment_csv)
+    set_he_registration(sdata, fitted)
+    on_sample = tile_sample(sdata, panel=GenePanel.from_json(sample.panel_json))
+    pd.testing.assert_frame_equal(on_sample.tiles, direct.tiles)

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alignment", metavar="CSV",
                         help="3 x 3 H&E px -> global px matrix (Xenium's he_imagealignment.csv); "
                              "default: a *he_imagealignment.csv in XENIUM_DIR")
+    parser.add_argument("--registration", metavar="JSON",
+                        help="registration record written by `morphomol register` (any model, e.g. per-region); "
+                             "used instead of the alignment matrix")
     parser.add_argument("--panel", metavar="FILE",
                         help='JSON {"core": [...], "addon": [...]}; default: every gene core, no add-on')
     parser.add_argument("--out", required=True, metavar="TILES.zarr", help="output store (written atomically)")
@@ -57,24 +60,26 @@ def _region(path: str | None) -> np.ndarray | None:
     return table[["x", "y"]].to_numpy(dtype=np.float64)
 
 
-def _alignment(xenium_dir: Path, given: str | None) -> str:
-    if given is not None:
+def _alignment(xenium_dir: Path, given: str | None, registration: str | None) -> str | None:
+    if given is not None or registration is not None:
         return given
     found = sorted(xenium_dir.glob("*he_imagealignment.csv"))
     if len(found) != 1:
         raise InputError(
             f"no --alignment given and {len(found)} *he_imagealignment.csv files in {xenium_dir}; "
-            "register the H&E first and pass its CSV with --alignment"
+            "register the H&E first and pass --alignment CSV or --registration JSON"
         )
     return str(found[0])
 
 
 def run(args: argparse.Namespace) -> int:
     from napari_morphomol.io.sample import load_sample
+    from napari_morphomol.registration import read_registration_json
     from napari_morphomol.tiling import GenePanel, check_output_path, tile_sample, write_tiles_zarr
 
     out = check_output_path(args.out, overwrite=args.overwrite)
-    alignment = _alignment(Path(args.xenium_dir), args.alignment)
+    alignment = _alignment(Path(args.xenium_dir), args.alignment, args.registration)
+    registration = read_registration_json(args.registration) if args.registration else None
     panel = GenePanel.from_json(args.panel) if args.panel else None
     sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
 
@@ -82,13 +87,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"\rbinning transcripts: partition {done}/{total}", end="", file=sys.stderr, flush=True)
 
     tiling = tile_sample(
-        sdata, panel=panel, tile_px=args.tile_px, stride_px=args.stride_px, tile_mpp=args.tile_mpp,
+        sdata, panel=panel, he_to_global=registration, tile_px=args.tile_px, stride_px=args.stride_px, tile_mpp=args.tile_mpp,
         max_background=args.max_background, min_transcripts=args.min_transcripts, min_qv=args.min_qv,
         region_he_px=_region(args.region), progress=progress,
     )
     print(file=sys.stderr)
     provenance = {"xenium_dir": str(args.xenium_dir), "he": str(args.he), "alignment": alignment,
-                  "panel": args.panel}
+                  "registration": args.registration, "panel": args.panel}
     write_tiles_zarr(tiling, out, overwrite=args.overwrite, provenance=provenance)
     report = tiling.report
     print(f"{report['kept_tiles']} tiles kept of {report['grid_tiles']} in the grid "

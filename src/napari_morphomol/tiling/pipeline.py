@@ -165,14 +165,21 @@ def tile_sample(sdata, *, panel: GenePanel | None, he_to_global: np.ndarray | He
                 **options) -> Tiling:
     """:func:`make_tiling` on a sample opened by :func:`napari_morphomol.io.load_sample`.
 
-    ``he_to_global`` overrides the sample's alignment (e.g. a per-region registration).
+    The registration is, in order: ``he_to_global``; the full model recorded on the sample by
+    :func:`napari_morphomol.registration.set_he_registration` (per-region fits stay per-region);
+    the alignment matrix the sample was loaded with.
     """
     from napari_morphomol.io.sample import HE_IMAGE, TRANSCRIPTS, sample_info
+    from napari_morphomol.registration import REGISTRATION_ATTRS_KEY, fitted_from_record
 
     info = sample_info(sdata)
     if HE_IMAGE not in sdata.images or TRANSCRIPTS not in sdata.points:
         raise InputError("tiling needs a sample with both an H&E image and Xenium transcripts")
-    transform = he_to_global if he_to_global is not None else info.he_to_global
+    transform = he_to_global
+    if transform is None and REGISTRATION_ATTRS_KEY in sdata.attrs:
+        transform = fitted_from_record(sdata.attrs[REGISTRATION_ATTRS_KEY])
+    if transform is None:
+        transform = info.he_to_global
     if transform is None:
         raise InputError(
             "the H&E image is not registered to the Xenium run: give an alignment CSV "
