@@ -98,12 +98,12 @@ def write_variant_table(table: pd.DataFrame, path_stem: str | Path) -> tuple[Pat
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, markdown_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".md")
-    _write_atomically(csv_path, table.to_csv())
-    _write_atomically(markdown_path, table_markdown(table))
+    write_text_atomically(csv_path, table.to_csv())
+    write_text_atomically(markdown_path, table_markdown(table))
     return csv_path, markdown_path
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:

@@ -1,0 +1,152 @@
+"""Train models of the paper's family on one's own cohort, split by sample.
+
+DATA are tiles stores (`morphomol tiles`) or sample folders (Xenium bundle with its aligned
+H&E, e.g. from `morphomol synth`; tiled into --work with their panel.json or --panel). Whole
+samples go to training, validation (early stopping) and test: name them with --val/--test or
+draw them with --val-fraction/--test-fraction. Each --variants entry is trained and written to
+OUT/VARIANT.safetensors (weights + model card); OUT/split.json records the samples of each
+split, for `morphomol evaluate OUT/*.safetensors --data <test samples>`. H&E tiles are decoded
+once into a NAME.images.zarr beside each store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from napari_morphomol.errors import InputError
+
+NAME = "train"
+HELP = "train fusion / baseline models on tiles stores or sample folders -> OUT/VARIANT.safetensors"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from napari_morphomol.models.config import DEFAULT_BACKBONE, DEFAULT_VARIANT, VARIANTS
+
+    parser.add_argument("data", nargs="+", metavar="DATA", help="tiles stores (.zarr) or sample folders")
+    parser.add_argument("--out", required=True, metavar="OUT", help="output folder for checkpoints and split.json")
+    parser.add_argument("--variants", nargs="+", default=[DEFAULT_VARIANT], choices=VARIANTS, metavar="VARIANT",
+                        help=f"variants to train (default {DEFAULT_VARIANT}); any of: {', '.join(VARIANTS)}")
+    parser.add_argument("--work", metavar="DIR", help="where sample folders are tiled (default OUT/tiles)")
+    parser.add_argument("--panel", metavar="FILE", help='JSON {"core": [...], "addon": [...]} for sample folders')
+    split = parser.add_argument_group("split (whole samples; sample id = folder name or store name without .tiles.zarr)")
+    split.add_argument("--val", nargs="+", default=[], metavar="SAMPLE", help="validation samples")
+    split.add_argument("--test", nargs="+", default=[], metavar="SAMPLE", help="test samples (never trained on)")
+    split.add_argument("--val-fraction", type=float, default=0.2, help="when --val is not given (default 0.2)")
+    split.add_argument("--test-fraction", type=float, default=0.0, help="when --test is not given (default 0)")
+    split.add_argument("--split-seed", type=int, default=0)
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm ViT name (default {DEFAULT_BACKBONE})")
+    model.add_argument("--backbone-kwargs", type=json.loads, default={}, metavar="JSON",
+                       help='timm kwargs, e.g. \'{"depth": 2, "embed_dim": 96, "num_heads": 3}\' for a small ViT')
+    model.add_argument("--backbone-weights", metavar="FILE",
+                       help='pretrained backbone (.safetensors/.pth/.npz, or "hub"); default random init')
+    model.add_argument("--learnable-gate", action="store_true", help="tanh(alpha) gate on the added expression")
+    fit = parser.add_argument_group("training (defaults: the paper's)")
+    fit.add_argument("--epochs", type=int, default=35)
+    fit.add_argument("--warmup-epochs", type=int, default=5)
+    fit.add_argument("--batch-size", type=int, default=256)
+    fit.add_argument("--accumulate", type=int, default=2, help="gradient accumulation steps")
+    fit.add_argument("--lr-head", type=float, default=1e-4)
+    fit.add_argument("--lr-backbone", type=float, default=1e-5)
+    fit.add_argument("--weight-decay", type=float, default=1e-3)
+    fit.add_argument("--patience", type=int, default=10, help="early stopping on validation MSE")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--precision", default="auto", help='Lightning precision (default: bf16-mixed on GPU, else "32-true")')
+    fit.add_argument("--workers", type=int, default=0, help="data loader processes")
+    fit.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+
+
+def _split(sample_ids, args):
+    from napari_morphomol.models import split_by_sample
+
+    names = sorted(set(sample_ids))
+    unknown = sorted(set(args.val + args.test) - set(names))
+    if unknown:
+        raise InputError(f"--val/--test name samples that are not in DATA: {', '.join(unknown)}; samples: {', '.join(names)}")
+    if set(args.val) & set(args.test):
+        raise InputError("a sample cannot be both --val and --test")
+    if args.val:
+        val, test = set(args.val), set(args.test)
+        train = [n for n in names if n not in val | test]
+        if not train:
+            raise InputError("no sample is left for training; name fewer --val/--test samples")
+        groups = {"train": train, "val": sorted(val), "test": sorted(test)}
+    else:
+        drawn = split_by_sample(sample_ids, val_fraction=args.val_fraction,
+                                test_fraction=0.0 if args.test else args.test_fraction, seed=args.split_seed)
+        test = set(args.test)
+        groups = {"train": [n for n in drawn.samples["train"] if n not in test],
+                  "val": [n for n in drawn.samples["val"] if n not in test],
+                  "test": sorted(test) or list(drawn.samples["test"])}
+        if not groups["train"] or not groups["val"]:
+            raise InputError("--test leaves no training or validation sample; give more samples or use --val")
+    return groups
+
+
+def run(args: argparse.Namespace) -> int:
+    from torch.utils.data import Subset
+
+    from napari_morphomol.models import ModelConfig, TrainingSettings, train_model
+    from napari_morphomol.models.data import open_cohort, tiles_stores_for
+    from napari_morphomol.tiling import GenePanel
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder for the checkpoints")
+    if out.exists():
+        clash = [v for v in args.variants if (out / f"{v}.safetensors").exists()]
+        if clash:
+            raise InputError(f"{out} already holds {', '.join(v + '.safetensors' for v in clash)}; choose another --out")
+    panel = GenePanel.from_json(args.panel) if args.panel else None
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    stores = tiles_stores_for(args.data, work_dir=args.work or out / "tiles", panel=panel, progress=say)
+    cohort = open_cohort(stores, progress=lambda path, done, total: say(f"decoding tiles of {path}: {done}/{total}"))
+    sample_ids = cohort.sample_ids
+    groups = _split(sample_ids, args)
+    index = {name: [i for i, s in enumerate(sample_ids) if s in set(groups[name])] for name in groups}
+    print(f"samples: train {', '.join(groups['train'])} ({len(index['train'])} tiles); "
+          f"validation {', '.join(groups['val'])} ({len(index['val'])} tiles); "
+          f"test {', '.join(groups['test']) or '-'} ({len(index['test'])} tiles, not used here)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "split.json").write_text(json.dumps(
+        {**groups, "stores": {s.sample_id: str(s.store.path.absolute()) for s in cohort.samples}}, indent=1))
+
+    settings = TrainingSettings(
+        lr_head=args.lr_head, lr_backbone=args.lr_backbone, weight_decay=args.weight_decay, max_epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, accumulate_grad_batches=args.accumulate,
+        patience=args.patience, seed=args.seed, precision=args.precision, num_workers=args.workers,
+        progress_bar=args.progress,
+    )
+    for variant in args.variants:
+        config = ModelConfig(
+            n_core_genes=len(cohort.core_genes), n_addon_genes=len(cohort.addon_genes), variant=variant,
+            backbone=args.backbone, backbone_kwargs=args.backbone_kwargs,
+            learnable_gate=args.learnable_gate and config_allows_gate(variant),
+        )
+        result = train_model(
+            config, Subset(cohort, index["train"]), Subset(cohort, index["val"]),
+            core_genes=cohort.core_genes, addon_genes=cohort.addon_genes,
+            checkpoint_path=out / f"{variant}.safetensors", settings=settings, backbone_weights=args.backbone_weights,
+            tile_geometry=cohort.model_tile_geometry(),
+            data_summary={"samples": groups, "cli_arguments": _arguments(args)},
+        )
+        means = result.validation.means
+        print(f"{variant}: validation pearson {means['pearson']:.3f} spearman {means['spearman']:.3f} "
+              f"mse {means['mse']:.4f} -> {result.checkpoint_path}")
+    return 0
+
+
+def _arguments(args: argparse.Namespace) -> dict:
+    """The parsed command line, as JSON, for the model card."""
+    return {key: value for key, value in vars(args).items() if not key.startswith("_")}
+
+
+def config_allows_gate(variant: str) -> bool:
+    """The gate exists only for add fusion."""
+    return variant.startswith(("early_fusion_add", "late_fusion_add"))

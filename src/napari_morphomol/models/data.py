@@ -1,0 +1,354 @@
+"""Torch datasets over tiles stores (``morphomol tiles``), with the H&E tiles decoded once.
+
+A tiles store holds the grid, the core-gene token raster and the add-on targets, but no pixels.
+Training reads every tile once per epoch, and area-resampling it from the H&E pyramid each time
+would cost more than the small models' forward pass, so the 224 px tiles are decoded once with
+:class:`napari_morphomol.tiling.LevelSampler` (each H&E chunk decoded once) into a sidecar zarr
+beside the store, ``NAME.images.zarr``: ``images`` (tiles, 224, 224, 3) uint8, one chunk per
+tile, rows in the store's table order. The sidecar records the tile ids it was cut for, so a
+store rewritten later is noticed instead of silently misaligned.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import ConcatDataset, Dataset
+
+from napari_morphomol.errors import InputError
+from napari_morphomol.models.config import ModelTileGeometry
+from napari_morphomol.tiling import GenePanel, LevelSampler, TilesStore, read_tiles_zarr
+
+IMAGES_ATTRS_KEY = "morphomol_tile_images"
+IMAGES_FORMAT_VERSION = 1
+_TOKENS_IN_MEMORY_BYTES = 1 << 30
+
+
+def image_cache_path(store_path: str | Path) -> Path:
+    """Where the decoded tiles of a store live: ``tiles.zarr`` -> ``tiles.images.zarr``."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.name.removesuffix(".zarr") + ".images.zarr")
+
+
+def he_path_of_store(store: TilesStore) -> Path:
+    """The H&E file a store was tiled from, as its provenance records it (absolute, relative to
+    the working directory, or relative to the store's folder)."""
+    recorded = (store.attrs.get("provenance") or {}).get("he")
+    if not recorded:
+        raise InputError(f"{store.path} does not record its H&E image; pass the H&E file explicitly (he_path=...)")
+    for candidate in (Path(recorded), store.path.parent / recorded):
+        if candidate.is_file():
+            return candidate.absolute()
+    raise InputError(
+        f"{store.path} was tiled from {recorded}, which is not found (from here or beside the store); "
+        "pass the H&E file explicitly (he_path=... / --he)"
+    )
+
+
+def he_levels_yxc_of_file(he_path: str | Path) -> list:
+    """The RGB levels (y, x, 3) of an H&E pyramid file, lazily."""
+    from napari_morphomol.io.he_image import read_pyramid, rgb_levels_cyx
+
+    return [level.transpose(1, 2, 0) for level in rgb_levels_cyx(read_pyramid(he_path))]
+
+
+def write_tile_images(
+    store: TilesStore,
+    *,
+    he_path: str | Path | None = None,
+    out_path: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Decode the store's tiles from the H&E pyramid into the sidecar (atomically); returns its path."""
+    out = Path(out_path) if out_path is not None else image_cache_path(store.path)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass overwrite=True (--overwrite) to rebuild it")
+    he_path = Path(he_path) if he_path is not None else he_path_of_store(store)
+    sampler = LevelSampler(store.geometry, he_levels_yxc_of_file(he_path))
+    n_tiles, size = len(store.tiles), store.geometry.image_px
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        root = zarr.open_group(tmp, mode="w", zarr_format=3)
+        root.attrs[IMAGES_ATTRS_KEY] = {
+            "format_version": IMAGES_FORMAT_VERSION,
+            "tile_ids": [int(t) for t in store.tiles["tile_id"]],
+            "he_path": str(he_path),
+            "pyramid_level": int(sampler.level),
+            "geometry": store.geometry.to_dict(),
+        }
+        images = root.create_array("images", shape=(n_tiles, size, size, 3), dtype=np.uint8,
+                                   chunks=(1, size, size, 3), dimension_names=("tile", "y", "x", "rgb"))
+        done = 0
+        for positions, batch in sampler.iter_tiles(store.tiles["row"].to_numpy(), store.tiles["col"].to_numpy()):
+            for position, image in zip(positions, batch, strict=True):
+                images[int(position)] = image
+            done += len(positions)
+            if progress is not None:
+                progress(done, n_tiles)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def open_tile_images(store: TilesStore, path: str | Path) -> zarr.Array:
+    """The sidecar's ``images`` array, checked against the store's tiles."""
+    path = Path(path)
+    try:
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs[IMAGES_ATTRS_KEY])
+        images = root["images"]
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise InputError(f"{path} is not a tile image cache ({exc}); delete it and let it be rebuilt") from exc
+    if attrs.get("format_version") != IMAGES_FORMAT_VERSION:
+        raise InputError(f"{path} has image cache format {attrs.get('format_version')}; delete it to rebuild")
+    if attrs.get("tile_ids") != [int(t) for t in store.tiles["tile_id"]]:
+        raise InputError(
+            f"{path} was cut for other tiles than {store.path} now holds (the store was rewritten); "
+            "rebuild it (overwrite=True / --overwrite)"
+        )
+    return images
+
+
+class TileDataset(Dataset):
+    """The tiles of one store as the models' items: ``image`` uint8 (3, 224, 224), ``tokens``
+    float32 (196, G_core) raw counts, ``target`` float32 (G_add,) log1p tile sums, ``sample_id``.
+
+    ``core_genes`` / ``addon_genes`` reorder (or select) the store's genes, e.g. to a model's
+    panel; every named gene must be in the store.
+    """
+
+    def __init__(
+        self,
+        store: TilesStore,
+        images: zarr.Array,
+        *,
+        sample_id: str,
+        core_genes: Sequence[str] | None = None,
+        addon_genes: Sequence[str] | None = None,
+    ) -> None:
+        if images.shape[0] != len(store.tiles):
+            raise InputError(f"the image cache has {images.shape[0]} tiles, the store {store.path} {len(store.tiles)}")
+        self.store = store
+        self.sample_id = str(sample_id)
+        self.core_genes = list(store.core_genes if core_genes is None else core_genes)
+        self.addon_genes = list(store.addon_genes if addon_genes is None else addon_genes)
+        self._core_index = _gene_index(store.core_genes, self.core_genes, "core", store.path)
+        self._addon_index = _gene_index(store.addon_genes, self.addon_genes, "add-on", store.path)
+        self._images = images
+        tokens = store.tokens
+        self._tokens = tokens[...] if tokens.nbytes <= _TOKENS_IN_MEMORY_BYTES else tokens
+        self._targets = np.asarray(store.targets_log1p[...])[:, self._addon_index]
+        geometry = store.geometry
+        self._stride, self._side = geometry.stride_cells, geometry.tokens_per_side
+        self._rows = store.tiles["row"].to_numpy()
+        self._cols = store.tiles["col"].to_numpy()
+
+    @classmethod
+    def from_store(
+        cls,
+        store_path: str | Path,
+        *,
+        sample_id: str | None = None,
+        he_path: str | Path | None = None,
+        images_path: str | Path | None = None,
+        core_genes: Sequence[str] | None = None,
+        addon_genes: Sequence[str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> TileDataset:
+        """Open a tiles store; decode its tiles into the sidecar first if they are not cached yet."""
+        store = read_tiles_zarr(store_path)
+        cache = Path(images_path) if images_path is not None else image_cache_path(store.path)
+        if not cache.exists():
+            write_tile_images(store, he_path=he_path, out_path=cache, progress=progress)
+        name = sample_id if sample_id is not None else store.path.name.removesuffix(".zarr").removesuffix(".tiles")
+        return cls(store, open_tile_images(store, cache), sample_id=name, core_genes=core_genes,
+                   addon_genes=addon_genes)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def tile_tokens(self, position: int) -> np.ndarray:
+        """(14, 14, G_core) uint32 counts of the tile at table ``position``, in this dataset's gene order."""
+        s, t = self._stride, self._side
+        i, j = int(self._rows[position]), int(self._cols[position])
+        window = np.asarray(self._tokens[s * i:s * i + t, s * j:s * j + t])
+        return window[..., self._core_index]
+
+    def __getitem__(self, position: int) -> dict:
+        if not -len(self) <= position < len(self):
+            raise IndexError(f"tile {position} of {len(self)}")
+        position = position % len(self)
+        image = np.asarray(self._images[position])
+        tokens = self.tile_tokens(position)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "tokens": torch.from_numpy(tokens.reshape(self._side * self._side, -1).astype(np.float32)),
+            "target": torch.from_numpy(self._targets[position].copy()),
+            "sample_id": self.sample_id,
+        }
+
+
+def _gene_index(available: Sequence[str], wanted: Sequence[str], what: str, path: Path) -> np.ndarray:
+    position = {g: k for k, g in enumerate(available)}
+    missing = [g for g in wanted if g not in position]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise InputError(f"{path} lacks {len(missing)} {what} genes of the panel asked for: {shown}")
+    return np.array([position[g] for g in wanted], dtype=np.int64)
+
+
+class CohortDataset(ConcatDataset):
+    """Tiles of several samples in one gene order (the first sample's, unless given)."""
+
+    def __init__(self, samples: Sequence[TileDataset]) -> None:
+        if not samples:
+            raise InputError("no samples given")
+        names = [s.sample_id for s in samples]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InputError(f"sample ids must be unique (splits are by sample), repeated: {', '.join(twice)}")
+        first = samples[0]
+        for other in samples[1:]:
+            if (other.core_genes, other.addon_genes) != (first.core_genes, first.addon_genes):
+                raise InputError(
+                    f"sample {other.sample_id} has another gene panel than {first.sample_id}; "
+                    "open every store with the same core_genes and addon_genes"
+                )
+            if _scale(other.store.geometry) != _scale(first.store.geometry):
+                raise InputError(
+                    f"sample {other.sample_id} was tiled at another scale than {first.sample_id} "
+                    f"({_scale(other.store.geometry)} vs {_scale(first.store.geometry)}); tile both alike"
+                )
+        super().__init__(samples)
+        self.samples = list(samples)
+        self.core_genes, self.addon_genes = first.core_genes, first.addon_genes
+
+    def model_tile_geometry(self) -> ModelTileGeometry:
+        """The tile geometry record for a model trained on these tiles."""
+        g = self.samples[0].store.geometry
+        return ModelTileGeometry(tile_px=g.tile_px, stride_px=g.stride_px, mpp=g.tile_mpp, img_size=g.image_px,
+                                 patch_px=g.image_px // g.tokens_per_side)
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """Per tile, its sample id (for :func:`split_by_sample`)."""
+        return np.concatenate([np.full(len(s), s.sample_id, dtype=object) for s in self.samples]).astype(str)
+
+
+def _scale(geometry) -> tuple:
+    return (geometry.tile_px, geometry.tile_mpp, geometry.image_px, geometry.tokens_per_side)
+
+
+def open_cohort(
+    store_paths: Sequence[str | Path],
+    *,
+    core_genes: Sequence[str] | None = None,
+    addon_genes: Sequence[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CohortDataset:
+    """Tiles stores as one dataset, in one gene order (given, or the first store's)."""
+    if not store_paths:
+        raise InputError("no tiles stores given")
+    if core_genes is None or addon_genes is None:
+        first = read_tiles_zarr(store_paths[0])
+        core_genes = first.core_genes if core_genes is None else core_genes
+        addon_genes = first.addon_genes if addon_genes is None else addon_genes
+    samples = []
+    for path in store_paths:
+        report = None if progress is None else (lambda done, total, p=str(path): progress(p, done, total))
+        samples.append(TileDataset.from_store(path, core_genes=core_genes, addon_genes=addon_genes, progress=report))
+    return CohortDataset(samples)
+
+
+def tile_sample_folder(
+    folder: str | Path,
+    out_path: str | Path,
+    *,
+    panel: GenePanel | None = None,
+    overwrite: bool = False,
+    **tiling_options,
+) -> Path:
+    """A sample folder (Xenium bundle with its aligned H&E, or ``xenium/`` + H&E files, as
+    ``morphomol synth`` writes) -> a tiles store with its decoded tiles, as ``morphomol tiles``
+    would make it. The panel is ``panel``, else the folder's ``panel.json``."""
+    from napari_morphomol.io.sample import find_sample_parts, load_sample
+    from napari_morphomol.tiling import check_output_path, tile_sample, write_tiles_zarr
+
+    folder = Path(folder)
+    parts = find_sample_parts(folder)
+    if parts is None or parts.he_path is None or parts.alignment_csv is None:
+        raise InputError(
+            f"{folder} is not a sample folder with an aligned H&E image: it needs a Xenium bundle and "
+            "one *he_image.ome.tif and *he_imagealignment.csv (or give tiles stores from `morphomol tiles`)"
+        )
+    panel_source = "given"
+    if panel is None:
+        panel_json = folder / "panel.json"
+        if not panel_json.is_file():
+            raise InputError(f"no gene panel for {folder}: give a panel JSON {{\"core\": [...], \"addon\": [...]}}")
+        panel, panel_source = GenePanel.from_json(panel_json), str(panel_json.absolute())
+    if not panel.addon:
+        raise InputError(f"the gene panel for {folder} has no add-on genes: models need targets")
+    out = check_output_path(out_path, overwrite=overwrite)
+    sdata = load_sample(parts.xenium_dir, parts.he_path, parts.alignment_csv)
+    tiling = tile_sample(sdata, panel=panel, **tiling_options)
+    provenance = {"xenium_dir": str(parts.xenium_dir.absolute()), "he": str(parts.he_path.absolute()),
+                  "alignment": str(parts.alignment_csv.absolute()), "panel": panel_source}
+    write_tiles_zarr(tiling, out, overwrite=overwrite, provenance=provenance)
+    write_tile_images(read_tiles_zarr(out), he_path=parts.he_path, overwrite=True)
+    return out
+
+
+def is_tiles_store(path: str | Path) -> bool:
+    try:
+        read_tiles_zarr(path)
+    except InputError:
+        return False
+    return True
+
+
+def tiles_stores_for(
+    inputs: Sequence[str | Path],
+    *,
+    work_dir: str | Path,
+    panel: GenePanel | None = None,
+    progress: Callable[[str], None] | None = None,
+    **tiling_options,
+) -> list[Path]:
+    """Tiles stores for a mix of stores and sample folders: folders are tiled once into
+    ``work_dir/NAME.tiles.zarr`` (reused when already there)."""
+    say = progress or (lambda message: None)
+    names = [Path(p).absolute().name for p in inputs if not is_tiles_store(p)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"sample folders share the name {', '.join(twice)}; a sample is known by its folder name, "
+                         "so rename them (or tile them first with `morphomol tiles --out NAME.tiles.zarr`)")
+    stores = []
+    for given in inputs:
+        path = Path(given)
+        if not path.exists():
+            raise InputError(f"{path} does not exist; give tiles stores (morphomol tiles) or sample folders")
+        if is_tiles_store(path):
+            stores.append(path)
+            continue
+        store = Path(work_dir) / f"{path.absolute().name}.tiles.zarr"
+        if store.exists():
+            say(f"{path}: reusing {store}")
+        else:
+            say(f"{path}: tiling into {store}")
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+            tile_sample_folder(path, store, panel=panel, **tiling_options)
+        stores.append(store)
+    return stores
