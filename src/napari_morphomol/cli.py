@@ -19,6 +19,9 @@ SUBCOMMANDS = [
     "tiles",
     "synth",
     "register",
+    "predict",
+    "train",
+    "evaluate",
 ]
 
 EPILOG = """\
