@@ -1,0 +1,232 @@
+"""The Register H&E to Xenium dock widget, driven as a user would, under Xvfb."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QMessageBox
+from spatialdata.transformations import get_transformation
+
+from napari_morphomol._layers import DAPI_LAYER, HE_LAYER, sample_layers
+from napari_morphomol.coords import GLOBAL, layer_affine_um, napari_to_xy, xy_to_napari
+from napari_morphomol.io.sample import load_sample
+from napari_morphomol.registration import read_alignment_csv, read_keypoints_csv
+from napari_morphomol.widgets.registration import (
+    ALIGNMENT,
+    BIGWARP,
+    HE_POINTS_LAYER,
+    KEYPOINTS,
+    OVERLAY,
+    SIDE_BY_SIDE,
+    XENIUM_POINTS_LAYER,
+    RegistrationWidget,
+)
+
+PIXEL_UM = 0.2125
+
+
+@pytest.fixture
+def opened(make_napari_viewer, synthetic_sample):
+    """A viewer with the sample's H&E (not yet registered) and DAPI, and the widget docked."""
+    viewer = make_napari_viewer()
+    sdata = load_sample(synthetic_sample.xenium_dir, synthetic_sample.he_path)
+    for data, kwargs, kind in sample_layers(sdata, with_density=False):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = RegistrationWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Register H&E to Xenium")
+    return viewer, widget, sdata
+
+
+def click(layer, data_xy):
+    """What a click in add mode does: the world position under the cursor, back to layer data."""
+    world = layer.data_to_world(xy_to_napari(np.atleast_2d(data_xy))[0])
+    layer.add(layer.world_to_data(world))
+
+
+def click_pairs(viewer, widget, he_px, global_px):
+    for h, g in zip(he_px, global_px):
+        assert viewer.layers.selection.active is widget.he_points
+        click(widget.he_points, h)
+        assert viewer.layers.selection.active is widget.xenium_points  # clicks alternate
+        click(widget.xenium_points, g)
+
+
+def table_rows(widget):
+    value = widget.table.value
+    return list(value["index"]), [float(row[0]) for row in value["data"]]
+
+
+def test_click_fit_apply_undo_redo(opened, synthetic_sample, qtbot):
+    viewer, widget, sdata = opened
+    assert widget.view.value == SIDE_BY_SIDE  # nothing to overlay before a registration
+    he_image, dapi = viewer.layers[HE_LAYER], viewer.layers[DAPI_LAYER]
+    assert he_image.extent.world[0][1] > dapi.extent.world[1][1]  # H&E to the right of the DAPI
+    truth = read_alignment_csv(synthetic_sample.alignment_csv)
+    pairs = read_keypoints_csv(synthetic_sample.keypoints_csv)
+    he_px = pairs.he_px[:6].copy()
+    he_px[4] += [30.0, -20.0]  # one sloppy click
+    click_pairs(viewer, widget, he_px, pairs.global_px[:6])
+    # side by side, the H&E points still hold H&E px
+    np.testing.assert_allclose(napari_to_xy(widget.he_points.data), he_px, atol=1e-6)
+    np.testing.assert_allclose(napari_to_xy(widget.xenium_points.data), pairs.global_px[:6], atol=1e-6)
+    assert list(widget.he_points.features["name"]) == [f"Pt-{i}" for i in range(6)]
+    assert list(widget.xenium_points.features["name"]) == [f"Pt-{i}" for i in range(6)]
+
+    qtbot.waitUntil(lambda: len(widget.table.value["index"]) == 6, timeout=5000)  # live residuals
+    names, residuals = table_rows(widget)
+    assert names[0] == "Pt-4" and residuals == sorted(residuals, reverse=True)
+    fitted = widget.fitted
+    np.testing.assert_allclose(residuals, np.sort(fitted.residuals_um)[::-1], atol=0.01)
+    assert residuals[0] > 3.0 and residuals[-1] < residuals[0] / 2
+
+    widget.model.value = "similarity"
+    widget.fit_button.clicked.emit()
+    assert widget.fitted.model == "similarity" and "similarity: RMSE" in widget.status.value
+    widget.view.value = OVERLAY
+    widget.apply_button.clicked.emit()
+    applied = widget.fitted.best_affine
+    expected = layer_affine_um(applied, PIXEL_UM)
+    np.testing.assert_allclose(he_image.affine.affine_matrix, expected, atol=1e-9)
+    np.testing.assert_allclose(widget.he_points.affine.affine_matrix, expected, atol=1e-9)
+    np.testing.assert_allclose(he_image.translate, 0.0, atol=1e-9)
+    np.testing.assert_allclose(get_transformation(sdata.images["he_image"], GLOBAL).to_affine_matrix(("x", "y"), ("x", "y")), applied)
+    # the H&E now lies on the Xenium image: held-out landmarks land within a few um of the truth
+    held_out = pairs.he_px[6:]
+    world = np.array([he_image.data_to_world(p) for p in xy_to_napari(held_out)])
+    true_um = (held_out @ truth[:2, :2].T + truth[:2, 2]) * PIXEL_UM
+    assert np.linalg.norm(napari_to_xy(world) - true_um, axis=1).max() < 5.0
+    np.testing.assert_allclose(napari_to_xy(widget.he_points.data), he_px, atol=1e-6)  # data never moves
+
+    widget.undo_button.clicked.emit()
+    before = layer_affine_um(np.diag([0.2737 / PIXEL_UM, 0.2737 / PIXEL_UM, 1.0]), PIXEL_UM)
+    assert np.abs(he_image.affine.affine_matrix - before).max() < 1e-3
+    assert GLOBAL not in get_transformation(sdata.images["he_image"], get_all=True)
+    assert not widget.undo_button.enabled and widget.redo_button.enabled
+    widget.redo_button.clicked.emit()
+    np.testing.assert_allclose(he_image.affine.affine_matrix, expected, atol=1e-9)
+    np.testing.assert_allclose(widget.he_points.affine.affine_matrix, expected, atol=1e-9)
+
+    # side by side again: shifted by a translate only, clicks still give H&E px
+    widget.view.value = SIDE_BY_SIDE
+    np.testing.assert_allclose(he_image.affine.affine_matrix, expected, atol=1e-9)
+    assert he_image.extent.world[0][1] > dapi.extent.world[1][1]
+    np.testing.assert_allclose(widget.he_points.translate, he_image.translate)
+    click(widget.he_points, [500.0, 600.0])
+    np.testing.assert_allclose(napari_to_xy(widget.he_points.data[-1:]), [[500.0, 600.0]], atol=1e-6)
+
+    # selecting the worst row centres the view on that pair
+    widget.view.value = OVERLAY
+    widget.he_points.remove([6])
+    widget.fit()
+    worst = widget.table.value["index"][0]
+    widget.table.native.selectRow(0)
+    i = list(widget.he_points.features["name"]).index(worst)
+    centre_xy = napari_to_xy(np.array([viewer.camera.center[-2:]]))[0]
+    np.testing.assert_allclose(centre_xy, pairs.global_px[i] * PIXEL_UM, atol=1e-6)
+    assert widget.he_points.selected_data == {i} and widget.xenium_points.selected_data == {i}
+
+    widget.flick_button.clicked.emit()
+    assert he_image.opacity == 0.0 and dapi.opacity == 1.0
+    widget.flick_button.clicked.emit()
+    assert he_image.opacity == 1.0 and dapi.opacity == 0.0
+
+
+def test_delete_removes_the_partner(opened):
+    viewer, widget, _ = opened
+    click_pairs(viewer, widget, [[100.0, 100.0], [200.0, 300.0], [400.0, 100.0]], [[120.0, 90.0], [250.0, 380.0], [500.0, 80.0]])
+    widget.xenium_points.remove([1])
+    assert len(widget.he_points.data) == len(widget.xenium_points.data) == 2
+    assert list(widget.he_points.features["name"]) == ["Pt-0", "Pt-2"]
+    np.testing.assert_allclose(napari_to_xy(widget.he_points.data), [[100.0, 100.0], [400.0, 100.0]], atol=1e-6)
+    click_pairs(viewer, widget, [[300.0, 300.0]], [[350.0, 390.0]])
+    assert list(widget.xenium_points.features["name"]) == ["Pt-0", "Pt-2", "Pt-1"]
+
+
+def test_bad_clicks_are_messages_not_tracebacks(opened):
+    viewer, widget, _ = opened
+    click_pairs(viewer, widget, [[100.0, 100.0], [900.0, 300.0]], [[120.0, 90.0], [1200.0, 380.0]])
+    widget.fit_button.clicked.emit()
+    assert "affine model needs at least 3 active landmark pairs; there are 2" in widget.status.value
+    assert widget.fitted is None and widget.table.value["index"] == ()
+    widget.model.value = "translation"
+    widget.fit_button.clicked.emit()
+    assert widget.fitted is not None
+    click(widget.he_points, [500.0, 900.0])
+    widget.fit_button.clicked.emit()
+    assert "3 H&E points but 2 Xenium points" in widget.status.value and widget.fitted is None
+    click(widget.xenium_points, [-40.0, 800.0])
+    widget.fit_button.clicked.emit()
+    assert "Pt-2 lie outside the Xenium image" in widget.status.value
+    widget.apply_button.clicked.emit()
+    assert "nothing to apply" in widget.status.value
+    assert not widget.undo_button.enabled
+
+
+def _answer_overwrite(widget, button):
+    QTimer.singleShot(200, lambda: widget.overwrite_question.button(button).click())
+
+
+def test_export_asks_before_overwriting_and_reimports(opened, synthetic_sample, tmp_path):
+    viewer, widget, sdata = opened
+    pairs = read_keypoints_csv(synthetic_sample.keypoints_csv)
+    click_pairs(viewer, widget, pairs.he_px[:5], pairs.global_px[:5])
+    widget.fit()
+    widget.apply()
+    for fmt, name in ((KEYPOINTS, "keypoints.csv"), (BIGWARP, "bigwarp.csv"), (ALIGNMENT, "alignment.csv")):
+        widget.file_format.value = fmt
+        widget.export_path.value = tmp_path / name
+        widget.export_button.clicked.emit()
+        assert (tmp_path / name).is_file() and "wrote" in widget.status.value
+    np.testing.assert_allclose(read_alignment_csv(tmp_path / "alignment.csv"), widget.fitted.best_affine)
+
+    widget.file_format.value = KEYPOINTS
+    widget.export_path.value = tmp_path / "keypoints.csv"
+    (tmp_path / "keypoints.csv").write_text("fixedX,fixedY,alignmentX,alignmentY\n")
+    _answer_overwrite(widget, QMessageBox.StandardButton.No)
+    widget.export_button.clicked.emit()
+    assert "not written" in widget.status.value
+    assert (tmp_path / "keypoints.csv").read_text() == "fixedX,fixedY,alignmentX,alignmentY\n"
+    _answer_overwrite(widget, QMessageBox.StandardButton.Yes)
+    widget.export_button.clicked.emit()
+    assert len(read_keypoints_csv(tmp_path / "keypoints.csv")) == 5
+
+    # re-import into a fresh start: same pairs, same fit
+    fitted = widget.fitted
+    widget.he_points.remove(list(range(5)))
+    assert len(widget.xenium_points.data) == 0
+    for fmt, name in ((KEYPOINTS, "keypoints.csv"), (BIGWARP, "bigwarp.csv")):
+        widget.file_format.value = fmt
+        widget.import_path.value = tmp_path / name
+        widget.import_button.clicked.emit()
+        assert "read 5 pairs" in widget.status.value
+        np.testing.assert_allclose(napari_to_xy(widget.he_points.data), pairs.he_px[:5], atol=1e-6)
+        np.testing.assert_allclose(napari_to_xy(widget.xenium_points.data), pairs.global_px[:5], atol=1e-6)
+        np.testing.assert_allclose(widget.fitted.residuals_um, fitted.residuals_um)
+
+    # an alignment matrix moves the H&E directly, undoably
+    widget.undo()
+    widget.file_format.value = ALIGNMENT
+    widget.import_path.value = synthetic_sample.alignment_csv
+    widget.import_button.clicked.emit()
+    truth = read_alignment_csv(synthetic_sample.alignment_csv)
+    np.testing.assert_allclose(viewer.layers[HE_LAYER].affine.affine_matrix, layer_affine_um(truth, PIXEL_UM))
+    widget.import_path.value = tmp_path / "bigwarp.csv"  # landmarks read as a matrix: a message, no move
+    widget.import_button.clicked.emit()
+    assert "bigwarp.csv, line 1: expected numbers" in widget.status.value
+    np.testing.assert_allclose(viewer.layers[HE_LAYER].affine.affine_matrix, layer_affine_um(truth, PIXEL_UM))
+
+
+def test_automatic_start_fills_both_layers(opened, synthetic_sample, qtbot):
+    viewer, widget, _ = opened
+    worker = widget.start_automatic()
+    assert not widget.auto_button.enabled
+    qtbot.waitUntil(lambda: widget.auto_button.enabled, timeout=120_000)
+    n = len(widget.he_points.data)
+    assert n >= 3 and len(widget.xenium_points.data) == n and "pairs proposed" in widget.status.value
+    assert list(widget.he_points.features["name"])[0] == "auto-0"
+    truth = read_alignment_csv(synthetic_sample.alignment_csv)
+    he = napari_to_xy(widget.he_points.data)
+    error_um = np.linalg.norm(he @ truth[:2, :2].T + truth[:2, 2] - napari_to_xy(widget.xenium_points.data), axis=1) * PIXEL_UM
+    assert np.median(error_um) < 3.0
+    assert widget.fitted is not None and worker is not None
