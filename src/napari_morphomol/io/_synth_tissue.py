@@ -52,6 +52,9 @@ REGION_TYPE_MIX = np.array(
     ]
 )
 REGION_TYPE_MIX[0, 1] = 1.0  # never used (no cells on background); keeps rows normalised
+TUMOUR_MARGIN_TYPE_MIX = np.array([0.0, 0.3, 0.08, 0.35, 0.07, 0.2, 0.0])
+MARGIN_WIDTH = 0.5
+"""Stroma whose tumour field is within this of the tumour threshold is tumour margin."""
 
 # Per cell type: nucleus radius mean and sd (um), nucleus aspect ratio, hematoxylin
 # (chromatin) darkness, DAPI brightness, cell radius (um), cytoplasm eosin, mean transcripts.
@@ -163,6 +166,7 @@ def make_fields(rng: np.random.Generator, size_um: tuple[float, float]) -> Tissu
         "hypoxia": _smooth_field(rng, shape, 120.0),
         "proliferation": _smooth_field(rng, shape, 200.0),
         "fibre_stream": _smooth_field(rng, shape, 120.0),
+        "nuclear_size": _smooth_field(rng, shape, 250.0),
     }
     thresholds = {
         "tissue": -1.6,  # about 5 % of the section is bare glass (holes, tears)
@@ -173,6 +177,26 @@ def make_fields(rng: np.random.Generator, size_um: tuple[float, float]) -> Tissu
     }
     immune = (fields["immune"] > thresholds["immune"]) & (fields["tumour"] <= thresholds["tumour"])
     necrosis = (fields["tumour"] > thresholds["tumour_core"]) & (fields["necrosis"] > thresholds["necrosis"])
+    immune_proximity = _proximity(immune, 70.0)
+    necrosis_proximity = _proximity(necrosis, 50.0)
+    # Morphology-state fields are made exactly uncorrelated, over this section's tumour, with the
+    # hidden states and their drivers, so that nuclei carry no chance information about them.
+    drivers = [
+        ifn_state(fields["ifn"], immune_proximity),
+        hypoxia_state(fields["hypoxia"], necrosis_proximity),
+        fields["ifn"],
+        fields["hypoxia"],
+        immune_proximity,
+        necrosis_proximity,
+    ]
+    design = np.column_stack([np.ones(immune.size)] + [d.ravel().astype(np.float64) for d in drivers])
+    tumour = fields["tumour"].ravel() > thresholds["tumour"]
+    if tumour.sum() < 10 * design.shape[1]:
+        tumour = np.ones_like(tumour)
+    for name in ("proliferation", "nuclear_size"):
+        f = fields[name].ravel().astype(np.float64)
+        f = f - design @ np.linalg.lstsq(design[tumour], f[tumour], rcond=None)[0]
+        fields[name] = (f / (f[tumour].std() + 1e-12)).reshape(immune.shape).astype(np.float32)
     raster_w = int(np.ceil(size_um[0] / REGION_STEP_UM))
     raster_h = int(np.ceil(size_um[1] / REGION_STEP_UM))
     raster = np.empty((raster_h, raster_w), dtype=np.uint8)
@@ -185,8 +209,8 @@ def make_fields(rng: np.random.Generator, size_um: tuple[float, float]) -> Tissu
         step_um=FIELD_STEP_UM,
         fields=fields,
         thresholds=thresholds,
-        immune_proximity=_proximity(immune, 70.0),
-        necrosis_proximity=_proximity(necrosis, 50.0),
+        immune_proximity=immune_proximity,
+        necrosis_proximity=necrosis_proximity,
         region_raster=raster,
     )
 
@@ -288,18 +312,24 @@ def _block_cells(rng, fields, size_um, block_x, block_y, nx, ny, block_id) -> di
     x, y, gx, gy, region = x[keep], y[keep], gx[keep], gy[keep], region[keep]
     n = len(x)
 
-    cumulative = np.cumsum(REGION_TYPE_MIX[region], axis=1)
+    # lymphocytes and macrophages crowd the stroma at the tumour margin
+    tumour_field = fields.sample("tumour", x, y)
+    margin = np.clip((tumour_field - (fields.thresholds["tumour"] - MARGIN_WIDTH)) / MARGIN_WIDTH, 0, 1)
+    margin = np.where(region == STROMA, margin, 0.0)[:, None]
+    mix = (1 - margin) * REGION_TYPE_MIX[region] + margin * TUMOUR_MARGIN_TYPE_MIX[None, :]
+    cumulative = np.cumsum(mix, axis=1)
     cell_type = (rng.random(n)[:, None] > cumulative).sum(axis=1).clip(max=len(CELL_TYPES) - 1)
     cell_type = cell_type.astype(np.uint8)
 
     # Hidden states: smooth fields that only some core genes reveal (not the morphology).
-    ifn = _sigmoid(2.5 * (fields.sample("ifn", x, y) + 2.0 * fields.sample("immune_proximity", x, y) - 0.8))
-    hypoxia = _sigmoid(2.5 * (fields.sample("hypoxia", x, y) + 2.5 * fields.sample("necrosis_proximity", x, y) - 1.0))
+    ifn = ifn_state(fields.sample("ifn", x, y), fields.sample("immune_proximity", x, y))
+    hypoxia = hypoxia_state(fields.sample("hypoxia", x, y), fields.sample("necrosis_proximity", x, y))
     # Morphology states: visible in the nuclei, revealed by no core gene.
     is_tumour = cell_type == 0
     p_prolif = 0.05 + 0.25 * _sigmoid(2.0 * fields.sample("proliferation", x, y))
     proliferating = is_tumour & (rng.random(n) < p_prolif)
-    nuclear_size_z = rng.standard_normal(n).clip(-2.5, 2.5)
+    # nuclear size: partly a regional trait (grade varies across the tumour), partly per cell
+    nuclear_size_z = (0.75 * fields.sample("nuclear_size", x, y) + 0.66 * rng.standard_normal(n)).clip(-2.5, 2.5)
 
     radius = NUCLEUS_RADIUS_UM[cell_type] * np.exp(NUCLEUS_RADIUS_SD[cell_type] * nuclear_size_z)
     radius = np.where(proliferating, radius * PROLIFERATING_RADIUS_GAIN, radius)
@@ -367,6 +397,16 @@ def _without_overlapping_nuclei(columns: dict[str, np.ndarray], nx: int, ny: int
             close = (x - x[o]) ** 2 + (y - y[o]) ** 2 < (NUCLEUS_OVERLAP * (radius + radius[o])) ** 2
             drop |= (other >= 0) & close & (priority[o] > priority)
     return ~drop
+
+
+def ifn_state(ifn_field: np.ndarray, immune_proximity: np.ndarray) -> np.ndarray:
+    """Interferon response: near immune aggregates and where a smooth random field is high."""
+    return _sigmoid(2.5 * (ifn_field + 2.0 * immune_proximity - 0.8))
+
+
+def hypoxia_state(hypoxia_field: np.ndarray, necrosis_proximity: np.ndarray) -> np.ndarray:
+    """Hypoxia: near necrosis and where a smooth random field is high."""
+    return _sigmoid(2.5 * (hypoxia_field + 2.5 * necrosis_proximity - 1.0))
 
 
 def _sigmoid(v: np.ndarray) -> np.ndarray:
