@@ -70,6 +70,10 @@ VESICULAR = np.array([0.45, 0.0, 0.1, 0.0, 0.0, 0.25, 0.0])
 """How much lighter the nucleus centre is than its rim (open chromatin of tumour cells)."""
 MEAN_TRANSCRIPTS = np.array([210.0, 120.0, 120.0, 90.0, 95.0, 175.0, 40.0])
 
+FIBRE_PERIOD_UM = 4.0
+_FIBRE_STREAM_SCALE_UM = 120.0
+"""Stream function = fibre field * this: about one fibre per FIBRE_PERIOD_UM."""
+
 PROLIFERATING_RADIUS_GAIN = 1.3
 PROLIFERATING_DARKNESS_GAIN = 1.5
 
@@ -80,18 +84,14 @@ class TissueFields:
 
     step_um: float
     fields: dict[str, np.ndarray]
+    """Random fields, plus immune_proximity and necrosis_proximity in [0, 1]."""
     thresholds: dict[str, float]
-    immune_proximity: np.ndarray
-    necrosis_proximity: np.ndarray
     region_raster: np.ndarray
-    """Region id at REGION_STEP_UM over the section (computed once by exact_region)."""
+    """Region id at REGION_STEP_UM over the section (computed once by _exact_region)."""
 
     def sample(self, name: str, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Bilinear value of a field at world points (grid nodes at (i + 0.5) * step)."""
-        grid = self.immune_proximity if name == "immune_proximity" else (
-            self.necrosis_proximity if name == "necrosis_proximity" else self.fields[name]
-        )
-        return _bilinear(grid, x_um / self.step_um - 0.5, y_um / self.step_um - 0.5)
+        return _bilinear(self.fields[name], x_um / self.step_um - 0.5, y_um / self.step_um - 0.5)
 
     def fibre_phase(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Phase (radians) of the collagen fibre stripes: level lines of a smooth stream function."""
@@ -113,10 +113,6 @@ class TissueFields:
         inside = (col >= 0) & (row >= 0) & (col < w) & (row < h)
         out = self.region_raster[np.clip(row, 0, h - 1), np.clip(col, 0, w - 1)]
         return np.where(inside, out, np.uint8(BACKGROUND))
-
-
-FIBRE_PERIOD_UM = 4.0
-_FIBRE_STREAM_SCALE_UM = 120.0
 
 
 def _exact_region(fields: dict[str, np.ndarray], t: dict[str, float], x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
@@ -205,14 +201,9 @@ def make_fields(rng: np.random.Generator, size_um: tuple[float, float]) -> Tissu
         y = ((np.arange(row0, min(row0 + 256, raster_h)) + 0.5) * REGION_STEP_UM).astype(np.float32)
         xx, yy = np.meshgrid(x, y)
         raster[row0 : row0 + len(y)] = _exact_region(fields, thresholds, xx, yy)
-    return TissueFields(
-        step_um=FIELD_STEP_UM,
-        fields=fields,
-        thresholds=thresholds,
-        immune_proximity=immune_proximity,
-        necrosis_proximity=necrosis_proximity,
-        region_raster=raster,
-    )
+    fields["immune_proximity"] = immune_proximity
+    fields["necrosis_proximity"] = necrosis_proximity
+    return TissueFields(step_um=FIELD_STEP_UM, fields=fields, thresholds=thresholds, region_raster=raster)
 
 
 def _proximity(mask: np.ndarray, reach_um: float) -> np.ndarray:
@@ -276,7 +267,7 @@ def make_cells(seed: int, fields: TissueFields, size_um: tuple[float, float]) ->
     for block_y in range(by):
         for block_x in range(bx):
             rng = np.random.default_rng([seed, 1, block_y, block_x])
-            parts.append(_block_cells(rng, fields, size_um, block_x, block_y, nx, ny, block_y * bx + block_x))
+            parts.append(_block_cells(rng, fields, block_x, block_y, nx, ny, block_y * bx + block_x))
     columns = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     keep = _without_overlapping_nuclei(columns, nx, ny)
     del columns["priority"]
@@ -298,7 +289,7 @@ def make_cells(seed: int, fields: TissueFields, size_um: tuple[float, float]) ->
     return Cells(**columns, block_starts=block_starts, node_index=node_index, lookup=lookup)
 
 
-def _block_cells(rng, fields, size_um, block_x, block_y, nx, ny, block_id) -> dict[str, np.ndarray]:
+def _block_cells(rng, fields: TissueFields, block_x: int, block_y: int, nx: int, ny: int, block_id: int) -> dict[str, np.ndarray]:
     x0, y0 = block_x * BLOCK_NODES, block_y * BLOCK_NODES
     gy, gx = np.mgrid[y0 : min(y0 + BLOCK_NODES, ny), x0 : min(x0 + BLOCK_NODES, nx)]
     gx = gx.ravel().astype(np.int32)

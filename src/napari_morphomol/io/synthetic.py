@@ -151,7 +151,7 @@ def _fov_names(n_rows: int, n_cols: int) -> list[str]:
     return [f"{letters(r)}{c + 1}" for r in range(n_rows) for c in range(n_cols)]
 
 
-def _territory_polygons(cells: Cells, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _territory_polygons(cells: Cells, rows: np.ndarray) -> np.ndarray:
     """Vertices (len(rows), V, 2) of each cell's territory: its disk cut by the Voronoi
     bisectors of the neighbouring cells, sampled along V rays from the centre."""
     ny, nx = cells.node_index.shape
@@ -178,7 +178,7 @@ def _territory_polygons(cells: Cells, rows: np.ndarray) -> tuple[np.ndarray, np.
             reach = np.minimum(reach, t)
     vx = cx + reach * ux[None, :]
     vy = cy + reach * uy[None, :]
-    return np.stack([vx, vy], axis=-1), reach
+    return np.stack([vx, vy], axis=-1)
 
 
 def _polygon_area_centroid(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -425,7 +425,7 @@ def _write_cell_tables(xdir: Path, cells: Cells, cell_ids: np.ndarray, panel: Ge
 
 def _cell_tables(cells: Cells, rows: np.ndarray, cell_ids: np.ndarray, counts: np.ndarray, feature_kind: np.ndarray, cell_summary: np.ndarray):
     """cells.parquet rows, both boundary tables and the counts of a block's cells; fills cell_summary."""
-    territory, _ = _territory_polygons(cells, rows)
+    territory = _territory_polygons(cells, rows)
     area, centroid_x, centroid_y = _polygon_area_centroid(territory)
     nucleus = _ellipse_polygons(cells, rows)
     nucleus_area = np.pi * cells.nucleus_a_um[rows].astype(np.float64) * cells.nucleus_b_um[rows]
