@@ -583,7 +583,7 @@ def _write_metadata(tmp, xdir, cells, cell_ids, panel, transform, stain, size_um
         "preservation_method": "ffpe",
         "num_cells": n,
         "transcripts_per_cell": int(n_transcripts / max(n, 1)),
-        "transcripts_per_100um": float(n_transcripts / (area_mm2 * 100)),
+        "transcripts_per_100um": float(n_transcripts / (area_mm2 * 1e4)),  # per 100 um^2
         "cassette_name": "synthetic",
         "slide_id": f"SYN{seed:07d}",
         "panel_design_id": "synthetic",
