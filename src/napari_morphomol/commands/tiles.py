@@ -2,8 +2,8 @@
 
 Tiles are 512 px at 0.5 um/px (stride 256) in H&E space, kept on tissue, optionally inside a
 region, and with at least --min-transcripts core + add-on transcripts (qv >= 20, no controls).
-Writes TILES.zarr: the tile table, the 14 x 14-per-tile token raster of core-gene counts, the
-add-on targets (sums per tile, and per stride cell for maps) and, with --images, the tile images.
+Writes TILES.zarr: the tile table, the 14 x 14-per-tile token raster of core-gene counts and
+the add-on targets (sums per tile, and per stride cell for maps).
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='JSON {"core": [...], "addon": [...]}; default: every gene core, no add-on')
     parser.add_argument("--out", required=True, metavar="TILES.zarr", help="output store (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--images", action="store_true",
-                        help="also store the 224 x 224 tile images (uint8, about 150 kB per tile)")
     parser.add_argument("--he-pixel-size-um", type=float, help="H&E um/px when the file does not record it")
     parser.add_argument("--tile-px", type=int, default=512, help="tile size in px at --tile-mpp (default 512)")
     parser.add_argument("--stride-px", type=int, default=256, help="tile stride in px (default 256)")
@@ -75,9 +73,9 @@ def _alignment(xenium_dir: Path, given: str | None, registration: str | None) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_morphomol.io.sample import HE_IMAGE, load_sample
+    from napari_morphomol.io.sample import load_sample
     from napari_morphomol.registration import read_registration_json
-    from napari_morphomol.tiling import GenePanel, check_output_path, he_levels_yxc, tile_sample, write_tiles_zarr
+    from napari_morphomol.tiling import GenePanel, check_output_path, tile_sample, write_tiles_zarr
 
     out = check_output_path(args.out, overwrite=args.overwrite)
     alignment = _alignment(Path(args.xenium_dir), args.alignment, args.registration)
@@ -96,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     provenance = {"xenium_dir": str(args.xenium_dir), "he": str(args.he), "alignment": alignment,
                   "registration": args.registration, "panel": args.panel}
-    levels = he_levels_yxc(sdata.images[HE_IMAGE]) if args.images else None
-    write_tiles_zarr(tiling, out, overwrite=args.overwrite, provenance=provenance, he_levels_yxc=levels)
+    write_tiles_zarr(tiling, out, overwrite=args.overwrite, provenance=provenance)
     report = tiling.report
     print(f"{report['kept_tiles']} tiles kept of {report['grid_tiles']} in the grid "
           f"({report['tissue_tiles']} on tissue; transcript filter: {report['transcript_filter']['kept']} kept, "

@@ -10,7 +10,6 @@ Layout (zarr v3 group):
 - ``core_totals`` (cell rows, cell cols) uint32; ``addon_stride`` (stride rows, stride cols, add-on genes)
   uint32: add-on counts per stride cell (tile (i, j) = stride cells [i, i+2) x [j, j+2)).
 - ``addon_counts`` (tiles, add-on genes) uint32 and ``targets_log1p`` float32, rows in table order.
-- ``images`` (tiles, 224, 224, 3) uint8, when written with the H&E levels: the model's input tiles.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,6 @@ import zarr
 
 from napari_morphomol.errors import InputError
 from napari_morphomol.tiling.geometry import TileGeometry
-from napari_morphomol.tiling.he_tiles import LevelSampler
 from napari_morphomol.tiling.pipeline import Tiling
 from napari_morphomol.registration.transforms import AffineXY
 
@@ -47,17 +44,12 @@ def check_output_path(out_path: str | Path, *, overwrite: bool) -> Path:
 
 
 def write_tiles_zarr(tiling: Tiling, out_path: str | Path, *, overwrite: bool = False,
-                     provenance: dict | None = None, he_levels_yxc: Sequence | None = None) -> Path:
-    """Write atomically: a hidden temporary store beside ``out_path``, then one rename.
-
-    With ``he_levels_yxc`` (the H&E pyramid, full resolution first) the tile images are stored too.
-    """
+                     provenance: dict | None = None) -> Path:
+    """Write atomically: a hidden temporary store beside ``out_path``, then one rename."""
     out = check_output_path(out_path, overwrite=overwrite)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         _write(tiling, tmp, provenance=provenance or {})
-        if he_levels_yxc is not None:
-            _write_images(tiling, tmp, he_levels_yxc)
         if out.exists():
             trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, trash)
@@ -109,17 +101,6 @@ def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
                       dimension_names=("tile", "addon_gene"))
 
 
-def _write_images(tiling: Tiling, path: Path, he_levels_yxc: Sequence) -> None:
-    root = zarr.open_group(path, mode="r+")
-    size = tiling.geometry.image_px
-    images = root.create_array("images", shape=(len(tiling.tiles), size, size, 3), dtype=np.uint8,
-                               chunks=(1, size, size, 3), dimension_names=("tile", "y", "x", "c"))
-    sampler = LevelSampler(tiling.geometry, he_levels_yxc)
-    for positions, batch in sampler.iter_tiles(tiling.tiles["row"].to_numpy(), tiling.tiles["col"].to_numpy()):
-        for position, image in zip(positions, batch, strict=True):
-            images[int(position)] = image
-
-
 @dataclass
 class TilesStore:
     """A written tiles store, read lazily (token arrays stay on disk)."""
@@ -133,7 +114,6 @@ class TilesStore:
     tokens: zarr.Array
     addon_counts: zarr.Array
     targets_log1p: zarr.Array
-    images: zarr.Array | None
     attrs: dict
 
     def tile_tokens(self, position: int) -> np.ndarray:
@@ -159,5 +139,4 @@ def read_tiles_zarr(path: str | Path) -> TilesStore:
     table = root["tiles"]
     tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
     return TilesStore(path, geometry, tiles, attrs["core_genes"], attrs["addon_genes"], attrs["report"],
-                      root["tokens"], root["addon_counts"], root["targets_log1p"],
-                      root["images"] if "images" in root else None, attrs)
+                      root["tokens"], root["addon_counts"], root["targets_log1p"], attrs)
