@@ -1,0 +1,95 @@
+"""Predict a trained model's add-on gene panel for every tissue tile of an H&E + Xenium sample.
+
+Tiles (512 px at 0.5 um/px, stride 256, as the model was trained) are cut from the registered
+H&E and run through the model with their core-gene token counts, chunk by chunk, as a dask
+graph: threads by default, or a dask.distributed cluster with --scheduler. Results go to
+RESULTS.zarr (predictions, embeddings, tile table, run metadata; layout in docs/inference.md).
+An interrupted run leaves RESULTS.zarr.partial: run the same command again to resume it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+NAME = "predict"
+HELP = "run a trained model over a sample -> RESULTS.zarr (resumable, any dask scheduler)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("xenium_dir", metavar="XENIUM_DIR", help="Xenium output folder (holds experiment.xenium)")
+    parser.add_argument("--he", required=True, metavar="HE", help="H&E image (pyramidal OME-TIFF / TIFF / SVS)")
+    parser.add_argument("--alignment", metavar="CSV",
+                        help="3 x 3 H&E px -> global px matrix (Xenium's he_imagealignment.csv); "
+                             "default: a *he_imagealignment.csv in XENIUM_DIR")
+    parser.add_argument("--registration", metavar="JSON",
+                        help="registration record written by `morphomol register` (any model, e.g. per-region); "
+                             "used instead of the alignment matrix")
+    parser.add_argument("--checkpoint", metavar="CKPT",
+                        help="model .safetensors with its model card; default: the model shipped with napari-morphomol")
+    parser.add_argument("--out", required=True, metavar="RESULTS.zarr", help="results store (finalised atomically)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto = CUDA, then MPS, then CPU (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto = bf16 autocast on CUDA, elsewhere only when measured faster (default auto)")
+    parser.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass (default 32)")
+    parser.add_argument("--tiles-per-chunk", type=int, default=64,
+                        help="tiles per dask task, a spatially contiguous block (default 64)")
+    parser.add_argument("--scheduler", metavar="ADDR", default="threads",
+                        help="threads (default), processes, or a dask scheduler address, e.g. tcp://host:8786")
+    parser.add_argument("--workers", type=int, help="threads or processes for the local schedulers (default 2)")
+    parser.add_argument("--min-transcripts", type=int, default=0,
+                        help="skip tiles with fewer core + add-on transcripts (default 0: every tissue tile)")
+    parser.add_argument("--max-background", type=float, default=0.3,
+                        help="largest background fraction of a predicted tile (default 0.3)")
+    parser.add_argument("--region", metavar="CSV",
+                        help="polygon with columns x,y in H&E px: predict only tiles whose centre is inside")
+    parser.add_argument("--he-pixel-size-um", type=float, help="H&E um/px when the file does not record it")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out (and discard a partial run)")
+
+
+class ProgressBar:
+    """One line on stderr: bar, chunks, tiles/s since start."""
+
+    def __init__(self, width: int = 30) -> None:
+        self.width = width
+        self.started = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        filled = int(self.width * done / max(total, 1))
+        elapsed = time.perf_counter() - self.started
+        print(f"\rpredicting [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} chunks, "
+              f"{elapsed:.0f} s", end="", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_morphomol.commands.tiles import _alignment, _region
+    from napari_morphomol.inference import InferenceCancelled, open_results, partial_path, predict
+    from napari_morphomol.io.sample import load_sample
+    from napari_morphomol.registration import read_registration_json
+
+    alignment = _alignment(Path(args.xenium_dir), args.alignment, args.registration)
+    registration = read_registration_json(args.registration) if args.registration else None
+    sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
+    bar = ProgressBar()
+    try:
+        out = predict(sdata, args.checkpoint, store=args.out, region_he_px=_region(args.region), he_to_global=registration,
+                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
+                      num_workers=args.workers, tiles_per_chunk=args.tiles_per_chunk,
+                      min_transcripts=args.min_transcripts, max_background=args.max_background,
+                      overwrite=args.overwrite, progress=bar)
+    except (KeyboardInterrupt, InferenceCancelled):
+        print(f"\nstopped; finished chunks are kept in {partial_path(args.out)}: run the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(file=sys.stderr)
+    results = open_results(out)
+    precision = results.metadata["precision"]
+    segment = results.metadata["segments"][-1]
+    print(f"{len(results.tiles)} tiles x {len(results.addon_genes)} add-on genes on {precision['device']} "
+          f"({precision['dtype']}: {precision['reason']}); {segment['tiles_run']} tiles run now in "
+          f"{segment['timings'].get('inference_s', 0):.1f} s")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,195 @@
+"""The results store (``RESULTS.zarr``) of one prediction run, and its reader.
+
+Layout (zarr v3 group; ``K`` = tiles per chunk):
+
+- attrs ``morphomol_results``: format version, status, counts, genes, model card, checkpoint,
+  sample, registration, geometry, tiling report, precision, device, scheduler, timings
+  (see docs/inference.md).
+- ``tiles/<column>``: the tile table, one 1-D array per column, rows in *chunk order*: chunk ``k``
+  is rows ``[k*K, (k+1)*K)``, a spatially contiguous group of tiles (column ``chunk``).
+- ``predictions`` (tiles, add-on genes) float32, log1p expression; ``embeddings`` (tiles, d)
+  float32. Zarr chunks are ``(K, genes)``: each task writes exactly one zarr chunk, so tasks never
+  write the same file and a killed task leaves either the old or the new file (zarr writes files
+  atomically).
+- ``measured_counts`` (tiles, measured add-on genes) uint32, when the sample measured add-on genes.
+- ``done`` (chunks,) bool, one zarr chunk per element: set after the chunk's rows are written.
+- ``chunk_seconds`` (chunks,) float64: wall time of each chunk's task.
+
+While running, the store is ``RESULTS.zarr.partial`` beside the final path and also holds
+``inputs/tokens`` (the core-gene token raster the tasks read). Finalising removes ``inputs`` and
+renames the folder to ``RESULTS.zarr`` in one ``os.replace``: a store under the final name is
+always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from napari_morphomol.errors import InputError
+
+FORMAT_VERSION = 1
+ATTRS_KEY = "morphomol_results"
+CANCEL_MARKER = ".cancel"
+_TOKEN_BAND_CELLS = 28
+
+
+def partial_path(store_path: str | Path) -> Path:
+    """Where an unfinished run keeps its work: ``RESULTS.zarr.partial`` beside ``RESULTS.zarr``."""
+    path = Path(store_path)
+    return path.with_name(path.name + ".partial")
+
+
+def band_rows(tiles_per_chunk: int) -> int:
+    """Tile rows per band: about sqrt(K), so that a chunk of K tiles is a near-square block."""
+    return max(1, round(math.sqrt(tiles_per_chunk)))
+
+
+def chunk_order(rows: np.ndarray, cols: np.ndarray, tiles_per_chunk: int) -> np.ndarray:
+    """Order of tiles such that every run of ``tiles_per_chunk`` is spatially contiguous.
+
+    Tiles go in bands of :func:`band_rows` tile rows, column by column inside a band, so a chunk
+    is a near-square block and the H&E area its task decodes is little more than its tiles' own.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    return np.lexsort((rows, cols, rows // band_rows(tiles_per_chunk)))
+
+
+def tile_groups(rows: np.ndarray, cols: np.ndarray, tiles_per_chunk: int, max_gap: int = 2) -> list[np.ndarray]:
+    """Positions of a chunk's tiles split by band and where columns jump by more than ``max_gap``
+    (tissue gaps), so no task decodes H&E between two pieces of tissue or two bands."""
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    band = rows // band_rows(tiles_per_chunk)
+    order = np.lexsort((cols, band))
+    breaks = (np.diff(band[order]) != 0) | (np.diff(cols[order]) > max_gap)
+    return np.split(order, np.flatnonzero(breaks) + 1)
+
+
+def create_partial_store(path: Path, *, tiles: pd.DataFrame, tiles_per_chunk: int, n_addon: int, embedding_dim: int,
+                         measured_counts: np.ndarray | None, token_raster, attrs: dict) -> zarr.Group:
+    """A fresh run store at ``path`` (the partial folder); ``tiles`` already in chunk order."""
+    if path.exists():
+        shutil.rmtree(path)
+    n_tiles = len(tiles)
+    n_chunks = max(1, math.ceil(n_tiles / tiles_per_chunk))
+    root = zarr.open_group(path, mode="w", zarr_format=3)
+    table = root.create_group("tiles")
+    for column in tiles.columns:
+        values = tiles[column].to_numpy()
+        table.create_array(column, data=values, chunks=(max(1, min(len(values), 65536)),))
+    k = max(1, min(tiles_per_chunk, n_tiles))
+    root.create_array("predictions", shape=(n_tiles, n_addon), dtype=np.float32, chunks=(k, max(n_addon, 1)),
+                      fill_value=np.nan, dimension_names=("tile", "addon_gene"))
+    root.create_array("embeddings", shape=(n_tiles, embedding_dim), dtype=np.float32,
+                      chunks=(k, embedding_dim), fill_value=np.nan, dimension_names=("tile", "embedding"))
+    if measured_counts is not None:
+        root.create_array("measured_counts", data=measured_counts.astype(np.uint32),
+                          chunks=(max(1, min(n_tiles, 8192)), max(measured_counts.shape[1], 1)),
+                          dimension_names=("tile", "measured_gene"))
+    root.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False)
+    root.create_array("chunk_seconds", shape=(n_chunks,), dtype=np.float64, chunks=(1,), fill_value=np.nan)
+    rows, cols, genes = token_raster.shape
+    tokens = root.require_group("inputs").create_array(
+        "tokens", shape=(rows, cols, genes), dtype=np.uint32,
+        chunks=(_TOKEN_BAND_CELLS, _TOKEN_BAND_CELLS, max(genes, 1)), fill_value=0,
+        dimension_names=("cell_y", "cell_x", "core_gene"))
+    for r0 in range(0, rows, _TOKEN_BAND_CELLS):
+        tokens[r0:r0 + _TOKEN_BAND_CELLS] = token_raster.window(r0, 0, _TOKEN_BAND_CELLS, cols)
+    root.attrs[ATTRS_KEY] = {**attrs, "format_version": FORMAT_VERSION, "status": "running",
+                             "n_tiles": n_tiles, "n_chunks": n_chunks, "tiles_per_chunk": tiles_per_chunk}
+    return root
+
+
+def read_done_mask(root: zarr.Group) -> np.ndarray:
+    """Which chunks are finished; an unreadable entry (never expected, zarr writes atomically)
+    counts as not done, so the chunk is simply computed again."""
+    done = root["done"]
+    try:
+        return np.asarray(done[:], dtype=bool)
+    except Exception:  # noqa: BLE001 - any decoding failure means "redo"
+        mask = np.zeros(done.shape[0], dtype=bool)
+        for k in range(done.shape[0]):
+            try:
+                mask[k] = bool(done[k])
+            except Exception:  # noqa: BLE001
+                mask[k] = False
+        return mask
+
+
+def finalise_store(partial: Path, final: Path, attrs_update: dict) -> Path:
+    """Drop the run's inputs, mark the store complete and move it to ``final`` in one rename."""
+    root = zarr.open_group(partial, mode="r+")
+    if "inputs" in root:
+        del root["inputs"]
+    (partial / CANCEL_MARKER).unlink(missing_ok=True)
+    root.attrs[ATTRS_KEY] = {**dict(root.attrs[ATTRS_KEY]), **attrs_update, "status": "complete"}
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(partial, final)
+        shutil.rmtree(trash)
+    else:
+        os.replace(partial, final)
+    return final
+
+
+@dataclass
+class Results:
+    """A finished prediction run: one row per tile in every array and in ``tiles``."""
+
+    path: Path
+    tiles: pd.DataFrame
+    """id, row, col, H&E px box, centre in ``global`` px and um, transcript counts, chunk."""
+    addon_genes: list[str]
+    predictions: np.ndarray
+    """(tiles, add-on genes) float32, predicted log1p expression summed over the tile."""
+    embeddings: np.ndarray
+    """(tiles, d) float32 tile embeddings."""
+    measured_genes: list[str]
+    """The add-on genes the sample measured (a subset of ``addon_genes``, same order)."""
+    measured_counts: np.ndarray | None
+    """(tiles, measured genes) uint32 measured add-on counts per tile, or None."""
+    metadata: dict
+
+    @property
+    def measured_log1p(self) -> np.ndarray | None:
+        """log1p of ``measured_counts``: the scale of ``predictions``."""
+        return None if self.measured_counts is None else np.log1p(self.measured_counts).astype(np.float32)
+
+    @property
+    def model_card(self):
+        from napari_morphomol.models import ModelCard
+
+        return ModelCard.from_json(json.dumps(self.metadata["model_card"]))
+
+
+def open_results(path: str | Path) -> Results:
+    """Read a finished store written by :func:`napari_morphomol.inference.predict`."""
+    path = Path(path)
+    if not path.exists() and partial_path(path).exists():
+        raise InputError(f"the run writing {path} did not finish ({partial_path(path)} holds its partial results); "
+                         "run the same predict command again to resume it")
+    try:
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs[ATTRS_KEY])
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise InputError(f"{path} is not a results store written by `morphomol predict` ({exc})") from exc
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path} has results format {attrs.get('format_version')}; this version reads {FORMAT_VERSION}")
+    if attrs.get("status") != "complete":
+        raise InputError(f"{path} is an unfinished run (status {attrs.get('status')!r}); run predict again to resume")
+    table = root["tiles"]
+    tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
+    measured = root["measured_counts"][:] if "measured_counts" in root else None
+    return Results(path, tiles, list(attrs["addon_genes"]), root["predictions"][:], root["embeddings"][:],
+                   list(attrs["measured_genes"]), measured, attrs)

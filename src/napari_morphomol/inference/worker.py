@@ -1,0 +1,349 @@
+"""What runs inside a dask task: one chunk of tiles from H&E pixels and token counts to stored rows.
+
+A task carries only a small :class:`RunSpec` and a chunk number. Everything heavy is opened on
+the worker and cached per process: the model (once per checkpoint and device, whatever the
+store), and per run the results store, the token raster and the H&E levels, read straight from
+the file's own tiles (no dask inside a task, so nothing nests on a distributed worker).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from napari_morphomol.errors import InputError
+from napari_morphomol.inference.devices import autocast, is_out_of_memory, resolve_device
+from napari_morphomol.inference.store import CANCEL_MARKER, tile_groups
+from napari_morphomol.tiling import LevelSampler, TileGeometry
+
+PREFETCH_BATCHES = 2
+_CACHE_LOCK = threading.Lock()
+_MODELS: dict[tuple[str, str], LoadedModel] = {}
+_RUNS: OrderedDict[tuple[str, str], RunContext] = OrderedDict()
+_MAX_OPEN_RUNS = 4
+
+
+class InferenceCancelled(Exception):
+    """The run was cancelled; its store keeps every finished chunk and can be resumed."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a task needs, by path: cheap to pickle, the same for every chunk of a run."""
+
+    store: str
+    run_id: str
+    checkpoint: str
+    checkpoint_sha256: str
+    he_path: str
+    geometry: dict
+    device: str
+    dtype: str
+    batch_size: int
+    torch_threads: int | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    card: object
+    device: torch.device
+    fallback_note: str | None
+    lock: threading.Lock
+    batch_limit: int | None = None
+    """Largest batch this device managed after running out of memory (None: no limit yet)."""
+
+
+class StoredLevel:
+    """One H&E pyramid level as ``(y, x, 3)`` uint8, read from the TIFF's own tiles via zarr.
+
+    ``chunks`` are the stored tiles (dask-style tuples), so :class:`LevelSampler` decodes each
+    stored tile of a task's area exactly once.
+    """
+
+    def __init__(self, array: zarr.Array) -> None:
+        lead = 0
+        while array.ndim - lead > 3 and array.shape[lead] == 1:
+            lead += 1
+        rest = array.shape[lead:]
+        if len(rest) != 3 or not (rest[-1] in (3, 4) or rest[0] in (3, 4)):
+            raise InputError(f"the H&E level has shape {array.shape}; expected height x width x 3 RGB")
+        self.channels_last = rest[-1] in (3, 4)
+        self._array = array
+        self._lead = (0,) * lead
+        y_axis = lead if self.channels_last else lead + 1
+        height, width = array.shape[y_axis], array.shape[y_axis + 1]
+        chunk_y, chunk_x = array.chunks[y_axis], array.chunks[y_axis + 1]
+        self.shape = (height, width, 3)
+        self.ndim = 3
+        self.dtype = array.dtype
+        self.chunks = (_regular(height, chunk_y), _regular(width, chunk_x), (3,))
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        ys, xs = key
+        if self.channels_last:
+            return np.asarray(self._array[(*self._lead, ys, xs, slice(0, 3))])
+        return np.moveaxis(np.asarray(self._array[(*self._lead, slice(0, 3), ys, xs)]), 0, -1)
+
+
+def _regular(size: int, step: int) -> tuple[int, ...]:
+    return tuple(min(step, size - start) for start in range(0, size, step))
+
+
+def open_he_levels(he_path: str) -> list[StoredLevel]:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(he_path)
+        series = tif.series[0]
+        group = zarr.open(series.aszarr(), mode="r")
+    except (tifffile.TiffFileError, OSError, ValueError, KeyError) as exc:
+        raise InputError(f"the worker cannot read the H&E image {he_path} ({exc}); is it on a shared filesystem?") from exc
+    arrays = [group] if isinstance(group, zarr.Array) else [group[str(i)] for i in range(len(series.levels))]
+    return [StoredLevel(a) for a in arrays]
+
+
+@dataclass
+class RunContext:
+    """One run's open store arrays, tile positions and H&E reader on this worker."""
+
+    root: zarr.Group
+    rows: np.ndarray
+    cols: np.ndarray
+    tiles_per_chunk: int
+    geometry: TileGeometry
+    sampler: LevelSampler | None
+    tokens: zarr.Array | None
+
+    @classmethod
+    def open(cls, spec: RunSpec, uses_image: bool, uses_transcripts: bool) -> RunContext:
+        from napari_morphomol.inference.store import ATTRS_KEY
+
+        root = zarr.open_group(spec.store, mode="r+")
+        attrs = root.attrs[ATTRS_KEY]
+        geometry = TileGeometry(**spec.geometry)
+        sampler = LevelSampler(geometry, open_he_levels(spec.he_path)) if uses_image else None
+        return cls(root, root["tiles/row"][:], root["tiles/col"][:], int(attrs["tiles_per_chunk"]), geometry, sampler,
+                   root["inputs/tokens"] if uses_transcripts else None)
+
+
+def loaded_model(spec: RunSpec) -> LoadedModel:
+    """The checkpoint on this process's device, loaded once and shared by every task and run."""
+    key = (spec.checkpoint_sha256, spec.device)
+    with _CACHE_LOCK:
+        if key not in _MODELS:
+            from napari_morphomol.models import load_checkpoint
+
+            if spec.torch_threads:
+                torch.set_num_threads(spec.torch_threads)
+            device, note = resolve_device(spec.device)
+            model, card = load_checkpoint(spec.checkpoint, device)
+            _MODELS[key] = LoadedModel(model, card, device, note, threading.Lock())
+        return _MODELS[key]
+
+
+def run_context(spec: RunSpec, loaded: LoadedModel) -> RunContext:
+    key = (spec.store, spec.run_id)
+    with _CACHE_LOCK:
+        if key not in _RUNS:
+            config = loaded.card.model
+            _RUNS[key] = RunContext.open(spec, config.uses_image, config.uses_transcripts)
+            while len(_RUNS) > _MAX_OPEN_RUNS:
+                _RUNS.popitem(last=False)
+        _RUNS.move_to_end(key)
+        return _RUNS[key]
+
+
+def forget_run(store: str) -> None:
+    """Drop a run's open handles (after it was finalised and moved)."""
+    with _CACHE_LOCK:
+        for key in [k for k in _RUNS if k[0] == store]:
+            del _RUNS[key]
+
+
+def is_cancelled(spec: RunSpec) -> bool:
+    return (Path(spec.store) / CANCEL_MARKER).exists()
+
+
+Batch = tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]
+
+
+def chunk_batches(ctx: RunContext, rows: np.ndarray, cols: np.ndarray, batch_size: int, pin: bool) -> Iterator[Batch]:
+    """``(positions, images (B, 3, 224, 224) uint8, tokens (B, 196, G) float32)`` of a chunk's tiles.
+
+    Per group of neighbouring columns, the H&E area is decoded once (LevelSampler) and the
+    token raster is read once as one window.
+    """
+    s, t = ctx.geometry.stride_cells, ctx.geometry.tokens_per_side
+    for group in tile_groups(rows, cols, ctx.tiles_per_chunk):
+        g_rows, g_cols = rows[group], cols[group]
+        window = None
+        if ctx.tokens is not None:
+            r0, c0 = s * int(g_rows.min()), s * int(g_cols.min())
+            window = np.asarray(ctx.tokens[r0:s * int(g_rows.max()) + t, c0:s * int(g_cols.max()) + t])
+
+        def tokens_of(local: np.ndarray) -> torch.Tensor | None:
+            if window is None:
+                return None
+            stack = np.stack([window[s * int(i) - r0:s * int(i) - r0 + t, s * int(j) - c0:s * int(j) - c0 + t]
+                              for i, j in zip(g_rows[local], g_cols[local], strict=True)])
+            tensor = torch.from_numpy(stack.reshape(len(local), t * t, -1).astype(np.float32))
+            return tensor.pin_memory() if pin else tensor
+
+        if ctx.sampler is None:
+            for start in range(0, len(group), batch_size):
+                local = np.arange(start, min(start + batch_size, len(group)))
+                yield group[local], None, tokens_of(local)
+            continue
+        for local, images in ctx.sampler.iter_tiles(g_rows, g_cols, batch_size=batch_size):
+            tensor = torch.from_numpy(images)
+            if pin:
+                tensor = tensor.pin_memory()
+            yield group[local], tensor.permute(0, 3, 1, 2), tokens_of(local)
+
+
+def prefetched(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Iterator[Batch]:
+    """Decode the next ``depth`` batches in a thread while the current one is computed."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    finished = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slots.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(finished)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            slots.put(error)
+
+    thread = threading.Thread(target=produce, name="morphomol-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def forward(loaded: LoadedModel, images: torch.Tensor | None, tokens: torch.Tensor | None, dtype: str
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and embeddings (float32 numpy), in sub-batches no larger than the device's
+    limit; running out of memory halves the limit for good and retries."""
+    n = len(images) if images is not None else len(tokens)
+    predictions, embeddings = [], []
+    start = 0
+    while start < n:
+        size = min(n - start, loaded.batch_limit or n)
+        part = slice(start, start + size)
+        try:
+            with loaded.lock:
+                p, e = _forward_once(loaded, None if images is None else images[part],
+                                     None if tokens is None else tokens[part], dtype)
+        except Exception as error:
+            if not is_out_of_memory(error) or size == 1:
+                raise
+            loaded.batch_limit = max(1, size // 2)
+            if loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        predictions.append(p)
+        embeddings.append(e)
+        start += size
+    return np.concatenate(predictions), np.concatenate(embeddings)
+
+
+def _forward_once(loaded: LoadedModel, images, tokens, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    device = loaded.device
+    non_blocking = device.type == "cuda"
+    if images is not None:
+        images = images.to(device, non_blocking=non_blocking)
+    if tokens is not None:
+        tokens = tokens.to(device, non_blocking=non_blocking)
+    with torch.inference_mode(), autocast(device, dtype):
+        output = loaded.model(images, tokens)
+    return output.predictions.float().cpu().numpy(), output.embeddings.float().cpu().numpy()
+
+
+def run_chunk(spec: RunSpec, chunk: int) -> dict:
+    """Predict chunk ``chunk`` and write its rows, then its done flag. Returns a timing record."""
+    started = time.perf_counter()
+    loaded = loaded_model(spec)
+    ctx = run_context(spec, loaded)
+    if is_cancelled(spec):
+        raise InferenceCancelled(f"cancelled before chunk {chunk}")
+    k = ctx.tiles_per_chunk
+    a, b = chunk * k, min(len(ctx.rows), (chunk + 1) * k)
+    rows, cols = ctx.rows[a:b], ctx.cols[a:b]
+    predictions = np.full((b - a, ctx.root["predictions"].shape[1]), np.nan, dtype=np.float32)
+    embeddings = np.full((b - a, ctx.root["embeddings"].shape[1]), np.nan, dtype=np.float32)
+    pin = loaded.device.type == "cuda"
+    compute_seconds = 0.0
+    for positions, images, tokens in prefetched(chunk_batches(ctx, rows, cols, spec.batch_size, pin)):
+        if is_cancelled(spec):
+            raise InferenceCancelled(f"cancelled during chunk {chunk}")
+        tick = time.perf_counter()
+        predictions[positions], embeddings[positions] = forward(loaded, images, tokens, spec.dtype)
+        compute_seconds += time.perf_counter() - tick
+    if np.isnan(predictions).any():
+        raise RuntimeError(f"chunk {chunk}: some tiles were not predicted (internal error)")
+    ctx.root["predictions"][a:b] = predictions
+    ctx.root["embeddings"][a:b] = embeddings
+    seconds = time.perf_counter() - started
+    ctx.root["chunk_seconds"][chunk] = seconds
+    ctx.root["done"][chunk] = True
+    return {"chunk": chunk, "tiles": b - a, "seconds": seconds, "compute_seconds": compute_seconds,
+            "batch_limit": loaded.batch_limit, "device": str(loaded.device)}
+
+
+def calibrate(spec: RunSpec, max_tiles: int = 16, repeats: int = 2) -> dict:
+    """fp32 vs bf16 autocast on a reference batch of the run's first tiles, on this worker's device:
+    throughput of both and their largest absolute difference."""
+    loaded = loaded_model(spec)
+    ctx = run_context(spec, loaded)
+    n = min(max_tiles, spec.batch_size, len(ctx.rows))
+    _, images, tokens = next(chunk_batches(ctx, ctx.rows[:n], ctx.cols[:n], n, pin=False))
+    outputs, seconds = {}, {"float32": [], "bfloat16": []}
+    for round_ in range(repeats + 1):
+        for dtype in seconds:
+            tick = time.perf_counter()
+            with loaded.lock:
+                outputs[dtype] = _forward_once(loaded, images, tokens, dtype)
+            if round_:  # the first round warms up kernels
+                seconds[dtype].append(time.perf_counter() - tick)
+    n = len(images if images is not None else tokens)
+    rate = {dtype: n / min(values) for dtype, values in seconds.items()}
+    diff = [float(np.max(np.abs(outputs["bfloat16"][i] - outputs["float32"][i]))) for i in (0, 1)]
+    return {
+        "device": str(loaded.device),
+        "device_name": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else loaded.device.type,
+        "fallback_note": loaded.fallback_note,
+        "reference_tiles": n,
+        "float32_tiles_per_s": rate["float32"],
+        "bfloat16_tiles_per_s": rate["bfloat16"],
+        "bfloat16_speedup": rate["bfloat16"] / rate["float32"],
+        "max_abs_diff_predictions": diff[0] if math.isfinite(diff[0]) else None,
+        "max_abs_diff_embeddings": diff[1] if math.isfinite(diff[1]) else None,
+    }

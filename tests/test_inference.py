@@ -1,0 +1,310 @@
+"""Whole-sample prediction: results against a direct forward pass, schedulers, resume, cancel, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from napari_morphomol.errors import InputError
+from napari_morphomol.inference import (
+    DeviceFallbackWarning,
+    InferenceCancelled,
+    default_checkpoint_path,
+    open_results,
+    partial_path,
+    predict,
+)
+from napari_morphomol.inference.store import band_rows, chunk_order, tile_groups
+from napari_morphomol.io.sample import load_sample
+from napari_morphomol.models import (
+    ModelCard,
+    ModelConfig,
+    build_model,
+    load_checkpoint,
+    read_model_card,
+    save_checkpoint,
+)
+
+TINY_VIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}
+RUN = dict(batch_size=4, tiles_per_chunk=4, dtype="float32", device="cpu")
+
+
+def write_checkpoint(path, core, addon):
+    torch.manual_seed(0)
+    config = ModelConfig(n_core_genes=len(core), n_addon_genes=len(addon), backbone_kwargs=TINY_VIT)
+    return save_checkpoint(build_model(config), ModelCard(config, tuple(core), tuple(addon)), path)
+
+
+@pytest.fixture(scope="module")
+def panel(synthetic_sample):
+    return json.loads(synthetic_sample.panel_json.read_text())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, panel):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", panel["core"], panel["addon"])
+
+
+@pytest.fixture(scope="module")
+def sample(synthetic_sample):
+    s = synthetic_sample
+    return load_sample(s.xenium_dir, s.he_path, s.alignment_csv)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, sample, checkpoint):
+    """An uninterrupted run on threads with device 'auto' (warnings kept for the fallback test)."""
+    out = tmp_path_factory.mktemp("runs") / "reference.zarr"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict(sample, checkpoint, store=out, **{**RUN, "device": "auto"})
+    return open_results(out), caught
+
+
+def by_tile(results):
+    order = np.argsort(results.tiles["tile_id"].to_numpy())
+    return results.tiles["tile_id"].to_numpy()[order], results.predictions[order], results.embeddings[order]
+
+
+def test_results_equal_a_direct_forward_pass(reference_run, sample, checkpoint, panel):
+    from napari_morphomol.tiling import GenePanel, LevelSampler, he_levels_yxc, tile_sample
+
+    results, _ = reference_run
+    model, card = load_checkpoint(checkpoint)
+    tiling = tile_sample(sample, panel=GenePanel(core=card.core_genes, addon=card.addon_genes), min_transcripts=0)
+    assert sorted(results.tiles["tile_id"]) == sorted(tiling.tiles["tile_id"])
+    assert len(results.tiles) >= 8 and results.metadata["n_chunks"] >= 2
+    sampler = LevelSampler(tiling.geometry, he_levels_yxc(sample.images["he_image"]))
+    expected = {}
+    for positions, images in sampler.iter_tiles(tiling.tiles["row"], tiling.tiles["col"], batch_size=64):
+        tokens = tiling.tokens(positions).reshape(len(positions), 196, -1).astype(np.float32)
+        with torch.inference_mode():
+            out = model(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(tokens))
+        for k, p in enumerate(positions):
+            expected[int(tiling.tiles["tile_id"].iloc[p])] = (out.predictions[k].numpy(), out.embeddings[k].numpy())
+    for row, tile_id in enumerate(results.tiles["tile_id"]):
+        np.testing.assert_allclose(results.predictions[row], expected[int(tile_id)][0], atol=1e-4)
+        np.testing.assert_allclose(results.embeddings[row], expected[int(tile_id)][1], atol=1e-4)
+    # measured add-on targets: the tiling's per-tile sums, in the card's gene order
+    assert results.measured_genes == panel["addon"] == results.addon_genes
+    targets = dict(zip(tiling.tiles["tile_id"], tiling.targets_log1p(), strict=True))
+    for row, tile_id in enumerate(results.tiles["tile_id"]):
+        np.testing.assert_allclose(results.measured_log1p[row], targets[tile_id], rtol=1e-6)
+
+
+def test_store_metadata_records_the_run(reference_run, checkpoint):
+    results, _ = reference_run
+    meta = results.metadata
+    assert meta["status"] == "complete"
+    assert meta["model_card"]["addon_genes"] == results.addon_genes
+    assert meta["checkpoint"]["path"] == str(checkpoint.resolve())
+    assert meta["registration"]["matrix"] is not None
+    precision = meta["precision"]
+    assert precision["dtype"] == "float32" and precision["device"] == "cpu"
+    assert precision["max_abs_diff_predictions"] > 0  # bf16 really was compared with fp32
+    segment = meta["segments"][-1]
+    assert segment["chunks_run"] == meta["n_chunks"] and segment["tiles_run"] == len(results.tiles)
+    assert {"tiling_s", "calibration_s", "inference_s", "total_s"} <= set(segment["timings"])
+    # chunks are contiguous row ranges of the table
+    chunks = results.tiles["chunk"].to_numpy()
+    assert np.all(np.diff(chunks) >= 0) and chunks.max() == meta["n_chunks"] - 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a machine without GPU")
+def test_auto_device_falls_back_to_cpu_with_a_warning(reference_run):
+    _, caught = reference_run
+    assert any(issubclass(w.category, DeviceFallbackWarning) and "CPU" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_absent_device_is_a_clear_error_before_any_work(tmp_path, sample, checkpoint):
+    out = tmp_path / "cuda.zarr"
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        predict(sample, checkpoint, store=out, **{**RUN, "device": "cuda"})
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def test_checkpoint_panel_missing_from_sample_fails_before_any_work(tmp_path, sample, panel):
+    checkpoint = write_checkpoint(tmp_path / "other.safetensors", [*panel["core"][:5], "NOT_A_GENE"], panel["addon"][:3])
+    out = tmp_path / "r.zarr"
+    with pytest.raises(InputError, match="NOT_A_GENE"):
+        predict(sample, checkpoint, store=out, **RUN)
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def shipped_model_or_error() -> tuple[object, InputError | None]:
+    try:
+        return default_checkpoint_path(), None
+    except InputError as error:
+        return None, error
+
+
+def test_default_checkpoint_is_the_shipped_model_or_a_clear_error():
+    path, error = shipped_model_or_error()
+    if error is not None:
+        assert "checkpoint" in str(error)
+    else:
+        assert read_model_card(path).addon_genes
+
+
+def test_processes_and_local_cluster_give_the_threads_predictions(tmp_path, sample, checkpoint, reference_run):
+    from distributed import Client, LocalCluster
+
+    reference = by_tile(reference_run[0])
+    runs = {"processes": predict(sample, checkpoint, store=tmp_path / "p.zarr", scheduler="processes",
+                                 num_workers=2, **RUN)}
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        runs["cluster"] = predict(sample, checkpoint, store=tmp_path / "c.zarr", scheduler=client, **RUN)
+        assert len(client.run(lambda: os.getpid())) == 2
+    for name, path in runs.items():
+        results = open_results(path)
+        assert name in results.metadata["segments"][-1]["scheduler"] or name == "cluster"
+        tile_ids, predictions, embeddings = by_tile(results)
+        np.testing.assert_array_equal(tile_ids, reference[0])
+        np.testing.assert_allclose(predictions, reference[1], atol=1e-5)
+        np.testing.assert_allclose(embeddings, reference[2], atol=1e-5)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from napari_morphomol.inference import predict
+from napari_morphomol.io.sample import load_sample
+xenium, he, alignment, checkpoint, out = sys.argv[1:6]
+def progress(done, total):
+    if 0 < done < total:
+        os.kill(os.getpid(), signal.SIGKILL)
+predict(load_sample(xenium, he, alignment), checkpoint, store=out, batch_size=1, tiles_per_chunk=1,
+        dtype="float32", device="cpu", progress=progress)
+"""
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_tiles(tmp_path, synthetic_sample, sample, checkpoint,
+                                                                reference_run):
+    out = tmp_path / "killed.zarr"
+    s = synthetic_sample
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(s.xenium_dir), str(s.he_path), str(s.alignment_csv),
+                           str(checkpoint), str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists() and partial_path(out).exists()
+    with pytest.raises(InputError, match="did not finish"):
+        open_results(out)
+    predict(sample, checkpoint, store=out, batch_size=1, tiles_per_chunk=1, dtype="float32", device="cpu")
+    results = open_results(out)
+    n_chunks = results.metadata["n_chunks"]
+    resumed = results.metadata["segments"][-1]
+    assert 0 < resumed["chunks_run"] < n_chunks  # finished chunks were skipped
+    tile_ids, predictions, embeddings = by_tile(results)
+    assert len(np.unique(tile_ids)) == len(tile_ids)
+    reference = by_tile(reference_run[0])
+    np.testing.assert_array_equal(tile_ids, reference[0])
+    np.testing.assert_allclose(predictions, reference[1], atol=1e-5)
+    np.testing.assert_allclose(embeddings, reference[2], atol=1e-5)
+    assert not partial_path(out).exists()
+
+
+def test_cancel_stops_and_leaves_a_resumable_store(tmp_path, sample, checkpoint, reference_run):
+    out = tmp_path / "cancelled.zarr"
+    first_chunk_done = threading.Event()
+    reports = []
+
+    def progress(done, total):
+        reports.append(done)
+        if done >= 1:
+            first_chunk_done.set()
+
+    run = dict(batch_size=1, tiles_per_chunk=1, dtype="float32", device="cpu")
+    with pytest.raises(InferenceCancelled, match="resume"):
+        predict(sample, checkpoint, store=out, progress=progress, cancel=first_chunk_done.is_set, **run)
+    assert partial_path(out).exists() and not out.exists()
+    predict(sample, checkpoint, store=out, progress=progress, **run)
+    results = open_results(out)
+    assert results.metadata["segments"][-1]["chunks_run"] < results.metadata["n_chunks"]
+    np.testing.assert_allclose(by_tile(results)[1], by_tile(reference_run[0])[1], atol=1e-5)
+    assert reports[-1] == results.metadata["n_chunks"]
+
+
+def test_existing_store_is_reused_or_refused(tmp_path, sample, checkpoint, panel, reference_run):
+    out = reference_run[0].path
+    assert predict(sample, checkpoint, store=out, **RUN) == out  # same inputs: already complete
+    other = write_checkpoint(tmp_path / "other.safetensors", panel["core"], panel["addon"][:2])
+    with pytest.raises(InputError, match="--overwrite"):
+        predict(sample, other, store=out, **RUN)
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(checkpoint):
+    from napari_morphomol.inference.worker import LoadedModel, forward
+
+    model, card = load_checkpoint(checkpoint)
+
+    class RunsOutOfMemoryAboveTwo(torch.nn.Module):
+        """The real model on a device that holds at most two tiles."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, images, tokens):
+            if len(images) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.inner(images, tokens)
+
+    loaded = LoadedModel(RunsOutOfMemoryAboveTwo(), card, torch.device("cpu"), None, threading.Lock())
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 255, (8, 3, 224, 224), dtype=np.uint8))
+    tokens = torch.from_numpy(rng.poisson(0.3, (8, 196, len(card.core_genes))).astype(np.float32))
+    predictions, embeddings = forward(loaded, images, tokens, "float32")
+    assert loaded.batch_limit == 2  # 8 -> 4 -> 2
+    with torch.inference_mode():
+        expected = model(images, tokens)
+    np.testing.assert_allclose(predictions, expected.predictions.numpy(), atol=1e-5)
+    np.testing.assert_allclose(embeddings, expected.embeddings.numpy(), atol=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 20), st.integers(0, 30), st.integers(0, 2**31 - 1))
+def test_chunks_are_compact_blocks_of_a_full_grid(tiles_per_chunk, n_rows, extra_cols, seed):
+    """Every group of every chunk lies in one band of rows, and its bounding box holds at most two
+    partial columns beyond its own tiles (so a task decodes little H&E it does not use)."""
+    band = band_rows(tiles_per_chunk)
+    n_cols = max(4, -(-tiles_per_chunk // band)) + extra_cols
+    rows, cols = np.divmod(np.random.default_rng(seed).permutation(n_rows * n_cols), n_cols)
+    order = chunk_order(rows, cols, tiles_per_chunk)
+    assert sorted(order) == list(range(len(rows)))
+    for start in range(0, len(order), tiles_per_chunk):
+        chunk = order[start:start + tiles_per_chunk]
+        groups = tile_groups(rows[chunk], cols[chunk], tiles_per_chunk)
+        assert sorted(np.concatenate(groups)) == list(range(len(chunk)))
+        for group in groups:
+            r, c = rows[chunk][group], cols[chunk][group]
+            assert len(np.unique(r // band)) == 1
+            assert (r.max() - r.min() + 1) * (c.max() - c.min() + 1) <= len(group) + 2 * band
+
+
+def test_cli_predict(tmp_path, synthetic_sample, checkpoint, capsys):
+    from napari_morphomol.cli import main
+
+    s = synthetic_sample
+    out = tmp_path / "cli.zarr"
+    args = ["predict", str(s.xenium_dir), "--he", str(s.he_path), "--alignment", str(s.alignment_csv),
+            "--out", str(out), "--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--tiles-per-chunk", "4"]
+    assert main([*args, "--checkpoint", str(checkpoint)]) == 0
+    captured = capsys.readouterr()
+    assert "predicting [" in captured.err and f"wrote {out}" in captured.out
+    assert len(open_results(out).tiles) > 0
+    _, error = shipped_model_or_error()
+    without_checkpoint = main([*args[:6], "--out", str(tmp_path / "x.zarr")])  # default flags, no --checkpoint
+    if error is not None:
+        assert without_checkpoint == 2 and str(error) in capsys.readouterr().err
+    else:
+        assert without_checkpoint == 0 and len(open_results(tmp_path / "x.zarr").tiles) > 0
