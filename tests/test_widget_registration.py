@@ -230,3 +230,25 @@ def test_automatic_start_fills_both_layers(opened, synthetic_sample, qtbot):
     error_um = np.linalg.norm(he @ truth[:2, :2].T + truth[:2, 2] - napari_to_xy(widget.xenium_points.data), axis=1) * PIXEL_UM
     assert np.median(error_um) < 3.0
     assert widget.fitted is not None and worker is not None
+
+
+def test_opened_from_the_layers_menu_before_a_sample(make_napari_viewer, synthetic_sample, qtbot):
+    from napari._app_model import get_app_model
+
+    viewer = make_napari_viewer()
+    assert "napari-morphomol.registration_widget" in [
+        item.command.id for item in get_app_model().menus.get_menu("napari/layers/register") if hasattr(item, "command")
+    ]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-morphomol", "Register H&E to Xenium")
+    assert isinstance(widget, RegistrationWidget) and "load a sample" in widget.status.value
+    sdata = load_sample(synthetic_sample.xenium_dir, synthetic_sample.he_path, synthetic_sample.alignment_csv)
+    for data, kwargs, kind in sample_layers(sdata, with_density=False):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    qtbot.waitUntil(lambda: widget.he_points is not None, timeout=2000)
+    assert [layer.name for layer in viewer.layers] == [HE_LAYER, DAPI_LAYER, HE_POINTS_LAYER, XENIUM_POINTS_LAYER]
+    assert widget.he_points.unique_id == viewer.layers[HE_POINTS_LAYER].unique_id  # (a proxy for plugins)
+    assert widget.view.value == OVERLAY  # the sample came aligned
+    np.testing.assert_allclose(widget.he_points.affine.affine_matrix, viewer.layers[HE_LAYER].affine.affine_matrix)
+    viewer.layers.remove(HE_POINTS_LAYER)
+    assert widget.he_points is None and "deleted" in widget.status.value
+    assert XENIUM_POINTS_LAYER not in viewer.layers

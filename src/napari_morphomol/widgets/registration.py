@@ -67,6 +67,11 @@ KEYPOINTS, ALIGNMENT, BIGWARP = "Xenium Explorer keypoints", "alignment matrix (
 TABLE_COLUMNS = ["residual um", "left-out um", "used"]
 
 
+def _same_layer(a, b) -> bool:
+    """Identity that also holds through napari's proxies of plugin viewers (``is`` does not)."""
+    return a is not None and b is not None and a.unique_id == b.unique_id
+
+
 def _fmt_um(value: float) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.2f}"
 
@@ -133,7 +138,12 @@ class RegistrationWidget(Container):
         self.flick_button.changed.connect(self.flick)
         self.import_button.changed.connect(self.import_file)
         self.export_button.changed.connect(self.export_file)
-        self.viewer.layers.events.inserted.connect(self._attach)
+        # layers are added after the insertion event, not inside it (napari keeps other objects then)
+        self._attach_timer = QTimer(self.native)
+        self._attach_timer.setSingleShot(True)
+        self._attach_timer.setInterval(0)
+        self._attach_timer.timeout.connect(self._attach)
+        self.viewer.layers.events.inserted.connect(self._attach_soon)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.native.destroyed.connect(self._detach)
         self._attach()
@@ -146,9 +156,13 @@ class RegistrationWidget(Container):
                 return layer
         return None
 
+    def _attach_soon(self, *_):
+        self._attach_timer.start()
+
     def _attach(self, *_):
         """Find the loaded sample's H&E layer and add the two landmark layers next to it."""
-        if self._syncing or (self.he_points is not None and self.xenium_points is not None):
+        if self.he_points is not None and self.xenium_points is not None:
+            self._keep_points_on_top()
             return
         he = self._he_image_layer()
         if he is None:
@@ -160,11 +174,7 @@ class RegistrationWidget(Container):
             self.status.value = str(exc)
             return
         self.sdata = he.metadata["sdata"]
-        self._syncing = True
-        try:
-            self._add_landmark_layers(he)
-        finally:
-            self._syncing = False
+        self._add_landmark_layers(he)
         if sample_info(self.sdata).he_to_global is None:
             self.view.value = SIDE_BY_SIDE  # nothing to overlay yet
         self.viewer.layers.selection.active = self.he_points
@@ -191,22 +201,30 @@ class RegistrationWidget(Container):
         for layer, partner in ((self.he_points, self.xenium_points), (self.xenium_points, self.he_points)):
             layer.events.data.connect(partial(self._on_points_changed, layer, partner))
 
+    def _keep_points_on_top(self):
+        layers = self.viewer.layers
+        indices = [layers.index(self.he_points), layers.index(self.xenium_points)]
+        if indices != [len(layers) - 2, len(layers) - 1]:
+            layers.move_multiple(indices, len(layers))
+
     def _detach(self, *_):
         """The dock widget is gone: stop listening to the viewer."""
-        self.viewer.layers.events.inserted.disconnect(self._attach)
+        self.viewer.layers.events.inserted.disconnect(self._attach_soon)
         self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
 
     def _on_layer_removed(self, event):
-        """Pairs need both layers: deleting one deletes the other (a new pair of layers comes back
+        """Pairs need both layers: deleting one deletes the other (a new pair of layers comes
         when a sample is loaded again)."""
-        if event.value not in (self.he_points, self.xenium_points):
+        if not any(_same_layer(event.value, ours) for ours in (self.he_points, self.xenium_points)):
             return
-        other = self.xenium_points if event.value is self.he_points else self.he_points
+        other = self.xenium_points if _same_layer(event.value, self.he_points) else self.he_points
         self.he_points = self.xenium_points = self.fitted = None
+        self._fit_timer.stop()
         self._show_table()
-        if other is not None and other in self.viewer.layers:
-            self.viewer.layers.remove(other)
         self.status.value = "the landmark layers were deleted with their pairs"
+        for layer in list(self.viewer.layers):
+            if _same_layer(layer, other):
+                self.viewer.layers.remove(layer)
 
     # points --------------------------------------------------------------------------------
     def _on_points_changed(self, layer, partner, event):
