@@ -112,3 +112,20 @@ def test_cli_info(synthetic_sample, capsys):
     assert '"aligned": true' in out and '"features"' in out
     assert main(["info", str(synthetic_sample.root / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_transcripts_match_spatialdata_io(sdata, synthetic_sample):
+    """Our lazy transcript reader lays the points out exactly as spatialdata-io's reader does."""
+    from spatialdata_io import xenium
+
+    reference = xenium(
+        synthetic_sample.xenium_dir, cells_boundaries=False, nucleus_boundaries=False, cells_labels=False,
+        nucleus_labels=False, cells_table=False, morphology_focus=False, aligned_images=False,
+    )[TRANSCRIPTS]
+    ours = sdata.points[TRANSCRIPTS]
+    assert list(ours.columns) == list(reference.columns)
+    assert ours.attrs == reference.attrs
+    a, b = ours.compute(), reference.compute()
+    np.testing.assert_array_equal(a[["x", "y", "z"]].to_numpy(), b[["x", "y", "z"]].to_numpy())
+    assert (a["feature_name"].astype(str).to_numpy() == b["feature_name"].astype(str).to_numpy()).all()
+    assert set(a["feature_name"].cat.categories) == set(b["feature_name"].cat.categories)

@@ -1,8 +1,9 @@
 """A Xenium run and an H&E image as one lazy SpatialData sample.
 
-spatialdata-io reads the bundle (transcripts as a dask dataframe, cells); the morphology and H&E
-images are read from their own TIFF pyramids so that no level is computed from full resolution.
-Nothing is ever written into the bundle.
+spatialdata-io reads the cells (table, boundaries, labels) when asked for; transcripts are laid
+out as spatialdata-io does but read lazily without its whole-table passes; the morphology and
+H&E images are read from their own TIFF pyramids so that no level is computed from full
+resolution. Nothing is ever written into the bundle.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import dask.dataframe as dd
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from spatialdata import SpatialData, read_zarr
-from spatialdata.models import Image2DModel
+from spatialdata.models import Image2DModel, PointsModel
 from spatialdata.models.pyramids_utils import dask_arrays_to_datatree
-from spatialdata.transformations import Affine, Identity, set_transformation
+from spatialdata.transformations import Affine, Identity, Scale, set_transformation
 
 from napari_morphomol.coords import GLOBAL, HE_PX
 from napari_morphomol.errors import InputError
@@ -32,6 +37,7 @@ ATTRS_KEY = "morphomol"
 
 _VERSION_RE = re.compile(r"^xenium-(\d+)\.(\d+)\.(\d+)(\.\d+)*")
 _REQUIRED_TRANSCRIPT_COLUMNS = ("feature_name", "x_location", "y_location", "z_location", "cell_id")
+_ROWS_PER_PARTITION = 2_000_000
 _MORPHOLOGY_CHANNELS_4 = ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin"]
 
 
@@ -86,7 +92,53 @@ def read_experiment(xenium_dir: str | Path) -> dict:
     return specs
 
 
-def _check_transcripts(xenium_dir: Path) -> None:
+def _read_transcript_row_groups(
+    row_groups: list[int], file: Path, categories: list[str], columns: list[str] | None = None
+) -> pd.DataFrame:
+    """One partition: row groups with ``feature_name`` as categories straight from the file's
+    dictionary pages (no per-row gene strings); dask passes the projected ``columns``."""
+    parquet = pq.ParquetFile(file, read_dictionary=["feature_name"])
+    df = parquet.read_row_groups(row_groups, columns=columns).to_pandas()
+    if "feature_name" in df.columns:
+        df["feature_name"] = df["feature_name"].cat.set_categories(categories)
+    return df
+
+
+def _read_transcripts(xenium_dir: Path, xenium_pixel_size_um: float) -> dd.DataFrame:
+    """Transcripts as lazy dask points (x, y, z in um; Scale to ``global``), laid out exactly as
+    spatialdata-io lays them out, but without its passes over the whole table: the gene names
+    come from the parquet dictionaries, so the first frame does not wait for a scan of 100 M rows."""
+    file = _check_transcripts(xenium_dir)
+    names = pq.read_table(file, columns=["feature_name"], read_dictionary=["feature_name"]).column(0)
+    dictionaries = [chunk.dictionary for chunk in names.unify_dictionaries().chunks]
+    categories = pc.unique(pa.chunked_array(dictionaries, type=names.type.value_type)).to_pylist()
+    categories = sorted(c.decode() if isinstance(c, bytes) else c for c in categories)
+    metadata = pq.ParquetFile(file).metadata
+    batches, batch, rows = [], [], 0
+    for i in range(metadata.num_row_groups):
+        batch.append(i)
+        rows += metadata.row_group(i).num_rows
+        if rows >= _ROWS_PER_PARTITION:
+            batches.append(batch)
+            batch, rows = [], 0
+    if batch or not batches:
+        batches.append(batch)
+    meta = _read_transcript_row_groups(batches[0][:1], file, categories).iloc[:0]
+    table = dd.from_map(
+        _read_transcript_row_groups, batches, file=file, categories=categories, meta=meta, enforce_metadata=False
+    )
+    scale = Scale([1.0 / xenium_pixel_size_um] * 2, axes=("x", "y"))
+    return PointsModel.parse(
+        table,
+        coordinates={"x": "x_location", "y": "y_location", "z": "z_location"},
+        feature_key="feature_name",
+        instance_key="cell_id",
+        transformations={GLOBAL: scale},
+        sort=True,
+    )
+
+
+def _check_transcripts(xenium_dir: Path) -> Path:
     file = xenium_dir / "transcripts.parquet"
     if not file.is_file():
         raise InputError(
@@ -101,6 +153,7 @@ def _check_transcripts(xenium_dir: Path) -> None:
     missing = [c for c in _REQUIRED_TRANSCRIPT_COLUMNS if c not in schema.names]
     if missing:
         raise InputError(f"{file} lacks the columns {missing}; is it a Xenium transcripts table?")
+    return file
 
 
 def _multiscale_element(levels, transformations: dict, channels: list[str]):
@@ -176,8 +229,8 @@ def load_sample(
     if xenium_dir is not None:
         xenium_dir = Path(xenium_dir)
         specs = read_experiment(xenium_dir)
-        _check_transcripts(xenium_dir)
-        sdata = _read_bundle(xenium_dir, cells=cells, cell_labels=cell_labels)
+        sdata = _read_cells(xenium_dir, cell_labels=cell_labels) if cells or cell_labels else SpatialData()
+        sdata.points[TRANSCRIPTS] = _read_transcripts(xenium_dir, float(specs["pixel_size"]))
         sdata.images[MORPHOLOGY] = _open_morphology(xenium_dir)
     else:
         sdata = SpatialData()
@@ -216,22 +269,23 @@ def _warn_if_scale_disagrees(info: SampleInfo) -> None:
         )
 
 
-def _read_bundle(xenium_dir: Path, *, cells: bool, cell_labels: bool) -> SpatialData:
+def _read_cells(xenium_dir: Path, *, cell_labels: bool) -> SpatialData:
+    """Cell table and boundaries (and label images) by spatialdata-io's Xenium reader."""
     from spatialdata_io import xenium
 
     try:
         return xenium(
             xenium_dir,
-            cells_boundaries=cells,
-            nucleus_boundaries=cells,
+            cells_boundaries=True,
+            nucleus_boundaries=True,
             cells_as_circles=False,
             cells_labels=cell_labels,
             nucleus_labels=cell_labels,
-            transcripts=True,
+            transcripts=False,
             morphology_mip=False,
             morphology_focus=False,
             aligned_images=False,
-            cells_table=cells,
+            cells_table=True,
         )
     except (OSError, ValueError, KeyError, AssertionError) as exc:
         raise InputError(f"spatialdata-io could not read {xenium_dir}: {type(exc).__name__}: {exc}") from exc

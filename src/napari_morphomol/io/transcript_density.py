@@ -120,7 +120,8 @@ def build_transcript_density(
             {"key": np.concatenate([uniq, [-1, -2]]), "count": np.concatenate([counts, [outside, low_qv]])}
         )
 
-    parts = points.map_partitions(count_partition, meta=pd.DataFrame({"key": [0], "count": [0]}).iloc[:0])
+    columns = ["x", "y", "feature_name"] + (["qv"] if has_qv else [])  # read nothing else from disk
+    parts = points[columns].map_partitions(count_partition, meta=pd.DataFrame({"key": [0], "count": [0]}).iloc[:0])
     keys, values = [], []
     delayed_parts = parts.to_delayed()
     batch = 2 * (os.cpu_count() or 1)  # parallel, yet only a few partitions' results in memory
@@ -165,5 +166,6 @@ def transcripts_in_box_um(
 
     meta = pd.DataFrame({"x": pd.Series(dtype="float32"), "y": pd.Series(dtype="float32"),
                          "feature_name": pd.Series(dtype=str)})
-    found = points.map_partitions(select, meta=meta).compute()
+    columns = ["x", "y", "feature_name"] + (["qv"] if "qv" in points.columns else [])
+    found = points[columns].map_partitions(select, meta=meta).compute()
     return found.iloc[:max_points].reset_index(drop=True)

@@ -73,15 +73,28 @@ class LoadSampleWidget(Container):
         self.gene_search.changed.connect(self._filter_genes)
         self.show_density_button.changed.connect(self.add_density_of_selection)
         self.show_points.changed.connect(self.refresh_points_in_view)
-        self._camera_timer = QTimer()
+        self._closed = False
+        self._camera_timer = QTimer(self.native)
         self._camera_timer.setSingleShot(True)
         self._camera_timer.setInterval(300)
         self._camera_timer.timeout.connect(self._points_if_zoomed_in)
         camera = self.viewer.scene.camera
-        camera.events.zoom.connect(lambda _: self._camera_timer.start())
-        camera.events.center.connect(lambda _: self._camera_timer.start())
+        camera.events.zoom.connect(self._on_camera_moved)
+        camera.events.center.connect(self._on_camera_moved)
+        self.native.destroyed.connect(self._disconnect_camera)
         self._points_worker = None
         self.load_worker = self.density_worker = None
+
+    def _on_camera_moved(self, _event=None):
+        if not self._closed:
+            self._camera_timer.start()
+
+    def _disconnect_camera(self, *_):
+        """The dock is gone: stop following the camera and drop results still on their way."""
+        self._closed = True
+        camera = self.viewer.scene.camera
+        camera.events.zoom.disconnect(self._on_camera_moved)
+        camera.events.center.disconnect(self._on_camera_moved)
 
     # loading -------------------------------------------------------------------------------
     def load(self):
@@ -198,6 +211,8 @@ class LoadSampleWidget(Container):
         return worker
 
     def _show_points(self, df, genes):
+        if self._closed:
+            return
         name = "transcripts in view"
         colors = {g: GENE_COLORS[i % len(GENE_COLORS)] for i, g in enumerate(genes)}
         data = xy_to_napari(df[["x", "y"]].to_numpy())
@@ -206,6 +221,10 @@ class LoadSampleWidget(Container):
             "face_color": [colors[g] for g in df["feature_name"]] if len(df) else "white",
         }
         if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        self.viewer.add_points(data, name=name, **kwargs)
+            layer = self.viewer.layers[name]
+            layer.data = data
+            layer.features = kwargs["features"]
+            layer.face_color = kwargs["face_color"]
+        else:
+            self.viewer.add_points(data, name=name, **kwargs)
         self.status.value = f"{len(df):,} transcripts of {', '.join(genes)} in view"
