@@ -20,24 +20,9 @@ import scipy.sparse as sp
 from skimage.measure import block_reduce
 
 from napari_morphomol.errors import InputError
+from napari_morphomol.io.features import is_control_feature
 
 MIN_QV = 20.0
-CONTROL_PREFIXES = (
-    "NegControlProbe_",
-    "NegControlCodeword_",
-    "UnassignedCodeword_",
-    "DeprecatedCodeword_",
-    "BLANK_",
-    "Intergenic_Region_",
-    "antisense_",
-)
-
-
-def is_control_feature(names: pd.Index | list[str]) -> np.ndarray:
-    """True for Xenium control probes/codewords (XENIUM_FORMAT.md), which are not genes."""
-    return np.asarray(pd.Index(names).astype(str).str.startswith(CONTROL_PREFIXES), dtype=bool)
-
-
 @dataclass(frozen=True)
 class TranscriptDensity:
     """Counts per (feature, bin); features are the categories of ``feature_name``."""
@@ -135,7 +120,7 @@ def build_transcript_density(
     counts = sp.csr_matrix((value[good], (rows, cols)), shape=(len(features), n_bins), dtype=np.int64)
     return TranscriptDensity(
         features=[str(f) for f in features],
-        is_gene=~is_control_feature(features),
+        is_gene=np.array([not is_control_feature(f) for f in features], dtype=bool),
         bin_um=float(bin_um),
         shape_yx=(ny, nx),
         counts=counts.astype(np.int32),

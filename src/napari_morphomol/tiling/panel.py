@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from napari_morphomol.errors import InputError
-
-_CONTROL_PREFIXES = re.compile(
-    r"^(NegControlProbe_|NegControlCodeword_|UnassignedCodeword_|DeprecatedCodeword_|BLANK_|Intergenic_Region_)"
-)
-
-
-def is_control_feature(name: str) -> bool:
-    """Xenium control probes and codewords (never genes; dropped from every count)."""
-    return bool(_CONTROL_PREFIXES.match(str(name)))
+from napari_morphomol.io.features import is_control_feature
 
 
 @dataclass(frozen=True)
