@@ -23,3 +23,36 @@ def synthetic_sample_deformed(tmp_path_factory) -> SyntheticSample:
     return write_synthetic_sample(
         tmp_path_factory.mktemp("synthetic_deformed") / "sample", size_mm=(0.6, 0.6), seed=1, deformation=True
     )
+
+
+TINY_VIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}
+"""A ViT small enough for tests on two cores; the product's default stays ViT-S/16."""
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, synthetic_sample):
+    """A randomly initialised early-fusion checkpoint with the synthetic sample's panel."""
+    import json
+
+    import torch
+
+    from napari_morphomol.models import ModelCard, ModelConfig, build_model, save_checkpoint
+
+    panel = json.loads(synthetic_sample.panel_json.read_text())
+    torch.manual_seed(0)
+    config = ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]), backbone_kwargs=TINY_VIT)
+    card = ModelCard(config, tuple(panel["core"]), tuple(panel["addon"]))
+    return save_checkpoint(build_model(config), card, tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def results_store(tmp_path_factory, synthetic_sample, tiny_checkpoint):
+    """A finished prediction run (RESULTS.zarr) of the tiny model over the synthetic sample."""
+    from napari_morphomol.inference import predict
+    from napari_morphomol.io.sample import load_sample
+
+    s = synthetic_sample
+    out = tmp_path_factory.mktemp("results") / "results.zarr"
+    predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv), tiny_checkpoint, store=out,
+            batch_size=8, device="cpu", dtype="float32")
+    return out
