@@ -19,10 +19,10 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
+from napari_morphomol._atomic import write_text_atomic
 from napari_morphomol.coords import GLOBAL
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.fit import FitOptions, FittedTransform, fit_transform
-from napari_morphomol.registration.formats import write_text_atomic
 from napari_morphomol.registration.landmarks import LandmarkPairs
 
 AFFINE_CHUNK_POINTS = 1 << 20

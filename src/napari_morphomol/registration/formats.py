@@ -22,35 +22,16 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from napari_morphomol._atomic import write_text_atomic
 from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM, apply_affine_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.landmarks import LandmarkPairs
 
 KEYPOINTS_HEADER = ("fixedX", "fixedY", "alignmentX", "alignmentY")
-
-
-def write_text_atomic(path: str | Path, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; choose another name or allow overwriting")
-    if not path.parent.is_dir():
-        raise InputError(f"folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _read_rows(path: str | Path, what: str) -> list[list[str]]:
