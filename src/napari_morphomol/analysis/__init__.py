@@ -1,0 +1,25 @@
+"""Analysis of a prediction run (no Qt): tiles as AnnData, PCA / Leiden / UMAP, stride-grid gene maps.
+
+Entry points: :func:`tiles_anndata` (results -> AnnData), :func:`add_clusters` (the paper's
+PCA 31 + Leiden 0.5 / 1.0 + UMAP on the tile embeddings). See docs/explore.md.
+"""
+
+from napari_morphomol.analysis.clusters import (
+    PAPER_N_PCS,
+    PAPER_RESOLUTIONS,
+    add_clusters,
+    cluster_colors,
+    leiden_key,
+)
+from napari_morphomol.analysis.tiles_anndata import gene_metrics, measured_matrix, tiles_anndata
+
+__all__ = [
+    "PAPER_N_PCS",
+    "PAPER_RESOLUTIONS",
+    "add_clusters",
+    "cluster_colors",
+    "gene_metrics",
+    "leiden_key",
+    "measured_matrix",
+    "tiles_anndata",
+]
