@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,24 +49,16 @@ def os_error_message(path: Path, exc: OSError) -> str:
 
 
 @contextmanager
-def atomic_output(path: str | Path, *, overwrite: bool = False, folder: bool = False) -> Iterator[Path]:
+def atomic_output(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``.
 
-    ``folder=True`` for outputs that are directories (zarr stores): the temporary path does not
-    exist yet when yielded. A directory target being replaced is first renamed aside, so the
-    swap is two renames and the old copy is deleted only once the new one is in place.
+    The temporary path does not exist yet when yielded: the writer creates it (a file, or a
+    folder for zarr stores) with the usual permissions. A folder target being replaced is first
+    renamed aside, so the swap is two renames and the old copy is deleted only once the new one
+    is in place.
     """
     path = check_target(path, overwrite=overwrite)
-    try:
-        if folder:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-            tmp.rmdir()
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            tmp = Path(name)
-    except OSError as exc:
-        raise InputError(os_error_message(path, exc)) from exc
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
         _replace(tmp, path)

@@ -1,0 +1,45 @@
+"""Export a prediction run (headless): AnnData ``.h5ad``, SpatialData ``.zarr``, landmark CSV.
+
+One call writes whatever is asked for, atomically::
+
+    from napari_morphomol.export import export_results
+    export_results("RESULTS.zarr", h5ad="run.h5ad", spatialdata="run.zarr", overwrite=False, clusters=True)
+
+The pieces (``results_to_anndata``, ``results_to_spatialdata``, the ``write_*`` functions) are
+public for callers that already hold the objects. Schemas: docs/export.md.
+"""
+
+from napari_morphomol.export.anndata import add_clusters, results_to_anndata
+from napari_morphomol.export.spatialdata import (
+    MEASURED_IMAGE,
+    PREDICTED_IMAGE,
+    TILE_TABLE,
+    TILES,
+    results_to_spatialdata,
+    stride_grid_mean,
+    tile_shapes,
+)
+from napari_morphomol.export.writers import (
+    LANDMARK_FORMATS,
+    export_results,
+    write_h5ad,
+    write_landmarks_csv,
+    write_spatialdata_zarr,
+)
+
+__all__ = [
+    "LANDMARK_FORMATS",
+    "MEASURED_IMAGE",
+    "PREDICTED_IMAGE",
+    "TILES",
+    "TILE_TABLE",
+    "add_clusters",
+    "export_results",
+    "results_to_anndata",
+    "results_to_spatialdata",
+    "stride_grid_mean",
+    "tile_shapes",
+    "write_h5ad",
+    "write_landmarks_csv",
+    "write_spatialdata_zarr",
+]

@@ -1,0 +1,123 @@
+"""A prediction run as a SpatialData object: the sample, the tiles, the table and the gene maps.
+
+Elements added to the sample's own (lazy) images and points:
+
+- ``tiles`` (shapes): each tile's H&E px box mapped to ``global`` px through the run's full
+  registration (per-region models included), as a polygon indexed by ``tile_id``.
+- ``tile_table`` (table): the AnnData of :func:`results_to_anndata`, annotating ``tiles``
+  (``region_key='region'``, ``instance_key='tile_id'``).
+- ``predicted_expression`` / ``measured_expression`` (images, ``c`` = genes): the stride grid,
+  each cell the mean of the tiles covering it (NaN where no tile does), with the affine that
+  places a cell on its H&E px square and then in ``global``.
+
+The H&E element's transformation to ``global`` is the run's registration (its best affine for
+per-region models; the full record is in ``attrs['morphomol_registration']``). Pixel ``i`` of an
+image covers ``[i, i + 1)``, as in docs/tiling.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from shapely.geometry import Polygon
+from spatialdata import SpatialData
+from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.transformations import Affine, Identity, set_transformation
+
+from napari_morphomol.coords import GLOBAL, scale_matrix
+from napari_morphomol.errors import InputError
+from napari_morphomol.export.registration import RunRegistration, run_registration
+from napari_morphomol.inference.store import Results
+from napari_morphomol.io.sample import ATTRS_KEY, HE_IMAGE, load_sample
+from napari_morphomol.registration import REGISTRATION_ATTRS_KEY
+from napari_morphomol.tiling.geometry import TileGeometry
+
+TILES = "tiles"
+TILE_TABLE = "tile_table"
+PREDICTED_IMAGE = "predicted_expression"
+MEASURED_IMAGE = "measured_expression"
+REGION_KEY = "region"
+INSTANCE_KEY = "tile_id"
+
+
+def open_run_sample(results: Results) -> SpatialData:
+    """The sample the run predicted on, opened lazily from the paths the run recorded."""
+    sample = results.metadata.get("sample", {})
+    xenium_dir, he_path = sample.get("xenium_dir"), sample.get("he_path")
+    missing = [p for p in (xenium_dir, he_path) if p is None or not Path(p).exists()]
+    if missing:
+        raise InputError(f"the sample of {results.path} is no longer where the run found it (missing: "
+                         f"{', '.join(map(str, missing))}); move it back, or pass the sample to the export")
+    return load_sample(xenium_dir, he_path)
+
+
+def tile_shapes(results: Results, registration: RunRegistration) -> gpd.GeoDataFrame:
+    """Tile squares (H&E px boxes) as polygons in ``global`` px, indexed by ``tile_id``."""
+    t = results.tiles
+    x0, y0, x1, y1 = (t[c].to_numpy(dtype=np.float64) for c in ("he_x0", "he_y0", "he_x1", "he_y1"))
+    corners_he = np.stack([np.stack([x0, y0], 1), np.stack([x1, y0], 1), np.stack([x1, y1], 1), np.stack([x0, y1], 1)], 1)
+    corners_global = registration.apply_xy(corners_he.reshape(-1, 2)).reshape(-1, 4, 2)
+    frame = gpd.GeoDataFrame(geometry=[Polygon(c) for c in corners_global],
+                             index=pd.Index(t["tile_id"].to_numpy(dtype=np.int64), name=INSTANCE_KEY))
+    return ShapesModel.parse(frame, transformations={GLOBAL: Identity()})
+
+
+def stride_grid_mean(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, geometry: TileGeometry) -> np.ndarray:
+    """(genes, stride rows, stride cols): each stride cell the mean of the tiles covering it, NaN if none."""
+    shape = geometry.stride_raster_shape
+    span = geometry.tile_px // geometry.stride_px
+    total = np.zeros((values.shape[1], *shape), dtype=np.float64)
+    count = np.zeros(shape, dtype=np.int64)
+    for dy in range(span):
+        for dx in range(span):
+            np.add.at(total, (slice(None), rows + dy, cols + dx), values.T)
+            np.add.at(count, (rows + dy, cols + dx), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / count).astype(np.float32)
+
+
+def stride_cell_to_he_px(geometry: TileGeometry) -> np.ndarray:
+    """3 x 3: stride-grid pixel (x, y) -> H&E px; one stride cell is ``stride_cells`` token cells."""
+    return scale_matrix(geometry.stride_cells / geometry.cells_per_he_px)
+
+
+def gene_map_image(values: np.ndarray, genes: list[str], results: Results, registration: RunRegistration):
+    geometry = TileGeometry(**results.metadata["geometry_args"])
+    rows = results.tiles["row"].to_numpy(dtype=np.int64)
+    cols = results.tiles["col"].to_numpy(dtype=np.int64)
+    grid = stride_grid_mean(np.asarray(values, dtype=np.float64), rows, cols, geometry)
+    to_global = registration.best_affine @ stride_cell_to_he_px(geometry)
+    affine = Affine(to_global, input_axes=("x", "y"), output_axes=("x", "y"))
+    return Image2DModel.parse(grid, dims=("c", "y", "x"), c_coords=list(genes), transformations={GLOBAL: affine})
+
+
+def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialData | None = None) -> SpatialData:
+    """The sample's elements (lazy) plus tiles, the table annotating them and the gene maps."""
+    registration = run_registration(results.metadata)
+    sample = open_run_sample(results) if sample is None else sample
+    if HE_IMAGE in sample.images:
+        set_transformation(sample.images[HE_IMAGE],
+                           Affine(registration.best_affine, input_axes=("x", "y"), output_axes=("x", "y")),
+                           to_coordinate_system=GLOBAL)
+    images = dict(sample.images)
+    images[PREDICTED_IMAGE] = gene_map_image(results.predictions, results.addon_genes, results, registration)
+    if results.measured_counts is not None:
+        images[MEASURED_IMAGE] = gene_map_image(results.measured_log1p, results.measured_genes, results, registration)
+    table = adata.copy()
+    table.obs[REGION_KEY] = pd.Categorical([TILES] * table.n_obs)
+    table.obs[INSTANCE_KEY] = results.tiles["tile_id"].to_numpy(dtype=np.int64)
+    table = TableModel.parse(table, region=TILES, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    ours = {TILES, TILE_TABLE, PREDICTED_IMAGE, MEASURED_IMAGE}
+    clash = ours & set(sample.shapes) | ours & set(sample.tables) | ours & set(sample.labels) | ours & set(sample.points)
+    if clash:
+        raise InputError(f"the sample already has elements named {sorted(clash)}; rename them before exporting")
+    attrs = {**sample.attrs, REGISTRATION_ATTRS_KEY: registration.record}
+    if isinstance(attrs.get(ATTRS_KEY), dict):
+        attrs[ATTRS_KEY] = {**attrs[ATTRS_KEY], "he_to_global": registration.best_affine.tolist()}
+    return SpatialData(images=images, labels=dict(sample.labels), points=dict(sample.points),
+                       shapes={**sample.shapes, TILES: tile_shapes(results, registration)},
+                       tables={**sample.tables, TILE_TABLE: table}, attrs=attrs)

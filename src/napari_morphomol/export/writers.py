@@ -1,0 +1,84 @@
+"""Write a prediction run to files: AnnData ``.h5ad``, SpatialData ``.zarr``, landmark CSV.
+
+Every writer goes through :func:`napari_morphomol._atomic.atomic_output`: the file or store is
+written beside the target under a hidden temporary name and renamed into place only once
+complete, an existing target is replaced only with ``overwrite=True``, and failures leave any
+earlier target intact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from anndata import AnnData
+from spatialdata import SpatialData
+
+from napari_morphomol._atomic import atomic_output, check_target
+from napari_morphomol.errors import InputError
+from napari_morphomol.export.anndata import results_to_anndata
+from napari_morphomol.export.registration import run_registration
+from napari_morphomol.export.spatialdata import results_to_spatialdata
+from napari_morphomol.inference.store import Results, open_results
+from napari_morphomol.registration import write_bigwarp_csv, write_keypoints_csv
+
+LANDMARK_FORMATS = ("xenium", "bigwarp")
+
+
+def write_h5ad(adata: AnnData, path: str | Path, *, overwrite: bool = False) -> Path:
+    path = Path(path)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        adata.write_h5ad(tmp)
+    return path
+
+
+def write_spatialdata_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the store element by element; lazy (dask) images and points stream from their sources."""
+    path = Path(path)
+    with atomic_output(path, overwrite=overwrite) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+        sdata.write(tmp, update_sdata_path=False)
+    return path
+
+
+def write_landmarks_csv(results: Results, path: str | Path, *, landmark_format: str = "xenium",
+                        overwrite: bool = False) -> Path:
+    """The run's landmark pairs as Xenium Explorer keypoints (default) or BigWarp CSV."""
+    if landmark_format not in LANDMARK_FORMATS:
+        raise InputError(f"landmark format must be one of {LANDMARK_FORMATS}, got {landmark_format!r}")
+    pairs = run_registration(results.metadata).landmarks
+    if pairs is None:
+        raise InputError(f"the run in {results.path} used an alignment matrix, not landmarks, so there are no "
+                         "landmarks to export; its matrix is in the .h5ad (uns['registration'])")
+    writer = write_keypoints_csv if landmark_format == "xenium" else write_bigwarp_csv
+    return writer(path, pairs, overwrite=overwrite)
+
+
+def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
+                   spatialdata: str | Path | None = None, landmarks: str | Path | None = None,
+                   landmark_format: str = "xenium", overwrite: bool = False, clusters: bool = True,
+                   sample: SpatialData | None = None) -> dict[str, Path]:
+    """Write the requested files for the run in ``results_path``; returns ``{kind: path}``.
+
+    All targets are checked before any work, so a refused target never leaves the others half
+    done. ``sample`` replaces the sample the run recorded (e.g. when it was moved).
+    """
+    targets = {kind: Path(p) for kind, p in (("h5ad", h5ad), ("spatialdata", spatialdata), ("landmarks", landmarks))
+               if p is not None}
+    if not targets:
+        raise InputError("nothing to export: give an .h5ad path, a SpatialData .zarr path and/or a landmarks CSV path")
+    for target in targets.values():
+        check_target(target, overwrite=overwrite)
+    results = open_results(results_path)
+    written: dict[str, Path] = {}
+    if "landmarks" in targets:
+        written["landmarks"] = write_landmarks_csv(results, targets["landmarks"], landmark_format=landmark_format,
+                                                   overwrite=overwrite)
+    if "h5ad" in targets or "spatialdata" in targets:
+        adata = results_to_anndata(results, clusters=clusters)
+        if "h5ad" in targets:
+            written["h5ad"] = write_h5ad(adata, targets["h5ad"], overwrite=overwrite)
+        if "spatialdata" in targets:
+            sdata = results_to_spatialdata(results, adata, sample=sample)
+            written["spatialdata"] = write_spatialdata_zarr(sdata, targets["spatialdata"], overwrite=overwrite)
+    return written
