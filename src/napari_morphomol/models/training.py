@@ -242,6 +242,14 @@ def _loader(dataset: Dataset, settings: TrainingSettings, shuffle: bool) -> Data
     )
 
 
+def start_at_mean_target(model: nn.Module, dataset: Dataset) -> None:
+    """Set the head's bias to the mean training target (log1p counts are far from 0), so the
+    first epochs learn the signal rather than each gene's offset."""
+    targets = torch.stack([dataset[i]["target"].float() for i in range(len(dataset))])
+    with torch.no_grad():
+        model.head.bias.copy_(targets.mean(dim=0))
+
+
 def train_model(
     config: ModelConfig,
     train_dataset: Dataset,
@@ -277,6 +285,7 @@ def train_model(
         how = {"method": "Min-MAE: per add-on gene, the core gene with the lowest training MAE (log1p tile totals)"}
     else:
         model = build_model(config, backbone_weights)
+        start_at_mean_target(model, train_dataset)
         module = FusionTrainingModule(model, settings)
         best = BestWeights()
         deterministic_before = torch.are_deterministic_algorithms_enabled()
