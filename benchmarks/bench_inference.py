@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -110,20 +109,32 @@ def section_cluster(args, sample: Path, checkpoint: Path, threads_rate: float | 
             Client(cluster, set_as_default=False) as client:
         run = run_predict(sample, checkpoint, args.workdir / "cluster.zarr", args.batch, scheduler=client)
         torch_threads = client.run(torch.get_num_threads)
+        dtype = run["precision"]["dtype"]
+        one_worker = client.submit(bare_forward_tiles_per_s, checkpoint, args.batch, dtype, 10.0).result()
     rate = run["tiles"] / run["timings"]["inference_s"]
-    print(f"\n== scheduler: {run['tiles']} tiles, batch {args.batch}")
-    print(f"threads (2)                          : {threads_rate:7.2f} tiles/s")
-    print(f"LocalCluster 2 workers x 1 thread    : {rate:7.2f} tiles/s -> ratio {rate / threads_rate:.3f} "
-          f"(worker torch threads {sorted(torch_threads.values())}; whole call {run['tiles'] / run['timings']['total_s']:.2f} tiles/s)")
+    whole = run["tiles"] / run["timings"]["total_s"]
+    print(f"\n== scheduler: {run['tiles']} tiles, batch {args.batch}, {dtype}")
+    print(f"threads (2)                       : {threads_rate:7.2f} tiles/s (chunk phase)")
+    print(f"LocalCluster 2 workers x 1 thread : {rate:7.2f} tiles/s -> ratio to threads {rate / threads_rate:.3f} "
+          f"(worker torch threads {sorted(torch_threads.values())}; whole call {whole:.2f} tiles/s)")
+    print(f"bare model on one worker (1 thread, other idle): {one_worker:.2f} tiles/s; two such: "
+          f"{2 * one_worker:.2f} -> cluster chunk phase / that {rate / (2 * one_worker):.3f}")
+
+
+def status_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process (ru_maxrss would carry the parent's peak across fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child_memory(sample: str, checkpoint: str, out: str, batch: int) -> None:
     """In a fresh process: RSS after imports and model load, then the peak over a full predict."""
     load_checkpoint(checkpoint)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = status_mib("VmRSS")
     predict(load(Path(sample)), checkpoint, store=out, batch_size=batch, dtype="float32", overwrite=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"baseline_mib": baseline / 1024, "peak_mib": peak / 1024,
+    print(json.dumps({"baseline_mib": baseline, "peak_mib": status_mib("VmHWM"),
                       "tiles": len(open_results(out).tiles)}))
 
 

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
     bar = ProgressBar()
     try:
-        out = predict(sdata, args.checkpoint, store=args.out, region_he_px=_region(args.region), he_to_global=registration,
+        out = predict(sdata, args.checkpoint, store=args.out, region_he_px=_region(args.region),
+                      he_to_global=registration,
                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                       num_workers=args.workers, tiles_per_chunk=args.tiles_per_chunk,
                       min_transcripts=args.min_transcripts, max_background=args.max_background,

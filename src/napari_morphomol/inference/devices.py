@@ -36,15 +36,18 @@ def resolve_device(requested: str) -> tuple[torch.device, str | None]:
             raise InputError(
                 f"device {requested!r} was requested but torch sees no CUDA GPU here "
                 f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). "
-                "Use --device auto (GPU if present, else CPU) or --device cpu, or check the driver / CUDA_VISIBLE_DEVICES."
+                "Use --device auto (GPU if present, else CPU) or --device cpu, "
+                "or check the driver / CUDA_VISIBLE_DEVICES."
             )
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"device {requested!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise InputError(
+                f"device {requested!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
         return device, None
     if name == "mps":
         if not torch.backends.mps.is_available():
-            raise InputError(f"device 'mps' was requested but this machine has no Apple GPU; use --device auto or cpu")
+            raise InputError("device 'mps' was requested but this machine has no Apple GPU; use --device auto or cpu")
         return torch.device("mps"), None
     raise InputError(f"unknown device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
 

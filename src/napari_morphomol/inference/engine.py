@@ -118,51 +118,58 @@ def predict(
         if note:
             warnings.warn(note, DeviceFallbackWarning, stacklevel=2)
 
-    final = Path(store)
-    partial = partial_path(final)
-    if not final.parent.is_dir():
-        raise InputError(f"the folder of {final} does not exist; create it first")
-    sha = file_sha256(checkpoint)
-    fingerprint = {
-        "checkpoint_sha256": sha,
-        "he_path": str(Path(info.he_path).resolve()),
-        "xenium_dir": str(Path(info.xenium_dir).resolve()) if info.xenium_dir else None,
-        "he_to_global": _registration_record(info, he_to_global),
-        "region_he_px": None if region_he_px is None else np.asarray(region_he_px, float).tolist(),
-        "tiles_per_chunk": int(tiles_per_chunk),
-        "min_transcripts": int(min_transcripts),
-        "max_background": float(max_background),
-    }
-    if final.exists():
-        existing = _read_attrs(final)
-        if not overwrite and existing.get("status") == "complete" and existing.get("fingerprint") == fingerprint:
-            if progress is not None:
-                progress(existing["n_chunks"], existing["n_chunks"])
-            return final
-        if not overwrite:
-            raise InputError(f"{final} already exists and holds another run; choose another --out or pass --overwrite")
-    resume = partial.exists() and not overwrite and _read_attrs(partial).get("fingerprint") == fingerprint
-    if partial.exists() and not resume and not overwrite:
-        raise InputError(
-            f"{partial} holds an unfinished run with other inputs (checkpoint, sample, region or chunking); "
-            "pass --overwrite to discard it, or resume it with its original inputs"
-        )
-
-    if resume:
-        attrs = _read_attrs(partial)
-        (partial / CANCEL_MARKER).unlink(missing_ok=True)
-    else:
-        tick = time.perf_counter()
-        attrs = _start_store(partial, sdata, info, card, checkpoint, sha, panel_match, he_to_global, region_he_px,
-                             tiles_per_chunk, min_transcripts, max_background, fingerprint)
-        timings["tiling_s"] = time.perf_counter() - tick
-    spec = RunSpec(store=str(partial), run_id=attrs["run_id"], checkpoint=str(checkpoint.resolve()), checkpoint_sha256=sha,
-                   he_path=attrs["fingerprint"]["he_path"], geometry=attrs["geometry_args"], device=device,
-                   dtype=attrs.get("precision", {}).get("dtype") or "float32", batch_size=int(batch_size))
-    n_chunks = int(attrs["n_chunks"])
-
-    with ExitStack() as stack:
+    with ExitStack() as stack:  # the scheduler (pool, client) is set up before any work, so it fails fast
         run_scheduler, description = _scheduler(scheduler, num_workers, stack)
+        final = Path(store)
+        partial = partial_path(final)
+        if not final.parent.is_dir():
+            raise InputError(f"the folder of {final} does not exist; create it first")
+        sha = file_sha256(checkpoint)
+        fingerprint = {
+            "checkpoint_sha256": sha,
+            "he_path": str(Path(info.he_path).resolve()),
+            "xenium_dir": str(Path(info.xenium_dir).resolve()) if info.xenium_dir else None,
+            "he_to_global": _registration_record(info, he_to_global),
+            "region_he_px": None if region_he_px is None else np.asarray(region_he_px, float).tolist(),
+            "tiles_per_chunk": int(tiles_per_chunk),
+            "min_transcripts": int(min_transcripts),
+            "max_background": float(max_background),
+        }
+        if final.exists():
+            existing = _read_attrs(final)
+            if not overwrite and existing.get("status") == "complete" and existing.get("fingerprint") == fingerprint:
+                if progress is not None:
+                    progress(existing["n_chunks"], existing["n_chunks"])
+                return final
+            if not overwrite:
+                raise InputError(
+                    f"{final} already exists and holds another run; choose another --out or pass --overwrite"
+                )
+        resume = partial.exists() and not overwrite and _read_attrs(partial).get("fingerprint") == fingerprint
+        if partial.exists() and not resume and not overwrite:
+            raise InputError(
+                f"{partial} holds an unfinished run with other inputs (checkpoint, sample, region or chunking); "
+                "pass --overwrite to discard it, or resume it with its original inputs"
+            )
+
+        if resume:
+            attrs = _read_attrs(partial)
+            (partial / CANCEL_MARKER).unlink(missing_ok=True)
+            started_dtype = attrs.get("precision", {}).get("dtype")
+            if dtype != "auto" and started_dtype not in (None, dtype):
+                raise InputError(f"{partial} was started in {started_dtype}; resume it with dtype auto or "
+                                 f"{started_dtype}, or pass --overwrite to start again in another dtype")
+        else:
+            tick = time.perf_counter()
+            attrs = _start_store(partial, sdata, info, card, checkpoint, sha, panel_match, he_to_global, region_he_px,
+                                 tiles_per_chunk, min_transcripts, max_background, fingerprint)
+            timings["tiling_s"] = time.perf_counter() - tick
+        spec = RunSpec(store=str(partial), run_id=attrs["run_id"], checkpoint=str(checkpoint.resolve()),
+                       checkpoint_sha256=sha, he_path=attrs["fingerprint"]["he_path"], geometry=attrs["geometry_args"],
+                       device=device, dtype=attrs.get("precision", {}).get("dtype") or "float32",
+                       batch_size=int(batch_size))
+        n_chunks = int(attrs["n_chunks"])
+
         if "precision" not in attrs:
             tick = time.perf_counter()
             precision = _choose_precision(spec, dtype, run_scheduler)
@@ -173,21 +180,27 @@ def predict(
                 warnings.warn(f"workers: {precision['fallback_note']}", DeviceFallbackWarning, stacklevel=2)
         done = read_done_mask(_open(partial))
         pending = [int(k) for k in np.flatnonzero(~done)]
+        segment = {"scheduler": description, "device_requested": device, "batch_size": int(batch_size)}
         tick = time.perf_counter()
-        records = _run_chunks(spec, pending, run_scheduler, partial, n_chunks, progress, cancel)
+        try:
+            records = _run_chunks(spec, pending, run_scheduler, partial, n_chunks, progress, cancel)
+        except InferenceCancelled:
+            finished = int(read_done_mask(_open(partial)).sum())
+            segment.update(status="cancelled", finished_at=_now(), chunks_done_in_store=finished,
+                           timings={**timings, "total_s": time.perf_counter() - started})
+            _update_attrs(partial, {"segments": [*attrs.get("segments", []), segment]})
+            raise
         timings["inference_s"] = time.perf_counter() - tick
 
-    segment = {
-        "finished_at": _now(), "chunks_run": len(pending), "tiles_run": int(sum(r["tiles"] for r in records)),
-        "scheduler": description, "device_requested": device, "batch_size": int(batch_size),
-        "devices": sorted({r["device"] for r in records}),
-        "batch_limit_after_oom": min((r["batch_limit"] for r in records if r["batch_limit"]), default=None),
-        "timings": {**timings, "total_s": time.perf_counter() - started},
-    }
-    forget_run(str(partial))
-    result = finalise_store(partial, final, {"segments": [*attrs.get("segments", []), segment],
-                                             "finished_at": segment["finished_at"]})
-    return result
+        segment.update(
+            status="complete", finished_at=_now(), chunks_run=len(pending),
+            tiles_run=int(sum(r["tiles"] for r in records)), devices=sorted({r["device"] for r in records}),
+            batch_limit_after_oom=min((r["batch_limit"] for r in records if r["batch_limit"]), default=None),
+            timings={**timings, "total_s": time.perf_counter() - started},
+        )
+        forget_run(str(partial))
+        return finalise_store(partial, final, {"segments": [*attrs.get("segments", []), segment],
+                                               "finished_at": segment["finished_at"]})
 
 
 def _now() -> str:
@@ -331,7 +344,9 @@ def _scheduler(scheduler, num_workers: int | None, stack: ExitStack):
         try:
             client = stack.enter_context(Client(scheduler, timeout="20s", set_as_default=False))
         except (OSError, TimeoutError) as exc:
-            raise InputError(f"cannot reach the dask scheduler at {scheduler} ({exc}); is the cluster running?") from exc
+            raise InputError(
+                f"cannot reach the dask scheduler at {scheduler} ({exc}); is the cluster running?"
+            ) from exc
         return ("distributed", client), f"distributed ({scheduler})"
     raise InputError(f"unknown scheduler {scheduler!r}: use threads, processes, synchronous, a dask scheduler "
                      "address (tcp://host:8786) or a distributed.Client")

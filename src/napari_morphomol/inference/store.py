@@ -185,7 +185,9 @@ def open_results(path: str | Path) -> Results:
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise InputError(f"{path} is not a results store written by `morphomol predict` ({exc})") from exc
     if attrs.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path} has results format {attrs.get('format_version')}; this version reads {FORMAT_VERSION}")
+        raise InputError(
+            f"{path} has results format {attrs.get('format_version')}; this version reads {FORMAT_VERSION}"
+        )
     if attrs.get("status") != "complete":
         raise InputError(f"{path} is an unfinished run (status {attrs.get('status')!r}); run predict again to resume")
     table = root["tiles"]

@@ -108,7 +108,9 @@ def open_he_levels(he_path: str) -> list[StoredLevel]:
         series = tif.series[0]
         group = zarr.open(series.aszarr(), mode="r")
     except (tifffile.TiffFileError, OSError, ValueError, KeyError) as exc:
-        raise InputError(f"the worker cannot read the H&E image {he_path} ({exc}); is it on a shared filesystem?") from exc
+        raise InputError(
+            f"the worker cannot read the H&E image {he_path} ({exc}); is it on a filesystem the workers share?"
+        ) from exc
     arrays = [group] if isinstance(group, zarr.Array) else [group[str(i)] for i in range(len(series.levels))]
     return [StoredLevel(a) for a in arrays]
 
@@ -181,8 +183,8 @@ Batch = tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]
 def chunk_batches(ctx: RunContext, rows: np.ndarray, cols: np.ndarray, batch_size: int, pin: bool) -> Iterator[Batch]:
     """``(positions, images (B, 3, 224, 224) uint8, tokens (B, 196, G) float32)`` of a chunk's tiles.
 
-    Per group of neighbouring columns, the H&E area is decoded once (LevelSampler) and the
-    token raster is read once as one window.
+    Per group (one band's run of neighbouring columns) the H&E area is decoded once
+    (LevelSampler) and the token raster is read as one window.
     """
     s, t = ctx.geometry.stride_cells, ctx.geometry.tokens_per_side
     for group in tile_groups(rows, cols, ctx.tiles_per_chunk):
@@ -218,20 +220,24 @@ def prefetched(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Itera
     stop = threading.Event()
     finished = object()
 
+    def offer(item) -> bool:
+        """Queue ``item`` unless the consumer has stopped listening."""
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for batch in batches:
-                while not stop.is_set():
-                    try:
-                        slots.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(batch):
                     return
-            slots.put(finished)
+            offer(finished)
         except BaseException as error:  # noqa: BLE001 - handed to the consumer
-            slots.put(error)
+            offer(error)
 
     thread = threading.Thread(target=produce, name="morphomol-prefetch", daemon=True)
     thread.start()
@@ -318,7 +324,7 @@ def run_chunk(spec: RunSpec, chunk: int) -> dict:
             "batch_limit": loaded.batch_limit, "device": str(loaded.device)}
 
 
-def calibrate(spec: RunSpec, max_tiles: int = 16, repeats: int = 2) -> dict:
+def calibrate(spec: RunSpec, max_tiles: int = 8, repeats: int = 1) -> dict:
     """fp32 vs bf16 autocast on a reference batch of the run's first tiles, on this worker's device:
     throughput of both and their largest absolute difference."""
     loaded = loaded_model(spec)
@@ -338,7 +344,8 @@ def calibrate(spec: RunSpec, max_tiles: int = 16, repeats: int = 2) -> dict:
     diff = [float(np.max(np.abs(outputs["bfloat16"][i] - outputs["float32"][i]))) for i in (0, 1)]
     return {
         "device": str(loaded.device),
-        "device_name": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else loaded.device.type,
+        "device_name": (torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda"
+                        else loaded.device.type),
         "fallback_note": loaded.fallback_note,
         "reference_tiles": n,
         "float32_tiles_per_s": rate["float32"],
