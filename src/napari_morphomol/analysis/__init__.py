@@ -11,9 +11,18 @@ from napari_morphomol.analysis.clusters import (
     cluster_colors,
     leiden_key,
 )
+from napari_morphomol.analysis.explore import EXPRESSION_UNITS, MAP_KINDS, RunExplorer, explore_results, explore_run
+from napari_morphomol.analysis.gene_maps import StrideGrid, results_he_to_global
 from napari_morphomol.analysis.tiles_anndata import gene_metrics, measured_matrix, tiles_anndata
 
 __all__ = [
+    "EXPRESSION_UNITS",
+    "MAP_KINDS",
+    "RunExplorer",
+    "StrideGrid",
+    "explore_results",
+    "explore_run",
+    "results_he_to_global",
     "PAPER_N_PCS",
     "PAPER_RESOLUTIONS",
     "add_clusters",

@@ -1,0 +1,115 @@
+"""Everything the Explore view shows for one prediction run, computed headless (no Qt)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from matplotlib.path import Path as PolygonPath
+
+from napari_morphomol.analysis.clusters import PAPER_N_PCS, PAPER_RESOLUTIONS, add_clusters, leiden_key
+from napari_morphomol.analysis.gene_maps import StrideGrid
+from napari_morphomol.analysis.tiles_anndata import gene_metrics, tiles_anndata
+from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM
+from napari_morphomol.errors import InputError
+from napari_morphomol.inference import Results, open_results
+
+MAP_KINDS = ("predicted", "measured", "residual")
+EXPRESSION_UNITS = "log1p counts per tile"
+
+
+@dataclass
+class RunExplorer:
+    """A prediction run as maps, metrics, clusters and tile look-ups; the widgets only display it."""
+
+    results: Results
+    adata: ad.AnnData
+    grid: StrideGrid
+    metrics: pd.DataFrame
+    """Per measured gene: spearman, pearson, mse (empty when nothing was measured)."""
+    xenium_pixel_size_um: float
+    _maps: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.results.addon_genes)
+
+    def is_measured(self, gene: str) -> bool:
+        return gene in self.results.measured_genes
+
+    def _column(self, gene: str) -> int:
+        try:
+            return self.results.addon_genes.index(gene)
+        except ValueError:
+            raise InputError(f"{gene!r} is not an add-on gene of this model; pick one of {len(self.genes)} listed") from None
+
+    def tile_values(self, gene: str, kind: str = "predicted") -> np.ndarray:
+        """(tiles,) log1p values of ``gene``: predicted, measured or residual (measured - predicted)."""
+        if kind not in MAP_KINDS:
+            raise InputError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
+        column = self._column(gene)
+        predicted = self.adata.X[:, column]
+        if kind == "predicted":
+            return predicted
+        if not self.is_measured(gene):
+            raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
+        measured = self.adata.layers["measured"][:, column]
+        return measured if kind == "measured" else measured - predicted
+
+    def gene_map(self, gene: str, kind: str = "predicted") -> np.ndarray:
+        """(rows, cols) float32 stride-grid map of ``gene`` (NaN where no tile); cached per gene and kind."""
+        key = (gene, kind)
+        if key not in self._maps:
+            self._maps[key] = self.grid.stride_map(self.tile_values(gene, kind))
+        return self._maps[key]
+
+    def tile_report(self, tile: int, top: int = 10) -> pd.DataFrame:
+        """The ``top`` genes of one tile (results row) by predicted value, with measured values (NaN if not measured)."""
+        if not 0 <= tile < self.adata.n_obs:
+            raise InputError(f"tile {tile} is not in this run (0..{self.adata.n_obs - 1})")
+        predicted = np.asarray(self.adata.X[tile], dtype=np.float64)
+        order = np.argsort(-predicted, kind="stable")[:top]
+        measured = self.adata.layers["measured"][tile] if "measured" in self.adata.layers else np.full_like(predicted, np.nan)
+        return pd.DataFrame({"predicted": predicted[order], "measured": np.asarray(measured, np.float64)[order]},
+                            index=pd.Index([self.genes[i] for i in order], name="gene"))
+
+    def tile_summary(self, tile: int) -> dict:
+        """Tile position and transcript counts for the inspector."""
+        row = self.results.tiles.iloc[tile]
+        return {"tile_id": int(row["tile_id"]), "row": int(row["row"]), "col": int(row["col"]),
+                "um_x": float(row["um_x"]), "um_y": float(row["um_y"]),
+                "n_transcripts": int(row["n_transcripts"]), "n_core": int(row["n_core"]),
+                "n_addon": int(row["n_addon"])}
+
+    def tiles_at_um(self, points_um: np.ndarray) -> np.ndarray:
+        """Results row of the tile under each (x, y) point in um, -1 where there is none."""
+        return self.grid.tiles_at_global(np.asarray(points_um, dtype=np.float64) / self.xenium_pixel_size_um)
+
+    def tiles_in_polygon_um(self, polygon_um: np.ndarray) -> np.ndarray:
+        """Results rows of the tiles whose centre lies inside an (x, y) polygon in um."""
+        centres = self.results.tiles[["um_x", "um_y"]].to_numpy(dtype=np.float64)
+        return np.flatnonzero(PolygonPath(np.asarray(polygon_um, dtype=np.float64)).contains_points(centres))
+
+    def cluster(self, resolutions=PAPER_RESOLUTIONS, n_pcs: int = PAPER_N_PCS, seed: int = 0) -> list[str]:
+        """Run PCA / Leiden / UMAP on the embeddings; returns the obs keys of the clusterings."""
+        add_clusters(self.adata, resolutions=resolutions, n_pcs=n_pcs, seed=seed)
+        return [leiden_key(r) for r in resolutions]
+
+    @property
+    def has_clusters(self) -> bool:
+        return "X_umap" in self.adata.obsm
+
+
+def explore_run(results_path: str | Path) -> RunExplorer:
+    """Open a finished results store for exploring: AnnData, stride grid and per-gene metrics."""
+    results = open_results(results_path)
+    return explore_results(results)
+
+
+def explore_results(results: Results) -> RunExplorer:
+    pixel_um = (results.metadata.get("sample") or {}).get("xenium_pixel_size_um") or XENIUM_PIXEL_SIZE_UM
+    return RunExplorer(results, tiles_anndata(results), StrideGrid.from_results(results), gene_metrics(results),
+                       float(pixel_um))

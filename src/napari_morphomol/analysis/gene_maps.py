@@ -1,0 +1,119 @@
+"""Gene maps on the stride grid and the tile grid, placed in ``global`` px (no Qt).
+
+Tiles are 2 x 2 stride cells (256 px at 0.5 um/px) and overlap by one stride, so a stride cell
+is covered by up to four tiles: its value is their mean. Maps are (rows, cols) rasters over the
+whole H&E image, NaN where no tile covers a cell. Tile-grid rasters (one pixel per tile, centred
+on the tile) carry per-tile labels such as clusters or a selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from napari_morphomol.coords import apply_affine_xy
+from napari_morphomol.errors import InputError
+from napari_morphomol.inference import Results
+from napari_morphomol.tiling import TileGeometry
+
+_TILE_STRIDES = 2
+"""A tile spans 2 x 2 stride cells (tile 512 px, stride 256 px)."""
+
+
+def results_he_to_global(results: Results) -> np.ndarray:
+    """The run's H&E px -> ``global`` map as one 3 x 3 matrix (per-region fits: their best affine)."""
+    registration = results.metadata.get("registration") or {}
+    matrix = registration.get("matrix") or registration.get("best_affine")
+    if matrix is None:
+        raise InputError(f"{results.path} records no H&E -> Xenium registration matrix; run predict again")
+    return np.asarray(matrix, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class StrideGrid:
+    """Where a run's tiles lie on the stride grid, and the averaging that turns tile values into maps."""
+
+    rows: np.ndarray
+    """(tiles,) tile row of each results row."""
+    cols: np.ndarray
+    shape: tuple[int, int]
+    """(rows, cols) of the stride raster."""
+    stride_he_px: float
+    """Side of one stride cell in native H&E px."""
+    he_to_global: np.ndarray
+    cell_mean: sp.csr_matrix
+    """(cells, tiles): row k averages the tiles covering stride cell k (flattened row-major)."""
+    covered: np.ndarray
+    """(rows, cols) bool: cells that some tile covers."""
+
+    @classmethod
+    def from_results(cls, results: Results) -> "StrideGrid":
+        geometry = TileGeometry(**results.metadata["geometry_args"])
+        if geometry.tile_px != _TILE_STRIDES * geometry.stride_px:
+            raise InputError(f"gene maps need tiles of two strides; this run has tile {geometry.tile_px} px, "
+                             f"stride {geometry.stride_px} px")
+        return cls.from_tiles(results.tiles["row"].to_numpy(), results.tiles["col"].to_numpy(),
+                              geometry.stride_raster_shape, geometry.stride_cells / geometry.cells_per_he_px,
+                              results_he_to_global(results))
+
+    @classmethod
+    def from_tiles(cls, rows, cols, shape: tuple[int, int], stride_he_px: float,
+                   he_to_global: np.ndarray) -> "StrideGrid":
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        n_rows, n_cols = int(shape[0]), int(shape[1])
+        if len(rows) and (rows.min() < 0 or cols.min() < 0 or rows.max() + 2 > n_rows or cols.max() + 2 > n_cols):
+            raise InputError(f"tiles reach outside the stride grid {shape}; the results and the geometry disagree")
+        tile_index = np.arange(len(rows))
+        cell_rows = np.concatenate([rows + dr for dr in (0, 1) for _ in (0, 1)])
+        cell_cols = np.concatenate([cols + dc for _ in (0, 1) for dc in (0, 1)])
+        cover = sp.csr_matrix((np.ones(4 * len(rows)), (cell_rows * n_cols + cell_cols, np.tile(tile_index, 4))),
+                              shape=(n_rows * n_cols, len(rows)))
+        counts = np.asarray(cover.sum(axis=1)).ravel()
+        with np.errstate(divide="ignore"):
+            weights = np.where(counts > 0, 1.0 / counts, 0.0)
+        cell_mean = (sp.diags(weights) @ cover).tocsr().astype(np.float32)
+        return cls(rows, cols, (n_rows, n_cols), float(stride_he_px), np.asarray(he_to_global, np.float64),
+                   cell_mean, (counts > 0).reshape(n_rows, n_cols))
+
+    # -- maps -----------------------------------------------------------------------------------
+    def stride_map(self, tile_values: np.ndarray) -> np.ndarray:
+        """(tiles,) values -> (rows, cols) float32 raster of stride-cell means, NaN where no tile is."""
+        values = np.asarray(tile_values, dtype=np.float32)
+        if values.shape != self.rows.shape:
+            raise InputError(f"expected one value per tile ({len(self.rows)}), got shape {values.shape}")
+        raster = (self.cell_mean @ values).reshape(self.shape)
+        raster[~self.covered] = np.nan
+        return raster
+
+    def tile_raster(self, tile_values: np.ndarray, fill=0) -> np.ndarray:
+        """(tiles,) or (tiles, k) values -> one pixel per tile on the tile grid (rows - 1, cols - 1)."""
+        values = np.asarray(tile_values)
+        if values.shape[0] != len(self.rows):
+            raise InputError(f"expected one value per tile ({len(self.rows)}), got shape {values.shape}")
+        raster = np.full((self.shape[0] - 1, self.shape[1] - 1, *values.shape[1:]), fill, dtype=values.dtype)
+        raster[self.rows, self.cols] = values
+        return raster
+
+    # -- placement ------------------------------------------------------------------------------
+    def stride_pixel_to_global(self) -> np.ndarray:
+        """Stride raster pixel (x, y) -> ``global``: the pixel's centre is its cell's centre."""
+        s = self.stride_he_px
+        return self.he_to_global @ np.array([[s, 0.0, s / 2], [0.0, s, s / 2], [0.0, 0.0, 1.0]])
+
+    def tile_pixel_to_global(self) -> np.ndarray:
+        """Tile raster pixel (x, y) -> ``global``: pixel (j, i) is centred on tile (i, j) and one stride wide."""
+        s = self.stride_he_px
+        return self.he_to_global @ np.array([[s, 0.0, s], [0.0, s, s], [0.0, 0.0, 1.0]])
+
+    def tiles_at_global(self, points_global_px: np.ndarray) -> np.ndarray:
+        """Results row of the tile whose central stride square holds each (x, y) point, -1 for none."""
+        pixels = apply_affine_xy(np.linalg.inv(self.tile_pixel_to_global()), points_global_px)
+        j, i = np.floor(pixels + 0.5).astype(np.int64).T
+        lookup = self.tile_raster(np.arange(len(self.rows), dtype=np.int64), fill=-1)
+        inside = (i >= 0) & (j >= 0) & (i < lookup.shape[0]) & (j < lookup.shape[1])
+        found = np.full(len(i), -1, dtype=np.int64)
+        found[inside] = lookup[i[inside], j[inside]]
+        return found

@@ -1,0 +1,91 @@
+"""Stride-grid gene maps, tile rasters, placement and tile look-ups."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from napari_morphomol.analysis import StrideGrid, explore_run
+from napari_morphomol.coords import apply_affine_xy
+from napari_morphomol.errors import InputError
+
+IDENTITY = np.eye(3)
+
+
+@st.composite
+def tile_sets(draw):
+    n_rows, n_cols = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    cells = draw(st.lists(st.tuples(st.integers(0, n_rows - 1), st.integers(0, n_cols - 1)), min_size=1,
+                          max_size=n_rows * n_cols, unique=True))
+    values = draw(st.lists(st.floats(-5, 5, allow_nan=False), min_size=len(cells), max_size=len(cells)))
+    rows, cols = np.array(cells).T
+    return rows, cols, (n_rows + 1, n_cols + 1), np.array(values, dtype=np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tile_sets())
+def test_stride_cell_is_the_mean_of_the_tiles_covering_it(case):
+    rows, cols, shape, values = case
+    grid = StrideGrid.from_tiles(rows, cols, shape, stride_he_px=10.0, he_to_global=IDENTITY)
+    raster = grid.stride_map(values)
+    for r in range(shape[0]):
+        for c in range(shape[1]):
+            covering = values[(rows <= r) & (r <= rows + 1) & (cols <= c) & (c <= cols + 1)]
+            if len(covering):
+                assert raster[r, c] == pytest.approx(float(covering.mean()), abs=1e-5)
+            else:
+                assert np.isnan(raster[r, c])
+
+
+@settings(max_examples=30, deadline=None)
+@given(tile_sets(), st.floats(0.5, 50), st.floats(-1, 1), st.floats(-100, 100))
+def test_tile_lookup_finds_each_tile_at_its_centre(case, stride, angle, shift):
+    rows, cols, shape, _ = case
+    c, s = np.cos(angle), np.sin(angle)
+    he_to_global = np.array([[1.3 * c, -1.3 * s, shift], [1.3 * s, 1.3 * c, -shift], [0, 0, 1]])
+    grid = StrideGrid.from_tiles(rows, cols, shape, stride_he_px=stride, he_to_global=he_to_global)
+    centres_he = np.c_[(cols + 1) * stride, (rows + 1) * stride]
+    centres_global = apply_affine_xy(he_to_global, centres_he)
+    np.testing.assert_array_equal(grid.tiles_at_global(centres_global), np.arange(len(rows)))
+    far = apply_affine_xy(he_to_global, np.array([[-10.0 * stride, -10.0 * stride]]))
+    assert grid.tiles_at_global(far)[0] == -1
+
+
+def test_stride_map_placement_matches_the_cell_boxes():
+    grid = StrideGrid.from_tiles([0], [0], (2, 2), stride_he_px=100.0, he_to_global=np.diag([2.0, 2.0, 1.0]))
+    # pixel (1, 1) of the stride raster is the cell [100, 200) H&E px: centre 150 -> global 300
+    np.testing.assert_allclose(apply_affine_xy(grid.stride_pixel_to_global(), [[1.0, 1.0]]), [[300.0, 300.0]])
+
+
+def test_grid_refuses_tiles_outside_and_wrong_lengths():
+    with pytest.raises(InputError):
+        StrideGrid.from_tiles([3], [0], (3, 3), 1.0, IDENTITY)
+    grid = StrideGrid.from_tiles([0, 1], [0, 0], (3, 2), 1.0, IDENTITY)
+    with pytest.raises(InputError):
+        grid.stride_map(np.zeros(3))
+
+
+def test_explorer_maps_metrics_and_inspector(results_store):
+    explorer = explore_run(results_store)
+    results = explorer.results
+    gene = results.measured_genes[0]
+    predicted = explorer.gene_map(gene, "predicted")
+    measured = explorer.gene_map(gene, "measured")
+    residual = explorer.gene_map(gene, "residual")
+    covered = np.isfinite(predicted)
+    assert covered.sum() >= len(results.tiles)
+    np.testing.assert_allclose(residual[covered], measured[covered] - predicted[covered], atol=1e-4)
+    assert explorer.gene_map(gene) is predicted, "maps are cached per gene"
+    assert list(explorer.metrics.columns) == ["spearman", "pearson", "mse"]
+    assert set(explorer.metrics.index) == set(results.measured_genes)
+    # every tile's own centre finds it; the inspector lists its top predicted genes
+    centres = results.tiles[["um_x", "um_y"]].to_numpy()
+    np.testing.assert_array_equal(explorer.tiles_at_um(centres), np.arange(len(centres)))
+    report = explorer.tile_report(0, top=5)
+    assert len(report) == 5 and report["predicted"].is_monotonic_decreasing
+    assert report["predicted"].iloc[0] == pytest.approx(results.predictions[0].max())
+    assert explorer.tile_summary(0)["n_transcripts"] == int(results.tiles["n_transcripts"].iloc[0])
+    inside = explorer.tiles_in_polygon_um(np.array([[0, 0], [1e6, 0], [1e6, 1e6], [0, 1e6]]))
+    assert len(inside) == len(centres)
+    with pytest.raises(InputError):
+        explorer.gene_map("NOT_A_GENE")
