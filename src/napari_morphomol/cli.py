@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "predict",
     "train",
     "evaluate",
+    "export",
 ]
 
 EPILOG = """\

@@ -1,0 +1,50 @@
+"""Export a prediction run (RESULTS.zarr from `morphomol predict`) to AnnData and SpatialData.
+
+--h5ad: tiles as observations, predicted add-on expression (log1p) as X, measured counts (log1p)
+in layers['measured'], tile centres in obsm['spatial'] (Xenium morphology px), embeddings, PCA,
+UMAP and Leiden clusters (0.5, 1.0) of the embeddings, per-gene metrics in var, model card and
+registration in uns. Reads straight into scanpy.
+
+--spatialdata: the sample's images and transcripts, the tiles as shapes annotated by the table
+above, and the predicted / measured gene maps as images (one channel per gene), all placed in
+the 'global' coordinate system. Opens with spatialdata.read_zarr and napari-spatialdata.
+
+--landmarks: the landmark pairs of the run's registration (Xenium Explorer keypoints CSV, or
+BigWarp CSV with --landmark-format bigwarp).
+
+Files are written under a temporary name and renamed when complete; an existing file is
+replaced only with --overwrite.
+"""
+
+from __future__ import annotations
+
+from napari_morphomol.errors import InputError
+
+NAME = "export"
+HELP = "write a prediction run as AnnData (.h5ad), SpatialData (.zarr) and/or landmark CSV"
+
+
+def add_arguments(parser):
+    from napari_morphomol.export import LANDMARK_FORMATS
+
+    parser.add_argument("results", help="results store written by `morphomol predict` (RESULTS.zarr)")
+    parser.add_argument("--h5ad", metavar="OUT.h5ad", help="write an AnnData file here")
+    parser.add_argument("--spatialdata", metavar="OUT.zarr", help="write a SpatialData store here")
+    parser.add_argument("--landmarks", metavar="OUT.csv", help="write the registration's landmark pairs here")
+    parser.add_argument("--landmark-format", choices=LANDMARK_FORMATS, default="xenium",
+                        help="landmark CSV flavour (default: xenium, Xenium Explorer keypoints)")
+    parser.add_argument("--no-clusters", dest="clusters", action="store_false",
+                        help="skip PCA / Leiden / UMAP of the embeddings")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def run(args) -> int:
+    from napari_morphomol.export import export_results
+
+    if not (args.h5ad or args.spatialdata or args.landmarks):
+        raise InputError("nothing to export: give --h5ad OUT.h5ad, --spatialdata OUT.zarr and/or --landmarks OUT.csv")
+    written = export_results(args.results, h5ad=args.h5ad, spatialdata=args.spatialdata, landmarks=args.landmarks,
+                             landmark_format=args.landmark_format, overwrite=args.overwrite, clusters=args.clusters)
+    for kind, path in written.items():
+        print(f"{kind}: {path.resolve()}")
+    return 0
