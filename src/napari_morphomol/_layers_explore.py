@@ -1,0 +1,120 @@
+"""napari layer data for a prediction run (gene maps, clusters, PCA, tile selection), in um.
+
+Plain layer data tuples (no napari import), like :mod:`napari_morphomol._layers`. Each raster is
+placed with ``layer_affine_um`` through the run's H&E -> ``global`` map, so it overlays the H&E,
+DAPI and transcript layers of the same sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_morphomol._layers import UNITS_UM
+from napari_morphomol.analysis import EXPRESSION_UNITS, RunExplorer
+from napari_morphomol.coords import layer_affine_um
+
+PREDICTED_LAYER = "predicted expression"
+MEASURED_LAYER = "measured expression"
+RESIDUAL_LAYER = "residual (measured - predicted)"
+CLUSTERS_LAYER = "Leiden clusters"
+PCA_LAYER = "embedding PCA (RGB)"
+SELECTION_LAYER = "selected tiles"
+MAP_COLORMAPS = {"predicted": "magma", "measured": "magma", "residual": "bwr"}
+MAP_LAYER_NAMES = {"predicted": PREDICTED_LAYER, "measured": MEASURED_LAYER, "residual": RESIDUAL_LAYER}
+SELECTION_COLOR = (1.0, 1.0, 0.0, 1.0)
+
+
+def map_contrast_limits(raster: np.ndarray, kind: str, percentiles=(1.0, 99.0)) -> tuple[float, float]:
+    """Contrast from percentiles of the covered cells; symmetric about 0 for residuals."""
+    values = raster[np.isfinite(raster)]
+    if values.size == 0:
+        return (0.0, 1.0)
+    if kind == "residual":
+        high = float(np.percentile(np.abs(values), percentiles[1]))
+        high = high if high > 0 else 1.0
+        return (-high, high)
+    low, high = (float(v) for v in np.percentile(values, percentiles))
+    return (low, high if high > low else low + 1.0)
+
+
+def stride_affine_um(explorer: RunExplorer) -> np.ndarray:
+    return layer_affine_um(explorer.grid.stride_pixel_to_global(), explorer.xenium_pixel_size_um)
+
+
+def tile_affine_um(explorer: RunExplorer) -> np.ndarray:
+    return layer_affine_um(explorer.grid.tile_pixel_to_global(), explorer.xenium_pixel_size_um)
+
+
+def gene_map_layer(explorer: RunExplorer, gene: str, kind: str = "predicted") -> tuple:
+    """One stride-grid map; the widget swaps ``data`` (and contrast) of this one layer to change gene."""
+    raster = explorer.gene_map(gene, kind)
+    return (
+        raster,
+        {"name": MAP_LAYER_NAMES[kind], "units": UNITS_UM, "affine": stride_affine_um(explorer),
+         "colormap": MAP_COLORMAPS[kind], "contrast_limits": map_contrast_limits(raster, kind),
+         "opacity": 0.8, "blending": "translucent",
+         "metadata": {"gene": gene, "kind": kind, "units": EXPRESSION_UNITS, "results": str(explorer.results.path)}},
+        "image",
+    )
+
+
+def cluster_label_colors(explorer: RunExplorer, key: str) -> dict:
+    """Label value -> colour for a Labels layer: cluster k is label k + 1, 0 is transparent, None is the default."""
+    categories = explorer.adata.obs[key].cat.categories
+    colors = explorer.adata.uns[f"{key}_colors"]
+    return {0: "transparent", None: "transparent", **{i + 1: colors[i] for i in range(len(categories))}}
+
+
+def cluster_labels(explorer: RunExplorer, key: str) -> np.ndarray:
+    """Tile-grid raster of cluster label + 1 (0 where there is no tile)."""
+    codes = explorer.adata.obs[key].cat.codes.to_numpy().astype(np.int32) + 1
+    return explorer.grid.tile_raster(codes, fill=0)
+
+
+def clusters_layer(explorer: RunExplorer, key: str) -> tuple:
+    return (
+        cluster_labels(explorer, key),
+        {"name": CLUSTERS_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "opacity": 0.6,
+         "colormap": cluster_label_colors(explorer, key),
+         "metadata": {"clustering": key, "results": str(explorer.results.path),
+                      "legend": dict(zip(explorer.adata.obs[key].cat.categories.astype(str),
+                                         explorer.adata.uns[f"{key}_colors"]))}},
+        "labels",
+    )
+
+
+def pca_rgb(explorer: RunExplorer) -> np.ndarray:
+    """First three PCs scaled by their 1st-99th percentiles to [0, 1], as RGBA (transparent off-tissue)."""
+    pcs = np.asarray(explorer.adata.obsm["X_pca"][:, :3], dtype=np.float32)
+    if pcs.shape[1] < 3:
+        pcs = np.pad(pcs, ((0, 0), (0, 3 - pcs.shape[1])))
+    low, high = np.percentile(pcs, [1.0, 99.0], axis=0)
+    scaled = np.clip((pcs - low) / np.where(high > low, high - low, 1.0), 0.0, 1.0)
+    rgba = np.concatenate([scaled, np.ones((len(scaled), 1), np.float32)], axis=1)
+    return explorer.grid.tile_raster(rgba.astype(np.float32), fill=0.0)
+
+
+def pca_layer(explorer: RunExplorer) -> tuple:
+    return (
+        pca_rgb(explorer),
+        {"name": PCA_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "rgb": True, "visible": False,
+         "metadata": {"components": "PC1, PC2, PC3 -> R, G, B", "results": str(explorer.results.path)}},
+        "image",
+    )
+
+
+def selection_mask(explorer: RunExplorer, tiles: np.ndarray) -> np.ndarray:
+    """Tile-grid raster: 1 on the given results rows, 0 elsewhere."""
+    flags = np.zeros(explorer.adata.n_obs, dtype=np.int32)
+    flags[np.asarray(tiles, dtype=np.int64)] = 1
+    return explorer.grid.tile_raster(flags, fill=0)
+
+
+def selection_layer(explorer: RunExplorer, tiles: np.ndarray) -> tuple:
+    return (
+        selection_mask(explorer, tiles),
+        {"name": SELECTION_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "opacity": 0.7,
+         "colormap": {0: "transparent", None: "transparent", 1: SELECTION_COLOR},
+         "metadata": {"results": str(explorer.results.path)}},
+        "labels",
+    )

@@ -1,0 +1,409 @@
+"""Dock widget "Explore predictions": gene maps, metrics, tile inspector, clusters and the UMAP dock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import FileEdit
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_morphomol._layers_explore import (
+    CLUSTERS_LAYER,
+    MAP_LAYER_NAMES,
+    PCA_LAYER,
+    PREDICTED_LAYER,
+    SELECTION_LAYER,
+    cluster_label_colors,
+    cluster_labels,
+    clusters_layer,
+    gene_map_layer,
+    map_contrast_limits,
+    pca_layer,
+    selection_layer,
+    selection_mask,
+)
+from napari_morphomol.analysis import EXPRESSION_UNITS, PAPER_N_PCS, RunExplorer, explore_run
+from napari_morphomol.errors import InputError
+from napari_morphomol.widgets.umap_dock import UmapDock
+
+SELECT_SHAPES_LAYER = "draw to select tiles"
+TOP_GENES = 10
+
+
+class _NumericItem(QTableWidgetItem):
+    """Sorts by number, not by text."""
+
+    def __lt__(self, other):
+        return float(self.data(Qt.UserRole)) < float(other.data(Qt.UserRole))
+
+
+def parse_resolutions(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"Leiden resolutions must be numbers separated by commas (e.g. 0.5, 1.0), got {text!r}") from None
+    if not values:
+        raise InputError("give at least one Leiden resolution (e.g. 0.5, 1.0)")
+    return values
+
+
+class ExploreWidget(QWidget):
+    """Open a results store (or receive a finished run) and explore it as napari layers."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.explorer: RunExplorer | None = None
+        self.gene: str | None = None
+        self.map_layers: dict = {}
+        self.umap_dock: UmapDock | None = None
+        self._umap_dock_widget = None
+        self.selected_tiles = np.zeros(0, dtype=np.int64)
+        self.cluster_worker = self.open_worker = None
+        self._all_genes: list[str] = []
+
+        self.results_path = FileEdit(mode="d", label="results store", filter="*.zarr")
+        self.open_button = QPushButton("Open results")
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        self.gene_search = QLineEdit()
+        self.gene_search.setPlaceholderText("find gene")
+        self.gene_list = QListWidget()
+        self.gene_list.setMaximumHeight(140)
+        self.colour_note = QLabel(f"colour bar: {EXPRESSION_UNITS}; contrast 1st-99th percentile")
+
+        self.metrics_table = QTableWidget(0, 4)
+        self.metrics_table.setHorizontalHeaderLabels(["gene", "spearman", "pearson", "mse"])
+        self.metrics_table.setSortingEnabled(True)
+        self.metrics_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.metrics_table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.metrics_table.verticalHeader().setVisible(False)
+        self.metrics_table.setMaximumHeight(180)
+
+        self.inspector_label = QLabel("click a tile in the viewer")
+        self.inspector_label.setWordWrap(True)
+        self.inspector_table = QTableWidget(0, 3)
+        self.inspector_table.setHorizontalHeaderLabels(["gene", "predicted", "measured"])
+        self.inspector_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.inspector_table.verticalHeader().setVisible(False)
+        self.inspector_table.setMaximumHeight(180)
+
+        self.resolutions = QLineEdit("0.5, 1.0")
+        self.n_pcs = QSpinBox()
+        self.n_pcs.setRange(2, 512)
+        self.n_pcs.setValue(PAPER_N_PCS)
+        self.cluster_button = QPushButton("Compute clusters + UMAP")
+        self.clustering_choice = QComboBox()
+        self.umap_colour = QComboBox()
+        self.umap_colour.addItems(["cluster", "selected gene"])
+        self.legend = QWidget()
+        self.legend_layout = QGridLayout(self.legend)
+        self.legend_layout.setContentsMargins(0, 0, 0, 0)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.results_path.native)
+        layout.addWidget(self.open_button)
+        layout.addWidget(self.status)
+        genes_box = QGroupBox("gene maps")
+        genes_layout = QVBoxLayout(genes_box)
+        for widget in (self.gene_search, self.gene_list, self.colour_note, QLabel("per-gene metrics (click to show)"),
+                       self.metrics_table):
+            genes_layout.addWidget(widget)
+        layout.addWidget(genes_box)
+        inspector_box = QGroupBox("tile inspector")
+        inspector_layout = QVBoxLayout(inspector_box)
+        inspector_layout.addWidget(self.inspector_label)
+        inspector_layout.addWidget(self.inspector_table)
+        layout.addWidget(inspector_box)
+        clusters_box = QGroupBox("embeddings")
+        clusters_form = QFormLayout(clusters_box)
+        clusters_form.addRow("Leiden resolutions", self.resolutions)
+        clusters_form.addRow("PCA components", self.n_pcs)
+        clusters_form.addRow(self.cluster_button)
+        clusters_form.addRow("show clustering", self.clustering_choice)
+        clusters_form.addRow("colour UMAP by", self.umap_colour)
+        clusters_form.addRow(self.legend)
+        layout.addWidget(clusters_box)
+        layout.addStretch(1)
+
+        self.open_button.clicked.connect(self.open)
+        self.gene_search.textChanged.connect(self._filter_genes)
+        self.gene_list.currentTextChanged.connect(self._on_gene_list)
+        self.metrics_table.cellClicked.connect(self._on_metrics_click)
+        self.cluster_button.clicked.connect(self.compute_clusters)
+        self.clustering_choice.currentTextChanged.connect(self.show_clustering)
+        self.umap_colour.currentTextChanged.connect(lambda _: self._colour_umap())
+        self.viewer.mouse_drag_callbacks.append(self._on_viewer_click)
+        self.destroyed.connect(lambda *_: self._detach_from_viewer())
+        self._set_enabled(False)
+
+    def _detach_from_viewer(self):
+        if self._on_viewer_click in self.viewer.mouse_drag_callbacks:
+            self.viewer.mouse_drag_callbacks.remove(self._on_viewer_click)
+
+    def _set_enabled(self, enabled: bool):
+        for widget in (self.gene_search, self.gene_list, self.metrics_table, self.cluster_button, self.resolutions,
+                       self.n_pcs):
+            widget.setEnabled(enabled)
+
+    # opening -----------------------------------------------------------------------------------
+    def open(self, *_):
+        path = self.results_path.value
+        if path is None or str(path) in ("", "."):
+            show_info("choose a results store (RESULTS.zarr written by Predict or `morphomol predict`)")
+            return None
+        self.status.setText(f"opening {Path(path).name}...")
+        worker = create_worker(explore_run, Path(path), _progress={"desc": "Opening results"})
+        worker.returned.connect(self.set_explorer)
+        worker.errored.connect(self._on_error)
+        worker.start()
+        self.open_worker = worker
+        return worker
+
+    def _on_error(self, exc):
+        self.status.setText(f"error: {exc}")
+        show_error(str(exc))
+
+    def set_explorer(self, explorer: RunExplorer):
+        """Show a run: the map layers (one per kind), the gene list and the metrics table."""
+        self.explorer = explorer
+        self._all_genes = explorer.genes
+        first = explorer.metrics.index[0] if len(explorer.metrics) else explorer.genes[0]
+        kinds = ("predicted", "measured", "residual") if explorer.results.measured_genes else ("predicted",)
+        for kind in kinds:
+            data, kwargs, _ = gene_map_layer(explorer, first, kind)
+            name = kwargs["name"]
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            kwargs["visible"] = kind == "predicted"
+            self.map_layers[kind] = self.viewer.add_image(data, **kwargs)
+        self.map_layers["predicted"].colorbar.visible = True
+        self._fill_metrics()
+        self._filter_genes()
+        self._set_enabled(True)
+        n = explorer.adata.n_obs
+        self.status.setText(f"{n:,} tiles, {len(explorer.genes)} add-on genes "
+                            f"({len(explorer.results.measured_genes)} measured) from {explorer.results.path.name}")
+        self.show_gene(first)
+        self.viewer.canvas.overlays.scale_bar.visible = True
+
+    # genes -------------------------------------------------------------------------------------
+    def _filter_genes(self, *_):
+        text = self.gene_search.text().strip().upper()
+        genes = [g for g in self._all_genes if text in g.upper()] if text else self._all_genes
+        self.gene_list.blockSignals(True)
+        self.gene_list.clear()
+        self.gene_list.addItems(genes)
+        self.gene_list.blockSignals(False)
+
+    def _on_gene_list(self, gene: str):
+        if gene:
+            self.show_gene(gene)
+
+    def show_gene(self, gene: str):
+        """Swap the data of the map layers to ``gene`` (layers are reused, never re-created)."""
+        explorer = self.explorer
+        if explorer is None:
+            return
+        for kind, layer in self.map_layers.items():
+            if kind != "predicted" and not explorer.is_measured(gene):
+                layer.data = np.full(explorer.grid.shape, np.nan, dtype=np.float32)
+                layer.metadata["gene"] = None
+                continue
+            raster = explorer.gene_map(gene, kind)
+            layer.data = raster
+            layer.contrast_limits = map_contrast_limits(raster, kind)
+            layer.metadata["gene"] = gene
+        self.gene = gene
+        measured = "measured" if explorer.is_measured(gene) else "not measured in this sample"
+        overlay = self.viewer.canvas.overlays.text
+        overlay.text = f"{gene} ({measured}); {EXPRESSION_UNITS}"
+        overlay.visible = True
+        self._colour_umap()
+
+    def _fill_metrics(self):
+        metrics = self.explorer.metrics
+        table = self.metrics_table
+        table.setSortingEnabled(False)
+        table.setRowCount(len(metrics))
+        for i, (gene, row) in enumerate(metrics.iterrows()):
+            table.setItem(i, 0, QTableWidgetItem(str(gene)))
+            for j, name in enumerate(("spearman", "pearson", "mse"), start=1):
+                value = float(row[name])
+                item = _NumericItem(f"{value:.3f}")
+                item.setData(Qt.UserRole, value if np.isfinite(value) else -np.inf)
+                table.setItem(i, j, item)
+        table.setSortingEnabled(True)
+        table.resizeColumnsToContents()
+
+    def metrics_genes_in_order(self) -> list[str]:
+        return [self.metrics_table.item(i, 0).text() for i in range(self.metrics_table.rowCount())]
+
+    def _on_metrics_click(self, row: int, _column: int):
+        self.show_gene(self.metrics_table.item(row, 0).text())
+
+    # tile inspector ----------------------------------------------------------------------------
+    def _on_viewer_click(self, viewer, event):
+        start = np.asarray(event.position)
+        yield
+        while event.type == "mouse_move":
+            yield
+        if self.explorer is None or np.abs(np.asarray(event.position) - start).max() * viewer.camera.zoom > 3:
+            return
+        self.inspect_at_um(float(event.position[-1]), float(event.position[-2]))
+
+    def inspect_at_um(self, x_um: float, y_um: float) -> int:
+        """Fill the inspector with the tile under (x, y) um; returns its results row or -1."""
+        tile = int(self.explorer.tiles_at_um(np.array([[x_um, y_um]]))[0])
+        if tile < 0:
+            self.inspector_label.setText(f"no tile at ({x_um:.0f}, {y_um:.0f}) um")
+            self.inspector_table.setRowCount(0)
+            return tile
+        info = self.explorer.tile_summary(tile)
+        self.inspector_label.setText(
+            f"tile {info['tile_id']} (row {info['row']}, col {info['col']}) at ({info['um_x']:.0f}, {info['um_y']:.0f}) um: "
+            f"{info['n_transcripts']:,} transcripts ({info['n_core']:,} core, {info['n_addon']:,} add-on)")
+        report = self.explorer.tile_report(tile, TOP_GENES)
+        self.inspector_table.setRowCount(len(report))
+        for i, (gene, row) in enumerate(report.iterrows()):
+            measured = "" if np.isnan(row["measured"]) else f"{row['measured']:.2f}"
+            for j, text in enumerate((str(gene), f"{row['predicted']:.2f}", measured)):
+                self.inspector_table.setItem(i, j, QTableWidgetItem(text))
+        self.inspector_table.resizeColumnsToContents()
+        return tile
+
+    # clusters ----------------------------------------------------------------------------------
+    def compute_clusters(self, *_):
+        if self.explorer is None:
+            show_info("open a results store first")
+            return None
+        try:
+            resolutions = parse_resolutions(self.resolutions.text())
+        except InputError as exc:
+            self._on_error(exc)
+            return None
+        self.cluster_button.setEnabled(False)
+        self.status.setText("PCA, neighbours, Leiden and UMAP...")
+        worker = create_worker(self.explorer.cluster, resolutions, self.n_pcs.value(),
+                               _progress={"desc": "Clusters + UMAP"})
+        worker.returned.connect(self._on_clusters)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(lambda: self.cluster_button.setEnabled(True))
+        worker.start()
+        self.cluster_worker = worker
+        return worker
+
+    def _on_clusters(self, keys: list[str]):
+        explorer = self.explorer
+        info = explorer.adata.uns["morphomol_clusters"]
+        self.status.setText(f"{info['n_pcs']} PCs, {info['n_neighbors']} neighbours; "
+                            + ", ".join(f"{k}: {explorer.adata.obs[k].cat.categories.size} clusters" for k in keys))
+        for name, build in ((PCA_LAYER, pca_layer), (CLUSTERS_LAYER, None)):
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        data, kwargs, _ = pca_layer(explorer)
+        self.viewer.add_image(data, **kwargs)
+        data, kwargs, _ = clusters_layer(explorer, keys[0])
+        self.viewer.add_labels(data, **kwargs)
+        self._ensure_selection_layers()
+        self._show_umap_dock()
+        self.clustering_choice.blockSignals(True)
+        self.clustering_choice.clear()
+        self.clustering_choice.addItems(keys)
+        self.clustering_choice.blockSignals(False)
+        self.show_clustering(keys[0])
+
+    def show_clustering(self, key: str):
+        """Point the clusters layer, the legend and the UMAP colours at one clustering."""
+        if not key or self.explorer is None or CLUSTERS_LAYER not in self.viewer.layers:
+            return
+        layer = self.viewer.layers[CLUSTERS_LAYER]
+        layer.data = cluster_labels(self.explorer, key)
+        layer.colormap = cluster_label_colors(self.explorer, key)
+        layer.metadata["clustering"] = key
+        self._fill_legend(key)
+        self._colour_umap()
+
+    def legend_entries(self) -> list[tuple[str, str, int]]:
+        """(cluster, colour, tiles) of the shown clustering."""
+        key = self.clustering_choice.currentText()
+        obs = self.explorer.adata.obs[key]
+        counts = obs.value_counts()
+        return [(str(c), color, int(counts[c])) for c, color in
+                zip(obs.cat.categories, self.explorer.adata.uns[f"{key}_colors"])]
+
+    def _fill_legend(self, key: str):
+        while self.legend_layout.count():
+            self.legend_layout.takeAt(0).widget().deleteLater()
+        for i, (cluster, color, count) in enumerate(self.legend_entries()):
+            swatch = QLabel()
+            swatch.setFixedSize(14, 14)
+            swatch.setStyleSheet(f"background-color: {color}; border: 1px solid #808080;")
+            text = QLabel(f"{cluster} ({count})")
+            self.legend_layout.addWidget(swatch, i // 3, 2 * (i % 3))
+            self.legend_layout.addWidget(text, i // 3, 2 * (i % 3) + 1)
+
+    # UMAP and selection ------------------------------------------------------------------------
+    def _show_umap_dock(self):
+        umap = self.explorer.adata.obsm["X_umap"]
+        if self.umap_dock is not None and self._umap_dock_widget is not None:
+            self.viewer.window.remove_dock_widget(self._umap_dock_widget)
+        self.umap_dock = UmapDock(umap, on_select=lambda tiles: self.select_tiles(tiles, source="umap"))
+        self._umap_dock_widget = self.viewer.window.add_dock_widget(self.umap_dock, name="UMAP of tiles", area="right")
+
+    def _colour_umap(self):
+        if self.umap_dock is None or self.explorer is None:
+            return
+        key = self.clustering_choice.currentText()
+        if self.umap_colour.currentText() == "selected gene" and self.gene is not None:
+            self.umap_dock.color_by_values(self.explorer.tile_values(self.gene), f"{self.gene} (predicted)",
+                                           EXPRESSION_UNITS)
+        elif key:
+            obs = self.explorer.adata.obs[key]
+            self.umap_dock.color_by_cluster(obs.cat.codes.to_numpy(), self.explorer.adata.uns[f"{key}_colors"], key)
+
+    def _ensure_selection_layers(self):
+        for name in (SELECTION_LAYER, SELECT_SHAPES_LAYER):
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        data, kwargs, _ = selection_layer(self.explorer, self.selected_tiles)
+        self.viewer.add_labels(data, **kwargs)
+        shapes = self.viewer.add_shapes(name=SELECT_SHAPES_LAYER, units=kwargs["units"], edge_color="yellow",
+                                        face_color=[0, 0, 0, 0], edge_width=3)
+        shapes.events.data.connect(self._on_shapes_drawn)
+
+    def _on_shapes_drawn(self, event=None):
+        shapes = self.viewer.layers[SELECT_SHAPES_LAYER]
+        if getattr(event, "action", "added") not in ("added", "removed", "changed"):
+            return
+        tiles = [self.explorer.tiles_in_polygon_um(np.asarray(polygon)[:, ::-1]) for polygon in shapes.data]
+        self.select_tiles(np.unique(np.concatenate(tiles)) if tiles else np.zeros(0, np.int64), source="map")
+
+    def select_tiles(self, tiles: np.ndarray, source: str = "map"):
+        """Highlight tiles (results rows) in the map and, unless they came from it, in the UMAP."""
+        self.selected_tiles = np.asarray(tiles, dtype=np.int64)
+        if SELECTION_LAYER in self.viewer.layers:
+            self.viewer.layers[SELECTION_LAYER].data = selection_mask(self.explorer, self.selected_tiles)
+        if self.umap_dock is not None and source != "umap":
+            self.umap_dock.set_selection(self.selected_tiles)
+        self.status.setText(f"{len(self.selected_tiles)} tiles selected")
