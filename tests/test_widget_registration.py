@@ -179,6 +179,9 @@ def test_export_asks_before_overwriting_and_reimports(opened, synthetic_sample, 
         widget.export_button.clicked.emit()
         assert (tmp_path / name).is_file() and "wrote" in widget.status.value
     np.testing.assert_allclose(read_alignment_csv(tmp_path / "alignment.csv"), widget.fitted.best_affine)
+    widget.export_path.value = tmp_path
+    widget.export_button.clicked.emit()
+    assert "is a folder" in widget.status.value
 
     widget.file_format.value = KEYPOINTS
     widget.export_path.value = tmp_path / "keypoints.csv"
@@ -252,3 +255,19 @@ def test_opened_from_the_layers_menu_before_a_sample(make_napari_viewer, synthet
     viewer.layers.remove(HE_POINTS_LAYER)
     assert widget.he_points is None and "deleted" in widget.status.value
     assert XENIUM_POINTS_LAYER not in viewer.layers
+
+
+def test_without_a_sample_every_button_answers_with_a_message(make_napari_viewer):
+    widget = RegistrationWidget(make_napari_viewer())
+    assert "load a sample" in widget.status.value
+    for button, expected in (
+        (widget.fit_button, "no landmark layers"),
+        (widget.auto_button, "no landmark layers"),
+        (widget.import_button, "no landmark layers"),
+        (widget.export_button, "no landmark layers"),
+        (widget.apply_button, "nothing to apply"),
+        (widget.undo_button, "nothing to undo"),
+        (widget.redo_button, "nothing to redo"),
+    ):
+        button.clicked.emit()
+        assert expected in widget.status.value, (button.text, widget.status.value)

@@ -257,10 +257,13 @@ class RegistrationWidget(Container):
         features["name"] = unique_landmark_names(names + partner_names[len(names):])[: len(names)]
         layer.features = features
 
+    def _require_landmark_layers(self):
+        if self.he_points is None or self.xenium_points is None:
+            raise InputError("no landmark layers: load a sample with an H&E image and a Xenium run first")
+
     def landmark_points(self) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
         """(H&E px, global px, names, active) as (x, y) arrays, in pair order."""
-        if self.he_points is None or self.xenium_points is None:
-            raise InputError("no landmark layers: load a sample with H&E and Xenium, then reopen this widget")
+        self._require_landmark_layers()
         he = self.he_points.features
         return (
             napari_to_xy(self.he_points.data.reshape(-1, 2)),
@@ -334,18 +337,18 @@ class RegistrationWidget(Container):
         self._message(f"applied the {self.fitted.model} fit (RMSE {self.fitted.rmse_um:.2f} um)", False)
 
     def undo(self, *_):
-        self._history_step(self.history.undo, "undone")
+        if not self.history.can_undo:
+            self._message("nothing to undo: no registration has been applied", True)
+            return
+        self._move_he_layers(partial(self.history.undo, self.sdata))
+        self._message("undone: the H&E is back at the registration before", False)
 
     def redo(self, *_):
-        self._history_step(self.history.redo, "redone")
-
-    def _history_step(self, step, done: str):
-        try:
-            self._move_he_layers(partial(step, self.sdata))
-        except InputError as exc:
-            self._message(str(exc), True)
+        if not self.history.can_redo:
+            self._message("nothing to redo", True)
             return
-        self._message(f"{done}: the H&E is back where it was", False)
+        self._move_he_layers(partial(self.history.redo, self.sdata))
+        self._message("redone: the H&E is at the registration undone last", False)
 
     def _he_space_layers(self):
         return [
@@ -423,8 +426,10 @@ class RegistrationWidget(Container):
     # automatic start -----------------------------------------------------------------------
     def start_automatic(self, *_):
         """Propose pairs from hematoxylin vs DAPI in a worker thread; they replace the points."""
-        if self.sdata is None:
-            self._message("load a sample with an H&E image and a Xenium run first", True)
+        try:
+            self._require_landmark_layers()
+        except InputError as exc:
+            self._message(str(exc), True)
             return None
         self.auto_button.enabled = False
         self.status.value = "looking for landmark pairs (hematoxylin vs DAPI)..."
@@ -452,6 +457,7 @@ class RegistrationWidget(Container):
         """Read pairs (keypoints, BigWarp) into the layers, or apply a 3 x 3 alignment matrix."""
         path = Path(self.import_path.value)
         try:
+            self._require_landmark_layers()
             if self.file_format.value == ALIGNMENT:
                 matrix = read_alignment_csv(path)
                 g = self.geometry
@@ -471,20 +477,25 @@ class RegistrationWidget(Container):
     def export_file(self, *_):
         """Write the pairs or the applied matrix; an existing file is replaced only when confirmed."""
         path = Path(self.export_path.value)
-        if path.exists() and not self.confirm_overwrite(path):
-            self._message(f"{path.name} not written (it exists)", False)
-            return None
         try:
+            self._require_landmark_layers()
             if self.file_format.value == ALIGNMENT:
                 matrix = sample_info(self.sdata).he_to_global
                 if matrix is None:
                     raise InputError("the H&E has no registration yet: Fit and Apply first, then export the matrix")
-                written = write_alignment_csv(path, np.asarray(matrix), overwrite=True)
+                write = partial(write_alignment_csv, path, np.asarray(matrix))
             else:
                 he_px, global_px, names, active = self.landmark_points()
                 pairs = landmark_pairs_from_points(he_px, global_px, names=names, active=active)
                 writer = write_keypoints_csv if self.file_format.value == KEYPOINTS else write_bigwarp_csv
-                written = writer(path, pairs, overwrite=True)
+                write = partial(writer, path, pairs)
+            if path.is_dir():
+                raise InputError(f"{path} is a folder: choose a file name to export to")
+            replace = path.exists()
+            if replace and not self.confirm_overwrite(path):
+                self._message(f"{path.name} not written (it exists)", False)
+                return None
+            written = write(overwrite=replace)
         except InputError as exc:
             self._message(str(exc), True)
             return None
