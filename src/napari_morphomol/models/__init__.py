@@ -21,6 +21,7 @@ from napari_morphomol.models.metrics import (
     variant_table,
     write_variant_table,
 )
+from napari_morphomol.models.shipped import shipped_model_path
 from napari_morphomol.models.reference import (
     convert_reference_checkpoint,
     load_reference_checkpoint,
@@ -67,6 +68,7 @@ __all__ = [
     "read_model_card",
     "read_reference_state_dict",
     "save_checkpoint",
+    "shipped_model_path",
     "split_by_sample",
     "table_markdown",
     "train_model",

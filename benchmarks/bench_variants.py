@@ -1,0 +1,176 @@
+"""The paper's comparison (Table A.1) on a synthetic cohort: every variant, held-out sample.
+
+Generates a cohort of synthetic samples (one seed each), tiles them, trains each variant on the
+training samples (early stopping on a validation sample) and scores it on a held-out test
+sample: per-gene Pearson, Spearman and MSE, averaged over the add-on genes, as in Table A.1.
+
+The CPU here cannot train ViT-S/16 (about 4 tiles/s forward alone), so image models use a
+small timm VisionTransformer (same 224 px input, 16 px patches, 14 x 14 tokens; depth, width
+and heads reduced, see --vit) trained from random initialisation with larger learning rates
+than the paper's fine-tuning of pretrained weights. Expression-only models are cheap and get
+more epochs; early stopping picks each model's best validation epoch. Usage:
+
+    python benchmarks/bench_variants.py [--workdir DIR] [--seeds 101 102 103 104 105]
+        [--size-mm 2] [--image-epochs 5] [--variants ...] [--out DIR] [--ship FILE]
+
+The last seed is the test sample, the one before it the validation sample. Samples and tiles
+are kept in --workdir and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from napari_morphomol.models import (
+    ModelConfig,
+    TrainingSettings,
+    evaluate_model,
+    save_checkpoint,
+    train_model,
+    variant_table,
+    write_variant_table,
+)
+from napari_morphomol.models.data import open_cohort, tile_sample_folder
+
+BENCH_VIT = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+DEFAULT_VARIANTS = (
+    "early_fusion_add",
+    "late_fusion_add_token",
+    "late_fusion_add_tile",
+    "morph_only",
+    "expr_only_token",
+    "expr_only_tile",
+    "min_mae",
+)
+
+
+def image_settings(epochs: int, seed: int) -> TrainingSettings:
+    """From-scratch training of the small ViT: higher rates than fine-tuning, short warm-up."""
+    return TrainingSettings(lr_head=1e-3, lr_backbone=5e-4, weight_decay=1e-3, max_epochs=epochs, warmup_epochs=1,
+                            batch_size=16, accumulate_grad_batches=1, patience=3, seed=seed, precision="32-true",
+                            progress_bar=True)
+
+
+def expression_settings(epochs: int, seed: int) -> TrainingSettings:
+    return TrainingSettings(lr_head=3e-3, lr_backbone=3e-3, weight_decay=1e-3, max_epochs=epochs, warmup_epochs=1,
+                            batch_size=32, accumulate_grad_batches=1, patience=8, seed=seed, precision="32-true")
+
+
+def settings_for(variant: str, args) -> TrainingSettings:
+    if variant.startswith("expr_only") or variant == "min_mae":
+        return expression_settings(args.expression_epochs, args.seed)
+    return image_settings(args.image_epochs, args.seed)
+
+
+def make_cohort(workdir: Path, seeds: list[int], size_mm: float) -> list[Path]:
+    """One synthetic sample and its tiles store per seed (reused when already in ``workdir``)."""
+    from napari_morphomol.io.synthetic import write_synthetic_sample
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    stores = []
+    for seed in seeds:
+        folder, store = workdir / f"seed{seed}", workdir / f"seed{seed}.tiles.zarr"
+        start = time.perf_counter()
+        if not folder.exists():
+            write_synthetic_sample(folder, size_mm=(size_mm, size_mm), seed=seed)
+        if not store.exists():
+            tile_sample_folder(folder, store)
+        print(f"sample seed {seed}: ready in {time.perf_counter() - start:.0f} s", flush=True)
+        stores.append(store)
+    return stores
+
+
+def ship(result, evaluation, args, test_id: str) -> None:
+    """Save the model with a card saying how to rebuild it and how it scored on the test sample."""
+    from napari_morphomol.io.synthetic import GENERATOR_VERSION
+
+    card = result.card
+    training = {**card.training, "test": {"sample": test_id, "metrics": evaluation.means,
+                                          "gene_metrics": evaluation.gene_metrics.reset_index().to_dict(orient="list")}}
+    provenance = {
+        **card.provenance,
+        "trained_on": f"synthetic samples (napari_morphomol.io.synthetic, generator version {GENERATOR_VERSION}), "
+                      f"seeds {args.seeds}, {args.size_mm} x {args.size_mm} mm; not real tissue",
+        "retrain_command": "python benchmarks/bench_variants.py " + shlex.join(sys.argv[1:]),
+    }
+    path = save_checkpoint(result.model, dataclasses.replace(card, training=training, provenance=provenance), args.ship)
+    print(f"shipped model written: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/morphomol-bench-variants"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103, 104, 105])
+    parser.add_argument("--size-mm", type=float, default=2.0)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--image-epochs", type=int, default=5)
+    parser.add_argument("--expression-epochs", type=int, default=60)
+    parser.add_argument("--vit", type=json.loads, default=BENCH_VIT, help="timm VisionTransformer kwargs (JSON)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, help="folder for table_a1.csv / .md and the checkpoints")
+    parser.add_argument("--ship", type=Path, metavar="FILE",
+                        help="also write the early_fusion_add model here, its card recording this command and its "
+                             "test metrics (how src/napari_morphomol/data/ gets its model)")
+    args = parser.parse_args()
+    if len(args.seeds) < 3:
+        parser.error("give at least 3 seeds: training, validation and test samples")
+    if args.ship and "early_fusion_add" not in args.variants:
+        parser.error("--ship writes the early_fusion_add model: include it in --variants")
+    torch.set_num_threads(args.threads)
+    total_start = time.perf_counter()
+
+    stores = make_cohort(args.workdir, args.seeds, args.size_mm)
+    cohort = open_cohort(stores)
+    samples = cohort.sample_ids
+    train_ids, val_id, test_id = [f"seed{s}" for s in args.seeds[:-2]], f"seed{args.seeds[-2]}", f"seed{args.seeds[-1]}"
+    train = Subset(cohort, [i for i, s in enumerate(samples) if s in train_ids])
+    val = Subset(cohort, [i for i, s in enumerate(samples) if s == val_id])
+    test = Subset(cohort, [i for i, s in enumerate(samples) if s == test_id])
+    print(f"tiles: train {len(train)} ({', '.join(train_ids)}), validation {len(val)} ({val_id}), "
+          f"test {len(test)} ({test_id}); {len(cohort.core_genes)} core, {len(cohort.addon_genes)} add-on genes")
+    print(f"image backbone: timm vit_small_patch16_224 architecture with {args.vit} (random init), "
+          f"{torch.get_num_threads()} threads; cohort ready after {time.perf_counter() - total_start:.0f} s")
+
+    results, seconds = {}, {}
+    for variant in args.variants:
+        start = time.perf_counter()
+        config = ModelConfig(n_core_genes=len(cohort.core_genes), n_addon_genes=len(cohort.addon_genes),
+                             variant=variant, backbone_kwargs=args.vit)
+        checkpoint = args.out / f"{variant}.safetensors" if args.out else None
+        result = train_model(config, train, val, core_genes=cohort.core_genes, addon_genes=cohort.addon_genes,
+                             settings=settings_for(variant, args), checkpoint_path=checkpoint,
+                             data_summary={"train_samples": train_ids, "val_samples": [val_id]})
+        evaluation = evaluate_model(result.model, test, addon_genes=cohort.addon_genes)
+        results[variant] = evaluation.gene_metrics
+        if args.ship and variant == "early_fusion_add":
+            ship(result, evaluation, args, test_id)
+        seconds[variant] = time.perf_counter() - start
+        means = evaluation.means
+        print(f"{variant:24s} test pearson {means['pearson']:.3f} spearman {means['spearman']:.3f} "
+              f"mse {means['mse']:.3f}  (best epoch {result.card.training['how'].get('best_epoch', '-')}, "
+              f"{seconds[variant]:.0f} s)", flush=True)
+
+    table = variant_table(results)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_variant_table(table, args.out / "table_a1")
+    from napari_morphomol.models import table_markdown
+
+    print()
+    print(f"Table A.1 on synthetic data: test sample {test_id}, one run per variant")
+    print(table_markdown(table))
+    print(f"\ntotal {time.perf_counter() - total_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
