@@ -126,6 +126,14 @@ def test_click_fit_apply_undo_redo(opened, synthetic_sample, qtbot):
     np.testing.assert_allclose(centre_xy, pairs.global_px[i] * PIXEL_UM, atol=1e-6)
     assert widget.he_points.selected_data == {i} and widget.xenium_points.selected_data == {i}
 
+    # double-click: leave the worst pair out of the fit; it keeps its (now larger) residual
+    widget.table.native.cellDoubleClicked.emit(0, 0)
+    assert not widget.fitted.used[i] and widget.fitted.used.sum() == 5
+    row = widget.table.value["index"].index(worst)
+    assert widget.table.value["data"][row][2] == "no"
+    widget.table.native.cellDoubleClicked.emit(row, 0)
+    assert widget.fitted.used.all()
+
     widget.flick_button.clicked.emit()
     assert he_image.opacity == 0.0 and dapi.opacity == 1.0
     widget.flick_button.clicked.emit()

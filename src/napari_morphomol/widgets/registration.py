@@ -121,6 +121,8 @@ class RegistrationWidget(Container):
         table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         table.itemSelectionChanged.connect(self._on_row_selected)
+        table.cellDoubleClicked.connect(lambda row, _column: self.toggle_pair(self._row_pairs[row]))
+        table.setToolTip("click: centre on the pair; double-click: leave the pair out of the fit or take it back")
 
         self._fit_timer = QTimer(self.native)
         self._fit_timer.setSingleShot(True)
@@ -413,6 +415,14 @@ class RegistrationWidget(Container):
         if i >= len(self.he_points.data) or i >= len(self.xenium_points.data):
             return
         self.centre_on_pair(i)
+
+    def toggle_pair(self, i: int):
+        """Leave pair i out of the fit, or take it back (it keeps its residual either way)."""
+        for layer in (self.he_points, self.xenium_points):
+            features = layer.features.copy()
+            features.loc[i, "active"] = not bool(features.loc[i, "active"])
+            layer.features = features
+        self.fit(notify=False)
 
     def centre_on_pair(self, i: int):
         """Centre the view on pair i (on the Xenium point; side by side, between the two)."""
