@@ -3,29 +3,20 @@
 Uses the demo sample (generated on first use, see napari_morphomol._sample_data).
 """
 
-import time
 from pathlib import Path
 
 import napari
-from qtpy.QtWidgets import QApplication
 
 from napari_morphomol._sample_data import ensure_demo_sample
 from napari_morphomol.widgets.load_sample import LoadSampleWidget
+from napari_morphomol.widgets.screenshot import settle
 
 IMAGES = Path(__file__).parent / "images"
-
-
-def settle(app, seconds=1.5):
-    end = time.time() + seconds
-    while time.time() < end:
-        app.processEvents()
-        time.sleep(0.02)
 
 
 def main():
     folder = ensure_demo_sample()
     viewer = napari.Viewer(show=True)
-    app = QApplication.instance()
     viewer.window._qt_window.resize(1500, 1000)
     widget = LoadSampleWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Load sample")
@@ -34,14 +25,14 @@ def main():
     widget.alignment_csv.value = folder / "he_imagealignment.csv"
     widget.load()
     while widget.density is None:
-        settle(app, 0.2)
-    settle(app)
+        settle(0.2)
+    settle(1.5)
     viewer.window.screenshot(str(IMAGES / "loaded_sample.png"), flash=False)
 
     camera = viewer.scene.camera
     camera.center = (0, 520, 430)
     camera.zoom *= 6
-    settle(app)
+    settle(1.5)
     viewer.window.screenshot(str(IMAGES / "overlay_he_dapi.png"), flash=False)
 
     gene = widget.gene_list.choices[0]
@@ -50,15 +41,15 @@ def main():
     viewer.layers["DAPI"].visible = False
     camera.zoom /= 6
     widget.add_density_of_selection()
-    settle(app)
+    settle(1.5)
     viewer.window.screenshot(str(IMAGES / "gene_density.png"), flash=False)
 
     viewer.layers[f"density: {gene}"].visible = False
     camera.zoom *= 4
     worker = widget.refresh_points_in_view()
     while "transcripts in view" not in viewer.layers:
-        settle(app, 0.2)
-    settle(app)
+        settle(0.2)
+    settle(1.5)
     viewer.window.screenshot(str(IMAGES / "transcripts_in_view.png"), flash=False)
     del worker
     viewer.close()

@@ -1,7 +1,9 @@
 """The whole path on the embedded default: a synthetic Xenium + H&E sample, loaded as one
-SpatialData sample, summarised, and shown in napari (a screenshot is written).
+SpatialData sample, the shipped early-fusion model run over it tile by tile, clusters of the
+tile embeddings, export to AnnData and SpatialData, and a screenshot of the sample in napari.
 
-Prediction, clusters and export join this command as they land."""
+Everything goes into --out; running it again reuses the sample and the finished prediction and
+rewrites the exported files."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import json
 import time
 from pathlib import Path
 
+from napari_morphomol.export.writers import export_results
+from napari_morphomol.inference import predict
 from napari_morphomol.io.sample import open_sample, summarize_sample
 from napari_morphomol.io.synthetic import write_synthetic_sample
 
 NAME = "demo"
-HELP = "run the main job on a synthetic sample and write a screenshot"
+HELP = "run the whole path on a synthetic sample: load, predict, cluster, export, screenshot"
 
 
 def add_arguments(parser):
@@ -21,6 +25,13 @@ def add_arguments(parser):
     parser.add_argument("--size-mm", nargs=2, type=float, default=(1.0, 1.0), metavar=("W", "H"),
                         help="synthetic tissue size in mm (default: 1 1)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic sample seed (default: 0)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu or cuda")
+
+
+def _step(message: str, start: float) -> float:
+    now = time.perf_counter()
+    print(f"  {message} ({now - start:.1f} s)", flush=True)
+    return now
 
 
 def run(args) -> int:
@@ -29,16 +40,32 @@ def run(args) -> int:
     sample_dir = out / f"sample-{args.size_mm[0]:g}x{args.size_mm[1]:g}mm-seed{args.seed}"
     start = time.perf_counter()
     if sample_dir.exists():
-        print(f"reusing the synthetic sample in {sample_dir}")
+        print(f"1. reusing the synthetic sample in {sample_dir}")
     else:
-        print(f"writing a synthetic {args.size_mm[0]:g} x {args.size_mm[1]:g} mm sample to {sample_dir} ...")
+        print(f"1. writing a synthetic {args.size_mm[0]:g} x {args.size_mm[1]:g} mm sample to {sample_dir}")
         write_synthetic_sample(sample_dir, size_mm=tuple(args.size_mm), seed=args.seed)
-    print(f"  {time.perf_counter() - start:.1f} s")
+    start = _step("sample ready", start)
+
     sdata = open_sample(sample_dir)
+    print("2. loaded as one SpatialData sample:")
     print(json.dumps(summarize_sample(sdata), indent=2, default=str))
+    start = _step("loaded", start)
+
+    results = out / "results.zarr"
+    print(f"3. predicting the add-on panel with the shipped model into {results}")
+    predict(sdata, None, store=results, device=args.device,
+            progress=lambda done, total: print(f"  chunk {done}/{total}", flush=True))
+    start = _step("predicted", start)
+
+    print("4. clusters (PCA, Leiden 0.5 / 1.0, UMAP) and export")
+    written = export_results(results, h5ad=out / "tiles.h5ad", spatialdata=out / "sample.zarr",
+                             overwrite=True, clusters=True, sample=sdata)
+    for kind, path in written.items():
+        print(f"  {kind}: {path}")
+    start = _step("exported", start)
 
     from napari_morphomol.widgets.screenshot import screenshot_sample
 
     shot = screenshot_sample(sdata, out / "screenshot.png")
-    print(f"screenshot of the sample in napari: {shot}")
+    _step(f"screenshot of the sample in napari: {shot}", start)
     return 0

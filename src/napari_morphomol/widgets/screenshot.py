@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import napari
+from qtpy.QtWidgets import QApplication
 
 from napari_morphomol._layers import sample_layers
 
 
+def settle(seconds: float = 1.0) -> None:
+    """Let Qt draw (and napari fetch the visible multiscale tiles) for a moment."""
+    app = QApplication.instance()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.02)
+
+
 def screenshot_sample(sdata, path: str | Path, *, size_px: tuple[int, int] = (1000, 1400)) -> Path:
-    """Open the sample's layers in an offscreen viewer and save what the canvas shows as PNG."""
+    """Open the sample's layers in a viewer window and save the window as PNG.
+
+    The window is shown (an unshown canvas renders black): run under a display or ``xvfb-run``.
+    """
     path = Path(path)
-    viewer = napari.Viewer(show=False)
+    viewer = napari.Viewer(show=True)
     try:
         for data, kwargs, kind in sample_layers(sdata):
             getattr(viewer, f"add_{kind}")(data, **kwargs)
         viewer.scale_bar.visible = True
         viewer.window._qt_window.resize(size_px[1], size_px[0])
         viewer.reset_view()
-        viewer.screenshot(str(path), canvas_only=True, flash=False)
+        settle()
+        viewer.window.screenshot(str(path), flash=False)
     finally:
         viewer.close()
     return path
