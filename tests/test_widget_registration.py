@@ -279,3 +279,15 @@ def test_without_a_sample_every_button_answers_with_a_message(make_napari_viewer
     ):
         button.clicked.emit()
         assert expected in widget.status.value, (button.text, widget.status.value)
+
+
+def test_points_stay_editable_after_the_dock_is_closed(opened, qtbot):
+    viewer, widget, _ = opened
+    he_points = widget.he_points
+    destroyed = []
+    widget.native.destroyed.connect(lambda: destroyed.append(True))
+    viewer.window.remove_dock_widget(widget.native)
+    widget.native.deleteLater()
+    qtbot.waitUntil(lambda: bool(destroyed), timeout=2000)
+    he_points.add([100.0, 100.0])  # no callback into the deleted widget: it would name the point
+    assert len(he_points.data) == 1 and list(he_points.features["name"]) == [""]

@@ -90,6 +90,7 @@ class RegistrationWidget(Container):
         self._syncing = False
         self._shift_um = np.zeros(2)
         self._row_pairs: list[int] = []
+        self._point_callbacks: list = []
 
         self.status = Label(value="")
         self.model = ComboBox(choices=list(MODELS), value="affine", label="model")
@@ -140,7 +141,7 @@ class RegistrationWidget(Container):
         self.flick_button.changed.connect(self.flick)
         self.import_button.changed.connect(self.import_file)
         self.export_button.changed.connect(self.export_file)
-        # layers are added after the insertion event, not inside it (napari keeps other objects then)
+        # the landmark layers come once a batch of inserted layers (H&E, DAPI, ...) is in, on top
         self._attach_timer = QTimer(self.native)
         self._attach_timer.setSingleShot(True)
         self._attach_timer.setInterval(0)
@@ -201,7 +202,9 @@ class RegistrationWidget(Container):
             face_color="magenta", metadata={"sdata": self.sdata}, **common,
         )
         for layer, partner in ((self.he_points, self.xenium_points), (self.xenium_points, self.he_points)):
-            layer.events.data.connect(partial(self._on_points_changed, layer, partner))
+            callback = partial(self._on_points_changed, layer, partner)
+            layer.events.data.connect(callback)
+            self._point_callbacks.append((layer, callback))
 
     def _keep_points_on_top(self):
         layers = self.viewer.layers
@@ -213,6 +216,8 @@ class RegistrationWidget(Container):
         """The dock widget is gone: stop listening to the viewer."""
         self.viewer.layers.events.inserted.disconnect(self._attach_soon)
         self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        for layer, callback in self._point_callbacks:
+            layer.events.data.disconnect(callback)
 
     def _on_layer_removed(self, event):
         """Pairs need both layers: deleting one deletes the other (a new pair of layers comes
