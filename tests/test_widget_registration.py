@@ -260,6 +260,14 @@ def test_opened_from_the_layers_menu_before_a_sample(make_napari_viewer, synthet
     assert widget.he_points.unique_id == viewer.layers[HE_POINTS_LAYER].unique_id  # (a proxy for plugins)
     assert widget.view.value == OVERLAY  # the sample came aligned
     np.testing.assert_allclose(widget.he_points.affine.affine_matrix, viewer.layers[HE_LAYER].affine.affine_matrix)
+    pairs = read_keypoints_csv(synthetic_sample.keypoints_csv)  # through napari's proxy, Apply still moves the H&E
+    widget.set_pairs(pairs)
+    widget.model.value = "translation"
+    widget.fit()
+    widget.apply()
+    expected = layer_affine_um(widget.fitted.best_affine, PIXEL_UM)
+    np.testing.assert_allclose(viewer.layers[HE_LAYER].affine.affine_matrix, expected, atol=1e-9)
+    np.testing.assert_allclose(viewer.layers[HE_POINTS_LAYER].affine.affine_matrix, expected, atol=1e-9)
     viewer.layers.remove(HE_POINTS_LAYER)
     assert widget.he_points is None and "deleted" in widget.status.value
     assert XENIUM_POINTS_LAYER not in viewer.layers
