@@ -39,12 +39,17 @@ def sample_dir(workdir: Path, size_mm: float) -> Path:
     return out
 
 
-def checkpoint_for(workdir: Path, sample: Path) -> Path:
-    out = workdir / "vit_s16_early_fusion_random.safetensors"
+TINY_VIT = {"depth": 2, "embed_dim": 192, "num_heads": 3}
+
+
+def checkpoint_for(workdir: Path, sample: Path, tiny: bool = False) -> Path:
+    """ViT-S/16 early fusion (or a 2-block, 192-wide ViT), random weights, the sample's panel."""
+    out = workdir / ("tiny_vit_early_fusion_random.safetensors" if tiny else "vit_s16_early_fusion_random.safetensors")
     if not out.exists():
         panel = json.loads((sample / "panel.json").read_text())
         torch.manual_seed(0)
-        config = ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]))
+        config = ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]),
+                             backbone_kwargs=TINY_VIT if tiny else {})
         save_checkpoint(build_model(config), ModelCard(config, tuple(panel["core"]), tuple(panel["addon"])), out)
     return out
 
@@ -146,6 +151,8 @@ def child_memory(sample: str, checkpoint: str, out: str, batch: int) -> None:
 
 
 def section_memory(args, checkpoint: Path) -> None:
+    if args.memory_model == "tiny":
+        checkpoint = checkpoint_for(args.workdir, sample_dir(args.workdir, args.memory_mm), tiny=True)
     sizes = (args.memory_mm, 2 * args.memory_mm)
     figures = {}
     for mm in sizes:
@@ -155,7 +162,7 @@ def section_memory(args, checkpoint: Path) -> None:
                               capture_output=True, text=True, check=True)
         figures[mm] = json.loads(proc.stdout.strip().splitlines()[-1])
     small, large = (figures[mm] for mm in sizes)
-    print(f"\n== peak memory (VmHWM of a fresh process; threads, fp32, batch {args.batch})")
+    print(f"\n== peak memory (VmHWM of a fresh process; {args.memory_model} model, threads, fp32, batch {args.batch})")
     for mm in sizes:
         f = figures[mm]
         print(f"{mm:g} x {mm:g} mm: {f['tiles']:5d} tiles in {f['chunks']} chunks, peak {f['peak_mib']:6.0f} MiB "
@@ -171,6 +178,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out/inference"))
     parser.add_argument("--size-mm", type=float, default=2.0, help="side of the throughput sample (default 2 mm)")
     parser.add_argument("--memory-mm", type=float, default=2.0, help="side of the smaller memory sample (default 2 mm)")
+    parser.add_argument("--memory-model", choices=["vit_s", "tiny"], default="vit_s",
+                        help="model of the memory section: ViT-S/16 or a 2-block ViT (fast; less fixed memory)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--child-memory", nargs=3, metavar=("SAMPLE", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
