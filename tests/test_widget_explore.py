@@ -1,0 +1,135 @@
+"""The Explore predictions dock, driven as a user would, under Xvfb."""
+
+import numpy as np
+import pytest
+from matplotlib.backend_bases import MouseEvent
+from qtpy.QtCore import Qt
+
+from napari_morphomol._layers_explore import CLUSTERS_LAYER, MEASURED_LAYER, PREDICTED_LAYER, SELECTION_LAYER
+from napari_morphomol.widgets.explore import SELECT_SHAPES_LAYER, ExploreWidget
+
+
+@pytest.fixture
+def opened(make_napari_viewer, qtbot, results_store):
+    viewer = make_napari_viewer()
+    widget = ExploreWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Explore predictions")
+    widget.results_path.value = results_store
+    qtbot.mouseClick(widget.open_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.explorer is not None, timeout=60_000)
+    return viewer, widget
+
+
+def test_gene_search_switches_the_one_map_layer(opened, qtbot):
+    viewer, widget = opened
+    explorer = widget.explorer
+    layers_before = list(viewer.layers)
+    predicted = viewer.layers[PREDICTED_LAYER]
+    assert predicted.colorbar.visible
+    gene = explorer.genes[7]
+    qtbot.keyClicks(widget.gene_search, gene)
+    assert widget.gene_list.count() >= 1
+    item = widget.gene_list.findItems(gene, Qt.MatchExactly)[0]
+    widget.gene_list.setCurrentItem(item)
+    assert list(viewer.layers) == layers_before and viewer.layers[PREDICTED_LAYER] is predicted
+    np.testing.assert_array_equal(predicted.data, explorer.gene_map(gene, "predicted"))
+    assert predicted.metadata["gene"] == gene
+    low, high = predicted.contrast_limits
+    finite = predicted.data[np.isfinite(predicted.data)]
+    assert finite.min() <= high and low <= finite.max()
+    if explorer.is_measured(gene):
+        np.testing.assert_array_equal(viewer.layers[MEASURED_LAYER].data, explorer.gene_map(gene, "measured"))
+    assert gene in viewer.canvas.overlays.text.text and "log1p" in viewer.canvas.overlays.text.text
+
+
+def test_metrics_table_sorts_and_click_shows_gene(opened, qtbot):
+    viewer, widget = opened
+    table = widget.metrics_table
+    assert table.rowCount() == len(widget.explorer.metrics) > 0
+    table.horizontalHeader().sectionClicked.emit(1)  # what a click on the "spearman" header does
+    table.sortByColumn(1, Qt.DescendingOrder)
+    values = [float(table.item(i, 1).text()) for i in range(table.rowCount())]
+    assert values == sorted(values, reverse=True)
+    best = widget.metrics_genes_in_order()[0]
+    assert widget.explorer.metrics["spearman"].idxmax() == best
+    rect = table.visualItemRect(table.item(2, 0))
+    qtbot.mouseClick(table.viewport(), Qt.LeftButton, pos=rect.center())
+    assert widget.gene == table.item(2, 0).text()
+    assert viewer.layers[PREDICTED_LAYER].metadata["gene"] == widget.gene
+
+
+def test_tile_inspector_shows_top_genes_and_transcripts(opened):
+    _, widget = opened
+    tiles = widget.explorer.results.tiles
+    x, y = tiles[["um_x", "um_y"]].to_numpy()[1]
+    assert widget.inspect_at_um(x, y) == 1
+    assert f"{int(tiles['n_transcripts'].iloc[1]):,} transcripts" in widget.inspector_label.text()
+    top = widget.explorer.results.predictions[1]
+    assert widget.inspector_table.item(0, 0).text() == widget.explorer.genes[int(np.argmax(top))]
+    assert widget.inspect_at_um(-1e5, -1e5) == -1
+
+
+def lasso(canvas, axes, polygon_data):
+    """Drag the mouse along a polygon (data coordinates) on a matplotlib canvas, as a user would."""
+    points = axes.transData.transform(np.vstack([polygon_data, polygon_data[:1]]))
+    MouseEvent("button_press_event", canvas, *points[0], button=1)._process()
+    for x, y in points[1:]:
+        MouseEvent("motion_notify_event", canvas, x, y, button=1)._process()
+    MouseEvent("button_release_event", canvas, *points[-1], button=1)._process()
+
+
+def cut_between(values):
+    """A threshold in the widest gap between the middle values, so no point sits on it."""
+    ordered = np.sort(values)
+    k = 2 + int(np.argmax(np.diff(ordered[2:-2])))
+    return float(ordered[k] + ordered[k + 1]) / 2
+
+
+def test_clusters_legend_and_lasso_selection(opened, qtbot):
+    viewer, widget = opened
+    widget.resolutions.setText("0.5, 1.5")
+    qtbot.mouseClick(widget.cluster_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: CLUSTERS_LAYER in viewer.layers, timeout=120_000)
+    adata = widget.explorer.adata
+    assert "leiden_1.5" in adata.obs and adata.obsm["X_pca"].shape[0] == adata.n_obs
+    assert [widget.clustering_choice.itemText(i) for i in range(widget.clustering_choice.count())] == \
+        ["leiden_0.5", "leiden_1.5"]
+    legend = widget.legend_entries()
+    assert sum(count for _, _, count in legend) == adata.n_obs
+    labels = viewer.layers[CLUSTERS_LAYER]
+    assert labels.data.max() == len(legend)
+    widget.clustering_choice.setCurrentText("leiden_1.5")
+    assert labels.metadata["clustering"] == "leiden_1.5"
+    # lasso around the left half of the UMAP
+    umap = adata.obsm["X_umap"]
+    x_mid = cut_between(umap[:, 0])
+    dock = widget.umap_dock
+    (x0, x1), (y0, y1) = dock.axes.get_xlim(), dock.axes.get_ylim()
+    x0, y0, y1 = x0 + 0.02 * (x1 - x0), y0 + 0.02 * (y1 - y0), y1 - 0.02 * (y1 - y0)
+    dock.canvas.draw()
+    lasso(dock.canvas, dock.axes, np.array([[x0, y0], [x_mid, y0], [x_mid, y1], [x0, y1]]))
+    expected = np.flatnonzero(umap[:, 0] < x_mid)
+    np.testing.assert_array_equal(np.sort(widget.selected_tiles), expected)
+    selection = viewer.layers[SELECTION_LAYER].data
+    grid = widget.explorer.grid
+    assert selection.sum() == len(expected)
+    assert (selection[grid.rows[expected], grid.cols[expected]] == 1).all()
+    # a rectangle drawn on the map selects the tiles under it and highlights them in the UMAP
+    tiles = widget.explorer.results.tiles
+    x_um, y_um = tiles["um_x"].to_numpy(), tiles["um_y"].to_numpy()
+    cut = cut_between(y_um)
+    rectangle_rc = np.array([[y_um.min() - 1, x_um.min() - 1], [y_um.min() - 1, x_um.max() + 1],
+                             [cut, x_um.max() + 1], [cut, x_um.min() - 1]])
+    viewer.layers[SELECT_SHAPES_LAYER].add_rectangles(rectangle_rc)
+    expected = np.flatnonzero(y_um < cut)
+    np.testing.assert_array_equal(np.sort(widget.selected_tiles), expected)
+    np.testing.assert_array_equal(np.flatnonzero(dock.selected), expected)
+    widget.umap_colour.setCurrentText("selected gene")
+    assert dock.colorbar is not None
+
+
+def test_bad_resolutions_are_a_notification(opened, qtbot):
+    _, widget = opened
+    widget.resolutions.setText("half, one")
+    assert widget.compute_clusters() is None
+    assert "resolutions" in widget.status.text()
