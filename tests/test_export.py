@@ -7,8 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from napari_morphomol.cli import main
 from napari_morphomol.coords import apply_affine_xy
@@ -19,14 +17,12 @@ from napari_morphomol.export import (
     TILE_TABLE,
     TILES,
     export_results,
-    stride_grid_mean,
     tile_shapes,
     write_landmarks_csv,
 )
 from napari_morphomol.export.registration import run_registration
 from napari_morphomol.inference import open_results
 from napari_morphomol.models import per_gene_metrics
-from napari_morphomol.tiling.geometry import TileGeometry
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +91,14 @@ def test_zarr_table_annotates_tile_shapes_in_global(exported, results_store):
     np.testing.assert_allclose(apply_affine_xy(matrix, block_centres),
                                results.tiles[["global_x", "global_y"]].to_numpy(), atol=1e-6)
     assert list(image.c.values) == results.addon_genes
+    # a stride cell covered by one tile only holds that tile's prediction
+    tile_at = {(r, c): k for k, (r, c) in enumerate(results.tiles[["row", "col"]].to_numpy())}
+    alone = [(k, r, c) for (r, c), k in tile_at.items()
+             if not ({(r - 1, c - 1), (r - 1, c), (r, c - 1)} & tile_at.keys())]
+    assert alone
+    values = np.asarray(image.data)
+    for k, r, c in alone:
+        np.testing.assert_allclose(values[:, r, c], results.predictions[k], rtol=1e-6)
     he = get_transformation(sdata.images["he_image"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
     np.testing.assert_allclose(he, results.metadata["registration"]["matrix"])
 
@@ -112,26 +116,6 @@ def test_napari_spatialdata_opens_the_zarr(exported, make_napari_viewer, qtbot):
         qtbot.waitUntil(lambda name=element: interactive.get_layer(name) is not None, timeout=120_000)
     assert len(interactive.get_layer(TILES).data) == len(sdata.shapes[TILES])
     assert interactive.get_layer(PREDICTED_IMAGE).data.shape[0] == len(sdata.images[PREDICTED_IMAGE].c)
-
-
-@settings(max_examples=40, deadline=None)
-@given(data=st.data())
-def test_stride_grid_is_the_mean_of_covering_tiles(data):
-    geometry = TileGeometry(he_mpp=0.5, he_height_px=512 + 256 * 4, he_width_px=512 + 256 * 5)
-    rows_n, cols_n = geometry.grid_shape
-    cells = data.draw(st.sets(st.tuples(st.integers(0, rows_n - 1), st.integers(0, cols_n - 1)), min_size=1, max_size=12))
-    rows, cols = np.array(sorted(cells)).T
-    values = np.array(data.draw(st.lists(st.lists(st.floats(-5, 5), min_size=2, max_size=2),
-                                         min_size=len(rows), max_size=len(rows))))
-    grid = stride_grid_mean(values, rows, cols, geometry)
-    assert grid.shape == (2, rows_n + 1, cols_n + 1)
-    for r in range(grid.shape[1]):
-        for c in range(grid.shape[2]):
-            covering = (rows <= r) & (r <= rows + 1) & (cols <= c) & (c <= cols + 1)
-            if covering.any():
-                np.testing.assert_allclose(grid[:, r, c], values[covering].mean(axis=0), rtol=1e-5, atol=1e-5)
-            else:
-                assert np.isnan(grid[:, r, c]).all()
 
 
 def test_landmarks_and_tile_shapes_follow_a_landmark_registration(results_store, synthetic_sample, tmp_path):

@@ -9,18 +9,19 @@ The pieces (``results_to_anndata``, ``results_to_spatialdata``, the ``write_*`` 
 public for callers that already hold the objects. Schemas: docs/export.md.
 """
 
-from napari_morphomol.export.anndata import add_clusters, results_to_anndata
+from napari_morphomol.export.anndata import results_to_anndata
 from napari_morphomol.export.spatialdata import (
     MEASURED_IMAGE,
     PREDICTED_IMAGE,
     TILE_TABLE,
     TILES,
     results_to_spatialdata,
-    stride_grid_mean,
+    gene_map_image,
     tile_shapes,
 )
 from napari_morphomol.export.writers import (
     LANDMARK_FORMATS,
+    RESULTS_LAYER_KEY,
     export_results,
     write_h5ad,
     write_landmarks_csv,
@@ -31,13 +32,13 @@ __all__ = [
     "LANDMARK_FORMATS",
     "MEASURED_IMAGE",
     "PREDICTED_IMAGE",
+    "RESULTS_LAYER_KEY",
     "TILES",
     "TILE_TABLE",
-    "add_clusters",
     "export_results",
     "results_to_anndata",
     "results_to_spatialdata",
-    "stride_grid_mean",
+    "gene_map_image",
     "tile_shapes",
     "write_h5ad",
     "write_landmarks_csv",

@@ -6,9 +6,9 @@ Elements added to the sample's own (lazy) images and points:
   registration (per-region models included), as a polygon indexed by ``tile_id``.
 - ``tile_table`` (table): the AnnData of :func:`results_to_anndata`, annotating ``tiles``
   (``region_key='region'``, ``instance_key='tile_id'``).
-- ``predicted_expression`` / ``measured_expression`` (images, ``c`` = genes): the stride grid,
-  each cell the mean of the tiles covering it (NaN where no tile does), with the affine that
-  places a cell on its H&E px square and then in ``global``.
+- ``predicted_expression`` / ``measured_expression`` (images, ``c`` = genes): the stride grid
+  of ``analysis.StrideGrid`` (each cell the mean of the tiles covering it, NaN where no tile
+  does), with the affine that places a cell on its H&E px square and then in ``global``.
 
 The H&E element's transformation to ``global`` is the run's registration (its best affine for
 per-region models; the full record is in ``attrs['morphomol_registration']``). Pixel ``i`` of an
@@ -28,13 +28,13 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Affine, Identity, set_transformation
 
+from napari_morphomol.analysis import StrideGrid
 from napari_morphomol.coords import GLOBAL, scale_matrix
 from napari_morphomol.errors import InputError
 from napari_morphomol.export.registration import RunRegistration, run_registration
 from napari_morphomol.inference.store import Results
 from napari_morphomol.io.sample import ATTRS_KEY, HE_IMAGE, load_sample
 from napari_morphomol.registration import REGISTRATION_ATTRS_KEY
-from napari_morphomol.tiling.geometry import TileGeometry
 
 TILES = "tiles"
 TILE_TABLE = "tile_table"
@@ -66,33 +66,17 @@ def tile_shapes(results: Results, registration: RunRegistration) -> gpd.GeoDataF
     return ShapesModel.parse(frame, transformations={GLOBAL: Identity()})
 
 
-def stride_grid_mean(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, geometry: TileGeometry) -> np.ndarray:
-    """(genes, stride rows, stride cols): each stride cell the mean of the tiles covering it, NaN if none."""
-    shape = geometry.stride_raster_shape
-    span = geometry.tile_px // geometry.stride_px
-    total = np.zeros((values.shape[1], *shape), dtype=np.float64)
-    count = np.zeros(shape, dtype=np.int64)
-    for dy in range(span):
-        for dx in range(span):
-            np.add.at(total, (slice(None), rows + dy, cols + dx), values.T)
-            np.add.at(count, (rows + dy, cols + dx), 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (total / count).astype(np.float32)
+def gene_map_image(values: np.ndarray, genes: list[str], grid: StrideGrid):
+    """(tiles, genes) -> (genes, rows, cols) stride-grid image placed in ``global``.
 
-
-def stride_cell_to_he_px(geometry: TileGeometry) -> np.ndarray:
-    """3 x 3: stride-grid pixel (x, y) -> H&E px; one stride cell is ``stride_cells`` token cells."""
-    return scale_matrix(geometry.stride_cells / geometry.cells_per_he_px)
-
-
-def gene_map_image(values: np.ndarray, genes: list[str], results: Results, registration: RunRegistration):
-    geometry = TileGeometry(**results.metadata["geometry_args"])
-    rows = results.tiles["row"].to_numpy(dtype=np.int64)
-    cols = results.tiles["col"].to_numpy(dtype=np.int64)
-    grid = stride_grid_mean(np.asarray(values, dtype=np.float64), rows, cols, geometry)
-    to_global = registration.best_affine @ stride_cell_to_he_px(geometry)
+    SpatialData pixel ``i`` covers ``[i, i + 1)``, so pixel (c, r) is stride cell (c, r) as it is:
+    no half-pixel shift (napari's pixel centres need one; ``StrideGrid.stride_pixel_to_global``).
+    """
+    values = np.asarray(values, dtype=np.float32)
+    stack = np.stack([grid.stride_map(values[:, k]) for k in range(values.shape[1])])
+    to_global = grid.he_to_global @ scale_matrix(grid.stride_he_px)
     affine = Affine(to_global, input_axes=("x", "y"), output_axes=("x", "y"))
-    return Image2DModel.parse(grid, dims=("c", "y", "x"), c_coords=list(genes), transformations={GLOBAL: affine})
+    return Image2DModel.parse(stack, dims=("c", "y", "x"), c_coords=list(genes), transformations={GLOBAL: affine})
 
 
 def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialData | None = None) -> SpatialData:
@@ -104,9 +88,10 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
                            Affine(registration.best_affine, input_axes=("x", "y"), output_axes=("x", "y")),
                            to_coordinate_system=GLOBAL)
     images = dict(sample.images)
-    images[PREDICTED_IMAGE] = gene_map_image(results.predictions, results.addon_genes, results, registration)
+    grid = StrideGrid.from_results(results)
+    images[PREDICTED_IMAGE] = gene_map_image(results.predictions, results.addon_genes, grid)
     if results.measured_counts is not None:
-        images[MEASURED_IMAGE] = gene_map_image(results.measured_log1p, results.measured_genes, results, registration)
+        images[MEASURED_IMAGE] = gene_map_image(results.measured_log1p, results.measured_genes, grid)
     table = adata.copy()
     table.obs[REGION_KEY] = pd.Categorical([TILES] * table.n_obs)
     table.obs[INSTANCE_KEY] = results.tiles["tile_id"].to_numpy(dtype=np.int64)

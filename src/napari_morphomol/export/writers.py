@@ -8,6 +8,8 @@ earlier target intact.
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
 from pathlib import Path
 
@@ -23,12 +25,28 @@ from napari_morphomol.inference.store import Results, open_results
 from napari_morphomol.registration import write_bigwarp_csv, write_keypoints_csv
 
 LANDMARK_FORMATS = ("xenium", "bigwarp")
+RESULTS_LAYER_KEY = "morphomol_results"
+"""Key of a napari layer's metadata holding the path of the results store the layer shows."""
 
 
 def write_h5ad(adata: AnnData, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Build the HDF5 file in memory, then copy it to disk with plain file writes.
+
+    HDF5 does not survive a failed write to disk (a full disk leaves its library state broken and
+    the process crashes at exit), so HDF5 never touches the disk here; a full disk is then an
+    ordinary ``OSError`` from the copy. Costs one in-memory copy of the file (the outputs' size).
+    """
+    import h5py
+    from anndata.io import write_elem
+
     path = Path(path)
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        adata.write_h5ad(tmp)
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
+        write_elem(h5, "/", adata)
+    with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "wb") as fh:
+        fh.write(buffer.getbuffer())
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
 
 

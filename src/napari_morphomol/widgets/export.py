@@ -1,0 +1,126 @@
+"""Dock widget "Export": write a prediction run as .h5ad / SpatialData .zarr / landmark CSV.
+
+A thin view over :func:`napari_morphomol.export.export_results`: pick the results store (taken
+from the viewer's layers when one shows a run), tick what to write, press Export. The work runs
+in a worker thread; where the files went is shown in the widget and as a notification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+
+from napari_morphomol.errors import InputError
+from napari_morphomol.export import LANDMARK_FORMATS, RESULTS_LAYER_KEY, export_results
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A worker's result for bad input (superqt re-raises exceptions that are returned)."""
+
+    error: InputError
+
+
+def _chosen(edit: FileEdit) -> Path | None:
+    value = edit.value
+    return Path(value) if value is not None and str(value) not in ("", ".") else None
+
+
+def default_outputs(results_path: Path) -> dict[str, Path]:
+    """Outputs beside the results store, named after it: run.zarr -> run.h5ad, run.spatialdata.zarr, ..."""
+    stem = results_path.name.removesuffix(".zarr")
+    return {
+        "h5ad": results_path.with_name(f"{stem}.h5ad"),
+        "spatialdata": results_path.with_name(f"{stem}.spatialdata.zarr"),
+        "landmarks": results_path.with_name(f"{stem}.landmarks.csv"),
+    }
+
+
+class ExportWidget(Container):
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        self.results_path = FileEdit(mode="d", label="results store")
+        self.write_h5ad = CheckBox(value=True, text="AnnData (.h5ad)")
+        self.h5ad_path = FileEdit(mode="w", label="h5ad file", filter="*.h5ad")
+        self.write_spatialdata = CheckBox(value=True, text="SpatialData (.zarr)")
+        self.spatialdata_path = FileEdit(mode="d", label="SpatialData store")
+        self.write_landmarks = CheckBox(value=False, text="landmarks (CSV)")
+        self.landmarks_path = FileEdit(mode="w", label="landmarks file", filter="*.csv")
+        self.landmark_format = ComboBox(choices=LANDMARK_FORMATS, value="xenium", label="landmark format")
+        self.clusters = CheckBox(value=True, text="clusters and UMAP of the embeddings")
+        self.overwrite = CheckBox(value=False, text="replace existing files")
+        self.export_button = PushButton(text="Export")
+        self.status = Label(value="")
+        super().__init__(widgets=[
+            self.results_path, self.write_h5ad, self.h5ad_path, self.write_spatialdata, self.spatialdata_path,
+            self.write_landmarks, self.landmarks_path, self.landmark_format, self.clusters, self.overwrite,
+            self.export_button, self.status,
+        ])
+        self.results_path.changed.connect(self._fill_outputs)
+        self.export_button.changed.connect(self.export)
+        self.worker = None
+        shown = self._results_in_viewer()
+        if shown is not None:
+            self.results_path.value = shown
+
+    def _results_in_viewer(self) -> Path | None:
+        for layer in self.viewer.layers:
+            store = layer.metadata.get(RESULTS_LAYER_KEY)
+            if store is not None:
+                return Path(store)
+        return None
+
+    def _fill_outputs(self, *_):
+        results = _chosen(self.results_path)
+        if results is None:
+            return
+        outputs = default_outputs(results)
+        self.h5ad_path.value = outputs["h5ad"]
+        self.spatialdata_path.value = outputs["spatialdata"]
+        self.landmarks_path.value = outputs["landmarks"]
+
+    def export(self):
+        """Write the ticked outputs in a worker thread."""
+        ticked = {"h5ad": (self.write_h5ad, self.h5ad_path), "spatialdata": (self.write_spatialdata, self.spatialdata_path),
+                  "landmarks": (self.write_landmarks, self.landmarks_path)}
+        targets = {kind: _chosen(edit) for kind, (box, edit) in ticked.items() if box.value}
+        results = _chosen(self.results_path)
+        options = {"landmark_format": self.landmark_format.value, "overwrite": self.overwrite.value,
+                   "clusters": self.clusters.value}
+
+        def work():
+            try:
+                if results is None:
+                    raise InputError("choose the results store of a prediction run (RESULTS.zarr) first")
+                unnamed = [kind for kind, path in targets.items() if path is None]
+                if unnamed:
+                    raise InputError(f"choose where to write: {', '.join(unnamed)}")
+                return export_results(results, **targets, **options)
+            except InputError as exc:  # the user's to fix: a message, not a traceback
+                return _Failed(exc)
+
+        self.export_button.enabled = False
+        self.status.value = "exporting..."
+        worker = create_worker(work, _progress={"desc": "Exporting"})
+        worker.returned.connect(self._on_exported)
+        worker.errored.connect(lambda exc: self._on_error(exc))
+        worker.finished.connect(lambda: setattr(self.export_button, "enabled", True))
+        worker.start()
+        self.worker = worker
+        return worker
+
+    def _on_error(self, exc):
+        self.status.value = f"error: {exc}"
+        show_error(str(exc))
+
+    def _on_exported(self, result):
+        if isinstance(result, _Failed):
+            self._on_error(result.error)
+            return
+        lines = [f"{kind}: {path}" for kind, path in result.items()]
+        self.status.value = "written\n" + "\n".join(lines)
+        show_info("Exported " + "; ".join(lines))

@@ -1,0 +1,63 @@
+"""The Export dock widget and the npe2 writers, driven as a user would, under Xvfb."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_morphomol.export import RESULTS_LAYER_KEY
+from napari_morphomol.widgets.export import ExportWidget
+
+
+@pytest.fixture
+def widget(make_napari_viewer, results_store):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 4), np.float32), name="KRT17 predicted",
+                     metadata={RESULTS_LAYER_KEY: str(results_store)})
+    widget = ExportWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Export")
+    return widget
+
+
+def test_widget_takes_the_run_from_the_layers_and_writes_beside_it(widget, results_store, tmp_path, qtbot):
+    assert widget.results_path.value == results_store
+    assert widget.h5ad_path.value == results_store.with_name("results.h5ad")
+    widget.h5ad_path.value = tmp_path / "run.h5ad"
+    widget.write_spatialdata.value = False
+    widget.clusters.value = False
+    widget.export_button.clicked.emit()
+    qtbot.waitUntil(lambda: widget.status.value.startswith(("written", "error")), timeout=300_000)
+    assert widget.status.value == f"written\nh5ad: {tmp_path / 'run.h5ad'}"
+    assert (tmp_path / "run.h5ad").stat().st_size > 0
+
+    before = (tmp_path / "run.h5ad").read_bytes()
+    widget.export_button.clicked.emit()  # again, without "replace existing files"
+    qtbot.waitUntil(lambda: "already exists" in widget.status.value, timeout=300_000)
+    assert (tmp_path / "run.h5ad").read_bytes() == before
+    assert widget.export_button.enabled
+
+
+def test_widget_asks_for_what_is_missing(make_napari_viewer, qtbot):
+    widget = ExportWidget(make_napari_viewer())
+    widget.export_button.clicked.emit()
+    qtbot.waitUntil(lambda: widget.status.value.startswith("error"), timeout=60_000)
+    assert "choose the results store" in widget.status.value
+
+
+def test_save_layers_as_h5ad_uses_the_npe2_writer(widget, tmp_path):
+    import anndata
+
+    viewer = widget.viewer
+    target = tmp_path / "saved.h5ad"
+    written = viewer.layers.save(str(target), selected=False, plugin="napari-morphomol")
+    assert written == [str(target)]
+    adata = anndata.read_h5ad(target)
+    assert {"leiden_0.5", "leiden_1.0"} <= set(adata.obs.columns)
+
+
+def test_writer_refuses_layers_of_no_run(make_napari_viewer, tmp_path):
+    from napari_morphomol._writer import write_h5ad
+    from napari_morphomol.errors import InputError
+
+    with pytest.raises(InputError, match="none of the selected layers"):
+        write_h5ad(str(tmp_path / "x.h5ad"), [(np.zeros((2, 2)), {"metadata": {}}, "image")])
