@@ -37,8 +37,14 @@ def test_gene_search_switches_the_one_map_layer(opened, qtbot):
     low, high = predicted.contrast_limits
     finite = predicted.data[np.isfinite(predicted.data)]
     assert finite.min() <= high and low <= finite.max()
+    measured = viewer.layers[MEASURED_LAYER]
+    assert not measured.visible, "hidden maps wait until shown"
+    measured.visible = True
+    assert measured.metadata["gene"] == gene
     if explorer.is_measured(gene):
-        np.testing.assert_array_equal(viewer.layers[MEASURED_LAYER].data, explorer.gene_map(gene, "measured"))
+        np.testing.assert_array_equal(measured.data, explorer.gene_map(gene, "measured"))
+    else:
+        assert np.isnan(measured.data).all()
     assert gene in viewer.canvas.overlays.text.text and "log1p" in viewer.canvas.overlays.text.text
 
 

@@ -196,7 +196,9 @@ class ExploreWidget(QWidget):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
             kwargs["visible"] = kind == "predicted"
-            self.map_layers[kind] = self.viewer.add_image(data, **kwargs)
+            layer = self.viewer.add_image(data, **kwargs)
+            layer.events.visible.connect(lambda _event, kind=kind: self._on_map_visibility(kind))
+            self.map_layers[kind] = layer
         self.map_layers["predicted"].colorbar.visible = True
         self._fill_metrics()
         self._filter_genes()
@@ -221,25 +223,37 @@ class ExploreWidget(QWidget):
             self.show_gene(gene)
 
     def show_gene(self, gene: str):
-        """Swap the data of the map layers to ``gene`` (layers are reused, never re-created)."""
-        explorer = self.explorer
-        if explorer is None:
+        """Swap the data of the map layers to ``gene`` (layers are reused, never re-created).
+
+        Hidden map layers are brought up to date when they are shown, so a switch costs one update.
+        """
+        if self.explorer is None:
             return
-        for kind, layer in self.map_layers.items():
-            if kind != "predicted" and not explorer.is_measured(gene):
-                layer.data = np.full(explorer.grid.shape, np.nan, dtype=np.float32)
-                layer.metadata["gene"] = None
-                continue
-            raster = explorer.gene_map(gene, kind)
-            layer.data = raster
-            layer.contrast_limits = map_contrast_limits(raster, kind)
-            layer.metadata["gene"] = gene
         self.gene = gene
-        measured = "measured" if explorer.is_measured(gene) else "not measured in this sample"
+        for kind, layer in self.map_layers.items():
+            if layer.visible:
+                self._update_map_layer(kind)
+        measured = "measured" if self.explorer.is_measured(gene) else "not measured in this sample"
         overlay = self.viewer.canvas.overlays.text
         overlay.text = f"{gene} ({measured}); {EXPRESSION_UNITS}"
         overlay.visible = True
         self._colour_umap()
+
+    def _update_map_layer(self, kind: str):
+        layer, gene, explorer = self.map_layers[kind], self.gene, self.explorer
+        if gene is None or layer.metadata.get("gene", "") == gene:
+            return
+        if kind != "predicted" and not explorer.is_measured(gene):
+            layer.data = np.full(explorer.grid.shape, np.nan, dtype=np.float32)
+        else:
+            raster = explorer.gene_map(gene, kind)
+            layer.data = raster
+            layer.contrast_limits = map_contrast_limits(raster, kind)
+        layer.metadata["gene"] = gene
+
+    def _on_map_visibility(self, kind: str):
+        if self.map_layers[kind].visible:
+            self._update_map_layer(kind)
 
     def _fill_metrics(self):
         metrics = self.explorer.metrics
