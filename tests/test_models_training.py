@@ -105,8 +105,9 @@ def test_training_is_deterministic_and_learns(tmp_path):
 def test_head_starts_at_the_mean_training_target():
     model = build_model(tiny_config("early_fusion_add"))
     train = TinyTiles(6, seed=2)
-    start_at_mean_target(model, train)
+    mean = start_at_mean_target(model, train)
     torch.testing.assert_close(model.head.bias, train.targets.mean(dim=0))
+    torch.testing.assert_close(mean, train.targets.mean(dim=0))
 
 
 def test_optimizer_groups_and_schedule_follow_the_paper():

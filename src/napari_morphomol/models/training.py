@@ -242,12 +242,15 @@ def _loader(dataset: Dataset, settings: TrainingSettings, shuffle: bool) -> Data
     )
 
 
-def start_at_mean_target(model: nn.Module, dataset: Dataset) -> None:
+def start_at_mean_target(model: nn.Module, dataset: Dataset) -> torch.Tensor:
     """Set the head's bias to the mean training target (log1p counts are far from 0), so the
-    first epochs learn the signal rather than each gene's offset."""
+    first epochs learn the signal rather than each gene's offset; returns that mean, which is
+    also the constant predictor a model has to beat."""
     targets = torch.stack([dataset[i]["target"].float() for i in range(len(dataset))])
+    mean = targets.mean(dim=0)
     with torch.no_grad():
-        model.head.bias.copy_(targets.mean(dim=0))
+        model.head.bias.copy_(mean)
+    return mean
 
 
 def train_model(
@@ -279,13 +282,14 @@ def train_model(
     check_tile_dataset(val_dataset, config, "validation")
     L.seed_everything(settings.seed, workers=True, verbose=False)
     history: list[dict[str, float]] = []
+    target_mean: list[float] | None = None
     is_writer, device, bf16 = True, torch.device("cpu"), False
     if config.variant == "min_mae":
         model = fit_min_mae_baseline(config, _loader(train_dataset, settings, shuffle=False))
         how = {"method": "Min-MAE: per add-on gene, the core gene with the lowest training MAE (log1p tile totals)"}
     else:
         model = build_model(config, backbone_weights)
-        start_at_mean_target(model, train_dataset)
+        target_mean = start_at_mean_target(model, train_dataset).tolist()
         module = FusionTrainingModule(model, settings)
         best = BestWeights()
         deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -327,7 +331,8 @@ def train_model(
     model.cpu()
     training = {
         "how": {**how, "settings": dataclasses.asdict(settings)},
-        "data": {"n_train_tiles": len(train_dataset), "n_val_tiles": len(val_dataset), **(data_summary or {})},
+        "data": {"n_train_tiles": len(train_dataset), "n_val_tiles": len(val_dataset),
+                 **({"train_target_mean": target_mean} if target_mean is not None else {}), **(data_summary or {})},
         "validation_metrics": validation.means,
         "validation_gene_metrics": validation.gene_metrics.reset_index().to_dict(orient="list"),
         "history": history,
