@@ -150,6 +150,12 @@ def test_existing_file_is_kept_unless_overwrite(results_store, tmp_path):
     assert not (tmp_path / "run.zarr").exists(), "targets are checked before any work"
 
 
+def test_inputs_are_never_targets(results_store):
+    with pytest.raises(InputError, match="input of the run"):
+        export_results(results_store, h5ad=results_store / "run.h5ad")
+    assert not (results_store / "run.h5ad").exists()
+
+
 def test_nothing_asked_is_an_input_error(results_store):
     with pytest.raises(InputError, match="nothing to export"):
         export_results(results_store)

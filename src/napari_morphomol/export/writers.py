@@ -72,6 +72,19 @@ def write_landmarks_csv(results: Results, path: str | Path, *, landmark_format: 
     return writer(path, pairs, overwrite=overwrite)
 
 
+def _refuse_inputs_as_targets(results: Results, targets) -> None:
+    """Never write into (or over) the run's results store or its sample's files."""
+    sample = results.metadata.get("sample", {})
+    inputs = [Path(results.path)] + [Path(sample[k]) for k in ("xenium_dir", "he_path") if sample.get(k)]
+    for target in targets:
+        resolved = target.resolve()
+        for source in inputs:
+            source = source.resolve()
+            if resolved == source or source in resolved.parents:
+                raise InputError(f"{target} is, or is inside, an input of the run ({source}); "
+                                 "choose an output path outside the results store and the sample")
+
+
 def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
                    spatialdata: str | Path | None = None, landmarks: str | Path | None = None,
                    landmark_format: str = "xenium", overwrite: bool = False, clusters: bool = True,
@@ -88,6 +101,7 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
     for target in targets.values():
         check_target(target, overwrite=overwrite)
     results = open_results(results_path)
+    _refuse_inputs_as_targets(results, targets.values())
     written: dict[str, Path] = {}
     if "landmarks" in targets:
         written["landmarks"] = write_landmarks_csv(results, targets["landmarks"], landmark_format=landmark_format,
