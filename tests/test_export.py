@@ -118,12 +118,13 @@ def test_napari_spatialdata_opens_the_zarr(exported, make_napari_viewer, qtbot):
     assert interactive.get_layer(PREDICTED_IMAGE).data.shape[0] == len(sdata.images[PREDICTED_IMAGE].c)
 
 
-def test_landmarks_and_tile_shapes_follow_a_landmark_registration(results_store, synthetic_sample, tmp_path):
+@pytest.mark.parametrize("model", ["affine", "per-region"])
+def test_landmarks_and_tile_shapes_follow_a_landmark_registration(results_store, synthetic_sample, tmp_path, model):
     from napari_morphomol.registration import fit_transform, read_keypoints_csv, registration_record
 
     results = open_results(results_store)
     pairs = read_keypoints_csv(synthetic_sample.keypoints_csv)
-    fitted = fit_transform(pairs, "affine")
+    fitted = fit_transform(pairs, model, n_regions=2 if model == "per-region" else None)
     results = dataclasses.replace(results, metadata={**results.metadata, "registration": registration_record(fitted)})
     written = write_landmarks_csv(results, tmp_path / "landmarks.csv")
     back = read_keypoints_csv(written)
@@ -133,6 +134,9 @@ def test_landmarks_and_tile_shapes_follow_a_landmark_registration(results_store,
     corner = np.asarray(shapes.geometry.iloc[0].exterior.coords[0])
     first = results.tiles.iloc[0]
     np.testing.assert_allclose(corner, fitted.apply_xy(np.array([[first.he_x0, first.he_y0]]))[0])
+    if model == "per-region":  # the full model, not its best affine
+        best = apply_affine_xy(fitted.best_affine, np.array([[first.he_x0, first.he_y0]]))[0]
+        assert not np.allclose(corner, best, atol=1e-3)
 
 
 def test_no_landmarks_for_a_matrix_registration(results_store, tmp_path):

@@ -80,9 +80,16 @@ def gene_map_image(values: np.ndarray, genes: list[str], grid: StrideGrid):
 
 
 def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialData | None = None) -> SpatialData:
-    """The sample's elements (lazy) plus tiles, the table annotating them and the gene maps."""
+    """The sample's elements (lazy) plus tiles, the table annotating them and the gene maps.
+
+    A ``sample`` given by the caller gets its H&E transformation to ``global`` set to the run's.
+    """
     registration = run_registration(results.metadata)
     sample = open_run_sample(results) if sample is None else sample
+    ours = {TILES, TILE_TABLE, PREDICTED_IMAGE, MEASURED_IMAGE}
+    clash = ours & {name for _, name, _ in sample.gen_elements()}
+    if clash:
+        raise InputError(f"the sample already has elements named {sorted(clash)}; rename them before exporting")
     if HE_IMAGE in sample.images:
         set_transformation(sample.images[HE_IMAGE],
                            Affine(registration.best_affine, input_axes=("x", "y"), output_axes=("x", "y")),
@@ -96,10 +103,6 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
     table.obs[REGION_KEY] = pd.Categorical([TILES] * table.n_obs)
     table.obs[INSTANCE_KEY] = results.tiles["tile_id"].to_numpy(dtype=np.int64)
     table = TableModel.parse(table, region=TILES, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    ours = {TILES, TILE_TABLE, PREDICTED_IMAGE, MEASURED_IMAGE}
-    clash = ours & set(sample.shapes) | ours & set(sample.tables) | ours & set(sample.labels) | ours & set(sample.points)
-    if clash:
-        raise InputError(f"the sample already has elements named {sorted(clash)}; rename them before exporting")
     attrs = {**sample.attrs, REGISTRATION_ATTRS_KEY: registration.record}
     if isinstance(attrs.get(ATTRS_KEY), dict):
         attrs[ATTRS_KEY] = {**attrs[ATTRS_KEY], "he_to_global": registration.best_affine.tolist()}
