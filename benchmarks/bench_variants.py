@@ -11,7 +11,7 @@ than the paper's fine-tuning of pretrained weights. Expression-only models are c
 more epochs; early stopping picks each model's best validation epoch. Usage:
 
     python benchmarks/bench_variants.py [--workdir DIR] [--seeds 101 102 103 104 105]
-        [--size-mm 2] [--image-epochs 5] [--variants ...] [--out DIR] [--ship FILE]
+        [--size-mm 2] [--image-epochs 15] [--variants ...] [--out DIR] [--ship FILE]
 
 The last seed is the test sample, the one before it the validation sample. Samples and tiles
 are kept in --workdir and reused by later runs.
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103, 104, 105])
     parser.add_argument("--size-mm", type=float, default=2.0)
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--image-epochs", type=int, default=5)
+    parser.add_argument("--image-epochs", type=int, default=15)
     parser.add_argument("--expression-epochs", type=int, default=60)
     parser.add_argument("--vit", type=json.loads, default=BENCH_VIT, help="timm VisionTransformer kwargs (JSON)")
     parser.add_argument("--seed", type=int, default=0, help="training seed")

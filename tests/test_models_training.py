@@ -77,7 +77,9 @@ def test_train_model_fits_keeps_best_epoch_and_writes_a_loadable_checkpoint(tmp_
     best = min(entry["val_mse"] for entry in result.history)
     assert result.validation.means["mse"] == pytest.approx(best, rel=1e-4)
     loaded, card = load_checkpoint(result.checkpoint_path)
-    assert card.training["data"] == {"n_train_tiles": 8, "n_val_tiles": 4, "samples": ["s1", "s2"]}
+    train_mean = train.targets.mean(dim=0).tolist()
+    assert card.training["data"] == {"n_train_tiles": 8, "n_val_tiles": 4, "train_target_mean": train_mean,
+                                     "samples": ["s1", "s2"]}
     assert card.training["how"]["settings"]["lr_backbone"] == 1e-5
     assert card.training["validation_metrics"]["mse"] == pytest.approx(best, rel=1e-4)
     again = evaluate_model(loaded, val, addon_genes=ADDON_GENES)
