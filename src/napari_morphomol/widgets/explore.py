@@ -383,7 +383,7 @@ class ExploreWidget(QWidget):
         if self.umap_dock is not None and self._umap_dock_widget is not None:
             self.viewer.window.remove_dock_widget(self._umap_dock_widget)
         self.umap_dock = UmapDock(umap, on_select=lambda tiles: self.select_tiles(tiles, source="umap"))
-        self._umap_dock_widget = self.viewer.window.add_dock_widget(self.umap_dock, name="UMAP of tiles", area="right")
+        self._umap_dock_widget = self.viewer.window.add_dock_widget(self.umap_dock, name="UMAP of tiles", area="left")
 
     def _colour_umap(self):
         if self.umap_dock is None or self.explorer is None:

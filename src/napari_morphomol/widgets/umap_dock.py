@@ -26,6 +26,7 @@ class UmapDock(QWidget):
         self.selected = np.zeros(len(self.umap_xy), dtype=bool)
         self.figure = Figure(figsize=(4, 4), facecolor="#262930")
         self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumSize(280, 280)
         self.axes = self.figure.add_subplot(111)
         self.axes.set_facecolor("#262930")
         self.axes.tick_params(colors="#a0a0a0", labelsize=7)
@@ -102,4 +103,5 @@ class UmapDock(QWidget):
         self.scatter.set_facecolors(rgba)
         self.scatter.set_edgecolors(np.where(self.selected[:, None], to_rgba(SELECTED_EDGE), (0, 0, 0, 0)))
         self.scatter.set_linewidths(np.where(self.selected, 1.0, 0.0))
+        self.figure.tight_layout()
         self.canvas.draw_idle()
