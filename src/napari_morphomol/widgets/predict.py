@@ -1,0 +1,176 @@
+"""Dock widget "Predict add-on genes": run a checkpoint over the loaded sample in a worker thread."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+
+from napari_morphomol._layers import he_pixel_to_global
+from napari_morphomol.analysis import explore_run
+from napari_morphomol.coords import apply_affine_xy, napari_to_xy
+from napari_morphomol.errors import InputError
+from napari_morphomol.inference import InferenceCancelled, default_checkpoint_path, predict
+from napari_morphomol.io.sample import sample_info
+
+WHOLE_SLIDE = "whole slide"
+IN_VIEW = "what is in view"
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+
+def _shipped_checkpoint() -> Path | None:
+    try:
+        return default_checkpoint_path()
+    except InputError:
+        return None
+
+
+class PredictWidget(Container):
+    """Checkpoint, device, batch size, region; Run and Cancel. Finished runs open in Explore."""
+
+    def __init__(self, napari_viewer):
+        self.viewer = napari_viewer
+        shipped = _shipped_checkpoint()
+        self.checkpoint = FileEdit(mode="r", label="checkpoint", filter="*.safetensors",
+                                   value=shipped if shipped is not None else "")
+        self.device = ComboBox(choices=DEVICES, value="auto", label="device")
+        self.batch_size = SpinBox(value=32, min=1, max=4096, label="batch size")
+        self.region = ComboBox(choices=self._region_choices, label="region")
+        self.store = FileEdit(mode="w", label="results store", filter="*.zarr")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="" if shipped else "no model ships yet: choose a checkpoint")
+        super().__init__(widgets=[self.checkpoint, self.device, self.batch_size, self.region, self.store,
+                                  self.run_button, self.cancel_button, self.status])
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.cancel)
+        self.viewer.layers.events.inserted.connect(lambda _: self.region.reset_choices())
+        self.viewer.layers.events.removed.connect(lambda _: self.region.reset_choices())
+        self._cancel = threading.Event()
+        self.worker = None
+        self.explore_widget = None
+        self.results_path: Path | None = None
+
+    def _region_choices(self, *_) -> list[str]:
+        shapes = [layer.name for layer in self.viewer.layers if layer._type_string == "shapes"]
+        return [WHOLE_SLIDE, IN_VIEW, *shapes]
+
+    def _sample(self):
+        for layer in self.viewer.layers:
+            sdata = layer.metadata.get("sdata") if isinstance(layer.metadata, dict) else None
+            if sdata is not None:
+                return sdata
+        raise InputError("no sample in the viewer: open one with the Load sample widget first")
+
+    def _um_to_he_px(self, sdata, points_xy_um: np.ndarray) -> np.ndarray:
+        info = sample_info(sdata)
+        pixel_um = info.xenium_pixel_size_um or info.he_pixel_size_um
+        return apply_affine_xy(np.linalg.inv(he_pixel_to_global(sdata)), np.asarray(points_xy_um) / pixel_um)
+
+    def region_he_px(self, sdata) -> np.ndarray | None:
+        """The chosen region as an (x, y) polygon in H&E px, or None for the whole slide."""
+        choice = self.region.value
+        if choice == WHOLE_SLIDE:
+            return None
+        if choice == IN_VIEW:
+            camera = self.viewer.camera
+            cy, cx = camera.center[-2:]
+            height_px, width_px = self.viewer.canvas.size
+            hw, hh = width_px / camera.zoom / 2, height_px / camera.zoom / 2
+            box_um = np.array([[cx - hw, cy - hh], [cx + hw, cy - hh], [cx + hw, cy + hh], [cx - hw, cy + hh]])
+            return self._um_to_he_px(sdata, box_um)
+        layer = self.viewer.layers[choice]
+        if not len(layer.data):
+            raise InputError(f"Shapes layer {choice!r} has no shape: draw the region first")
+        vertices_rc = np.asarray(layer.data[0])[:, -2:]
+        world_rc = np.array([layer.data_to_world(v) for v in vertices_rc])[:, -2:]
+        return self._um_to_he_px(sdata, napari_to_xy(world_rc))
+
+    def run(self, *_):
+        try:
+            sdata = self._sample()
+            checkpoint = self.checkpoint.value
+            if checkpoint is None or not Path(checkpoint).is_file():
+                raise InputError("choose a checkpoint file (.safetensors): no trained model ships yet")
+            store = self.store.value
+            if store is None or str(store) in ("", "."):
+                raise InputError("choose where to write the results store (a new folder ending in .zarr)")
+            region = self.region_he_px(sdata)
+        except InputError as exc:
+            self._on_error(exc)
+            return None
+        self._cancel.clear()
+        kwargs = dict(store=Path(store), batch_size=int(self.batch_size.value), device=self.device.value,
+                      region_he_px=region)
+        worker = create_worker(self._work, sdata, Path(checkpoint), kwargs, _progress={"desc": "Predicting", "total": 0})
+        worker.yielded.connect(lambda done_total: self._on_progress(worker, done_total))
+        worker.returned.connect(self._on_done)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.run_button.enabled, self.cancel_button.enabled = False, True
+        self.status.value = "tiling and calibrating..."
+        worker.start()
+        self.worker = worker
+        return worker
+
+    def _work(self, sdata, checkpoint: Path, kwargs: dict):
+        """Runs predict in a thread of its own and yields its (done, total) chunks to the GUI thread."""
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def target():
+            try:
+                outcome["path"] = predict(sdata, checkpoint, progress=lambda d, t: events.put((d, t)),
+                                          cancel=self._cancel.is_set, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the GUI thread below
+                outcome["error"] = exc
+            finally:
+                events.put(None)
+
+        thread = threading.Thread(target=target, name="morphomol-predict", daemon=True)
+        thread.start()
+        while (event := events.get()) is not None:
+            yield event
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["path"]
+
+    def _on_progress(self, worker, done_total):
+        done, total = done_total
+        if worker.pbar is not None:
+            worker.pbar.total = total
+            worker.pbar.n = done
+            worker.pbar.refresh()
+        self.status.value = f"{done} / {total} chunks"
+
+    def cancel(self, *_):
+        self._cancel.set()
+        self.status.value = "cancelling after the current batch..."
+
+    def _on_done(self, path):
+        self.results_path = Path(path)
+        self.status.value = f"done: {self.results_path}"
+        from napari_morphomol.widgets.explore import ExploreWidget
+
+        if self.explore_widget is None:
+            self.explore_widget = ExploreWidget(self.viewer)
+            self.viewer.window.add_dock_widget(self.explore_widget, name="Explore predictions")
+        self.explore_widget.results_path.value = self.results_path
+        self.explore_widget.set_explorer(explore_run(self.results_path))
+
+    def _on_error(self, exc):
+        if isinstance(exc, InferenceCancelled):
+            self.status.value = "cancelled: run again with the same settings to resume"
+            show_info(self.status.value)
+            return
+        self.status.value = f"error: {exc}"
+        show_error(str(exc))
+
+    def _on_finished(self):
+        self.run_button.enabled, self.cancel_button.enabled = True, False

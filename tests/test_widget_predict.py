@@ -1,0 +1,65 @@
+"""The Predict dock, driven as a user would, under Xvfb: region from a Shapes layer, run, explore."""
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+
+from napari_morphomol._layers import sample_layers
+from napari_morphomol._layers_explore import PREDICTED_LAYER
+from napari_morphomol.inference import open_results
+from napari_morphomol.io.sample import load_sample
+from napari_morphomol.widgets.predict import WHOLE_SLIDE, PredictWidget
+
+
+@pytest.fixture
+def viewer_with_sample(make_napari_viewer, synthetic_sample):
+    viewer = make_napari_viewer()
+    s = synthetic_sample
+    sdata = load_sample(s.xenium_dir, s.he_path, s.alignment_csv)
+    for data, kwargs, kind in sample_layers(sdata, with_density=False):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    return viewer
+
+
+def test_run_on_a_drawn_region_opens_the_maps(viewer_with_sample, qtbot, tiny_checkpoint, results_store, tmp_path):
+    viewer = viewer_with_sample
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Predict")
+    whole = open_results(results_store).tiles
+    # a rectangle (um) around the upper half of the tiles of a whole-slide run
+    x_um, y_um = whole["um_x"].to_numpy(), whole["um_y"].to_numpy()
+    cut = float(np.median(y_um))
+    region = viewer.add_shapes(name="region")
+    region.add_rectangles(np.array([[y_um.min() - 5, x_um.min() - 5], [cut, x_um.max() + 5]]))
+    widget.region.value = "region"
+    widget.checkpoint.value = tiny_checkpoint
+    widget.device.value = "cpu"
+    widget.batch_size.value = 8
+    widget.store.value = tmp_path / "RESULTS.zarr"
+    widget.run_button.clicked.emit()
+    assert not widget.run_button.enabled and widget.cancel_button.enabled
+    qtbot.waitUntil(lambda: widget.explore_widget is not None and widget.explore_widget.explorer is not None,
+                    timeout=300_000)
+    qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=10_000)
+    tiles = widget.explore_widget.explorer.results.tiles
+    assert 0 < len(tiles) < len(whole)
+    assert (tiles["um_y"] <= cut + 1e-6).all()  # tiles are kept by their centre
+    assert PREDICTED_LAYER in viewer.layers
+    assert "chunks" in widget.status.value or "done" in widget.status.value
+
+
+def test_missing_checkpoint_is_a_message_not_a_traceback(viewer_with_sample, tmp_path):
+    widget = PredictWidget(viewer_with_sample)
+    widget.region.value = WHOLE_SLIDE
+    widget.checkpoint.value = tmp_path / "missing.safetensors"
+    widget.store.value = tmp_path / "RESULTS.zarr"
+    assert widget.run() is None
+    assert "checkpoint" in widget.status.value
+
+
+def test_no_sample_is_a_message(make_napari_viewer, tiny_checkpoint, tmp_path):
+    widget = PredictWidget(make_napari_viewer())
+    widget.checkpoint.value = tiny_checkpoint
+    widget.store.value = tmp_path / "RESULTS.zarr"
+    assert widget.run() is None
+    assert "Load sample" in widget.status.value
