@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from pathlib import Path
 from napari_morphomol.errors import InputError
 
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_REMOVE_ATTEMPTS = 100
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR}
 
 
@@ -81,10 +83,16 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 def _remove(tmp: Path) -> None:
-    if tmp.is_dir():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    """Delete a failed temporary output. A folder is retried for a while: writer threads (dask,
+    zarr's event loop) still finishing their chunks after the first error may add files to it."""
+    if not tmp.is_dir():
         tmp.unlink(missing_ok=True)
+        return
+    for _ in range(_REMOVE_ATTEMPTS):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not tmp.exists():
+            return
+        time.sleep(0.1)
 
 
 def write_text_atomic(path: str | Path, text: str, *, overwrite: bool = False) -> Path:
