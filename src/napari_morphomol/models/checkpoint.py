@@ -151,6 +151,7 @@ def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path
     card = ModelCard(card.model, card.core_genes, card.addon_genes, card.tile_geometry, card.training, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(temporary, 0o644)  # mkstemp makes 0600: readable outputs, like files open() creates
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata={CARD_METADATA_KEY: card.to_json()})

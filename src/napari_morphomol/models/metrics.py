@@ -105,6 +105,7 @@ def write_variant_table(table: pd.DataFrame, path_stem: str | Path) -> tuple[Pat
 
 def write_text_atomically(path: Path, text: str) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(temporary, 0o644)  # mkstemp makes 0600: readable outputs, like files open() creates
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
