@@ -173,8 +173,8 @@ def test_processes_and_local_cluster_give_the_threads_predictions(tmp_path, samp
         assert results.metadata["segments"][-1]["scheduler"].startswith(expected_scheduler[name])
         tile_ids, predictions, embeddings = by_tile(results)
         np.testing.assert_array_equal(tile_ids, reference[0])
-        np.testing.assert_allclose(predictions, reference[1], atol=1e-5)
-        np.testing.assert_allclose(embeddings, reference[2], atol=1e-5)
+        np.testing.assert_allclose(predictions, reference[1], atol=1e-4)
+        np.testing.assert_allclose(embeddings, reference[2], atol=1e-4)
 
 
 KILL_SCRIPT = """
@@ -209,8 +209,8 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_tiles(tmp_path, synthet
     assert len(np.unique(tile_ids)) == len(tile_ids)
     reference = by_tile(reference_run[0])
     np.testing.assert_array_equal(tile_ids, reference[0])
-    np.testing.assert_allclose(predictions, reference[1], atol=1e-5)
-    np.testing.assert_allclose(embeddings, reference[2], atol=1e-5)
+    np.testing.assert_allclose(predictions, reference[1], atol=1e-4)
+    np.testing.assert_allclose(embeddings, reference[2], atol=1e-4)
     assert not partial_path(out).exists()
 
 
@@ -234,7 +234,7 @@ def test_cancel_stops_and_leaves_a_resumable_store(tmp_path, sample, checkpoint,
     assert cancelled["status"] == "cancelled" and 0 < cancelled["chunks_done_in_store"] < results.metadata["n_chunks"]
     # a task already past its last cancel check may still finish its chunk after the count
     assert resumed["chunks_run"] <= results.metadata["n_chunks"] - cancelled["chunks_done_in_store"]
-    np.testing.assert_allclose(by_tile(results)[1], by_tile(reference_run[0])[1], atol=1e-5)
+    np.testing.assert_allclose(by_tile(results)[1], by_tile(reference_run[0])[1], atol=1e-4)
     assert reports[-1] == results.metadata["n_chunks"]
 
 
@@ -271,8 +271,8 @@ def test_out_of_memory_halves_the_batch_and_goes_on(checkpoint):
     assert loaded.batch_limit == 2  # 8 -> 4 -> 2
     with torch.inference_mode():
         expected = model(images, tokens)
-    np.testing.assert_allclose(predictions, expected.predictions.numpy(), atol=1e-5)
-    np.testing.assert_allclose(embeddings, expected.embeddings.numpy(), atol=1e-5)
+    np.testing.assert_allclose(predictions, expected.predictions.numpy(), atol=1e-4)
+    np.testing.assert_allclose(embeddings, expected.embeddings.numpy(), atol=1e-4)
 
 
 @settings(max_examples=50, deadline=None)
