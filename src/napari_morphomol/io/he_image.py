@@ -89,12 +89,14 @@ def read_pyramid(path: str | Path) -> PyramidImage:
 
 
 def _check_readable(level: da.Array, path: Path) -> None:
-    """Decode one corner chunk so truncated files fail at load, not later in the viewer."""
+    """Decode the first and last chunks so truncated files fail at load, not later in the viewer.
+
+    Local threads: the open file handle cannot travel to a dask.distributed worker."""
     corner = tuple(slice(0, min(64, s)) for s in level.shape)
     try:
-        level[corner].compute()
+        level[corner].compute(scheduler="threads")
         last = tuple(slice(max(0, s - 64), s) for s in level.shape)
-        level[last].compute()
+        level[last].compute(scheduler="threads")
     except Exception as exc:  # tifffile raises many types on truncated data
         raise InputError(f"{path} is truncated or corrupt: decoding its pixels failed ({exc}).") from exc
 
