@@ -142,19 +142,12 @@ def test_checkpoint_panel_missing_from_sample_fails_before_any_work(tmp_path, sa
     assert not out.exists() and not partial_path(out).exists()
 
 
-def shipped_model_or_error() -> tuple[object, InputError | None]:
-    try:
-        return default_checkpoint_path(), None
-    except InputError as error:
-        return None, error
+def test_default_checkpoint_is_the_shipped_model(synthetic_sample):
+    from napari_morphomol.models import shipped_model_path
 
-
-def test_default_checkpoint_is_the_shipped_model_or_a_clear_error():
-    path, error = shipped_model_or_error()
-    if error is not None:
-        assert "checkpoint" in str(error)
-    else:
-        assert read_model_card(path).addon_genes
+    assert default_checkpoint_path() == shipped_model_path()
+    panel = json.loads(synthetic_sample.panel_json.read_text())
+    assert list(read_model_card(default_checkpoint_path()).addon_genes) == panel["addon"]
 
 
 def test_processes_and_local_cluster_give_the_threads_predictions(tmp_path, sample, checkpoint, reference_run):
@@ -306,9 +299,5 @@ def test_cli_predict(tmp_path, synthetic_sample, checkpoint, capsys):
     captured = capsys.readouterr()
     assert "predicting [" in captured.err and f"wrote {out}" in captured.out
     assert len(open_results(out).tiles) > 0
-    _, error = shipped_model_or_error()
-    without_checkpoint = main([*args[:6], "--out", str(tmp_path / "x.zarr")])  # default flags, no --checkpoint
-    if error is not None:
-        assert without_checkpoint == 2 and str(error) in capsys.readouterr().err
-    else:
-        assert without_checkpoint == 0 and len(open_results(tmp_path / "x.zarr").tiles) > 0
+    without_checkpoint = main([*args[:6], "--out", str(tmp_path / "x.zarr")])  # default flags: the shipped model
+    assert without_checkpoint == 0 and len(open_results(tmp_path / "x.zarr").tiles) > 0

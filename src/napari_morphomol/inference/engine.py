@@ -46,14 +46,8 @@ ProgressCallback = Callable[[int, int], None]
 
 def default_checkpoint_path() -> Path:
     """The model shipped with napari-morphomol (``napari_morphomol.models.shipped``)."""
-    try:
-        from napari_morphomol.models.shipped import shipped_model_path
-    except ImportError:
-        raise InputError(
-            "no trained model ships with this version of napari-morphomol; give a checkpoint "
-            "(--checkpoint MODEL.safetensors, trained with `morphomol train` or converted with "
-            "convert_reference_checkpoint, see docs/models.md)"
-        ) from None
+    from napari_morphomol.models.shipped import shipped_model_path
+
     return shipped_model_path()
 
 
