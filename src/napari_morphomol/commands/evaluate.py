@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_morphomol.models import check_tile_geometry, evaluate_model, load_checkpoint, table_markdown, variant_table
     from napari_morphomol.models.data import open_cohort, tiles_stores_for
-    from napari_morphomol.models.metrics import write_text_atomically, write_variant_table
+    from napari_morphomol._atomic import write_text_atomic
+    from napari_morphomol.models.metrics import write_variant_table
     from napari_morphomol.tiling import GenePanel
 
     stem = Path(args.out)
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     table = variant_table(per_variant)
     csv_path, markdown_path = write_variant_table(table, stem)
     genes_path = stem.with_name(stem.name + "_genes.csv")
-    write_text_atomically(genes_path, pd.concat(gene_tables).to_csv(index=False))
+    write_text_atomic(genes_path, pd.concat(gene_tables).to_csv(index=False), overwrite=True)
     print()
     print(table_markdown(table))
     print(f"wrote {csv_path}, {markdown_path}, {genes_path}")

@@ -7,8 +7,6 @@ the correlation means, so say how many genes each mean covers.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from napari_morphomol._atomic import write_text_atomic
 from napari_morphomol.errors import InputError
 
 METRICS = ("spearman", "pearson", "mse")
@@ -98,18 +97,6 @@ def write_variant_table(table: pd.DataFrame, path_stem: str | Path) -> tuple[Pat
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, markdown_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".md")
-    write_text_atomically(csv_path, table.to_csv())
-    write_text_atomically(markdown_path, table_markdown(table))
+    write_text_atomic(csv_path, table.to_csv(), overwrite=True)
+    write_text_atomic(markdown_path, table_markdown(table), overwrite=True)
     return csv_path, markdown_path
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(temporary, 0o644)  # mkstemp makes 0600: readable outputs, like files open() creates
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
