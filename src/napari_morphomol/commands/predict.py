@@ -14,19 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+from napari_morphomol.commands._sample_inputs import add_sample_arguments, alignment_path, region_polygon_he_px
+
 NAME = "predict"
 HELP = "run a trained model over a sample -> RESULTS.zarr (resumable, any dask scheduler)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("xenium_dir", metavar="XENIUM_DIR", help="Xenium output folder (holds experiment.xenium)")
-    parser.add_argument("--he", required=True, metavar="HE", help="H&E image (pyramidal OME-TIFF / TIFF / SVS)")
-    parser.add_argument("--alignment", metavar="CSV",
-                        help="3 x 3 H&E px -> global px matrix (Xenium's he_imagealignment.csv); "
-                             "default: a *he_imagealignment.csv in XENIUM_DIR")
-    parser.add_argument("--registration", metavar="JSON",
-                        help="registration record written by `morphomol register` (any model, e.g. per-region); "
-                             "used instead of the alignment matrix")
+    add_sample_arguments(parser, region_action="predict")
     parser.add_argument("--checkpoint", metavar="CKPT",
                         help="model .safetensors with its model card; default: the model shipped with napari-morphomol")
     parser.add_argument("--out", required=True, metavar="RESULTS.zarr", help="results store (finalised atomically)")
@@ -44,9 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip tiles with fewer core + add-on transcripts (default 0: every tissue tile)")
     parser.add_argument("--max-background", type=float, default=0.3,
                         help="largest background fraction of a predicted tile (default 0.3)")
-    parser.add_argument("--region", metavar="CSV",
-                        help="polygon with columns x,y in H&E px: predict only tiles whose centre is inside")
-    parser.add_argument("--he-pixel-size-um", type=float, help="H&E um/px when the file does not record it")
     parser.add_argument("--overwrite", action="store_true", help="replace --out (and discard a partial run)")
 
 
@@ -65,17 +57,16 @@ class ProgressBar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_morphomol.commands.tiles import _alignment, _region
     from napari_morphomol.inference import InferenceCancelled, open_results, partial_path, predict
     from napari_morphomol.io.sample import load_sample
     from napari_morphomol.registration import read_registration_json
 
-    alignment = _alignment(Path(args.xenium_dir), args.alignment, args.registration)
+    alignment = alignment_path(Path(args.xenium_dir), args.alignment, args.registration)
     registration = read_registration_json(args.registration) if args.registration else None
     sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
     bar = ProgressBar()
     try:
-        out = predict(sdata, args.checkpoint, store=args.out, region_he_px=_region(args.region),
+        out = predict(sdata, args.checkpoint, store=args.out, region_he_px=region_polygon_he_px(args.region),
                       he_to_global=registration,
                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
                       num_workers=args.workers, tiles_per_chunk=args.tiles_per_chunk,

@@ -13,29 +13,18 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from napari_morphomol.errors import InputError
+from napari_morphomol.commands._sample_inputs import add_sample_arguments, alignment_path, region_polygon_he_px
 
 NAME = "tiles"
 HELP = "tile grid, core-gene token raster and add-on targets -> TILES.zarr"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("xenium_dir", metavar="XENIUM_DIR", help="Xenium output folder (holds experiment.xenium)")
-    parser.add_argument("--he", required=True, metavar="HE", help="H&E image (pyramidal OME-TIFF / TIFF / SVS)")
-    parser.add_argument("--alignment", metavar="CSV",
-                        help="3 x 3 H&E px -> global px matrix (Xenium's he_imagealignment.csv); "
-                             "default: a *he_imagealignment.csv in XENIUM_DIR")
-    parser.add_argument("--registration", metavar="JSON",
-                        help="registration record written by `morphomol register` (any model, e.g. per-region); "
-                             "used instead of the alignment matrix")
+    add_sample_arguments(parser, region_action="keep")
     parser.add_argument("--panel", metavar="FILE",
                         help='JSON {"core": [...], "addon": [...]}; default: every gene core, no add-on')
     parser.add_argument("--out", required=True, metavar="TILES.zarr", help="output store (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--he-pixel-size-um", type=float, help="H&E um/px when the file does not record it")
     parser.add_argument("--tile-px", type=int, default=512, help="tile size in px at --tile-mpp (default 512)")
     parser.add_argument("--stride-px", type=int, default=256, help="tile stride in px (default 256)")
     parser.add_argument("--tile-mpp", type=float, default=0.5, help="tile pixel size, um/px (default 0.5)")
@@ -44,32 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-transcripts", type=int, default=1000,
                         help="fewest core + add-on transcripts of a kept tile; 0 keeps all (default 1000)")
     parser.add_argument("--min-qv", type=float, default=20.0, help="lowest transcript qv counted (default 20)")
-    parser.add_argument("--region", metavar="CSV",
-                        help="polygon with columns x,y in H&E px: keep only tiles whose centre is inside")
-
-
-def _region(path: str | None) -> np.ndarray | None:
-    if path is None:
-        return None
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the region polygon {path} ({exc})") from exc
-    if not {"x", "y"} <= set(table.columns):
-        raise InputError(f"{path} needs columns x,y (polygon vertices in H&E px), has {list(table.columns)}")
-    return table[["x", "y"]].to_numpy(dtype=np.float64)
-
-
-def _alignment(xenium_dir: Path, given: str | None, registration: str | None) -> str | None:
-    if given is not None or registration is not None:
-        return given
-    found = sorted(xenium_dir.glob("*he_imagealignment.csv"))
-    if len(found) != 1:
-        raise InputError(
-            f"no --alignment given and {len(found)} *he_imagealignment.csv files in {xenium_dir}; "
-            "register the H&E first and pass --alignment CSV or --registration JSON"
-        )
-    return str(found[0])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_morphomol.tiling import GenePanel, check_output_path, tile_sample, write_tiles_zarr
 
     out = check_output_path(args.out, overwrite=args.overwrite)
-    alignment = _alignment(Path(args.xenium_dir), args.alignment, args.registration)
+    alignment = alignment_path(Path(args.xenium_dir), args.alignment, args.registration)
     registration = read_registration_json(args.registration) if args.registration else None
     panel = GenePanel.from_json(args.panel) if args.panel else None
     sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
@@ -89,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     tiling = tile_sample(
         sdata, panel=panel, he_to_global=registration, tile_px=args.tile_px, stride_px=args.stride_px, tile_mpp=args.tile_mpp,
         max_background=args.max_background, min_transcripts=args.min_transcripts, min_qv=args.min_qv,
-        region_he_px=_region(args.region), progress=progress,
+        region_he_px=region_polygon_he_px(args.region), progress=progress,
     )
     print(file=sys.stderr)
     provenance = {"xenium_dir": str(args.xenium_dir), "he": str(args.he), "alignment": alignment,
