@@ -89,3 +89,33 @@ def test_explorer_maps_metrics_and_inspector(results_store):
     assert len(inside) == len(centres)
     with pytest.raises(InputError):
         explorer.gene_map("NOT_A_GENE")
+
+
+def test_partial_results_reads_only_a_running_store(results_store, tmp_path):
+    from napari_morphomol.analysis import partial_results
+
+    assert partial_results(tmp_path / "nothing.zarr") is None
+    assert partial_results(results_store) is None, "a finished store has no partial folder"
+
+
+def test_partial_results_show_the_finished_chunks(synthetic_sample, tiny_checkpoint, tmp_path):
+    """A run cancelled after its first chunk: its maps hold those tiles only, the rest is NaN."""
+    from napari_morphomol.analysis import explore_results, partial_results
+    from napari_morphomol.inference import InferenceCancelled, predict
+    from napari_morphomol.io.sample import load_sample
+
+    s = synthetic_sample
+    store = tmp_path / "RESULTS.zarr"
+    finished = []
+    with pytest.raises(InferenceCancelled):
+        predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv), tiny_checkpoint, store=store, batch_size=4,
+                device="cpu", dtype="float32", tiles_per_chunk=4, scheduler="synchronous",
+                progress=lambda done, total: finished.append(done), cancel=lambda: bool(finished) and finished[-1] >= 1)
+    partial = partial_results(store)
+    assert partial is not None
+    done = np.isfinite(partial.predictions).all(axis=1)
+    assert 0 < done.sum() < len(done)
+    explorer = explore_results(partial)
+    raster = explorer.gene_map(explorer.genes[0])
+    assert np.isfinite(raster).any() and np.isnan(raster).any()
+    assert explorer.metrics.empty or np.isfinite(explorer.metrics.to_numpy()).all()

@@ -11,7 +11,14 @@ from napari_morphomol.analysis.clusters import (
     cluster_colors,
     leiden_key,
 )
-from napari_morphomol.analysis.explore import EXPRESSION_UNITS, MAP_KINDS, RunExplorer, explore_results, explore_run
+from napari_morphomol.analysis.explore import (
+    EXPRESSION_UNITS,
+    MAP_KINDS,
+    RunExplorer,
+    explore_results,
+    explore_run,
+    partial_results,
+)
 from napari_morphomol.analysis.gene_maps import StrideGrid, results_he_to_global
 from napari_morphomol.analysis.tiles_anndata import gene_metrics, measured_matrix, tiles_anndata
 
@@ -30,5 +37,6 @@ __all__ = [
     "gene_metrics",
     "leiden_key",
     "measured_matrix",
+    "partial_results",
     "tiles_anndata",
 ]

@@ -109,6 +109,28 @@ def explore_run(results_path: str | Path) -> RunExplorer:
     return explore_results(results)
 
 
+def partial_results(store_path: str | Path) -> Results | None:
+    """The finished chunks of a run still writing ``store_path`` (its ``.partial`` folder), unfinished
+    tiles as NaN; None before the run has written its tile table. See inference/store.py for the layout."""
+    import zarr
+
+    from napari_morphomol.inference.store import ATTRS_KEY
+    from napari_morphomol.inference import partial_path
+
+    path = partial_path(store_path)
+    try:
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs[ATTRS_KEY])
+        table = root["tiles"]
+        tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
+        predictions, embeddings = root["predictions"][:], root["embeddings"][:]
+        measured = root["measured_counts"][:] if "measured_counts" in root else None
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    return Results(path, tiles, list(attrs["addon_genes"]), predictions, embeddings, list(attrs["measured_genes"]),
+                   measured, attrs)
+
+
 def explore_results(results: Results) -> RunExplorer:
     pixel_um = (results.metadata.get("sample") or {}).get("xenium_pixel_size_um") or XENIUM_PIXEL_SIZE_UM
     return RunExplorer(results, tiles_anndata(results), StrideGrid.from_results(results), gene_metrics(results),

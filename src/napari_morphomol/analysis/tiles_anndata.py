@@ -26,7 +26,11 @@ def gene_metrics(results: Results) -> pd.DataFrame:
     if results.measured_log1p is None or len(results.tiles) < 2:
         return pd.DataFrame(columns=list(METRICS), index=pd.Index([], name="gene"), dtype=float)
     columns = [results.addon_genes.index(gene) for gene in results.measured_genes]
-    return per_gene_metrics(results.predictions[:, columns], results.measured_log1p, results.measured_genes)
+    predicted = results.predictions[:, columns]
+    done = np.isfinite(predicted).all(axis=1)  # a run still writing has NaN rows
+    if done.sum() < 2:
+        return pd.DataFrame(columns=list(METRICS), index=pd.Index([], name="gene"), dtype=float)
+    return per_gene_metrics(predicted[done], results.measured_log1p[done], results.measured_genes)
 
 
 def tiles_anndata(results: Results) -> ad.AnnData:

@@ -209,6 +209,17 @@ class ExploreWidget(QWidget):
         self.show_gene(first)
         self.viewer.canvas.overlays.scale_bar.visible = True
 
+    def update_explorer(self, explorer: RunExplorer):
+        """A newer state of the same run (chunks finished): refresh the shown maps in place."""
+        if not self.map_layers or self.explorer is None or explorer.grid.shape != self.explorer.grid.shape:
+            self.set_explorer(explorer)
+            return
+        self.explorer = explorer
+        for layer in self.map_layers.values():
+            layer.metadata["gene"] = None
+        self._fill_metrics()
+        self.show_gene(self.gene)
+
     # genes -------------------------------------------------------------------------------------
     def _filter_genes(self, *_):
         text = self.gene_search.text().strip().upper()

@@ -12,7 +12,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
 from napari_morphomol._layers import he_pixel_to_global
-from napari_morphomol.analysis import explore_run
+from napari_morphomol.analysis import explore_results, explore_run, partial_results
 from napari_morphomol.coords import apply_affine_xy, napari_to_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference import InferenceCancelled, default_checkpoint_path, predict
@@ -148,6 +148,23 @@ class PredictWidget(Container):
             worker.pbar.n = done
             worker.pbar.refresh()
         self.status.value = f"{done} / {total} chunks"
+        if 0 < done < total:
+            self._show_partial()
+
+    def _show_partial(self):
+        """Gene maps fill in as chunks finish: show what the partial store holds so far."""
+        partial = partial_results(self.store.value)
+        if partial is None or not np.isfinite(partial.predictions).all(axis=1).any():
+            return
+        self._explore_dock().update_explorer(explore_results(partial))
+
+    def _explore_dock(self):
+        from napari_morphomol.widgets.explore import ExploreWidget
+
+        if self.explore_widget is None:
+            self.explore_widget = ExploreWidget(self.viewer)
+            self.viewer.window.add_dock_widget(self.explore_widget, name="Explore predictions")
+        return self.explore_widget
 
     def cancel(self, *_):
         self._cancel.set()
@@ -156,13 +173,9 @@ class PredictWidget(Container):
     def _on_done(self, path):
         self.results_path = Path(path)
         self.status.value = f"done: {self.results_path}"
-        from napari_morphomol.widgets.explore import ExploreWidget
-
-        if self.explore_widget is None:
-            self.explore_widget = ExploreWidget(self.viewer)
-            self.viewer.window.add_dock_widget(self.explore_widget, name="Explore predictions")
-        self.explore_widget.results_path.value = self.results_path
-        self.explore_widget.set_explorer(explore_run(self.results_path))
+        explore = self._explore_dock()
+        explore.results_path.value = self.results_path
+        explore.update_explorer(explore_run(self.results_path))
 
     def _on_error(self, exc):
         if isinstance(exc, InferenceCancelled):
