@@ -136,7 +136,7 @@ def bench_clusters(n_tiles: int) -> None:
     print(f"  first call on 200 tiles (numba compile) {compile_s:.1f} s")
     print(f"  PCA alone                 {pca_s:.2f} s")
     print(f"  add_clusters (PCA, neighbours, Leiden 0.5 + 1.0, UMAP) {total_s:.1f} s; "
-          f"ratio to PCA alone {total_s / pca_s:.0f}x; clusters {n}")
+          f"ratio to PCA alone {total_s / pca_s:.0f}x; clusters {n}; load average {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:
