@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from qtpy.QtCore import Qt
 
 from napari_morphomol._layers import sample_layers
 from napari_morphomol._layers_explore import PREDICTED_LAYER

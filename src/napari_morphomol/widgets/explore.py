@@ -28,9 +28,7 @@ from qtpy.QtWidgets import (
 
 from napari_morphomol._layers_explore import (
     CLUSTERS_LAYER,
-    MAP_LAYER_NAMES,
     PCA_LAYER,
-    PREDICTED_LAYER,
     SELECTION_LAYER,
     cluster_label_colors,
     cluster_labels,
@@ -343,7 +341,7 @@ class ExploreWidget(QWidget):
         info = explorer.adata.uns["morphomol_clusters"]
         self.status.setText(f"{info['n_pcs']} PCs, {info['n_neighbors']} neighbours; "
                             + ", ".join(f"{k}: {explorer.adata.obs[k].cat.categories.size} clusters" for k in keys))
-        for name, build in ((PCA_LAYER, pca_layer), (CLUSTERS_LAYER, None)):
+        for name in (PCA_LAYER, CLUSTERS_LAYER):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
         data, kwargs, _ = pca_layer(explorer)
