@@ -1,5 +1,7 @@
 """The Predict dock, driven as a user would, under Xvfb: region from a Shapes layer, run, explore."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,8 @@ def viewer_with_sample(make_napari_viewer, synthetic_sample):
     return viewer
 
 
-def test_run_on_a_drawn_region_opens_the_maps(viewer_with_sample, qtbot, tiny_checkpoint, results_store, tmp_path):
+def test_run_on_a_drawn_region_opens_the_maps(viewer_with_sample, qtbot, results_store, tmp_path):
+    """With the shipped model (preselected), on the synthetic sample."""
     viewer = viewer_with_sample
     widget = PredictWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Predict")
@@ -31,7 +34,6 @@ def test_run_on_a_drawn_region_opens_the_maps(viewer_with_sample, qtbot, tiny_ch
     region = viewer.add_shapes(name="region")
     region.add_rectangles(np.array([[y_um.min() - 5, x_um.min() - 5], [cut, x_um.max() + 5]]))
     widget.region.value = "region"
-    widget.checkpoint.value = tiny_checkpoint
     widget.device.value = "cpu"
     widget.batch_size.value = 8
     widget.store.value = tmp_path / "RESULTS.zarr"
@@ -62,3 +64,10 @@ def test_no_sample_is_a_message(make_napari_viewer, tiny_checkpoint, tmp_path):
     widget.store.value = tmp_path / "RESULTS.zarr"
     assert widget.run() is None
     assert "Load sample" in widget.status.value
+
+
+def test_the_shipped_model_is_preselected(make_napari_viewer):
+    from napari_morphomol.inference import default_checkpoint_path
+
+    widget = PredictWidget(make_napari_viewer())
+    assert Path(widget.checkpoint.value) == default_checkpoint_path()

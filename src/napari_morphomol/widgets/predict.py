@@ -44,7 +44,7 @@ class PredictWidget(Container):
         self.store = FileEdit(mode="w", label="results store", filter="*.zarr")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.status = Label(value="" if shipped else "no model ships yet: choose a checkpoint")
+        self.status = Label(value="" if shipped else "no shipped model found: choose a checkpoint")
         super().__init__(widgets=[self.checkpoint, self.device, self.batch_size, self.region, self.store,
                                   self.run_button, self.cancel_button, self.status])
         self.run_button.changed.connect(self.run)
@@ -96,7 +96,7 @@ class PredictWidget(Container):
             sdata = self._sample()
             checkpoint = self.checkpoint.value
             if checkpoint is None or not Path(checkpoint).is_file():
-                raise InputError("choose a checkpoint file (.safetensors): no trained model ships yet")
+                raise InputError("choose a checkpoint file (.safetensors), e.g. one trained with `morphomol train`")
             store = self.store.value
             if store is None or str(store) in ("", "."):
                 raise InputError("choose where to write the results store (a new folder ending in .zarr)")
