@@ -139,3 +139,11 @@ def test_bad_resolutions_are_a_notification(opened, qtbot):
     widget.resolutions.setText("half, one")
     assert widget.compute_clusters() is None
     assert "resolutions" in widget.status.text()
+
+
+def test_map_layers_name_their_results_store_for_export(opened, results_store):
+    """The Export widget and the npe2 writers find the run from any Explore layer."""
+    from napari_morphomol.export import RESULTS_LAYER_KEY
+
+    viewer, _ = opened
+    assert viewer.layers[PREDICTED_LAYER].metadata[RESULTS_LAYER_KEY] == str(results_store)

@@ -12,6 +12,7 @@ import numpy as np
 from napari_morphomol._layers import UNITS_UM
 from napari_morphomol.analysis import EXPRESSION_UNITS, RunExplorer
 from napari_morphomol.coords import layer_affine_um
+from napari_morphomol.inference.store import RESULTS_LAYER_KEY
 
 PREDICTED_LAYER = "predicted expression"
 MEASURED_LAYER = "measured expression"
@@ -53,7 +54,7 @@ def gene_map_layer(explorer: RunExplorer, gene: str, kind: str = "predicted") ->
         {"name": MAP_LAYER_NAMES[kind], "units": UNITS_UM, "affine": stride_affine_um(explorer),
          "colormap": MAP_COLORMAPS[kind], "contrast_limits": map_contrast_limits(raster, kind),
          "opacity": 0.8, "blending": "translucent",
-         "metadata": {"gene": gene, "kind": kind, "units": EXPRESSION_UNITS, "results": str(explorer.results.path)}},
+         "metadata": {"gene": gene, "kind": kind, "units": EXPRESSION_UNITS, RESULTS_LAYER_KEY: str(explorer.results.path)}},
         "image",
     )
 
@@ -76,7 +77,7 @@ def clusters_layer(explorer: RunExplorer, key: str) -> tuple:
         cluster_labels(explorer, key),
         {"name": CLUSTERS_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "opacity": 0.6,
          "colormap": cluster_label_colors(explorer, key),
-         "metadata": {"clustering": key, "results": str(explorer.results.path),
+         "metadata": {"clustering": key, RESULTS_LAYER_KEY: str(explorer.results.path),
                       "legend": dict(zip(explorer.adata.obs[key].cat.categories.astype(str),
                                          explorer.adata.uns[f"{key}_colors"]))}},
         "labels",
@@ -98,7 +99,7 @@ def pca_layer(explorer: RunExplorer) -> tuple:
     return (
         pca_rgb(explorer),
         {"name": PCA_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "rgb": True, "visible": False,
-         "metadata": {"components": "PC1, PC2, PC3 -> R, G, B", "results": str(explorer.results.path)}},
+         "metadata": {"components": "PC1, PC2, PC3 -> R, G, B", RESULTS_LAYER_KEY: str(explorer.results.path)}},
         "image",
     )
 
@@ -115,6 +116,6 @@ def selection_layer(explorer: RunExplorer, tiles: np.ndarray) -> tuple:
         selection_mask(explorer, tiles),
         {"name": SELECTION_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "opacity": 0.7,
          "colormap": {0: "transparent", None: "transparent", 1: SELECTION_COLOR},
-         "metadata": {"results": str(explorer.results.path)}},
+         "metadata": {RESULTS_LAYER_KEY: str(explorer.results.path)}},
         "labels",
     )

@@ -38,6 +38,8 @@ from napari_morphomol.errors import InputError
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "morphomol_results"
+RESULTS_LAYER_KEY = "morphomol_results"
+"""napari layer metadata key holding the path of the results store the layer shows."""
 CANCEL_MARKER = ".cancel"
 _TOKEN_BAND_CELLS = 28
 
