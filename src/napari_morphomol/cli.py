@@ -13,16 +13,16 @@ import sys
 from napari_morphomol import __version__
 from napari_morphomol.errors import InputError
 
-SUBCOMMANDS = [
-    "info",
-    "demo",
-    "tiles",
+SUBCOMMANDS = [  # in the order of the work
     "synth",
+    "info",
     "register",
-    "predict",
+    "tiles",
     "train",
     "evaluate",
+    "predict",
     "export",
+    "demo",
 ]
 
 EPILOG = """\
