@@ -204,20 +204,9 @@ def _newton_inverse(forward_with_jacobian, x: np.ndarray, y: np.ndarray, target_
     )
 
 
-@dataclass(frozen=True, eq=False)
-class PerRegionAffine:
-    """One affine per region (``region_matrices``, K x 3 x 3), blended by ``weights``."""
-
-    region_matrices: np.ndarray
-    weights: SoftVoronoiWeights | PolygonWeights
-    best_affine: np.ndarray
-
-    def _forward_with_jacobian(self, x: np.ndarray, y: np.ndarray):
-        """Mapped columns and, per point, the blended matrix ``sum_k w_k A_k`` (its 2 x 2 part)."""
-        coef = self.region_matrices[:, :2, :].reshape(-1, 6).T @ self.weights(x, y)
-        out_x = coef[0] * x + coef[1] * y + coef[2]
-        out_y = coef[3] * x + coef[4] * y + coef[5]
-        return out_x, out_y, coef[0], coef[1], coef[3], coef[4]
+class _NewtonInverted:
+    """Smooth non-affine maps: forward from ``_forward_with_jacobian``, inverse by Newton steps
+    started at the inverse of ``best_affine``."""
 
     def map_columns(self, x: np.ndarray, y: np.ndarray, inverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(x, dtype=np.float64)
@@ -237,39 +226,38 @@ class PerRegionAffine:
         pts = as_points_xy(points_global_px)
         return np.column_stack(self.map_columns(pts[:, 0], pts[:, 1], inverse=True))
 
+
+@dataclass(frozen=True, eq=False)
+class PerRegionAffine(_NewtonInverted):
+    """One affine per region (``region_matrices``, K x 3 x 3), blended by ``weights``."""
+
+    region_matrices: np.ndarray
+    weights: SoftVoronoiWeights | PolygonWeights
+    best_affine: np.ndarray
+
+    def _forward_with_jacobian(self, x: np.ndarray, y: np.ndarray):
+        """Mapped columns and, per point, the blended matrix ``sum_k w_k A_k`` (its 2 x 2 part)."""
+        coef = self.region_matrices[:, :2, :].reshape(-1, 6).T @ self.weights(x, y)
+        out_x = coef[0] * x + coef[1] * y + coef[2]
+        out_y = coef[3] * x + coef[4] * y + coef[5]
+        return out_x, out_y, coef[0], coef[1], coef[3], coef[4]
+
     def linear_parts(self) -> np.ndarray:
         return self.region_matrices[:, :2, :2]
 
 
 @dataclass(frozen=True, eq=False)
-class ThinPlateSplineXY:
+class ThinPlateSplineXY(_NewtonInverted):
     """Thin-plate spline through the landmarks (scikit-image), H&E px -> ``global`` px."""
 
     spline: ThinPlateSplineTransform
     best_affine: np.ndarray
 
-    def _forward(self, x: np.ndarray, y: np.ndarray):
+    def _forward_with_jacobian(self, x: np.ndarray, y: np.ndarray):
+        """Mapped columns and the best affine's 2 x 2 part, a good enough Jacobian for Newton."""
         mapped = self.spline(np.column_stack([x, y])) if len(x) else np.empty((0, 2))
         (a, b), (c, d) = self.best_affine[:2, :2]
         return mapped[:, 0], mapped[:, 1], a, b, c, d
-
-    def map_columns(self, x: np.ndarray, y: np.ndarray, inverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        if not inverse:
-            return self._forward(x, y)[:2]
-        inv = np.linalg.inv(self.best_affine)
-        first_x = inv[0, 0] * x + inv[0, 1] * y + inv[0, 2]
-        first_y = inv[1, 0] * x + inv[1, 1] * y + inv[1, 2]
-        return _newton_inverse(self._forward, first_x, first_y, x, y)
-
-    def apply_xy(self, points_he_px: np.ndarray) -> np.ndarray:
-        pts = as_points_xy(points_he_px)
-        return np.column_stack(self.map_columns(pts[:, 0], pts[:, 1]))
-
-    def inverse_apply_xy(self, points_global_px: np.ndarray) -> np.ndarray:
-        pts = as_points_xy(points_global_px)
-        return np.column_stack(self.map_columns(pts[:, 0], pts[:, 1], inverse=True))
 
     def linear_parts(self) -> np.ndarray:
         return self.best_affine[None, :2, :2]
