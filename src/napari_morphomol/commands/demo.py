@@ -11,11 +11,6 @@ import json
 import time
 from pathlib import Path
 
-from napari_morphomol.export.writers import export_results
-from napari_morphomol.inference import predict
-from napari_morphomol.io.sample import open_sample, summarize_sample
-from napari_morphomol.io.synthetic import write_synthetic_sample
-
 NAME = "demo"
 HELP = "run the whole path on a synthetic sample: load, predict, cluster, export, screenshot"
 
@@ -35,6 +30,10 @@ def _step(message: str, start: float) -> float:
 
 
 def run(args) -> int:
+    from napari_morphomol.export.writers import export_results
+    from napari_morphomol.inference import predict
+    from napari_morphomol.io.sample import open_sample, summarize_sample
+    from napari_morphomol.io.synthetic import write_synthetic_sample
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sample_dir = out / f"sample-{args.size_mm[0]:g}x{args.size_mm[1]:g}mm-seed{args.seed}"

@@ -25,7 +25,7 @@ HELP = "write a prediction run as AnnData (.h5ad), SpatialData (.zarr) and/or la
 
 
 def add_arguments(parser):
-    from napari_morphomol.export import LANDMARK_FORMATS
+    from napari_morphomol.registration.formats import LANDMARK_FORMATS
 
     parser.add_argument("results", help="results store written by `morphomol predict` (RESULTS.zarr)")
     parser.add_argument("--h5ad", metavar="OUT.h5ad", help="write an AnnData file here")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from napari_morphomol.io.sample import load_sample, open_sample, summarize_sample
-
 NAME = "info"
 HELP = "summarise a sample: image sizes (px, um), pixel sizes, transcripts, genes"
 
@@ -18,6 +16,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from napari_morphomol.io.sample import load_sample, open_sample, summarize_sample
     if args.he or args.alignment:
         sdata = load_sample(args.path, args.he, args.alignment, he_pixel_size_um=args.he_pixel_size_um)
     else:

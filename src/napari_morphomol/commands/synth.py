@@ -10,8 +10,6 @@ from __future__ import annotations
 import resource
 import sys
 
-from napari_morphomol.io.synthetic import write_synthetic_sample_with_summary
-
 NAME = "synth"
 HELP = "write a synthetic Xenium bundle + H&E sample with ground truth (for tests and demos)"
 
@@ -27,6 +25,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from napari_morphomol.io.synthetic import write_synthetic_sample_with_summary
     sample, s = write_synthetic_sample_with_summary(
         args.out_dir,
         size_mm=tuple(args.size_mm),

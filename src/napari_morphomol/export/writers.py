@@ -23,8 +23,8 @@ from napari_morphomol.export.registration import run_registration
 from napari_morphomol.export.spatialdata import results_to_spatialdata
 from napari_morphomol.inference.store import RESULTS_LAYER_KEY, Results, open_results
 from napari_morphomol.registration import write_bigwarp_csv, write_keypoints_csv
+from napari_morphomol.registration.formats import LANDMARK_FORMATS
 
-LANDMARK_FORMATS = ("xenium", "bigwarp")
 """Key of a napari layer's metadata holding the path of the results store the layer shows."""
 
 

@@ -1,43 +1,32 @@
 """The paper's model family (early/late fusion, morph-only, expr-only, Min-MAE), its checkpoint
 format, training and metrics. Headless: torch, timm and Lightning only."""
 
-from napari_morphomol.models.baseline import MinMAEBaseline, fit_min_mae_baseline
-from napari_morphomol.models.checkpoint import (
-    ModelCard,
-    PanelMatch,
-    build_model,
-    check_tile_geometry,
-    load_checkpoint,
-    match_gene_panel,
-    read_model_card,
-    save_checkpoint,
-)
-from napari_morphomol.models.config import DEFAULT_BACKBONE, DEFAULT_VARIANT, VARIANTS, ModelConfig, ModelTileGeometry
-from napari_morphomol.models.fusion import FusionModel, ModelOutput
-from napari_morphomol.models.metrics import (
-    mean_metrics,
-    per_gene_metrics,
-    table_markdown,
-    variant_table,
-    write_variant_table,
-)
-from napari_morphomol.models.shipped import shipped_model_path
-from napari_morphomol.models.reference import (
-    convert_reference_checkpoint,
-    load_reference_checkpoint,
-    read_reference_state_dict,
-)
+import importlib
 
-#: Lightning is slow to import and only needed to train: these load on first use.
-_TRAINING_NAMES = ("Evaluation", "SampleSplit", "TrainingResult", "TrainingSettings", "evaluate_model", "split_by_sample", "train_model")
+#: Public names and the submodule defining each. They load on first use, so that reading a
+#: model card, the variant names or the CLI's --help does not import torch, timm or Lightning.
+_SOURCES = {
+    "baseline": ("MinMAEBaseline", "fit_min_mae_baseline"),
+    "checkpoint": ("ModelCard", "PanelMatch", "build_model", "check_tile_geometry", "load_checkpoint",
+                   "match_gene_panel", "read_model_card", "save_checkpoint"),
+    "config": ("DEFAULT_BACKBONE", "DEFAULT_VARIANT", "VARIANTS", "ModelConfig", "ModelTileGeometry"),
+    "fusion": ("FusionModel", "ModelOutput"),
+    "metrics": ("mean_metrics", "per_gene_metrics", "table_markdown", "variant_table", "write_variant_table"),
+    "shipped": ("shipped_model_path",),
+    "reference": ("convert_reference_checkpoint", "load_reference_checkpoint", "read_reference_state_dict"),
+    "training": ("Evaluation", "SampleSplit", "TrainingResult", "TrainingSettings", "evaluate_model",
+                 "split_by_sample", "train_model"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
 
 
 def __getattr__(name):
-    if name in _TRAINING_NAMES:
-        from napari_morphomol.models import training
-
-        return getattr(training, name)
-    raise AttributeError(f"module 'napari_morphomol.models' has no attribute {name!r}")
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'napari_morphomol.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"napari_morphomol.models.{module}"), name)
+    globals()[name] = value
+    return value
 
 
 __all__ = [

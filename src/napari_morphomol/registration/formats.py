@@ -31,6 +31,8 @@ from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM, apply_affine_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.landmarks import LandmarkPairs
 
+LANDMARK_FORMATS = ("xenium", "bigwarp")
+"""Landmark files we write: Xenium Explorer keypoints and BigWarp CSV."""
 KEYPOINTS_HEADER = ("fixedX", "fixedY", "alignmentX", "alignmentY")
 
 
