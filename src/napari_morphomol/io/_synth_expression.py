@@ -110,7 +110,13 @@ def _split(total: int, shares: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def make_panel(rng: np.random.Generator, n_core: int, n_addon: int) -> GenePanel:
+PANEL_SEED = 20261129
+"""Seeds every panel's gene biases and loadings. A gene's biology does not change between
+patients, so every sample of a cohort shares its panel; the sample seed varies the tissue."""
+
+
+def make_panel(n_core: int, n_addon: int) -> GenePanel:
+    rng = np.random.default_rng([PANEL_SEED, n_core, n_addon])
     if n_core < 24:
         raise InputError(f"core panel of {n_core} genes is too small: use at least 24 core genes")
     if n_addon < 10:
@@ -157,7 +163,7 @@ def make_panel(rng: np.random.Generator, n_core: int, n_addon: int) -> GenePanel
             if what == "tumour_nuclear_size":
                 bias[g] = rng.normal(-1.0, 0.3)
                 loadings[g, 0] += 1.0
-                loadings[g, j] = rng.uniform(0.7, 1.0)
+                loadings[g, j] = rng.uniform(0.9, 1.3)
             elif what == "proliferating":
                 bias[g] = rng.normal(-2.5, 0.3)
                 loadings[g, j] = rng.uniform(3.0, 4.0)

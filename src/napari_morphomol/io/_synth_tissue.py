@@ -317,10 +317,11 @@ def _block_cells(rng, fields: TissueFields, block_x: int, block_y: int, nx: int,
     hypoxia = hypoxia_state(fields.sample("hypoxia", x, y), fields.sample("necrosis_proximity", x, y))
     # Morphology states: visible in the nuclei, revealed by no core gene.
     is_tumour = cell_type == 0
-    p_prolif = 0.05 + 0.25 * _sigmoid(2.0 * fields.sample("proliferation", x, y))
+    # the Ki-67 index of carcinomas ranges from a few per cent in quiescent regions to half the cells
+    p_prolif = 0.02 + 0.48 * _sigmoid(2.5 * fields.sample("proliferation", x, y))
     proliferating = is_tumour & (rng.random(n) < p_prolif)
-    # nuclear size: partly a regional trait (grade varies across the tumour), partly per cell
-    nuclear_size_z = (0.75 * fields.sample("nuclear_size", x, y) + 0.66 * rng.standard_normal(n)).clip(-2.5, 2.5)
+    # nuclear size: mostly a regional trait (grade varies across the tumour), partly per cell
+    nuclear_size_z = (0.9 * fields.sample("nuclear_size", x, y) + 0.45 * rng.standard_normal(n)).clip(-2.5, 2.5)
 
     radius = NUCLEUS_RADIUS_UM[cell_type] * np.exp(NUCLEUS_RADIUS_SD[cell_type] * nuclear_size_z)
     radius = np.where(proliferating, radius * PROLIFERATING_RADIUS_GAIN, radius)

@@ -41,7 +41,7 @@ from napari_morphomol.io._synth_tissue import (
 from napari_morphomol.io._synth_transform import TrueTransform, random_transform
 from napari_morphomol.io._synth_write import JPEG, TenXMatrixWriter, write_pyramidal_ome_tiff
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 XENIUM_SOFTWARE_VERSION = "xenium-3.0.0.15"
 _CHUNK_COLS = 2048
 _RENDER_THREADS = 2
@@ -300,7 +300,7 @@ def write_synthetic_sample_with_summary(
 
     fields = make_fields(np.random.default_rng([seed, 0]), size_um)
     cells = make_cells(seed, fields, size_um)
-    panel = make_panel(np.random.default_rng([seed, 2]), n_core_genes, n_addon_genes)
+    panel = make_panel(n_core_genes, n_addon_genes)
     transform, (he_w, he_h) = random_transform(
         np.random.default_rng([seed, 3]), (morph_w, morph_h), he_pixel_size_um, px, _HE_MARGIN_UM / he_pixel_size_um, deformation
     )
