@@ -12,6 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from napari_morphomol._native_libraries import keep_triton_out_beside_system_llvm
+
+keep_triton_out_beside_system_llvm()  # must run before lightning and timm are imported
+
 import timm
 import torch
 from torch import nn

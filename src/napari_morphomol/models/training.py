@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from napari_morphomol._native_libraries import keep_triton_out_beside_system_llvm
+
+keep_triton_out_beside_system_llvm()  # must run before lightning and timm are imported
+
 import lightning as L
 import numpy as np
 import pandas as pd
