@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +130,29 @@ def test_cli_train_and_evaluate_end_to_end(stores, synthetic_sample, tmp_path, c
     assert len(genes) == 2 * len(card.addon_genes)
     assert set(genes.columns) >= {"checkpoint", "variant", "gene", "pearson", "spearman", "mse"}
     assert stem.with_suffix(".md").read_text().startswith("| Variant |")
+
+
+def test_cli_train_with_ddp_on_two_processes(stores, tmp_path):
+    """Lightning's DDP reruns the command in a second process; only the first writes and reports.
+    Two CPU processes (gloo) stand in for two GPUs."""
+    out = tmp_path / "ddp"
+    command = [str(Path(sys.executable).with_name("morphomol")), "train", str(stores["a"]), str(stores["b"]),
+               "--out", str(out), "--val", "b", "--variants", "early_fusion_add", "min_mae",
+               "--backbone-kwargs", TINY_VIT, "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "2",
+               "--accumulate", "1", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Starting with 2 processes" in done.stdout + done.stderr
+    assert done.stdout.count("early_fusion_add: validation") == 1 and done.stdout.count("min_mae: validation") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["early_fusion_add.safetensors", "min_mae.safetensors", "split.json"]
+    model, card = load_checkpoint(out / "early_fusion_add.safetensors")
+    assert card.training["how"]["settings"]["strategy"] == "ddp"
+    assert card.training["how"]["settings"]["devices"] == 2
+    assert card.training["how"]["epochs_run"] == 1
+    assert np.isfinite(card.training["validation_metrics"]["mse"])
 
 
 def test_cli_train_refuses_unknown_split_sample(stores, tmp_path, capsys):

@@ -87,6 +87,21 @@ def test_train_model_fits_keeps_best_epoch_and_writes_a_loadable_checkpoint(tmp_
     assert again.embeddings.shape == (4, 96 if "concat" in variant else 48)
 
 
+def test_bf16_mixed_training_runs_and_the_card_says_so(tmp_path):
+    """The GPU default (bf16 autocast) is the same code path on the CPU, so it is tested here."""
+    bf16 = TrainingSettings(max_epochs=2, warmup_epochs=1, batch_size=4, accumulate_grad_batches=1,
+                            precision="bf16-mixed")
+    result = train_model(tiny_config("early_fusion_add"), TinyTiles(8, seed=0), TinyTiles(4, seed=1),
+                         core_genes=CORE_GENES, addon_genes=ADDON_GENES, settings=bf16,
+                         checkpoint_path=tmp_path / "bf16.safetensors")
+    assert result.card.training["how"]["precision"] == "bf16-mixed"
+    assert all(np.isfinite(entry["val_mse"]) for entry in result.history)
+    # weights stay fp32 (autocast casts per operation), so the checkpoint loads as any other
+    loaded, _ = load_checkpoint(result.checkpoint_path)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert np.isfinite(result.validation.predictions).all()
+
+
 def test_training_is_deterministic_and_learns(tmp_path):
     quick = TrainingSettings(
         max_epochs=6, warmup_epochs=0, batch_size=4, accumulate_grad_batches=1, lr_head=3e-2, lr_backbone=3e-2

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from napari_morphomol._atomic import write_text_atomic
 from napari_morphomol.errors import InputError
 
 NAME = "train"
@@ -57,6 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--precision", default="auto", help='Lightning precision (default: bf16-mixed on GPU, else "32-true")')
     fit.add_argument("--workers", type=int, default=0, help="data loader processes")
     fit.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+    hardware = parser.add_argument_group(
+        "hardware (Lightning's; e.g. --accelerator gpu --devices 4 --strategy ddp, or --num-nodes N on a cluster)")
+    hardware.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto (default)")
+    hardware.add_argument("--devices", default="auto", type=_devices, help="how many devices (or auto)")
+    hardware.add_argument("--num-nodes", type=int, default=1)
+    hardware.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ... (Lightning strategies)")
+
+
+def _devices(value: str) -> int | str:
+    return value if value == "auto" else int(value)
 
 
 def _split(sample_ids, args):
@@ -90,13 +101,15 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from napari_morphomol.models import ModelConfig, TrainingSettings, train_model
+    from napari_morphomol.models.training import is_primary_process
     from napari_morphomol.models.data import open_cohort, tiles_stores_for
     from napari_morphomol.tiling import GenePanel
 
     out = Path(args.out)
+    primary = is_primary_process()
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder for the checkpoints")
-    if out.exists():
+    if out.exists() and primary:
         clash = [v for v in args.variants if (out / f"{v}.safetensors").exists()]
         if clash:
             raise InputError(f"{out} already holds {', '.join(v + '.safetensors' for v in clash)}; choose another --out")
@@ -110,18 +123,22 @@ def run(args: argparse.Namespace) -> int:
     sample_ids = cohort.sample_ids
     groups = _split(sample_ids, args)
     index = {name: [i for i, s in enumerate(sample_ids) if s in set(groups[name])] for name in groups}
-    print(f"samples: train {', '.join(groups['train'])} ({len(index['train'])} tiles); "
+    report = print if primary else (lambda *_: None)
+    report(f"samples: train {', '.join(groups['train'])} ({len(index['train'])} tiles); "
           f"validation {', '.join(groups['val'])} ({len(index['val'])} tiles); "
           f"test {', '.join(groups['test']) or '-'} ({len(index['test'])} tiles, not used here)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps(
-        {**groups, "stores": {s.sample_id: str(s.store.path.absolute()) for s in cohort.samples}}, indent=1))
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "split.json", json.dumps(
+            {**groups, "stores": {s.sample_id: str(s.store.path.absolute()) for s in cohort.samples}}, indent=1),
+            overwrite=True)
 
     settings = TrainingSettings(
         lr_head=args.lr_head, lr_backbone=args.lr_backbone, weight_decay=args.weight_decay, max_epochs=args.epochs,
         warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, accumulate_grad_batches=args.accumulate,
         patience=args.patience, seed=args.seed, precision=args.precision, num_workers=args.workers,
-        progress_bar=args.progress,
+        progress_bar=args.progress, accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+        strategy=args.strategy,
     )
     for variant in args.variants:
         config = ModelConfig(
@@ -137,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             data_summary={"samples": groups, "cli_arguments": _arguments(args)},
         )
         means = result.validation.means
-        print(f"{variant}: validation pearson {means['pearson']:.3f} spearman {means['spearman']:.3f} "
+        report(f"{variant}: validation pearson {means['pearson']:.3f} spearman {means['spearman']:.3f} "
               f"mse {means['mse']:.4f} -> {result.checkpoint_path}")
     return 0
 

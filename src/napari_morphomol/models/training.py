@@ -16,6 +16,7 @@ gradient clip 1.0, MSE, early stopping on validation MSE (patience 10), bf16 on 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,12 @@ def split_by_sample(
         test=indices["test"],
         samples={name: tuple(sorted(members)) for name, members in groups.items()},
     )
+
+
+def is_primary_process() -> bool:
+    """False in the extra processes a distributed launcher (Lightning's DDP, torchrun, SLURM)
+    starts: they rerun the whole command, and only the first process may write and report."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def check_tile_dataset(dataset: Dataset, config: ModelConfig, what: str) -> None:
@@ -287,7 +294,7 @@ def train_model(
     L.seed_everything(settings.seed, workers=True, verbose=False)
     history: list[dict[str, float]] = []
     target_mean: list[float] | None = None
-    is_writer, device, bf16 = True, torch.device("cpu"), False
+    is_writer, device, bf16 = is_primary_process(), torch.device("cpu"), False
     if config.variant == "min_mae":
         model = fit_min_mae_baseline(config, _loader(train_dataset, settings, shuffle=False))
         how = {"method": "Min-MAE: per add-on gene, the core gene with the lowest training MAE (log1p tile totals)"}
