@@ -39,7 +39,7 @@ def test_load_shows_layers_in_um(loaded, synthetic_sample):
     names = [layer.name for layer in viewer.layers]
     assert names[:3] == [HE_LAYER, DAPI_LAYER, DENSITY_LAYER]
     assert viewer.layers[HE_LAYER].multiscale and viewer.layers[HE_LAYER].rgb
-    assert viewer.scale_bar.visible
+    assert viewer.canvas.overlays.scale_bar.visible
     assert all(str(u) == "micrometer" for layer in viewer.layers for u in layer.units)
     # DAPI pixel (0, 0) -> 0 um; the last pixel sits at its size x pixel size
     dapi = viewer.layers[DAPI_LAYER]

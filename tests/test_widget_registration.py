@@ -122,7 +122,7 @@ def test_click_fit_apply_undo_redo(opened, synthetic_sample, qtbot):
     worst = widget.table.value["index"][0]
     widget.table.native.selectRow(0)
     i = list(widget.he_points.features["name"]).index(worst)
-    centre_xy = napari_to_xy(np.array([viewer.camera.center[-2:]]))[0]
+    centre_xy = napari_to_xy(np.array([viewer.scene.camera.center[-2:]]))[0]
     np.testing.assert_allclose(centre_xy, pairs.global_px[i] * PIXEL_UM, atol=1e-6)
     assert widget.he_points.selected_data == {i} and widget.xenium_points.selected_data == {i}
 

@@ -291,7 +291,7 @@ class ExploreWidget(QWidget):
         yield
         while event.type == "mouse_move":
             yield
-        if self.explorer is None or np.abs(np.asarray(event.position) - start).max() * viewer.camera.zoom > 3:
+        if self.explorer is None or np.abs(np.asarray(event.position) - start).max() * viewer.scene.camera.zoom > 3:
             return
         self.inspect_at_um(float(event.position[-1]), float(event.position[-2]))
 

@@ -130,7 +130,7 @@ class LoadSampleWidget(Container):
         self.sdata, layers = result
         for data, kwargs, kind in layers:
             getattr(self.viewer, f"add_{kind}")(data, **kwargs)
-        self.viewer.scale_bar.visible = True
+        self.viewer.canvas.overlays.scale_bar.visible = True
         self.viewer.reset_view()
         if TRANSCRIPTS not in self.sdata.points:
             self.status.value = "H&E only (no Xenium run)"

@@ -78,7 +78,7 @@ class PredictWidget(Container):
         if choice == WHOLE_SLIDE:
             return None
         if choice == IN_VIEW:
-            camera = self.viewer.camera
+            camera = self.viewer.scene.camera
             cy, cx = camera.center[-2:]
             height_px, width_px = self.viewer.canvas.size
             hw, hh = width_px / camera.zoom / 2, height_px / camera.zoom / 2

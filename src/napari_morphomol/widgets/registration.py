@@ -434,7 +434,7 @@ class RegistrationWidget(Container):
         he_world = np.asarray(self.he_points.data_to_world(self.he_points.data[i]))
         xenium_world = np.asarray(self.xenium_points.data_to_world(self.xenium_points.data[i]))
         centre = xenium_world if self.view.value == OVERLAY else (he_world + xenium_world) / 2
-        self.viewer.camera.center = tuple(centre)
+        self.viewer.scene.camera.center = tuple(centre)
         self.he_points.selected_data = {i}
         self.xenium_points.selected_data = {i}
 

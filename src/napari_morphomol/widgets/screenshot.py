@@ -30,7 +30,7 @@ def screenshot_sample(sdata, path: str | Path, *, size_px: tuple[int, int] = (10
     try:
         for data, kwargs, kind in sample_layers(sdata):
             getattr(viewer, f"add_{kind}")(data, **kwargs)
-        viewer.scale_bar.visible = True
+        viewer.canvas.overlays.scale_bar.visible = True
         viewer.window._qt_window.resize(size_px[1], size_px[0])
         viewer.reset_view()
         settle()
