@@ -25,8 +25,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from napari_morphomol.io.synthetic import write_synthetic_sample_with_summary
-    sample, s = write_synthetic_sample_with_summary(
+    from napari_morphomol.io.synthetic import write_synthetic_sample
+    sample = write_synthetic_sample(
         args.out_dir,
         size_mm=tuple(args.size_mm),
         seed=args.seed,
@@ -37,6 +37,7 @@ def run(args) -> int:
         progress=lambda message: print(f"  {message}", file=sys.stderr),
     )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    s = sample.summary
     print(f"wrote {sample.root}")
     print(f"  cells:        {s.n_cells:,}")
     print(f"  transcripts:  {s.n_transcripts:,} ({s.n_transcripts / s.transcript_seconds:,.0f} transcripts/s in the transcript stage)")

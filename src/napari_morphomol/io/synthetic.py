@@ -52,6 +52,19 @@ _HE_MARGIN_UM = 80.0
 
 
 @dataclass(frozen=True)
+class SampleSummary:
+    n_cells: int
+    n_transcripts: int
+    morphology_shape: tuple[int, int]
+    he_shape: tuple[int, int]
+    seconds: float
+    cpu_seconds: float
+    """Process CPU time (all threads): less sensitive than wall time to other processes' load."""
+    transcript_seconds: float
+    transcript_cpu_seconds: float
+
+
+@dataclass(frozen=True)
 class SyntheticSample:
     root: Path
     xenium_dir: Path
@@ -61,6 +74,8 @@ class SyntheticSample:
     panel_json: Path
     ground_truth_json: Path
     ground_truth_cells: Path
+    summary: SampleSummary | None = None
+    """Counts and timings of the run that wrote the sample (None for one found on disk)."""
 
 
 @dataclass(frozen=True)
@@ -82,19 +97,6 @@ class GroundTruth:
     @property
     def he_to_global_affine(self) -> np.ndarray:
         return self.transform.affine
-
-
-@dataclass(frozen=True)
-class SampleSummary:
-    n_cells: int
-    n_transcripts: int
-    morphology_shape: tuple[int, int]
-    he_shape: tuple[int, int]
-    seconds: float
-    cpu_seconds: float
-    """Process CPU time (all threads): less sensitive than wall time to other processes' load."""
-    transcript_seconds: float
-    transcript_cpu_seconds: float
 
 
 def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
@@ -254,33 +256,9 @@ def write_synthetic_sample(
 ) -> SyntheticSample:
     """Write a synthetic sample into the new folder ``out_dir`` (atomically).
 
-    ``progress(message)`` is called between stages when given.
+    ``progress(message)`` is called between stages when given. The returned sample's
+    ``summary`` holds counts and timings.
     """
-    sample, _ = write_synthetic_sample_with_summary(
-        out_dir,
-        size_mm=size_mm,
-        seed=seed,
-        n_core_genes=n_core_genes,
-        n_addon_genes=n_addon_genes,
-        he_pixel_size_um=he_pixel_size_um,
-        deformation=deformation,
-        progress=progress,
-    )
-    return sample
-
-
-def write_synthetic_sample_with_summary(
-    out_dir: str | os.PathLike,
-    *,
-    size_mm: tuple[float, float] = (1.0, 1.0),
-    seed: int = 0,
-    n_core_genes: int = 380,
-    n_addon_genes: int = 100,
-    he_pixel_size_um: float = 0.2737,
-    deformation: bool = True,
-    progress=None,
-) -> tuple[SyntheticSample, SampleSummary]:
-    """:func:`write_synthetic_sample`, also returning counts and timings."""
     t_start = time.perf_counter()
     cpu_start = time.process_time()
     out_dir = Path(out_dir).absolute()
@@ -329,7 +307,7 @@ def write_synthetic_sample_with_summary(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    sample = SyntheticSample(
+    return SyntheticSample(
         root=out_dir,
         xenium_dir=out_dir / "xenium",
         he_path=out_dir / "he_image.ome.tif",
@@ -338,18 +316,17 @@ def write_synthetic_sample_with_summary(
         panel_json=out_dir / "panel.json",
         ground_truth_json=out_dir / "ground_truth.json",
         ground_truth_cells=out_dir / "ground_truth_cells.parquet",
+        summary=SampleSummary(
+            n_cells=n_cells,
+            n_transcripts=n_transcripts,
+            morphology_shape=(morph_h, morph_w),
+            he_shape=(he_h, he_w),
+            seconds=time.perf_counter() - t_start,
+            cpu_seconds=time.process_time() - cpu_start,
+            transcript_seconds=transcript_seconds,
+            transcript_cpu_seconds=transcript_cpu_seconds,
+        ),
     )
-    summary = SampleSummary(
-        n_cells=n_cells,
-        n_transcripts=n_transcripts,
-        morphology_shape=(morph_h, morph_w),
-        he_shape=(he_h, he_w),
-        seconds=time.perf_counter() - t_start,
-        cpu_seconds=time.process_time() - cpu_start,
-        transcript_seconds=transcript_seconds,
-        transcript_cpu_seconds=transcript_cpu_seconds,
-    )
-    return sample, summary
 
 
 def _write_cell_tables(xdir: Path, cells: Cells, cell_ids: np.ndarray, panel: GenePanel, fields, size_um, seed: int):
