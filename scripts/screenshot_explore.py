@@ -1,7 +1,7 @@
 """Screenshots of "Explore predictions" for docs/images/ (run under Xvfb):
 
     xvfb-run -a -s "-screen 0 1800x1100x24" .venv/bin/python scripts/screenshot_explore.py \
-        --workdir /tmp/explore-shots [--checkpoint MODEL.safetensors]
+        --workdir /tmp/explore-shots [--checkpoint MODEL.safetensors] [--gene MKI67]
 
 Writes a 1.2 mm synthetic sample and predicts it (with ``--checkpoint``, or a tiny randomly
 initialised model when none is given: the maps then show the plumbing, not a model's skill),
@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--gene", help="add-on gene of the first screenshot (default: the best predicted by Pearson)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     sample_root = args.workdir / "sample"
@@ -80,7 +81,7 @@ def main() -> None:
     widget = ExploreWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Explore predictions")
     widget.set_explorer(explore_run(store))
-    gene = widget.explorer.metrics["pearson"].idxmax()
+    gene = args.gene or widget.explorer.metrics["pearson"].idxmax()
     widget.show_gene(gene)
     rows = [i for i in range(widget.metrics_table.rowCount()) if widget.metrics_table.item(i, 0).text() == gene]
     widget.metrics_table.selectRow(rows[0])
