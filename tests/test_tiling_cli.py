@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from napari_morphomol.cli import main
+from napari_morphomol.errors import InputError
 from napari_morphomol.io.he_image import read_pyramid
 from napari_morphomol.io.sample import read_alignment_csv
 from napari_morphomol.tiling import GenePanel, LevelSampler, make_tiling, read_tiles_zarr
@@ -96,3 +98,29 @@ def test_per_region_registration_is_used_as_fitted(synthetic_sample_deformed, tm
     set_he_registration(sdata, fitted)
     on_sample = tile_sample(sdata, panel=GenePanel.from_json(sample.panel_json))
     pd.testing.assert_frame_equal(on_sample.tiles, direct.tiles)
+
+
+@pytest.mark.parametrize("kind", ["tiles", "results", "images"])
+def test_stores_of_another_kind_or_format_are_refused_with_what_to_do(tmp_path, kind):
+    import zarr
+
+    from napari_morphomol.inference import store as results_store
+    from napari_morphomol.inference.store import open_results
+    from napari_morphomol.models import data as tile_images
+    from napari_morphomol.tiling import store as tiles_store
+
+    key, version, read, remedy = {
+        "tiles": (tiles_store.ATTRS_KEY, tiles_store.FORMAT_VERSION, tiles_store.read_tiles_zarr, "tile the sample again"),
+        "results": (results_store.ATTRS_KEY, results_store.FORMAT_VERSION, open_results, "run `morphomol predict` again"),
+        "images": (tile_images.IMAGES_ATTRS_KEY, tile_images.IMAGES_FORMAT_VERSION,
+                   lambda path: tile_images.open_tile_images(None, path), "delete it and let it be rebuilt"),
+    }[kind]
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(plain, mode="w")
+    with pytest.raises(InputError, match=f"is not a .*{re.escape(remedy)}"):
+        read(plain)
+    newer = tmp_path / "newer.zarr"
+    zarr.open_group(newer, mode="w").attrs[key] = {"format_version": version + 1}
+    with pytest.raises(InputError, match=f"of format {version + 1}, and this version reads format {version}; .*"
+                                         f"{re.escape(remedy)}"):
+        read(newer)

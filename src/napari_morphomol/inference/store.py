@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from napari_morphomol._zarr_stores import open_versioned_group
 from napari_morphomol.errors import InputError
 
 FORMAT_VERSION = 1
@@ -181,15 +182,8 @@ def open_results(path: str | Path) -> Results:
     if not path.exists() and partial_path(path).exists():
         raise InputError(f"the run writing {path} did not finish ({partial_path(path)} holds its partial results); "
                          "run the same predict command again to resume it")
-    try:
-        root = zarr.open_group(path, mode="r")
-        attrs = dict(root.attrs[ATTRS_KEY])
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise InputError(f"{path} is not a results store written by `morphomol predict` ({exc})") from exc
-    if attrs.get("format_version") != FORMAT_VERSION:
-        raise InputError(
-            f"{path} has results format {attrs.get('format_version')}; this version reads {FORMAT_VERSION}"
-        )
+    root, attrs = open_versioned_group(path, ATTRS_KEY, FORMAT_VERSION, "results store written by `morphomol predict`",
+                                       "give the RESULTS.zarr of a predict run, or run `morphomol predict` again")
     if attrs.get("status") != "complete":
         raise InputError(f"{path} is an unfinished run (status {attrs.get('status')!r}); run predict again to resume")
     table = root["tiles"]

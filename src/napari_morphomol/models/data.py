@@ -22,6 +22,7 @@ import torch
 import zarr
 from torch.utils.data import ConcatDataset, Dataset
 
+from napari_morphomol._zarr_stores import open_versioned_group
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.config import ModelTileGeometry
 from napari_morphomol.tiling import GenePanel, LevelSampler, TilesStore, read_tiles_zarr
@@ -108,14 +109,11 @@ def write_tile_images(
 def open_tile_images(store: TilesStore, path: str | Path) -> zarr.Array:
     """The sidecar's ``images`` array, checked against the store's tiles."""
     path = Path(path)
-    try:
-        root = zarr.open_group(path, mode="r")
-        attrs = dict(root.attrs[IMAGES_ATTRS_KEY])
-        images = root["images"]
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise InputError(f"{path} is not a tile image cache ({exc}); delete it and let it be rebuilt") from exc
-    if attrs.get("format_version") != IMAGES_FORMAT_VERSION:
-        raise InputError(f"{path} has image cache format {attrs.get('format_version')}; delete it to rebuild")
+    root, attrs = open_versioned_group(path, IMAGES_ATTRS_KEY, IMAGES_FORMAT_VERSION, "tile image cache",
+                                       "delete it and let it be rebuilt")
+    if "images" not in root:
+        raise InputError(f"{path} is a tile image cache without its images; delete it and let it be rebuilt")
+    images = root["images"]
     if attrs.get("tile_ids") != [int(t) for t in store.tiles["tile_id"]]:
         raise InputError(
             f"{path} was cut for other tiles than {store.path} now holds (the store was rewritten); "

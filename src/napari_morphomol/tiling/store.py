@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from napari_morphomol._zarr_stores import open_versioned_group
 from napari_morphomol.errors import InputError
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.pipeline import Tiling
@@ -125,13 +126,8 @@ class TilesStore:
 
 def read_tiles_zarr(path: str | Path) -> TilesStore:
     path = Path(path)
-    try:
-        root = zarr.open_group(path, mode="r")
-        attrs = dict(root.attrs[ATTRS_KEY])
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise InputError(f"{path} is not a tiles store written by `morphomol tiles` ({exc})") from exc
-    if attrs.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path} has tiles format {attrs.get('format_version')}; this version reads {FORMAT_VERSION}")
+    root, attrs = open_versioned_group(path, ATTRS_KEY, FORMAT_VERSION, "tiles store written by `morphomol tiles`",
+                                       "give a .tiles.zarr from `morphomol tiles`, or tile the sample again")
     g = attrs["geometry"]
     geometry = TileGeometry(he_mpp=g["he_mpp"], he_height_px=g["he_height_px"], he_width_px=g["he_width_px"],
                             tile_mpp=g["tile_mpp"], tile_px=g["tile_px"], stride_px=g["stride_px"],
