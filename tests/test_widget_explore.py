@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from matplotlib.backend_bases import MouseEvent
 from qtpy.QtCore import Qt
+from vispy.app.canvas import MouseEvent as VispyMouseEvent
 
 from napari_morphomol._layers_explore import CLUSTERS_LAYER, MEASURED_LAYER, PREDICTED_LAYER, SELECTION_LAYER
 from napari_morphomol.widgets.explore import SELECT_SHAPES_LAYER, ExploreWidget
@@ -73,6 +74,42 @@ def test_tile_inspector_shows_top_genes_and_transcripts(opened):
     top = widget.explorer.results.predictions[1]
     assert widget.inspector_table.item(0, 0).text() == widget.explorer.genes[int(np.argmax(top))]
     assert widget.inspect_at_um(-1e5, -1e5) == -1
+
+
+def click_canvas(viewer, qtbot, pos, drag_to=None):
+    """Press and release the left button on the napari canvas (canvas pixels), maybe dragging."""
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    canvas.events.mouse_press(pos=pos, modifiers=(), button=1)
+    qtbot.wait(10)
+    if drag_to is not None:
+        canvas.events.mouse_move(pos=drag_to, modifiers=(), button=1,
+                                 press_event=VispyMouseEvent(pos=pos, type="mouse_press", button=1))
+        qtbot.wait(10)
+    canvas.events.mouse_release(pos=drag_to or pos, modifiers=(), button=1)
+    qtbot.wait(10)
+
+
+def test_clicking_a_tile_on_the_map_inspects_it_and_panning_does_not(opened, qtbot, monkeypatch):
+    viewer, widget = opened
+    viewer.window.show()  # canvas pixels map to the view only once the canvas is laid out
+    qtbot.wait(100)
+    tiles = widget.explorer.results.tiles
+    x, y = tiles[["um_x", "um_y"]].to_numpy()[2]
+    viewer.scene.camera.center = (y, x)  # napari's (row, column) order: the tile's centre mid-canvas
+    qtbot.wait(50)
+    width, height = viewer.window._qt_viewer.canvas._scene_canvas.size
+    centre = (width / 2, height / 2)
+    click_canvas(viewer, qtbot, centre)
+    assert widget.inspector_label.text().startswith(f"tile {int(tiles['tile_id'].iloc[2])} ")
+    assert widget.inspector_table.rowCount() > 0
+    # a drag pans the view and inspects nothing
+    inspected = []
+    inspect = widget.inspect_at_um
+    monkeypatch.setattr(widget, "inspect_at_um", lambda x_um, y_um: inspected.append((x_um, y_um)) or inspect(x_um, y_um))
+    click_canvas(viewer, qtbot, centre, drag_to=(centre[0] + 60, centre[1] + 40))
+    assert inspected == []
+    click_canvas(viewer, qtbot, centre)
+    assert len(inspected) == 1
 
 
 def lasso(canvas, axes, polygon_data):
