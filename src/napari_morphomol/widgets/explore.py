@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import FileEdit
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -41,6 +41,7 @@ from napari_morphomol._layers_explore import (
 )
 from napari_morphomol.analysis import EXPRESSION_UNITS, PAPER_N_PCS, RunExplorer, explore_run
 from napari_morphomol.errors import InputError
+from napari_morphomol.widgets._errors import report_error
 from napari_morphomol.widgets.umap_dock import UmapDock
 
 SELECT_SHAPES_LAYER = "draw to select tiles"
@@ -171,16 +172,15 @@ class ExploreWidget(QWidget):
             show_info("choose a results store (RESULTS.zarr written by Predict or `morphomol predict`)")
             return None
         self.status.setText(f"opening {Path(path).name}...")
-        worker = create_worker(explore_run, Path(path), _progress={"desc": "Opening results"})
+        worker = create_worker(explore_run, Path(path), _progress={"desc": "Opening results"},
+                               _connect={"errored": self._on_error}, _start_thread=False)
         worker.returned.connect(self.set_explorer)
-        worker.errored.connect(self._on_error)
         worker.start()
         self.open_worker = worker
         return worker
 
     def _on_error(self, exc):
-        self.status.setText(f"error: {exc}")
-        show_error(str(exc))
+        report_error(exc, self.status.setText)
 
     def set_explorer(self, explorer: RunExplorer):
         """Show a run: the map layers (one per kind), the gene list and the metrics table."""
@@ -328,9 +328,9 @@ class ExploreWidget(QWidget):
         self.cluster_button.setEnabled(False)
         self.status.setText("PCA, neighbours, Leiden and UMAP...")
         worker = create_worker(self.explorer.cluster, resolutions, self.n_pcs.value(),
-                               _progress={"desc": "Clusters + UMAP"})
+                               _progress={"desc": "Clusters + UMAP"}, _connect={"errored": self._on_error},
+                               _start_thread=False)
         worker.returned.connect(self._on_clusters)
-        worker.errored.connect(self._on_error)
         worker.finished.connect(lambda: self.cluster_button.setEnabled(True))
         worker.start()
         self.cluster_worker = worker

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 
 from napari_morphomol.errors import InputError
+from napari_morphomol.widgets._errors import report_error
 from napari_morphomol.export import LANDMARK_FORMATS, RESULTS_LAYER_KEY, export_results
 
 
@@ -105,17 +106,16 @@ class ExportWidget(Container):
 
         self.export_button.enabled = False
         self.status.value = "exporting..."
-        worker = create_worker(work, _progress={"desc": "Exporting"})
+        worker = create_worker(work, _progress={"desc": "Exporting"}, _connect={"errored": self._on_error},
+                               _start_thread=False)
         worker.returned.connect(self._on_exported)
-        worker.errored.connect(lambda exc: self._on_error(exc))
         worker.finished.connect(lambda: setattr(self.export_button, "enabled", True))
         worker.start()
         self.worker = worker
         return worker
 
     def _on_error(self, exc):
-        self.status.value = f"error: {exc}"
-        show_error(str(exc))
+        report_error(exc, lambda text: setattr(self.status, "value", text))
 
     def _on_exported(self, result):
         if isinstance(result, _Failed):

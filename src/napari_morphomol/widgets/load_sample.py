@@ -15,11 +15,12 @@ from magicgui.widgets import (
     Select,
 )
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer
 
 from napari_morphomol.coords import xy_to_napari
 from napari_morphomol.errors import InputError
+from napari_morphomol.widgets._errors import report_error
 from napari_morphomol._layers import UNITS_UM, density_layer, sample_layers, transcript_density
 from napari_morphomol.io.sample import TRANSCRIPTS, load_sample
 from napari_morphomol.io.transcript_density import transcripts_in_box_um
@@ -119,8 +120,7 @@ class LoadSampleWidget(Container):
         return worker
 
     def _on_error(self, exc):
-        self.status.value = f"error: {exc}"
-        show_error(str(exc))
+        report_error(exc, lambda text: setattr(self.status, "value", text))
 
     def _on_loaded(self, result):
         if isinstance(result, _Failed):
@@ -137,9 +137,9 @@ class LoadSampleWidget(Container):
             self.load_button.enabled = True
             return
         self.status.value = "counting transcripts per gene..."
-        worker = create_worker(transcript_density, self.sdata, _progress={"desc": "Transcript density"})
+        worker = create_worker(transcript_density, self.sdata, _progress={"desc": "Transcript density"},
+                               _connect={"errored": self._on_error}, _start_thread=False)
         worker.returned.connect(self._on_density)
-        worker.errored.connect(self._on_error)
         worker.finished.connect(lambda: setattr(self.load_button, "enabled", True))
         worker.start()
         self.density_worker = worker
@@ -202,10 +202,10 @@ class LoadSampleWidget(Container):
         if self._points_worker is not None:
             self._points_worker.quit()
         worker = create_worker(
-            transcripts_in_box_um, points, genes, x_range_um=x_range, y_range_um=y_range
+            transcripts_in_box_um, points, genes, x_range_um=x_range, y_range_um=y_range,
+            _connect={"errored": self._on_error}, _start_thread=False,
         )
         worker.returned.connect(lambda df: self._show_points(df, genes))
-        worker.errored.connect(self._on_error)
         self._points_worker = worker
         worker.start()
         return worker

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 
 from napari_morphomol._layers import he_pixel_to_global
 from napari_morphomol.analysis import explore_results, explore_run, partial_results
 from napari_morphomol.coords import apply_affine_xy, napari_to_xy
 from napari_morphomol.errors import InputError
+from napari_morphomol.widgets._errors import report_error
 from napari_morphomol.inference import InferenceCancelled, default_checkpoint_path, predict
 from napari_morphomol.io.sample import sample_info
 
@@ -107,10 +108,11 @@ class PredictWidget(Container):
         self._cancel.clear()
         kwargs = dict(store=Path(store), batch_size=int(self.batch_size.value), device=self.device.value,
                       region_he_px=region)
-        worker = create_worker(self._work, sdata, Path(checkpoint), kwargs, _progress={"desc": "Predicting", "total": 0})
+        worker = create_worker(self._work, sdata, Path(checkpoint), kwargs,
+                               _progress={"desc": "Predicting", "total": 0},
+                               _connect={"errored": self._on_error}, _start_thread=False)
         worker.yielded.connect(lambda done_total: self._on_progress(worker, done_total))
         worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self.status.value = "tiling and calibrating..."
@@ -182,8 +184,7 @@ class PredictWidget(Container):
             self.status.value = "cancelled: run again with the same settings to resume"
             show_info(self.status.value)
             return
-        self.status.value = f"error: {exc}"
-        show_error(str(exc))
+        report_error(exc, lambda text: setattr(self.status, "value", text))
 
     def _on_finished(self):
         self.run_button.enabled, self.cancel_button.enabled = True, False

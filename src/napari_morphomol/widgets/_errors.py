@@ -1,0 +1,23 @@
+"""How a dock reports a failure: the user's to fix as a message, a bug with its traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from napari.utils.notifications import show_error
+
+from napari_morphomol.errors import InputError
+
+
+def report_error(exc: BaseException, set_status: Callable[[str], None]) -> None:
+    """Show ``exc`` in the dock's status line and as a napari error message. An InputError says
+    what to do and ends there; anything else is a bug and is re-raised, so that napari shows its
+    traceback.
+
+    Workers get this through ``create_worker(..., _connect={"errored": ...})``: a handler connected
+    only afterwards lets superqt also re-raise every error, InputErrors included.
+    """
+    set_status(f"error: {exc}")
+    show_error(str(exc))
+    if not isinstance(exc, InputError):
+        raise exc
