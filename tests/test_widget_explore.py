@@ -105,7 +105,8 @@ def test_clicking_a_tile_on_the_map_inspects_it_and_panning_does_not(opened, qtb
     # a drag pans the view and inspects nothing
     inspected = []
     inspect = widget.inspect_at_um
-    monkeypatch.setattr(widget, "inspect_at_um", lambda x_um, y_um: inspected.append((x_um, y_um)) or inspect(x_um, y_um))
+    monkeypatch.setattr(widget, "inspect_at_um",
+                        lambda x_um, y_um: inspected.append((x_um, y_um)) or inspect(x_um, y_um))
     click_canvas(viewer, qtbot, centre, drag_to=(centre[0] + 60, centre[1] + 40))
     assert inspected == []
     click_canvas(viewer, qtbot, centre)
@@ -184,3 +185,17 @@ def test_map_layers_name_their_results_store_for_export(opened, results_store):
 
     viewer, _ = opened
     assert viewer.layers[PREDICTED_LAYER].metadata[RESULTS_LAYER_KEY] == str(results_store)
+
+
+def test_a_folder_that_is_no_results_store_is_a_message_not_a_traceback(make_napari_viewer, qtbot, tmp_path):
+    """The store is read in a worker: its InputError must reach the dock as a message, not be
+    re-raised in the Qt event loop (pytest-qt fails the test on any exception there)."""
+    viewer = make_napari_viewer()
+    widget = ExploreWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Explore predictions")
+    folder = tmp_path / "not_results.zarr"
+    folder.mkdir()
+    widget.results_path.value = folder
+    qtbot.mouseClick(widget.open_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.status.text().startswith("error:"), timeout=60_000)
+    assert "run `morphomol predict` again" in widget.status.text() and widget.explorer is None

@@ -1,5 +1,7 @@
 """The Predict dock, driven as a user would, under Xvfb: region from a Shapes layer, run, explore."""
 
+import functools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +73,54 @@ def test_the_shipped_model_is_preselected(make_napari_viewer):
 
     widget = PredictWidget(make_napari_viewer())
     assert Path(widget.checkpoint.value) == default_checkpoint_path()
+
+
+def test_maps_fill_in_mid_run_then_cancel_and_run_again_resumes(viewer_with_sample, qtbot, tmp_path, monkeypatch):
+    """The real predict in chunks of 4 tiles. Chunks after the first to start wait until the test
+    has seen the partial maps and pressed Cancel, so events come in a user's order, not a race's."""
+    from napari_morphomol.inference import engine, partial_path, predict
+    from napari_morphomol.widgets import predict as predict_dock
+
+    cancel_pressed = threading.Event()
+    started, lock = [], threading.Lock()
+    run_chunk = engine.run_chunk
+
+    def run_chunk_after_the_first_waits(spec, chunk):
+        with lock:  # whichever chunk the scheduler starts first runs; the others wait
+            started.append(chunk)
+            first = len(started) == 1
+        if not first:
+            cancel_pressed.wait(120)
+        return run_chunk(spec, chunk)
+
+    monkeypatch.setattr(engine, "run_chunk", run_chunk_after_the_first_waits)
+    monkeypatch.setattr(predict_dock, "predict", functools.partial(predict, tiles_per_chunk=4))
+    viewer = viewer_with_sample
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Predict")
+    widget.device.value = "cpu"
+    widget.batch_size.value = 2
+    store = tmp_path / "RESULTS.zarr"
+    widget.store.value = store
+    widget.run_button.clicked.emit()
+
+    # the first chunk's tiles (4, or 3 in the last chunk of 15 tiles) are on the map, the others empty
+    qtbot.waitUntil(lambda: widget.explore_widget is not None and widget.explore_widget.explorer is not None,
+                    timeout=300_000)
+    partial = widget.explore_widget.explorer.results.predictions
+    finite = np.isfinite(partial).all(axis=1)
+    assert finite.sum() in (3, 4)
+    assert PREDICTED_LAYER in viewer.layers
+    widget.cancel_button.clicked.emit()
+    qtbot.waitUntil(lambda: (partial_path(store) / engine.CANCEL_MARKER).exists(), timeout=30_000)
+    cancel_pressed.set()
+    qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=120_000)
+    assert widget.status.value.startswith("cancelled")
+    assert partial_path(store).exists() and not store.exists()
+
+    widget.run_button.clicked.emit()  # same settings: resumes
+    qtbot.waitUntil(lambda: store.exists() and widget.run_button.enabled, timeout=300_000)
+    assert widget.status.value.startswith("done")
+    finished = open_results(store)
+    assert np.isfinite(finished.predictions).all() and len(finished.tiles) == len(partial)
+    np.testing.assert_allclose(finished.predictions[finite], partial[finite], rtol=1e-5, atol=1e-5)
