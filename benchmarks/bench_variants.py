@@ -211,7 +211,7 @@ def main() -> None:
     print()
     print(f"Table A.1 on synthetic data: test sample {ids['test'][0]}, {args.runs} run(s) per variant")
     print(table_markdown(table))
-    print(f"Spearman by add-on gene program (number of genes), mean over runs:")
+    print("Spearman by add-on gene program (number of genes), mean over runs:")
     print(program_table(results, args.workdir / ids["test"][0] / "ground_truth.json"))
     print(f"\ntotal {time.perf_counter() - total_start:.0f} s")
 

@@ -21,12 +21,12 @@ from napari_morphomol.export.spatialdata import (
 )
 from napari_morphomol.export.writers import (
     LANDMARK_FORMATS,
-    RESULTS_LAYER_KEY,
     export_results,
     write_h5ad,
     write_landmarks_csv,
     write_spatialdata_zarr,
 )
+from napari_morphomol.inference.store import RESULTS_LAYER_KEY
 
 __all__ = [
     "LANDMARK_FORMATS",

@@ -21,11 +21,9 @@ from napari_morphomol.errors import InputError
 from napari_morphomol.export.anndata import results_to_anndata
 from napari_morphomol.export.registration import run_registration
 from napari_morphomol.export.spatialdata import results_to_spatialdata
-from napari_morphomol.inference.store import RESULTS_LAYER_KEY, Results, open_results
+from napari_morphomol.inference.store import Results, open_results
 from napari_morphomol.registration import write_bigwarp_csv, write_keypoints_csv
 from napari_morphomol.registration.formats import LANDMARK_FORMATS
-
-"""Key of a napari layer's metadata holding the path of the results store the layer shows."""
 
 
 def write_h5ad(adata: AnnData, path: str | Path, *, overwrite: bool = False) -> Path:

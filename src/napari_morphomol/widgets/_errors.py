@@ -1,9 +1,12 @@
-"""How a dock reports a failure: the user's to fix as a message, a bug with its traceback."""
+"""What docks share: reading a path field, and reporting a failure (the user's to fix as a
+message, a bug with its traceback)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from magicgui.widgets import FileEdit
 from napari.utils.notifications import show_error
 
 from napari_morphomol.errors import InputError
@@ -21,3 +24,9 @@ def report_error(exc: BaseException, set_status: Callable[[str], None]) -> None:
     show_error(str(exc))
     if not isinstance(exc, InputError):
         raise exc
+
+
+def chosen_path(edit: FileEdit) -> Path | None:
+    """The path in a file field, or None while it is empty."""
+    value = edit.value
+    return Path(value) if value is not None and str(value) not in ("", ".") else None

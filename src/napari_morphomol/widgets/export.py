@@ -7,7 +7,6 @@ in a worker thread; where the files went is shown in the widget and as a notific
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
@@ -15,20 +14,8 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.widgets._errors import report_error
+from napari_morphomol.widgets._errors import chosen_path, report_error
 from napari_morphomol.export import LANDMARK_FORMATS, RESULTS_LAYER_KEY, export_results
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """A worker's result for bad input (superqt re-raises exceptions that are returned)."""
-
-    error: InputError
-
-
-def _chosen(edit: FileEdit) -> Path | None:
-    value = edit.value
-    return Path(value) if value is not None and str(value) not in ("", ".") else None
 
 
 def default_outputs(results_path: Path) -> dict[str, Path]:
@@ -76,7 +63,7 @@ class ExportWidget(Container):
         return None
 
     def _fill_outputs(self, *_):
-        results = _chosen(self.results_path)
+        results = chosen_path(self.results_path)
         if results is None:
             return
         outputs = default_outputs(results)
@@ -88,21 +75,18 @@ class ExportWidget(Container):
         """Write the ticked outputs in a worker thread."""
         ticked = {"h5ad": (self.write_h5ad, self.h5ad_path), "spatialdata": (self.write_spatialdata, self.spatialdata_path),
                   "landmarks": (self.write_landmarks, self.landmarks_path)}
-        targets = {kind: _chosen(edit) for kind, (box, edit) in ticked.items() if box.value}
-        results = _chosen(self.results_path)
+        targets = {kind: chosen_path(edit) for kind, (box, edit) in ticked.items() if box.value}
+        results = chosen_path(self.results_path)
         options = {"landmark_format": self.landmark_format.value, "overwrite": self.overwrite.value,
                    "clusters": self.clusters.value}
 
         def work():
-            try:
-                if results is None:
-                    raise InputError("choose the results store of a prediction run (RESULTS.zarr) first")
-                unnamed = [kind for kind, path in targets.items() if path is None]
-                if unnamed:
-                    raise InputError(f"choose where to write: {', '.join(unnamed)}")
-                return export_results(results, **targets, **options)
-            except InputError as exc:  # the user's to fix: a message, not a traceback
-                return _Failed(exc)
+            if results is None:
+                raise InputError("choose the results store of a prediction run (RESULTS.zarr) first")
+            unnamed = [kind for kind, path in targets.items() if path is None]
+            if unnamed:
+                raise InputError(f"choose where to write: {', '.join(unnamed)}")
+            return export_results(results, **targets, **options)
 
         self.export_button.enabled = False
         self.status.value = "exporting..."
@@ -118,9 +102,6 @@ class ExportWidget(Container):
         report_error(exc, lambda text: setattr(self.status, "value", text))
 
     def _on_exported(self, result):
-        if isinstance(result, _Failed):
-            self._on_error(result.error)
-            return
         lines = [f"{kind}: {path}" for kind, path in result.items()]
         self.status.value = "written\n" + "\n".join(lines)
         show_info("Exported " + "; ".join(lines))

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 from magicgui.widgets import (
     Container,
     FileEdit,
@@ -19,8 +16,7 @@ from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer
 
 from napari_morphomol.coords import xy_to_napari
-from napari_morphomol.errors import InputError
-from napari_morphomol.widgets._errors import report_error
+from napari_morphomol.widgets._errors import chosen_path, report_error
 from napari_morphomol._layers import UNITS_UM, density_layer, sample_layers, transcript_density
 from napari_morphomol.io.sample import TRANSCRIPTS, load_sample
 from napari_morphomol.io.transcript_density import transcripts_in_box_um
@@ -29,18 +25,6 @@ POINTS_FIELD_OF_VIEW_UM = 800.0
 """Actual transcripts are drawn only when the view is narrower than this (density otherwise)."""
 
 GENE_COLORS = ["cyan", "magenta", "yellow", "lime", "orange", "red", "dodgerblue", "white"]
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """A worker's result for bad input (superqt re-raises exceptions that are returned)."""
-
-    error: InputError
-
-
-def _optional_path(edit: FileEdit) -> Path | None:
-    value = edit.value
-    return Path(value) if value is not None and str(value) not in ("", ".") else None
 
 
 class LoadSampleWidget(Container):
@@ -101,20 +85,17 @@ class LoadSampleWidget(Container):
     def load(self):
         """Images first (lazy, shown at once), then the transcript density pass in the background."""
         pixel = self.he_pixel_size_um.value or None
-        args = (_optional_path(self.xenium_dir), _optional_path(self.he_path), _optional_path(self.alignment_csv))
+        args = (chosen_path(self.xenium_dir), chosen_path(self.he_path), chosen_path(self.alignment_csv))
         self.status.value = "loading..."
         self.load_button.enabled = False
 
         def work():
-            try:
-                sdata = load_sample(*args, he_pixel_size_um=pixel)
-                return sdata, sample_layers(sdata, with_density=False)
-            except InputError as exc:  # the user's to fix: a message, not a traceback
-                return _Failed(exc)
+            sdata = load_sample(*args, he_pixel_size_um=pixel)
+            return sdata, sample_layers(sdata, with_density=False)
 
-        worker = create_worker(work, _progress={"desc": "Loading sample"})
+        worker = create_worker(work, _progress={"desc": "Loading sample"}, _connect={"errored": self._on_load_error},
+                               _start_thread=False)
         worker.returned.connect(self._on_loaded)
-        worker.errored.connect(lambda _: setattr(self.load_button, "enabled", True))
         worker.start()
         self.load_worker = worker
         return worker
@@ -122,11 +103,11 @@ class LoadSampleWidget(Container):
     def _on_error(self, exc):
         report_error(exc, lambda text: setattr(self.status, "value", text))
 
+    def _on_load_error(self, exc):
+        self.load_button.enabled = True
+        self._on_error(exc)
+
     def _on_loaded(self, result):
-        if isinstance(result, _Failed):
-            self._on_error(result.error)
-            self.load_button.enabled = True
-            return
         self.sdata, layers = result
         for data, kwargs, kind in layers:
             getattr(self.viewer, f"add_{kind}")(data, **kwargs)
