@@ -155,6 +155,12 @@ def test_cli_train_with_ddp_on_two_processes(stores, tmp_path):
     assert np.isfinite(card.training["validation_metrics"]["mse"])
 
 
+def test_cli_train_refuses_a_device_count_that_is_no_number(stores, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", str(stores["a"]), "--out", str(tmp_path / "m"), "--devices", "two"])
+    assert "give a number of devices (e.g. 2) or auto" in capsys.readouterr().err
+
+
 def test_cli_train_refuses_unknown_split_sample(stores, tmp_path, capsys):
     code = main(["train", str(stores["a"]), str(stores["b"]), "--out", str(tmp_path / "m"), "--val", "c"])
     assert code == 2

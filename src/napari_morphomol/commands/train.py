@@ -67,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _devices(value: str) -> int | str:
-    return value if value == "auto" else int(value)
+    if value == "auto" or value.isdigit() and int(value) > 0:
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: give a number of devices (e.g. 2) or auto")
 
 
 def _split(sample_ids, args):
