@@ -32,7 +32,8 @@ IMAGES_FORMAT_VERSION = 1
 _TOKENS_IN_MEMORY_BYTES = 1 << 30
 _IMAGES_IN_MEMORY_BYTES = 1 << 28
 """Smaller samples' tiles are read into memory once: decoding one zarr chunk per tile and epoch
-cost more than a small model's training step (an epoch of the benchmark's ViT: 31 s -> 5 s)."""
+costs more than the expression models' whole step (benchmarks/bench_tile_dataset.py: 7x faster
+items)."""
 
 
 def image_cache_path(store_path: str | Path) -> Path:
