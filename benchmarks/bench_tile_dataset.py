@@ -12,7 +12,7 @@ e.g. the cohort of ``bench_variants.py`` (/tmp/morphomol-bench-variants/seed10*.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import numpy as np
@@ -44,6 +44,6 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stores", nargs="+", metavar="STORE", help="tiles stores (.tiles.zarr) with their image caches")
+    main(parser.parse_args().stores)
