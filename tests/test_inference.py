@@ -301,3 +301,7 @@ def test_cli_predict(tmp_path, synthetic_sample, checkpoint, capsys):
     assert len(open_results(out).tiles) > 0
     without_checkpoint = main([*args[:6], "--out", str(tmp_path / "x.zarr")])  # default flags: the shipped model
     assert without_checkpoint == 0 and len(open_results(tmp_path / "x.zarr").tiles) > 0
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):  # --device auto says where it runs
+        err = capsys.readouterr().err
+        assert "warning: no CUDA or MPS device is available; running on the CPU" in err
+        assert "DeviceFallbackWarning" not in err

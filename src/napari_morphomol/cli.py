@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from napari_morphomol import __version__
 from napari_morphomol.errors import InputError
@@ -57,10 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plain_warnings_of_ours(show_warning):
+    """A ``warnings.showwarning`` that prints this package's warnings as one ``warning:`` line
+    (a user of the command line needs the message, not our source line) and others as before."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("napari_morphomol"):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show_warning(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _plain_warnings_of_ours(warnings.showwarning)
+            return int(args._run(args) or 0)
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"morphomol {args.command}: error: {exc}", file=sys.stderr)
         return 2
