@@ -183,6 +183,8 @@ def main() -> None:
                         help="also write the early_fusion_add model here, its card recording this command and its "
                              "test metrics (how src/napari_morphomol/data/ gets its model)")
     args = parser.parse_args()
+    if args.jobs < 1 or args.runs < 1 or args.threads < 1:
+        parser.error("--jobs, --runs and --threads take 1 or more")
     if len(args.seeds) < 3:
         parser.error("give at least 3 seeds: training, validation and test samples")
     if args.ship and "early_fusion_add" not in args.variants:

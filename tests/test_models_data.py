@@ -159,6 +159,9 @@ def test_cli_train_refuses_a_device_count_that_is_no_number(stores, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["train", str(stores["a"]), "--out", str(tmp_path / "m"), "--devices", "two"])
     assert "give a number of devices (e.g. 2) or auto" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(stores["a"]), "--out", str(tmp_path / "m"), "--num-nodes", "0"])
+    assert "give a number of nodes (machines), 1 or more" in capsys.readouterr().err
 
 
 def test_cli_train_refuses_unknown_split_sample(stores, tmp_path, capsys):

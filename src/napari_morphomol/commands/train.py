@@ -62,8 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "hardware (Lightning's; e.g. --accelerator gpu --devices 4 --strategy ddp, or --num-nodes N on a cluster)")
     hardware.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto (default)")
     hardware.add_argument("--devices", default="auto", type=_devices, help="how many devices (or auto)")
-    hardware.add_argument("--num-nodes", type=int, default=1)
+    hardware.add_argument("--num-nodes", type=_node_count, default=1, help="machines taking part (default 1)")
     hardware.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ... (Lightning strategies)")
+
+
+def _node_count(value: str) -> int:
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: give a number of nodes (machines), 1 or more")
 
 
 def _devices(value: str) -> int | str:
