@@ -1,5 +1,7 @@
 """Stride-grid gene maps, tile rasters, placement and tile look-ups."""
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -98,14 +100,29 @@ def test_partial_results_reads_only_a_running_store(results_store, tmp_path):
     assert partial_results(results_store) is None, "a finished store has no partial folder"
 
 
-def test_partial_results_show_the_finished_chunks(synthetic_sample, tiny_checkpoint, tmp_path):
-    """A run cancelled after its first chunk: its maps hold those tiles only, the rest is NaN."""
+def test_partial_results_show_the_finished_chunks(synthetic_sample, tiny_checkpoint, tmp_path, monkeypatch):
+    """A run cancelled after its first chunk: its maps hold those tiles only, the rest is NaN.
+
+    Chunks after the first wait for the cancel marker, so a fast machine cannot finish them all
+    before the run's progress poll sees the first one done."""
     from napari_morphomol.analysis import explore_results, partial_results
-    from napari_morphomol.inference import InferenceCancelled, predict
+    from napari_morphomol.inference import InferenceCancelled, engine, partial_path, predict
     from napari_morphomol.io.sample import load_sample
 
     s = synthetic_sample
     store = tmp_path / "RESULTS.zarr"
+    run_chunk, started = engine.run_chunk, []
+
+    def run_chunk_after_the_first_waits(spec, chunk):
+        started.append(chunk)
+        deadline = time.monotonic() + 60
+        while len(started) > 1 and not (partial_path(store) / engine.CANCEL_MARKER).exists():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        return run_chunk(spec, chunk)
+
+    monkeypatch.setattr(engine, "run_chunk", run_chunk_after_the_first_waits)
     finished = []
     with pytest.raises(InferenceCancelled):
         predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv), tiny_checkpoint, store=store, batch_size=4,
