@@ -209,7 +209,7 @@ def main() -> None:
     table = variant_table(results)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        write_variant_table(table, args.out / "table_a1")
+        write_variant_table(table, args.out / "table_a1", overwrite=True)
     print()
     print(f"Table A.1 on synthetic data: test sample {ids['test'][0]}, {args.runs} run(s) per variant")
     print(table_markdown(table))

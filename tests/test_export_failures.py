@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from napari_morphomol._atomic import atomic_output
+from napari_morphomol._atomic import atomic_output, zarr_store_kind
 from napari_morphomol.errors import InputError
 from napari_morphomol.export import export_results
+from napari_morphomol.export.spatialdata import EXPORT_ATTRS_KEY
 
 # The child pauses (after writing part of its output under the temporary name) and announces the
 # temporary path in a flag file; the test then kills it with SIGKILL, as a crash or power loss would.
@@ -60,6 +61,23 @@ def run_and_kill(script: str, results_store: Path, target: Path, flag: Path) -> 
     return Path(flag.read_text())
 
 
+def earlier_h5ad_export(path: Path) -> bytes:
+    """A small .h5ad that carries our mark (uns['morphomol']), as an earlier export would; its bytes."""
+    import anndata
+    import numpy as np
+
+    anndata.AnnData(np.zeros((2, 2), dtype=np.float32), uns={"morphomol": {"earlier": "export"}}).write_h5ad(path)
+    return path.read_bytes()
+
+
+def earlier_spatialdata_export(path: Path) -> None:
+    """A store that carries the mark of a SpatialData export of ours, plus a file called 'earlier'."""
+    import zarr
+
+    zarr.open_group(path, mode="w").attrs[EXPORT_ATTRS_KEY] = {"format_version": 1}
+    (path / "earlier").write_bytes(b"earlier export")
+
+
 def test_killed_zarr_write_leaves_no_target(results_store, tmp_path):
     target = tmp_path / "run.zarr"
     temporary = run_and_kill(PAUSE_AFTER_FIRST_ZARR_ELEMENT, results_store, target, tmp_path / "paused")
@@ -69,10 +87,10 @@ def test_killed_zarr_write_leaves_no_target(results_store, tmp_path):
 
 def test_killed_h5ad_write_keeps_the_earlier_file(results_store, tmp_path):
     target = tmp_path / "run.h5ad"
-    target.write_bytes(b"earlier export")
+    earlier = earlier_h5ad_export(target)
     temporary = run_and_kill(PAUSE_BEFORE_RENAME, results_store, target, tmp_path / "paused")
     assert temporary.parent == tmp_path and temporary.stat().st_size > 0
-    assert target.read_bytes() == b"earlier export"
+    assert target.read_bytes() == earlier
 
 
 def _small_file_limit() -> None:
@@ -85,10 +103,10 @@ def _small_file_limit() -> None:
 def test_full_disk_is_a_clear_error_and_keeps_the_earlier_file(results_store, tmp_path, flag):
     target = tmp_path / ("run.h5ad" if flag == "--h5ad" else "run.zarr")
     if flag == "--h5ad":
-        target.write_bytes(b"earlier export")
+        earlier_bytes = earlier_h5ad_export(target)
     else:
-        target.mkdir()
-        (target / "earlier").write_bytes(b"earlier export")
+        earlier_spatialdata_export(target)
+        earlier_bytes = b"earlier export"
     child = subprocess.run(
         [sys.executable, "-m", "napari_morphomol.cli", "export", str(results_store), flag, str(target),
          "--overwrite", "--no-clusters"],
@@ -97,7 +115,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_earlier_file(results_store, tm
     assert child.returncode == 2, child.stderr[-2000:]
     assert "disk is full" in child.stderr and "left as it was" in child.stderr, child.stderr[-2000:]
     earlier = target if flag == "--h5ad" else target / "earlier"
-    assert earlier.read_bytes() == b"earlier export"
+    assert earlier.read_bytes() == earlier_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name], "no temporary file is left behind"
 
 
@@ -119,15 +137,17 @@ def test_a_file_where_the_folder_should_be_is_a_clear_error(results_store, tmp_p
 
 def test_atomic_output_replaces_a_folder_and_cleans_up_on_failure(tmp_path):
     target = tmp_path / "store.zarr"
+    kind = zarr_store_kind("test store", "test_mark")
     target.mkdir()
+    (target / ".zattrs").write_text('{"test_mark": 1}')
     (target / "old").write_text("old")
     with pytest.raises(RuntimeError):
-        with atomic_output(target, overwrite=True) as tmp:
+        with atomic_output(target, kind, overwrite=True) as tmp:
             tmp.mkdir()
             raise RuntimeError("writer failed")
     assert (target / "old").read_text() == "old"
     assert os.listdir(tmp_path) == ["store.zarr"]
-    with atomic_output(target, overwrite=True) as tmp:
+    with atomic_output(target, kind, overwrite=True) as tmp:
         tmp.mkdir()
         (tmp / "new").write_text("new")
     assert os.listdir(target) == ["new"] and os.listdir(tmp_path) == ["store.zarr"]

@@ -1,20 +1,33 @@
-"""Atomic outputs: write into a temporary file or folder beside the target, then rename.
+"""Outputs that never cost the user data: one guard, then a temporary path and a rename.
 
-A reader never sees a half-written target, an existing target is replaced only when the caller
-says so, and a failed write (full disk, read-only folder, killed process) leaves any earlier
-target as it was. Operating-system failures become an :class:`InputError` that names the path
-and says what to do.
+Every writer of the project goes through :func:`guard_output` (directly, or through
+:func:`atomic_output`), which holds the promise of ``--overwrite``:
+
+- an output is never an input of the command, never contains one and never lies inside one
+  (bundle, H&E, alignment, landmarks, checkpoint, data);
+- an output never goes inside a Xenium bundle (a folder holding ``experiment.xenium``, or any
+  folder below one), nor into a sample folder under a name its reader looks for there;
+- an existing path is replaced only with ``overwrite`` and only when it is an output of the same
+  kind that this project wrote: a store carrying our format marker, or a file in the exact format
+  our writer produces (:class:`OutputKind`). A folder or file of anything else is never removed.
+
+The write itself is atomic: a reader never sees a half-written target, and a failed write (full
+disk, read-only folder, killed process) leaves any earlier target as it was. Operating-system
+failures become an :class:`InputError` that names the path and says what to do.
 """
 
 from __future__ import annotations
 
 import errno
+import fnmatch
+import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from napari_morphomol.errors import InputError
@@ -22,18 +35,174 @@ from napari_morphomol.errors import InputError
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _REMOVE_ATTEMPTS = 100
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR}
+XENIUM_BUNDLE_MARKER = "experiment.xenium"
+# names the sample-folder reader (io.sample.find_sample_parts) looks for beside a Xenium bundle
+_SAMPLE_FOLDER_NAMES = ("xenium", "*he_image.ome.tif", "*he_imagealignment.csv", "panel.json")
+_RECOGNISE_BYTES = 1 << 20  # a text output of ours is recognised from at most its first MiB
 
 
-def check_target(path: str | Path, *, overwrite: bool) -> Path:
-    """Refuse a target that exists (unless ``overwrite``) or whose folder is missing."""
+@dataclass(frozen=True)
+class OutputKind:
+    """One kind of output this project writes, and how to tell one of ours from anything else.
+
+    ``what`` names it for messages ("tiles store"); ``is_ours(path)`` says whether an existing
+    ``path`` is an output of this kind that napari-morphomol wrote, and so may be replaced.
+    """
+
+    what: str
+    is_ours: Callable[[Path], bool]
+
+
+def zarr_store_kind(what: str, attrs_key: str) -> OutputKind:
+    """A zarr store whose root attributes carry our format marker ``attrs_key``."""
+
+    def is_ours(path: Path) -> bool:
+        return path.is_dir() and attrs_key in _zarr_root_attrs(path)
+
+    return OutputKind(what, is_ours)
+
+
+def small_file_kind(what: str, reads_back: Callable[[Path], object]) -> OutputKind:
+    """A file of at most a MiB that ``reads_back`` (a reader of our format) reads without an error.
+
+    For formats with no room for a marker of our own (Xenium's alignment CSV, landmark CSVs):
+    a file that reads back as the very format is one ``--overwrite`` may replace; an image, a
+    bundle file or a folder never does.
+    """
+
+    def is_ours(path: Path) -> bool:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > _RECOGNISE_BYTES:
+            return False
+        try:
+            reads_back(path)
+        except (InputError, OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError):
+            return False
+        return True
+
+    return OutputKind(what, is_ours)
+
+
+def text_file_kind(what: str, recognise: Callable[[str], bool]) -> OutputKind:
+    """A small text file whose content ``recognise`` accepts as what our writer writes."""
+
+    def reads_back(path: Path) -> None:
+        if not recognise(path.read_text()):
+            raise ValueError(f"{path} is not a {what}")
+
+    return small_file_kind(what, reads_back)
+
+
+def json_file_kind(what: str, marker_key: str, marker_value: object = None) -> OutputKind:
+    """A small JSON object whose top level carries our marker ``marker_key`` (equal to
+    ``marker_value`` when one is given)."""
+
+    def recognise(text: str) -> bool:
+        document = json.loads(text)
+        return isinstance(document, dict) and marker_key in document and (
+            marker_value is None or document[marker_key] == marker_value)
+
+    return text_file_kind(what, recognise)
+
+
+def _zarr_root_attrs(path: Path) -> dict:
+    for name in ("zarr.json", ".zattrs"):
+        try:
+            document = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(document, dict):
+            return document.get("attributes", document) if name == "zarr.json" else document
+    return {}
+
+
+def enclosing_xenium_bundle(path: str | Path) -> Path | None:
+    """The Xenium bundle ``path`` is or lies inside (a folder holding ``experiment.xenium``), or None."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if (folder / XENIUM_BUNDLE_MARKER).is_file():
+            return folder
+    return None
+
+
+def guard_output(path: str | Path, kind: OutputKind, *, inputs: Iterable[str | Path | None] = (),
+                 overwrite: bool = False) -> Path:
+    """Refuse an output path that could cost the user data; returns ``path`` when it is safe.
+
+    Parameters
+    ----------
+    path
+        Where the output will be written (a file or a store folder).
+    kind
+        What the output is; an existing ``path`` is replaced only when ``kind.is_ours(path)``.
+    inputs
+        Every input path of the command (None entries are skipped): the output may not be one,
+        contain one or lie inside one.
+    overwrite
+        Whether an existing output of ours may be replaced.
+
+    Returns
+    -------
+    Path
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises
+    ------
+    InputError
+        Naming the path, the rule it breaks and what to do instead.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; choose another name or allow overwriting")
+    _refuse_among_inputs(path, inputs)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise InputError(f"{path} already exists; choose another name, or allow overwriting (--overwrite) "
+                             f"to replace a {kind.what} that napari-morphomol wrote")
+        if not kind.is_ours(path):
+            raise InputError(f"{path} exists and is not a {kind.what} written by napari-morphomol, so it is not "
+                             "replaced even with --overwrite; move it away or choose another name")
     if not path.parent.exists():
         raise InputError(f"folder {path.parent} does not exist; create it first")
     if not path.parent.is_dir():
         raise InputError(f"{path.parent} is a file, not a folder; choose a folder to write {path.name} into")
     return path
+
+
+def guard_output_folder(folder: str | Path, *, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse a folder that outputs are to be written into (made when missing, kept when there,
+    never removed) if it is or lies inside a Xenium bundle, or is or lies inside one of ``inputs``
+    (it may hold inputs: every file written into it is guarded by :func:`guard_output`)."""
+    folder = Path(folder)
+    _refuse_among_inputs(folder, inputs, may_hold_inputs=True)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a folder; give a folder to write the outputs into")
+    return folder
+
+
+def _refuse_among_inputs(path: Path, inputs: Iterable[str | Path | None], *, may_hold_inputs: bool = False) -> None:
+    target = path.resolve()
+    bundle = enclosing_xenium_bundle(target)
+    if bundle is not None:
+        where = "is the Xenium bundle" if bundle == target else f"lies inside the Xenium bundle {bundle}"
+        raise InputError(f"{path} {where}; napari-morphomol never writes into a Xenium bundle: "
+                         "choose a path outside it")
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if source == target:
+            relation = "is"
+        elif source.is_relative_to(target) and not may_hold_inputs:
+            relation = "contains"
+        elif target.is_relative_to(source):
+            relation = "lies inside"
+        else:
+            continue
+        raise InputError(f"{path} {relation} the input {given}; outputs never replace, hold or go inside an "
+                         "input of the command: choose a path outside your inputs")
+    folder = target.parent
+    if (folder / "xenium" / XENIUM_BUNDLE_MARKER).is_file() and any(
+            fnmatch.fnmatch(path.name, pattern) for pattern in _SAMPLE_FOLDER_NAMES):
+        raise InputError(f"{path} would be read as part of the sample in {folder} (a file of that name is one of "
+                         "the sample's own); choose another name or folder")
 
 
 def os_error_message(path: Path, exc: OSError) -> str:
@@ -51,15 +220,16 @@ def os_error_message(path: Path, exc: OSError) -> str:
 
 
 @contextmanager
-def atomic_output(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(path: str | Path, kind: OutputKind, *, inputs: Iterable[str | Path | None] = (),
+                  overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``.
 
-    The temporary path does not exist yet when yielded: the writer creates it (a file, or a
-    folder for zarr stores) with the usual permissions. A folder target being replaced is first
-    renamed aside, so the swap is two renames and the old copy is deleted only once the new one
-    is in place.
+    ``path`` is checked by :func:`guard_output` first. The temporary path does not exist yet when
+    yielded: the writer creates it (a file, or a folder for zarr stores) with the usual
+    permissions. A folder target being replaced is first renamed aside, so the swap is two
+    renames and the old copy is deleted only once the new one is in place.
     """
-    path = check_target(path, overwrite=overwrite)
+    path = guard_output(path, kind, inputs=inputs, overwrite=overwrite)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
@@ -95,10 +265,11 @@ def _remove(tmp: Path) -> None:
         time.sleep(0.1)
 
 
-def write_text_atomic(path: str | Path, text: str, *, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+def write_text_atomic(path: str | Path, text: str, kind: OutputKind, *, inputs: Iterable[str | Path | None] = (),
+                      overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (guarded as ``kind``)."""
     path = Path(path)
-    with atomic_output(path, overwrite=overwrite) as tmp:
+    with atomic_output(path, kind, inputs=inputs, overwrite=overwrite) as tmp:
         with open(tmp, "w", newline="") as fh:
             fh.write(text)
     return path

@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from napari_morphomol.commands._arguments import real_number
 from napari_morphomol.errors import InputError
+
+_INPUT_OPTIONS = ("xenium_dir", "he", "alignment", "registration", "region", "panel", "checkpoint", "landmarks")
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser, *, region_action: str) -> None:
@@ -21,7 +24,8 @@ def add_sample_arguments(parser: argparse.ArgumentParser, *, region_action: str)
     parser.add_argument("--registration", metavar="JSON",
                         help="registration record written by `morphomol register` (any model, e.g. per-region); "
                              "used instead of the alignment matrix")
-    parser.add_argument("--he-pixel-size-um", type=float, help="H&E um/px when the file does not record it")
+    parser.add_argument("--he-pixel-size-um", type=real_number(0.0, 1000.0, open_minimum=True, unit="um/px"),
+                        help="H&E um/px when the file does not record it")
     parser.add_argument("--region", metavar="CSV",
                         help=f"polygon with columns x,y in H&E px: {region_action} only tiles whose centre is inside")
 
@@ -50,3 +54,10 @@ def alignment_path(xenium_dir: Path, given: str | None, registration: str | None
             "register the H&E first and pass --alignment CSV or --registration JSON"
         )
     return str(found[0])
+
+
+def input_paths(args: argparse.Namespace, *more: str | Path | None) -> list[str | Path]:
+    """Every input file or folder the command line names (and ``more``): no output may be one,
+    hold one or lie inside one (:func:`napari_morphomol._atomic.guard_output`)."""
+    given = [getattr(args, name, None) for name in _INPUT_OPTIONS]
+    return [path for path in (*given, *more) if path is not None]

@@ -11,7 +11,8 @@ Elements added to the sample's own (lazy) images and points:
   does), with the affine that places a cell on its H&E px square and then in ``global``.
 
 The H&E element's transformation to ``global`` is the run's registration (its best affine for
-per-region models; the full record is in ``attrs['morphomol_registration']``). Pixel ``i`` of an
+per-region models; the full record is in ``attrs['morphomol_registration']``); ``attrs`` also
+carry ``EXPORT_ATTRS_KEY``, the mark of an export of ours. Pixel ``i`` of an
 image covers ``[i, i + 1)``, as in docs/tiling.md.
 """
 
@@ -42,6 +43,9 @@ PREDICTED_IMAGE = "predicted_expression"
 MEASURED_IMAGE = "measured_expression"
 REGION_KEY = "region"
 INSTANCE_KEY = "tile_id"
+EXPORT_ATTRS_KEY = "morphomol_export"
+"""Root attribute that marks a SpatialData store as an export of ours (``--overwrite`` may replace it)."""
+EXPORT_FORMAT_VERSION = 1
 
 
 def open_run_sample(results: Results) -> SpatialData:
@@ -103,7 +107,8 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
     table.obs[REGION_KEY] = pd.Categorical([TILES] * table.n_obs)
     table.obs[INSTANCE_KEY] = results.tiles["tile_id"].to_numpy(dtype=np.int64)
     table = TableModel.parse(table, region=TILES, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    attrs = {**sample.attrs, REGISTRATION_ATTRS_KEY: registration.record}
+    attrs = {**sample.attrs, REGISTRATION_ATTRS_KEY: registration.record,
+             EXPORT_ATTRS_KEY: {"format_version": EXPORT_FORMAT_VERSION, "results": str(results.path)}}
     if isinstance(attrs.get(ATTRS_KEY), dict):
         attrs[ATTRS_KEY] = {**attrs[ATTRS_KEY], "he_to_global": registration.best_affine.tolist()}
     return SpatialData(images=images, labels=dict(sample.labels), points=dict(sample.points),

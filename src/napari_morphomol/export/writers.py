@@ -2,8 +2,11 @@
 
 Every writer goes through :func:`napari_morphomol._atomic.atomic_output`: the file or store is
 written beside the target under a hidden temporary name and renamed into place only once
-complete, an existing target is replaced only with ``overwrite=True``, and failures leave any
-earlier target intact.
+complete, and failures leave any earlier target intact. No target may be, hold or lie inside
+the run's results store or its sample's files, nor lie inside a Xenium bundle; an existing target
+is replaced only with ``overwrite=True`` and only when it is an export of ours: an ``.h5ad`` whose
+``uns`` carries ``morphomol``, a SpatialData store whose attrs carry ``EXPORT_ATTRS_KEY``, a
+landmark CSV that reads back as one.
 """
 
 from __future__ import annotations
@@ -16,17 +19,33 @@ from pathlib import Path
 from anndata import AnnData
 from spatialdata import SpatialData
 
-from napari_morphomol._atomic import atomic_output, check_target
+from napari_morphomol._atomic import OutputKind, atomic_output, guard_output, zarr_store_kind
 from napari_morphomol.errors import InputError
 from napari_morphomol.export.anndata import results_to_anndata
 from napari_morphomol.export.registration import run_registration
-from napari_morphomol.export.spatialdata import results_to_spatialdata
+from napari_morphomol.export.spatialdata import EXPORT_ATTRS_KEY, results_to_spatialdata
 from napari_morphomol.inference.store import Results, open_results
 from napari_morphomol.registration import write_bigwarp_csv, write_keypoints_csv
-from napari_morphomol.registration.formats import LANDMARK_FORMATS
+from napari_morphomol.registration.formats import BIGWARP_CSV, KEYPOINTS_CSV, LANDMARK_FORMATS
 
 
-def write_h5ad(adata: AnnData, path: str | Path, *, overwrite: bool = False) -> Path:
+def _is_our_h5ad(path: Path) -> bool:
+    import h5py
+
+    try:
+        if not path.is_file() or not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as h5:
+            return "uns/morphomol" in h5
+    except OSError:
+        return False
+
+
+H5AD_EXPORT = OutputKind("AnnData export (.h5ad)", _is_our_h5ad)
+SPATIALDATA_EXPORT = zarr_store_kind("SpatialData export", EXPORT_ATTRS_KEY)
+
+
+def write_h5ad(adata: AnnData, path: str | Path, *, overwrite: bool = False, inputs=()) -> Path:
     """Build the HDF5 file in memory, then copy it to disk with plain file writes.
 
     HDF5 does not survive a failed write to disk (a full disk leaves its library state broken and
@@ -40,24 +59,25 @@ def write_h5ad(adata: AnnData, path: str | Path, *, overwrite: bool = False) -> 
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as h5:
         write_elem(h5, "/", adata)
-    with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "wb") as fh:
+    with atomic_output(path, H5AD_EXPORT, inputs=inputs, overwrite=overwrite) as tmp, open(tmp, "wb") as fh:
         fh.write(buffer.getbuffer())
         fh.flush()
         os.fsync(fh.fileno())
     return path
 
 
-def write_spatialdata_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False) -> Path:
+def write_spatialdata_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False, inputs=()) -> Path:
     """Write the store element by element; lazy (dask) images and points stream from their sources."""
     path = Path(path)
-    with atomic_output(path, overwrite=overwrite) as tmp, warnings.catch_warnings():
+    with atomic_output(path, SPATIALDATA_EXPORT, inputs=inputs, overwrite=overwrite) as tmp, \
+            warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
         sdata.write(tmp, update_sdata_path=False)
     return path
 
 
 def write_landmarks_csv(results: Results, path: str | Path, *, landmark_format: str = "xenium",
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, inputs=()) -> Path:
     """The run's landmark pairs as Xenium Explorer keypoints (default) or BigWarp CSV."""
     if landmark_format not in LANDMARK_FORMATS:
         raise InputError(f"landmark format must be one of {LANDMARK_FORMATS}, got {landmark_format!r}")
@@ -66,20 +86,14 @@ def write_landmarks_csv(results: Results, path: str | Path, *, landmark_format: 
         raise InputError(f"the run in {results.path} used an alignment matrix, not landmarks, so there are no "
                          "landmarks to export; its matrix is in the .h5ad (uns['registration'])")
     writer = write_keypoints_csv if landmark_format == "xenium" else write_bigwarp_csv
-    return writer(path, pairs, overwrite=overwrite)
+    return writer(path, pairs, overwrite=overwrite, inputs=inputs)
 
 
-def _refuse_inputs_as_targets(results: Results, targets) -> None:
-    """Never write into (or over) the run's results store or its sample's files."""
+def _run_inputs(results: Results) -> list[Path]:
+    """The run's results store and its sample's files: no export target may touch them."""
     sample = results.metadata.get("sample", {})
-    inputs = [Path(results.path)] + [Path(sample[k]) for k in ("xenium_dir", "he_path") if sample.get(k)]
-    for target in targets:
-        resolved = target.resolve()
-        for source in inputs:
-            source = source.resolve()
-            if resolved == source or source in resolved.parents:
-                raise InputError(f"{target} is, or is inside, an input of the run ({source}); "
-                                 "choose an output path outside the results store and the sample")
+    return [Path(results.path)] + [Path(sample[k]) for k in ("xenium_dir", "he_path", "alignment_csv")
+                                   if sample.get(k)]
 
 
 def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
@@ -95,19 +109,24 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
                if p is not None}
     if not targets:
         raise InputError("nothing to export: give an .h5ad path, a SpatialData .zarr path and/or a landmarks CSV path")
-    for target in targets.values():
-        check_target(target, overwrite=overwrite)
     results = open_results(results_path)
-    _refuse_inputs_as_targets(results, targets.values())
+    inputs = _run_inputs(results)
+    kinds = {"h5ad": H5AD_EXPORT, "spatialdata": SPATIALDATA_EXPORT,
+             "landmarks": KEYPOINTS_CSV if landmark_format == "xenium" else BIGWARP_CSV}
+    if len(set(t.resolve() for t in targets.values())) < len(targets):
+        raise InputError(f"two exports name the same path ({', '.join(map(str, targets.values()))}); give each its own")
+    for kind, target in targets.items():
+        guard_output(target, kinds[kind], inputs=inputs, overwrite=overwrite)
     written: dict[str, Path] = {}
     if "landmarks" in targets:
         written["landmarks"] = write_landmarks_csv(results, targets["landmarks"], landmark_format=landmark_format,
-                                                   overwrite=overwrite)
+                                                   overwrite=overwrite, inputs=inputs)
     if "h5ad" in targets or "spatialdata" in targets:
         adata = results_to_anndata(results, clusters=clusters)
         if "h5ad" in targets:
-            written["h5ad"] = write_h5ad(adata, targets["h5ad"], overwrite=overwrite)
+            written["h5ad"] = write_h5ad(adata, targets["h5ad"], overwrite=overwrite, inputs=inputs)
         if "spatialdata" in targets:
             sdata = results_to_spatialdata(results, adata, sample=sample)
-            written["spatialdata"] = write_spatialdata_zarr(sdata, targets["spatialdata"], overwrite=overwrite)
+            written["spatialdata"] = write_spatialdata_zarr(sdata, targets["spatialdata"], overwrite=overwrite,
+                                                           inputs=inputs)
     return written

@@ -11,9 +11,6 @@ store rewritten later is noticed instead of silently misaligned.
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import torch
 import zarr
 from torch.utils.data import ConcatDataset, Dataset
 
+from napari_morphomol._atomic import atomic_output, guard_output_folder, zarr_store_kind
 from napari_morphomol._zarr_stores import open_versioned_group
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.config import ModelTileGeometry
@@ -29,6 +27,7 @@ from napari_morphomol.tiling import GenePanel, LevelSampler, TilesStore, read_ti
 
 IMAGES_ATTRS_KEY = "morphomol_tile_images"
 IMAGES_FORMAT_VERSION = 1
+TILE_IMAGES = zarr_store_kind("tile image cache", IMAGES_ATTRS_KEY)
 _TOKENS_IN_MEMORY_BYTES = 1 << 30
 _IMAGES_IN_MEMORY_BYTES = 1 << 28
 """Smaller samples' tiles are read into memory once: decoding one zarr chunk per tile and epoch
@@ -40,6 +39,11 @@ def image_cache_path(store_path: str | Path) -> Path:
     """Where the decoded tiles of a store live: ``tiles.zarr`` -> ``tiles.images.zarr``."""
     store_path = Path(store_path)
     return store_path.with_name(store_path.name.removesuffix(".zarr") + ".images.zarr")
+
+
+def sample_id_of(path: str | Path) -> str:
+    """A sample's id: its folder's name, or its tiles store's name without ``.tiles.zarr``."""
+    return Path(path).absolute().name.removesuffix(".zarr").removesuffix(".tiles")
 
 
 def he_path_of_store(store: TilesStore) -> Path:
@@ -74,13 +78,10 @@ def write_tile_images(
 ) -> Path:
     """Decode the store's tiles from the H&E pyramid into the sidecar (atomically); returns its path."""
     out = Path(out_path) if out_path is not None else image_cache_path(store.path)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; pass overwrite=True (--overwrite) to rebuild it")
     he_path = Path(he_path) if he_path is not None else he_path_of_store(store)
     sampler = LevelSampler(store.geometry, he_levels_yxc_of_file(he_path))
     n_tiles, size = len(store.tiles), store.geometry.image_px
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_output(out, TILE_IMAGES, inputs=(store.path, he_path), overwrite=overwrite) as tmp:
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         root.attrs[IMAGES_ATTRS_KEY] = {
             "format_version": IMAGES_FORMAT_VERSION,
@@ -98,12 +99,6 @@ def write_tile_images(
             done += len(positions)
             if progress is not None:
                 progress(done, n_tiles)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
@@ -174,7 +169,7 @@ class TileDataset(Dataset):
         cache = Path(images_path) if images_path is not None else image_cache_path(store.path)
         if not cache.exists():
             write_tile_images(store, he_path=he_path, out_path=cache, progress=progress)
-        name = sample_id if sample_id is not None else store.path.name.removesuffix(".zarr").removesuffix(".tiles")
+        name = sample_id if sample_id is not None else sample_id_of(store.path)
         return cls(store, open_tile_images(store, cache), sample_id=name, core_genes=core_genes,
                    addon_genes=addon_genes)
 
@@ -286,7 +281,8 @@ def tile_sample_folder(
     ``morphomol synth`` writes) -> a tiles store with its decoded tiles, as ``morphomol tiles``
     would make it. The panel is ``panel``, else the folder's ``panel.json``."""
     from napari_morphomol.io.sample import find_sample_parts, load_sample
-    from napari_morphomol.tiling import check_output_path, tile_sample, write_tiles_zarr
+    from napari_morphomol._atomic import guard_output
+    from napari_morphomol.tiling import TILES_STORE, tile_sample, write_tiles_zarr
 
     folder = Path(folder)
     parts = find_sample_parts(folder)
@@ -303,12 +299,13 @@ def tile_sample_folder(
         panel, panel_source = GenePanel.from_json(panel_json), str(panel_json.absolute())
     if not panel.addon:
         raise InputError(f"the gene panel for {folder} has no add-on genes: models need targets")
-    out = check_output_path(out_path, overwrite=overwrite)
+    inputs = (folder, parts.xenium_dir, parts.he_path, parts.alignment_csv)
+    out = guard_output(out_path, TILES_STORE, inputs=inputs, overwrite=overwrite)
     sdata = load_sample(parts.xenium_dir, parts.he_path, parts.alignment_csv)
     tiling = tile_sample(sdata, panel=panel, **tiling_options)
     provenance = {"xenium_dir": str(parts.xenium_dir.absolute()), "he": str(parts.he_path.absolute()),
                   "alignment": str(parts.alignment_csv.absolute()), "panel": panel_source}
-    write_tiles_zarr(tiling, out, overwrite=overwrite, provenance=provenance)
+    write_tiles_zarr(tiling, out, overwrite=overwrite, provenance=provenance, inputs=inputs)
     write_tile_images(read_tiles_zarr(out), he_path=parts.he_path, overwrite=True)
     return out
 
@@ -345,12 +342,12 @@ def tiles_stores_for(
         if is_tiles_store(path):
             stores.append(path)
             continue
-        store = Path(work_dir) / f"{path.absolute().name}.tiles.zarr"
+        store = guard_output_folder(work_dir, inputs=inputs) / f"{path.absolute().name}.tiles.zarr"
         if store.exists():
             say(f"{path}: reusing {store}")
         else:
             say(f"{path}: tiling into {store}")
-            Path(work_dir).mkdir(parents=True, exist_ok=True)
+            store.parent.mkdir(parents=True, exist_ok=True)
             tile_sample_folder(path, store, panel=panel, **tiling_options)
         stores.append(store)
     return stores

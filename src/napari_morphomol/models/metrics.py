@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from napari_morphomol._atomic import write_text_atomic
+from napari_morphomol._atomic import guard_output_folder, text_file_kind, write_text_atomic
 from napari_morphomol.errors import InputError
 
 METRICS = ("spearman", "pearson", "mse")
@@ -81,8 +81,7 @@ def variant_table(results: Mapping[str, pd.DataFrame | Sequence[pd.DataFrame]]) 
 
 def table_markdown(table: pd.DataFrame, digits: int = 3) -> str:
     """Markdown with 'mean ± sd' cells, higher-is-better correlations first, as in the paper."""
-    header = "| Variant | Spearman ↑ | Pearson ↑ | MSE ↓ | runs | genes |"
-    lines = [header, "|---|---|---|---|---|---|"]
+    lines = [_MARKDOWN_HEADER, "|---|---|---|---|---|---|"]
     for variant, row in table.iterrows():
         cells = []
         for name in METRICS:
@@ -92,11 +91,35 @@ def table_markdown(table: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_variant_table(table: pd.DataFrame, path_stem: str | Path) -> tuple[Path, Path]:
-    """Write ``<stem>.csv`` and ``<stem>.md`` atomically; returns both paths."""
+_MARKDOWN_HEADER = "| Variant | Spearman ↑ | Pearson ↑ | MSE ↓ | runs | genes |"
+VARIANT_TABLE_CSV = text_file_kind("variant table (CSV)", lambda text: text.startswith("variant,spearman_mean,"))
+VARIANT_TABLE_MARKDOWN = text_file_kind("variant table (Markdown)", lambda text: text.startswith(_MARKDOWN_HEADER))
+GENE_TABLE_CSV = text_file_kind("per-gene metrics table", lambda text: text.startswith("checkpoint,variant,"))
+
+
+def write_variant_table(table: pd.DataFrame, path_stem: str | Path, *, overwrite: bool = False,
+                        inputs=()) -> tuple[Path, Path]:
+    """Write ``<stem>.csv`` and ``<stem>.md`` atomically.
+
+    Parameters
+    ----------
+    table
+        From :func:`variant_table`.
+    path_stem
+        Path without suffix; its folder is made when missing.
+    overwrite
+        Replace earlier tables of ours (never other files).
+    inputs
+        Paths the tables may not replace or lie inside (checkpoints, data).
+
+    Returns
+    -------
+    tuple of Path
+        The CSV and Markdown paths.
+    """
     stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    guard_output_folder(stem.parent, inputs=inputs).mkdir(parents=True, exist_ok=True)
     csv_path, markdown_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".md")
-    write_text_atomic(csv_path, table.to_csv(), overwrite=True)
-    write_text_atomic(markdown_path, table_markdown(table), overwrite=True)
+    write_text_atomic(csv_path, table.to_csv(), VARIANT_TABLE_CSV, inputs=inputs, overwrite=overwrite)
+    write_text_atomic(markdown_path, table_markdown(table), VARIANT_TABLE_MARKDOWN, inputs=inputs, overwrite=overwrite)
     return csv_path, markdown_path

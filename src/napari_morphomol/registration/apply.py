@@ -19,7 +19,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from napari_morphomol._atomic import write_text_atomic
+from napari_morphomol._atomic import json_file_kind, write_text_atomic
 from napari_morphomol.coords import GLOBAL
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.fit import FitOptions, FittedTransform, fit_transform
@@ -35,6 +35,7 @@ REGISTRATION_ATTRS_KEY = "morphomol_registration"
 SAMPLE_ATTRS_KEY = "morphomol"
 """The loader's sample record (``napari_morphomol.io.sample``); its ``he_to_global`` is kept current."""
 RECORD_FORMAT = "napari-morphomol.registration/1"
+REGISTRATION_JSON = json_file_kind("registration record", "format", RECORD_FORMAT)
 HE_X_PX = "he_x_px"
 HE_Y_PX = "he_y_px"
 
@@ -162,8 +163,10 @@ def fitted_from_record(record: dict) -> FittedTransform:
     return fitted
 
 
-def write_registration_json(path: str | Path, fitted: FittedTransform, *, overwrite: bool = False) -> Path:
-    return write_text_atomic(path, json.dumps(registration_record(fitted), indent=1) + "\n", overwrite=overwrite)
+def write_registration_json(path: str | Path, fitted: FittedTransform, *, overwrite: bool = False, inputs=()) -> Path:
+    """The registration record as JSON; ``inputs`` are paths the file may not replace."""
+    return write_text_atomic(path, json.dumps(registration_record(fitted), indent=1) + "\n", REGISTRATION_JSON,
+                             inputs=inputs, overwrite=overwrite)
 
 
 def read_registration_json(path: str | Path) -> FittedTransform:

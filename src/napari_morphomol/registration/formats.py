@@ -8,8 +8,10 @@
   every field quoted. We take **moving = H&E** (the image warped) and **fixed = Xenium ``global``
   px** (the reference, e.g. the DAPI morphology image opened in BigWarp at its own pixels).
 
-Writers are atomic (temporary file in the same folder, then ``os.replace``) and refuse to
-replace an existing file unless ``overwrite=True``. Numbers are written with Python's shortest
+Writers are atomic and guarded (:func:`napari_morphomol._atomic.guard_output`): an existing
+file is replaced only with ``overwrite=True`` and only when it reads back as a file of the same
+format (``ALIGNMENT_CSV``, ``KEYPOINTS_CSV``, ``BIGWARP_CSV``), never an image or a file of
+anything else, and never one of the ``inputs`` the caller names. Numbers are written with Python's shortest
 round-trip repr, so a file reads back to the very same floats.
 
 A file read with the two sides the wrong way round still fits an affine perfectly well, so
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_morphomol._atomic import write_text_atomic
+from napari_morphomol._atomic import small_file_kind, write_text_atomic
 from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM, apply_affine_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.landmarks import LandmarkPairs
@@ -79,11 +81,12 @@ def read_keypoints_csv(path: str | Path) -> LandmarkPairs:
     return LandmarkPairs.from_arrays(he_px, global_px)
 
 
-def write_keypoints_csv(path: str | Path, pairs: LandmarkPairs, *, overwrite: bool = False) -> Path:
+def write_keypoints_csv(path: str | Path, pairs: LandmarkPairs, *, overwrite: bool = False, inputs=()) -> Path:
+    """Active pairs as Xenium Explorer keypoints; ``inputs`` are paths the file may not replace."""
     lines = [",".join(KEYPOINTS_HEADER)]
     for g, h in zip(pairs.global_px[pairs.active], pairs.he_px[pairs.active]):
         lines.append(",".join(_fmt(v) for v in (g[0], g[1], h[0], h[1])))
-    return write_text_atomic(path, "\n".join(lines) + "\n", overwrite=overwrite)
+    return write_text_atomic(path, "\n".join(lines) + "\n", KEYPOINTS_CSV, inputs=inputs, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------- Xenium alignment matrix
@@ -103,13 +106,13 @@ def read_alignment_csv(path: str | Path) -> np.ndarray:
     return matrix
 
 
-def write_alignment_csv(path: str | Path, he_to_global: np.ndarray, *, overwrite: bool = False) -> Path:
+def write_alignment_csv(path: str | Path, he_to_global: np.ndarray, *, overwrite: bool = False, inputs=()) -> Path:
     """Write a 3 x 3 H&E px -> ``global`` px matrix the way Xenium does (no header)."""
     m = np.asarray(he_to_global, dtype=np.float64)
     if m.shape != (3, 3) or not np.allclose(m[2], [0, 0, 1]):
         raise InputError(f"an alignment matrix must be 3 x 3 with last row 0,0,1, got shape {m.shape}")
     text = "".join(",".join(_fmt(v) for v in row) + "\n" for row in m)
-    return write_text_atomic(path, text, overwrite=overwrite)
+    return write_text_atomic(path, text, ALIGNMENT_CSV, inputs=inputs, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------- BigWarp
@@ -140,12 +143,18 @@ def read_bigwarp_csv(path: str | Path) -> LandmarkPairs:
     return LandmarkPairs.from_arrays(np.reshape(he, (-1, 2)), np.reshape(glob, (-1, 2)), names, active)
 
 
-def write_bigwarp_csv(path: str | Path, pairs: LandmarkPairs, *, overwrite: bool = False) -> Path:
+def write_bigwarp_csv(path: str | Path, pairs: LandmarkPairs, *, overwrite: bool = False, inputs=()) -> Path:
+    """Every pair (with its on/off flag) as a 2-D BigWarp landmarks CSV."""
     buf = io.StringIO()
     writer = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
     for name, on, h, g in zip(pairs.names, pairs.active, pairs.he_px, pairs.global_px):
         writer.writerow([name, "true" if on else "false", *(_fmt(v) for v in (h[0], h[1], g[0], g[1]))])
-    return write_text_atomic(path, buf.getvalue(), overwrite=overwrite)
+    return write_text_atomic(path, buf.getvalue(), BIGWARP_CSV, inputs=inputs, overwrite=overwrite)
+
+
+ALIGNMENT_CSV = small_file_kind("3 x 3 alignment CSV", read_alignment_csv)
+KEYPOINTS_CSV = small_file_kind("Xenium Explorer keypoints CSV", read_keypoints_csv)
+BIGWARP_CSV = small_file_kind("BigWarp landmarks CSV", read_bigwarp_csv)
 
 
 def read_landmarks(path: str | Path) -> LandmarkPairs:

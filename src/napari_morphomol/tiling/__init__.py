@@ -10,7 +10,7 @@ from napari_morphomol.tiling.geometry import TileGeometry, pick_pyramid_level
 from napari_morphomol.tiling.he_tiles import LevelSampler
 from napari_morphomol.tiling.panel import GenePanel, is_control_feature
 from napari_morphomol.tiling.pipeline import Tiling, compute_tissue_mask, he_levels_yxc, make_tiling, tile_sample
-from napari_morphomol.tiling.store import TilesStore, check_output_path, read_tiles_zarr, write_tiles_zarr
+from napari_morphomol.tiling.store import TILES_STORE, TilesStore, read_tiles_zarr, write_tiles_zarr
 from napari_morphomol.tiling.transcripts import (
     CellMapping,
     HeGlobalTransform,
@@ -31,7 +31,7 @@ __all__ = [
     "TokenRaster",
     "TranscriptBins",
     "bin_transcripts",
-    "check_output_path",
+    "TILES_STORE",
     "compute_tissue_mask",
     "feature_names",
     "he_levels_yxc",

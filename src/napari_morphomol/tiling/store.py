@@ -14,9 +14,7 @@ Layout (zarr v3 group):
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from napari_morphomol._atomic import atomic_output, zarr_store_kind
 from napari_morphomol._zarr_stores import open_versioned_group
 from napari_morphomol.errors import InputError
 from napari_morphomol.tiling.geometry import TileGeometry
@@ -35,33 +34,17 @@ ATTRS_KEY = "morphomol_tiles"
 _BAND_CELLS = 28
 
 
-def check_output_path(out_path: str | Path, *, overwrite: bool) -> Path:
-    out = Path(out_path)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another --out or pass --overwrite")
-    if not out.parent.is_dir():
-        raise InputError(f"the folder of {out} does not exist; create it first")
-    return out
+TILES_STORE = zarr_store_kind("tiles store", ATTRS_KEY)
+"""What ``write_tiles_zarr`` writes: ``--overwrite`` replaces only a store carrying ``ATTRS_KEY``."""
 
 
 def write_tiles_zarr(tiling: Tiling, out_path: str | Path, *, overwrite: bool = False,
-                     provenance: dict | None = None) -> Path:
-    """Write atomically: a hidden temporary store beside ``out_path``, then one rename."""
-    out = check_output_path(out_path, overwrite=overwrite)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+                     provenance: dict | None = None, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Write the tiles store atomically (a hidden temporary store beside ``out_path``, then one
+    rename), guarded by :func:`napari_morphomol._atomic.guard_output` against ``inputs``."""
+    with atomic_output(out_path, TILES_STORE, inputs=inputs, overwrite=overwrite) as tmp:
         _write(tiling, tmp, provenance=provenance or {})
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return Path(out_path)
 
 
 def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
