@@ -11,15 +11,17 @@ import json
 import time
 from pathlib import Path
 
+from napari_morphomol.commands._arguments import real_number, whole_number
+
 NAME = "demo"
 HELP = "run the whole path on a synthetic sample: load, predict, cluster, export, screenshot"
 
 
 def add_arguments(parser):
     parser.add_argument("--out", default="morphomol-demo", help="output folder (default: ./morphomol-demo)")
-    parser.add_argument("--size-mm", nargs=2, type=float, default=(1.0, 1.0), metavar=("W", "H"),
-                        help="synthetic tissue size in mm (default: 1 1)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic sample seed (default: 0)")
+    parser.add_argument("--size-mm", nargs=2, type=real_number(0.0, 30.0, open_minimum=True, unit="mm"),
+                        default=(1.0, 1.0), metavar=("W", "H"), help="synthetic tissue size in mm (default: 1 1)")
+    parser.add_argument("--seed", type=whole_number(0), default=0, help="synthetic sample seed (default: 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu or cuda")
 
 
@@ -33,8 +35,9 @@ def run(args) -> int:
     from napari_morphomol.export.writers import export_results
     from napari_morphomol.inference import predict
     from napari_morphomol.io.sample import open_sample, summarize_sample
+    from napari_morphomol._atomic import guard_output_folder
     from napari_morphomol.io.synthetic import write_synthetic_sample
-    out = Path(args.out)
+    out = guard_output_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sample_dir = out / f"sample-{args.size_mm[0]:g}x{args.size_mm[1]:g}mm-seed{args.seed}"
     start = time.perf_counter()

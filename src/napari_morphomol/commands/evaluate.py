@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from napari_morphomol.commands._arguments import whole_number
 from napari_morphomol.errors import InputError
 
 NAME = "evaluate"
@@ -26,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="OUT",
                         help="path stem of the tables: writes OUT.csv, OUT.md and OUT_genes.csv")
     parser.add_argument("--work", metavar="DIR", help="where sample folders are tiled (default: beside OUT)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--genes", type=int, default=20, metavar="N",
+    parser.add_argument("--batch-size", type=whole_number(1), default=64, help="tiles per forward pass (default 64)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace tables that an earlier evaluate wrote at OUT (never other files)")
+    parser.add_argument("--genes", type=whole_number(0), default=20, metavar="N",
                         help="per-gene lines printed per checkpoint, best and worst by Pearson (default 20; 0 = all)")
 
 
@@ -36,14 +39,24 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_morphomol.models import check_tile_geometry, evaluate_model, load_checkpoint, table_markdown, variant_table
     from napari_morphomol.models.data import open_cohort, tiles_stores_for
-    from napari_morphomol._atomic import write_text_atomic
-    from napari_morphomol.models.metrics import write_variant_table
+    from napari_morphomol._atomic import guard_output, guard_output_folder, write_text_atomic
+    from napari_morphomol.models.metrics import (
+        GENE_TABLE_CSV,
+        VARIANT_TABLE_CSV,
+        VARIANT_TABLE_MARKDOWN,
+        write_variant_table,
+    )
     from napari_morphomol.tiling import GenePanel
 
     stem = Path(args.out)
     if not stem.parent.is_dir():
         raise InputError(f"the folder of --out {stem} does not exist; create it first")
-    work = Path(args.work) if args.work else stem.parent / "tiles"
+    inputs = [*args.checkpoints, *args.data]
+    genes_path = stem.with_name(stem.name + "_genes.csv")
+    for path, kind in ((stem.with_name(stem.name + ".csv"), VARIANT_TABLE_CSV),
+                       (stem.with_name(stem.name + ".md"), VARIANT_TABLE_MARKDOWN), (genes_path, GENE_TABLE_CSV)):
+        guard_output(path, kind, inputs=inputs, overwrite=args.overwrite)
+    work = guard_output_folder(args.work if args.work else stem.parent / "tiles", inputs=inputs)
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -76,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
         print(ranked.to_string(float_format=lambda v: f"{v:.3f}"))
 
     table = variant_table(per_variant)
-    csv_path, markdown_path = write_variant_table(table, stem)
-    genes_path = stem.with_name(stem.name + "_genes.csv")
-    write_text_atomic(genes_path, pd.concat(gene_tables).to_csv(index=False), overwrite=True)
+    csv_path, markdown_path = write_variant_table(table, stem, overwrite=args.overwrite, inputs=inputs)
+    write_text_atomic(genes_path, pd.concat(gene_tables).to_csv(index=False), GENE_TABLE_CSV, inputs=inputs,
+                      overwrite=args.overwrite)
     print()
     print(table_markdown(table))
     print(f"wrote {csv_path}, {markdown_path}, {genes_path}")

@@ -12,8 +12,9 @@ the 'global' coordinate system. Opens with spatialdata.read_zarr and napari-spat
 --landmarks: the landmark pairs of the run's registration (Xenium Explorer keypoints CSV, or
 BigWarp CSV with --landmark-format bigwarp).
 
-Files are written under a temporary name and renamed when complete; an existing file is
-replaced only with --overwrite.
+Files are written under a temporary name and renamed when complete. No output may be, hold or
+lie inside the results store or the sample's files, nor lie inside a Xenium bundle; an existing
+file is replaced only with --overwrite, and only when it is an export napari-morphomol wrote.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def add_arguments(parser):
                         help="landmark CSV flavour (default: xenium, Xenium Explorer keypoints)")
     parser.add_argument("--no-clusters", dest="clusters", action="store_false",
                         help="skip PCA / Leiden / UMAP of the embeddings")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing exports that napari-morphomol wrote (never other files)")
 
 
 def run(args) -> int:

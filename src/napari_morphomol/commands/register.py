@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_morphomol._atomic import guard_output
+from napari_morphomol.commands._arguments import real_number, whole_number
+from napari_morphomol.commands._sample_inputs import input_paths
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration import (
     MODELS,
@@ -28,6 +31,8 @@ from napari_morphomol.registration import (
     write_keypoints_csv,
     write_registration_json,
 )
+from napari_morphomol.registration.apply import REGISTRATION_JSON
+from napari_morphomol.registration.formats import ALIGNMENT_CSV, BIGWARP_CSV, KEYPOINTS_CSV
 from napari_morphomol.registration.auto import propose_landmarks_for_sample
 
 NAME = "register"
@@ -41,16 +46,19 @@ def add_arguments(parser):
     parser.add_argument("--auto", action="store_true", help="find landmark pairs automatically (DAPI vs hematoxylin)")
     parser.add_argument("--model", choices=MODELS, default="affine", help="transform model (default: affine)")
     parser.add_argument("--robust", action="store_true", help="RANSAC: leave out landmarks that miss by more than --outlier-um")
-    parser.add_argument("--outlier-um", type=float, default=15.0, help="robust fit outlier threshold in um (default 15)")
-    parser.add_argument("--regions", type=int, help="per-region model: number of automatic regions")
-    parser.add_argument("--he-pixel-size-um", type=float, help="H&E um/px when the image does not record it")
+    parser.add_argument("--outlier-um", type=real_number(0.0, open_minimum=True, unit="um"), default=15.0,
+                        help="robust fit outlier threshold in um (default 15)")
+    parser.add_argument("--regions", type=whole_number(1), help="per-region model: number of automatic regions")
+    parser.add_argument("--he-pixel-size-um", type=real_number(0.0, 1000.0, open_minimum=True, unit="um/px"),
+                        help="H&E um/px when the image does not record it")
     parser.add_argument("--out", required=True, help="alignment CSV to write (3x3, H&E px -> Xenium px)")
     parser.add_argument("--save-landmarks", help="also write the landmark pairs used (e.g. the automatic ones)")
     parser.add_argument(
         "--landmarks-format", choices=("keypoints", "bigwarp"), default="keypoints",
         help="format of --save-landmarks (default: Xenium Explorer keypoints)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing output files that napari-morphomol wrote (never an input)")
 
 
 def open_images(xenium_dir: str, he_path: str, he_pixel_size_um: float | None):
@@ -72,9 +80,16 @@ def run(args) -> int:
         raise InputError("give landmark pairs (--landmarks FILE), ask for automatic ones (--auto), or both")
     out = Path(args.out)
     record_path = out.with_name(out.stem + ".registration.json")
-    for path in (out, record_path, Path(args.save_landmarks) if args.save_landmarks else None):
-        if path is not None and path.exists() and not args.overwrite:
-            raise InputError(f"{path} exists; pass --overwrite to replace it or choose another --out")
+    landmarks_kind = BIGWARP_CSV if args.landmarks_format == "bigwarp" else KEYPOINTS_CSV
+    targets = [(out, ALIGNMENT_CSV), (record_path, REGISTRATION_JSON)]
+    if args.save_landmarks:
+        targets.append((Path(args.save_landmarks), landmarks_kind))
+    if len({path.resolve() for path, _ in targets}) < len(targets):
+        raise InputError(f"--save-landmarks {args.save_landmarks} is also --out or its record {record_path}; "
+                         "give it its own name")
+    inputs = input_paths(args)
+    for path, kind in targets:
+        guard_output(path, kind, inputs=inputs, overwrite=args.overwrite)
     sdata = open_images(args.xenium_dir, args.he, args.he_pixel_size_um)
     info = sample_info(sdata)
     parts = []
@@ -112,14 +127,14 @@ def run(args) -> int:
     print(f"model {fitted.model}: RMSE {fitted.rmse_um:.2f} um over {int(fitted.used.sum())} pairs{loo}")
     for warning in fitted.warnings:
         print(f"warning: {warning}")
-    write_alignment_csv(out, fitted.best_affine, overwrite=args.overwrite)
-    write_registration_json(record_path, fitted, overwrite=args.overwrite)
+    write_alignment_csv(out, fitted.best_affine, overwrite=args.overwrite, inputs=inputs)
+    write_registration_json(record_path, fitted, overwrite=args.overwrite, inputs=inputs)
     if fitted.matrix is None:
         print(f"note: {out} holds the best single affine; the {fitted.model} model is in {record_path}")
     print(f"wrote {out} and {record_path}")
     if args.save_landmarks:
         writer = write_bigwarp_csv if args.landmarks_format == "bigwarp" else write_keypoints_csv
-        writer(args.save_landmarks, pairs, overwrite=args.overwrite)
+        writer(args.save_landmarks, pairs, overwrite=args.overwrite, inputs=inputs)
         print(f"wrote {args.save_landmarks}")
     return 0
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 import resource
 import sys
 
+from napari_morphomol.commands._arguments import real_number, whole_number
+
 NAME = "synth"
 HELP = "write a synthetic Xenium bundle + H&E sample with ground truth (for tests and demos)"
 
 
 def add_arguments(parser):
     parser.add_argument("out_dir", help="new (or empty) folder to create")
-    parser.add_argument("--size-mm", type=float, nargs=2, default=(1.0, 1.0), metavar=("W", "H"), help="section size in mm (default 1 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--core-genes", type=int, default=380, help="core panel size (default 380)")
-    parser.add_argument("--addon-genes", type=int, default=100, help="add-on panel size (default 100)")
-    parser.add_argument("--he-pixel-size-um", type=float, default=0.2737, help="H&E pixel size in um/px (default 0.2737)")
+    parser.add_argument("--size-mm", type=real_number(0.0, 30.0, open_minimum=True, unit="mm"), nargs=2,
+                        default=(1.0, 1.0), metavar=("W", "H"), help="section size in mm (default 1 1)")
+    parser.add_argument("--seed", type=whole_number(0), default=0, help="random seed (default 0)")
+    parser.add_argument("--core-genes", type=whole_number(1, 20_000), default=380, help="core panel size (default 380)")
+    parser.add_argument("--addon-genes", type=whole_number(1, 20_000), default=100,
+                        help="add-on panel size (default 100)")
+    parser.add_argument("--he-pixel-size-um", type=real_number(0.05, 5.0, unit="um/px"), default=0.2737,
+                        help="H&E pixel size in um/px (default 0.2737)")
     parser.add_argument("--no-deformation", action="store_true", help="H&E placed by an affine only (no local warp)")
 
 

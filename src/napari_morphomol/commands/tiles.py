@@ -13,7 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-from napari_morphomol.commands._sample_inputs import add_sample_arguments, alignment_path, region_polygon_he_px
+from napari_morphomol.commands._arguments import fraction, real_number, whole_number
+from napari_morphomol.commands._sample_inputs import (
+    add_sample_arguments,
+    alignment_path,
+    input_paths,
+    region_polygon_he_px,
+)
 
 NAME = "tiles"
 HELP = "tile grid, core-gene token raster and add-on targets -> TILES.zarr"
@@ -24,24 +30,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--panel", metavar="FILE",
                         help='JSON {"core": [...], "addon": [...]}; default: every gene core, no add-on')
     parser.add_argument("--out", required=True, metavar="TILES.zarr", help="output store (written atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--tile-px", type=int, default=512, help="tile size in px at --tile-mpp (default 512)")
-    parser.add_argument("--stride-px", type=int, default=256, help="tile stride in px (default 256)")
-    parser.add_argument("--tile-mpp", type=float, default=0.5, help="tile pixel size, um/px (default 0.5)")
-    parser.add_argument("--max-background", type=float, default=0.3,
-                        help="largest background fraction of a kept tile (default 0.3)")
-    parser.add_argument("--min-transcripts", type=int, default=1000,
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is a tiles store written by napari-morphomol")
+    parser.add_argument("--tile-px", type=whole_number(14), default=512, help="tile size in px at --tile-mpp (default 512)")
+    parser.add_argument("--stride-px", type=whole_number(1), default=256, help="tile stride in px (default 256)")
+    parser.add_argument("--tile-mpp", type=real_number(0.0, open_minimum=True, unit="um/px"), default=0.5,
+                        help="tile pixel size, um/px (default 0.5)")
+    parser.add_argument("--max-background", type=fraction, default=0.3,
+                        help="largest background fraction of a kept tile, 0 to 1 (default 0.3)")
+    parser.add_argument("--min-transcripts", type=whole_number(0), default=1000,
                         help="fewest core + add-on transcripts of a kept tile; 0 keeps all (default 1000)")
-    parser.add_argument("--min-qv", type=float, default=20.0, help="lowest transcript qv counted (default 20)")
+    parser.add_argument("--min-qv", type=real_number(0.0, unit="(Phred)"), default=20.0,
+                        help="lowest transcript qv counted (default 20)")
 
 
 def run(args: argparse.Namespace) -> int:
     from napari_morphomol.io.sample import load_sample
     from napari_morphomol.registration import read_registration_json
-    from napari_morphomol.tiling import GenePanel, check_output_path, tile_sample, write_tiles_zarr
+    from napari_morphomol._atomic import guard_output
+    from napari_morphomol.tiling import TILES_STORE, GenePanel, tile_sample, write_tiles_zarr
 
-    out = check_output_path(args.out, overwrite=args.overwrite)
     alignment = alignment_path(Path(args.xenium_dir), args.alignment, args.registration)
+    inputs = input_paths(args, alignment)
+    out = guard_output(args.out, TILES_STORE, inputs=inputs, overwrite=args.overwrite)
     registration = read_registration_json(args.registration) if args.registration else None
     panel = GenePanel.from_json(args.panel) if args.panel else None
     sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
@@ -57,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     provenance = {"xenium_dir": str(args.xenium_dir), "he": str(args.he), "alignment": alignment,
                   "registration": args.registration, "panel": args.panel}
-    write_tiles_zarr(tiling, out, overwrite=args.overwrite, provenance=provenance)
+    write_tiles_zarr(tiling, out, overwrite=args.overwrite, provenance=provenance, inputs=inputs)
     report = tiling.report
     print(f"{report['kept_tiles']} tiles kept of {report['grid_tiles']} in the grid "
           f"({report['tissue_tiles']} on tissue; transcript filter: {report['transcript_filter']['kept']} kept, "

@@ -16,11 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-from napari_morphomol._atomic import write_text_atomic
+from napari_morphomol._atomic import guard_output, guard_output_folder, json_file_kind, write_text_atomic
+from napari_morphomol.commands._arguments import fraction, real_number, whole_number
 from napari_morphomol.errors import InputError
 
 NAME = "train"
 HELP = "train fusion / baseline models on tiles stores or sample folders -> OUT/VARIANT.safetensors"
+SPLIT_FORMAT = "napari-morphomol.split/1"
+SPLIT_JSON = json_file_kind("train split record", "format", SPLIT_FORMAT)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,9 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     split = parser.add_argument_group("split (whole samples; sample id = folder name or store name without .tiles.zarr)")
     split.add_argument("--val", nargs="+", default=[], metavar="SAMPLE", help="validation samples")
     split.add_argument("--test", nargs="+", default=[], metavar="SAMPLE", help="test samples (never trained on)")
-    split.add_argument("--val-fraction", type=float, default=0.2, help="when --val is not given (default 0.2)")
-    split.add_argument("--test-fraction", type=float, default=0.0, help="when --test is not given (default 0)")
-    split.add_argument("--split-seed", type=int, default=0)
+    split.add_argument("--val-fraction", type=fraction, default=0.2, help="when --val is not given (default 0.2)")
+    split.add_argument("--test-fraction", type=fraction, default=0.0, help="when --test is not given (default 0)")
+    split.add_argument("--split-seed", type=whole_number(0), default=0)
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm ViT name (default {DEFAULT_BACKBONE})")
     model.add_argument("--backbone-kwargs", type=json.loads, default={}, metavar="JSON",
@@ -46,17 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help='pretrained backbone (.safetensors/.pth/.npz, or "hub"); default random init')
     model.add_argument("--learnable-gate", action="store_true", help="tanh(alpha) gate on the added expression")
     fit = parser.add_argument_group("training (defaults: the paper's)")
-    fit.add_argument("--epochs", type=int, default=35)
-    fit.add_argument("--warmup-epochs", type=int, default=5)
-    fit.add_argument("--batch-size", type=int, default=256)
-    fit.add_argument("--accumulate", type=int, default=2, help="gradient accumulation steps")
-    fit.add_argument("--lr-head", type=float, default=1e-4)
-    fit.add_argument("--lr-backbone", type=float, default=1e-5)
-    fit.add_argument("--weight-decay", type=float, default=1e-3)
-    fit.add_argument("--patience", type=int, default=10, help="early stopping on validation MSE")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--epochs", type=whole_number(1), default=35)
+    fit.add_argument("--warmup-epochs", type=whole_number(0), default=5)
+    fit.add_argument("--batch-size", type=whole_number(1), default=256)
+    fit.add_argument("--accumulate", type=whole_number(1), default=2, help="gradient accumulation steps")
+    fit.add_argument("--lr-head", type=real_number(0.0, 1.0, open_minimum=True), default=1e-4)
+    fit.add_argument("--lr-backbone", type=real_number(0.0, 1.0), default=1e-5, help="0 freezes the backbone")
+    fit.add_argument("--weight-decay", type=real_number(0.0, 1.0), default=1e-3)
+    fit.add_argument("--patience", type=whole_number(1), default=10, help="early stopping on validation MSE")
+    fit.add_argument("--seed", type=whole_number(0), default=0)
     fit.add_argument("--precision", default="auto", help='Lightning precision (default: bf16-mixed on GPU, else "32-true")')
-    fit.add_argument("--workers", type=int, default=0, help="data loader processes")
+    fit.add_argument("--workers", type=whole_number(0, 256), default=0,
+                     help="data loader processes (default 0: load in the training process)")
     fit.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
     hardware = parser.add_argument_group(
         "hardware (Lightning's; e.g. --accelerator gpu --devices 4 --strategy ddp, or --num-nodes N on a cluster)")
@@ -78,10 +82,18 @@ def _devices(value: str) -> int | str:
     raise argparse.ArgumentTypeError(f"{value!r}: give a number of devices (e.g. 2) or auto")
 
 
+def _sample_names(given: list[str], names: list[str]) -> list[str]:
+    """--val/--test entries as sample ids: a name, or a path as given in DATA (folder or store)."""
+    from napari_morphomol.models.data import sample_id_of
+
+    return [value if value in names else sample_id_of(value) for value in given]
+
+
 def _split(sample_ids, args):
     from napari_morphomol.models import split_by_sample
 
     names = sorted(set(sample_ids))
+    args.val, args.test = _sample_names(args.val, names), _sample_names(args.test, names)
     unknown = sorted(set(args.val + args.test) - set(names))
     if unknown:
         raise InputError(f"--val/--test name samples that are not in DATA: {', '.join(unknown)}; samples: {', '.join(names)}")
@@ -113,11 +125,11 @@ def run(args: argparse.Namespace) -> int:
     from napari_morphomol.models.data import open_cohort, tiles_stores_for
     from napari_morphomol.tiling import GenePanel
 
-    out = Path(args.out)
     primary = is_primary_process()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder for the checkpoints")
+    inputs = [*args.data, args.panel, args.backbone_weights if args.backbone_weights != "hub" else None]
+    out = guard_output_folder(args.out, inputs=inputs)
     if out.exists() and primary:
+        guard_output(out / "split.json", SPLIT_JSON, inputs=inputs, overwrite=True)
         clash = [v for v in args.variants if (out / f"{v}.safetensors").exists()]
         if clash:
             raise InputError(f"{out} already holds {', '.join(v + '.safetensors' for v in clash)}; choose another --out")
@@ -126,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    stores = tiles_stores_for(args.data, work_dir=args.work or out / "tiles", panel=panel, progress=say)
+    work = guard_output_folder(args.work or out / "tiles", inputs=inputs)
+    stores = tiles_stores_for(args.data, work_dir=work, panel=panel, progress=say)
     cohort = open_cohort(stores, progress=lambda path, done, total: say(f"decoding tiles of {path}: {done}/{total}"))
     sample_ids = cohort.sample_ids
     groups = _split(sample_ids, args)
@@ -138,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "split.json", json.dumps(
-            {**groups, "stores": {s.sample_id: str(s.store.path.absolute()) for s in cohort.samples}}, indent=1),
-            overwrite=True)
+            {"format": SPLIT_FORMAT, **groups,
+             "stores": {s.sample_id: str(s.store.path.absolute()) for s in cohort.samples}}, indent=1),
+            SPLIT_JSON, inputs=inputs, overwrite=True)
 
     settings = TrainingSettings(
         lr_head=args.lr_head, lr_backbone=args.lr_backbone, weight_decay=args.weight_decay, max_epochs=args.epochs,

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from napari_morphomol._atomic import guard_output_folder
 from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM, as_points_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.io._synth_expression import LATENTS, GenePanel, make_panel, sample_block
@@ -237,6 +238,7 @@ _TRANSCRIPT_SCHEMA = pa.schema(
 
 
 def _check_out_dir(out_dir: Path) -> None:
+    guard_output_folder(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"{out_dir} already exists and is not empty: pick a new folder for the synthetic sample")
     if not out_dir.parent.is_dir():
