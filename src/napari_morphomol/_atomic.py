@@ -23,6 +23,7 @@ import fnmatch
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -163,6 +164,7 @@ def guard_output(path: str | Path, kind: OutputKind, *, inputs: Iterable[str | P
         raise InputError(f"folder {path.parent} does not exist; create it first")
     if not path.parent.is_dir():
         raise InputError(f"{path.parent} is a file, not a folder; choose a folder to write {path.name} into")
+    _check_writable(path.parent, path)
     return path
 
 
@@ -174,7 +176,19 @@ def guard_output_folder(folder: str | Path, *, inputs: Iterable[str | Path | Non
     _refuse_among_inputs(folder, inputs, may_hold_inputs=True)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file, not a folder; give a folder to write the outputs into")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    first_new = existing / folder.relative_to(existing).parts[0] if existing != folder else folder / "(new files)"
+    _check_writable(existing, first_new)
     return folder
+
+
+def _check_writable(folder: Path, path: Path) -> None:
+    """Refuse a folder that cannot be written, before any work (a probe file, made and removed)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".morphomol-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(os_error_message(path, exc)) from exc
 
 
 def _refuse_among_inputs(path: Path, inputs: Iterable[str | Path | None], *, may_hold_inputs: bool = False) -> None:
@@ -219,6 +233,15 @@ def os_error_message(path: Path, exc: OSError) -> str:
     return f"could not write {path} ({exc}){kept}"
 
 
+def os_fault_message(exc: OSError) -> str:
+    """An operating-system failure anywhere (read or write) in one sentence that says what to do."""
+    if exc.filename is not None and exc.errno in _FULL:
+        return os_error_message(Path(exc.filename), exc)
+    where = f" ({exc.filename})" if exc.filename is not None else ""
+    return (f"{exc.strerror or exc}{where}; check that the path exists and can be read and written, "
+            "and that the disk has space")
+
+
 @contextmanager
 def atomic_output(path: str | Path, kind: OutputKind, *, inputs: Iterable[str | Path | None] = (),
                   overwrite: bool = False) -> Iterator[Path]:
@@ -254,9 +277,13 @@ def _replace(tmp: Path, path: Path) -> None:
 
 def _remove(tmp: Path) -> None:
     """Delete a failed temporary output. A folder is retried for a while: writer threads (dask,
-    zarr's event loop) still finishing their chunks after the first error may add files to it."""
+    zarr's event loop) still finishing their chunks after the first error may add files to it.
+    Never raises: the error that made the write fail is the one to report."""
     if not tmp.is_dir():
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         return
     for _ in range(_REMOVE_ATTEMPTS):
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from napari_morphomol import __version__
+from napari_morphomol._atomic import os_fault_message
 from napari_morphomol.errors import InputError
 
 SUBCOMMANDS = [  # in the order of the work
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             return int(args._run(args) or 0)
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"morphomol {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the last line of defence: a fault of the machine, said in one line
+        print(f"morphomol {args.command}: error: {os_fault_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"morphomol {args.command}: interrupted", file=sys.stderr)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from napari_morphomol.commands._arguments import real_number, whole_number
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from napari_morphomol.commands._arguments import whole_number
-from napari_morphomol.errors import InputError
 
 NAME = "evaluate"
 HELP = "per-gene metrics and the Table A.1 comparison of checkpoints on held-out samples"
@@ -49,13 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from napari_morphomol.tiling import GenePanel
 
     stem = Path(args.out)
-    if not stem.parent.is_dir():
-        raise InputError(f"the folder of --out {stem} does not exist; create it first")
     inputs = [*args.checkpoints, *args.data]
     genes_path = stem.with_name(stem.name + "_genes.csv")
     for path, kind in ((stem.with_name(stem.name + ".csv"), VARIANT_TABLE_CSV),
                        (stem.with_name(stem.name + ".md"), VARIANT_TABLE_MARKDOWN), (genes_path, GENE_TABLE_CSV)):
-        guard_output(path, kind, inputs=inputs, overwrite=args.overwrite)
+        guard_output(path, kind, inputs=inputs, overwrite=args.overwrite)  # also: the folder of OUT exists
     work = guard_output_folder(args.work if args.work else stem.parent / "tiles", inputs=inputs)
 
     def say(message: str) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from napari_morphomol._atomic import guard_output, guard_output_folder, json_file_kind, write_text_atomic
 from napari_morphomol.commands._arguments import fraction, real_number, whole_number

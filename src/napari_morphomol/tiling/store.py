@@ -24,7 +24,6 @@ import zarr
 
 from napari_morphomol._atomic import atomic_output, zarr_store_kind
 from napari_morphomol._zarr_stores import open_versioned_group
-from napari_morphomol.errors import InputError
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.pipeline import Tiling
 from napari_morphomol.registration.transforms import AffineXY

@@ -494,16 +494,17 @@ class RegistrationWidget(Container):
         path = Path(self.export_path.value)
         try:
             self._require_landmark_layers()
+            info = sample_info(self.sdata)
+            inputs = (info.xenium_dir, info.he_path, info.alignment_csv)
             if self.file_format.value == ALIGNMENT:
-                matrix = sample_info(self.sdata).he_to_global
-                if matrix is None:
+                if info.he_to_global is None:
                     raise InputError("the H&E has no registration yet: Fit and Apply first, then export the matrix")
-                write = partial(write_alignment_csv, path, np.asarray(matrix))
+                write = partial(write_alignment_csv, path, np.asarray(info.he_to_global), inputs=inputs)
             else:
                 he_px, global_px, names, active = self.landmark_points()
                 pairs = landmark_pairs_from_points(he_px, global_px, names=names, active=active)
                 writer = write_keypoints_csv if self.file_format.value == KEYPOINTS else write_bigwarp_csv
-                write = partial(writer, path, pairs)
+                write = partial(writer, path, pairs, inputs=inputs)
             if path.is_dir():
                 raise InputError(f"{path} is a folder: choose a file name to export to")
             replace = path.exists()
