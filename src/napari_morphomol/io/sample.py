@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -27,6 +28,7 @@ from spatialdata.transformations import Affine, Identity, Scale, set_transformat
 
 from napari_morphomol.coords import GLOBAL, HE_PX
 from napari_morphomol.errors import InputError
+from napari_morphomol.io.features import XeniumDataWarning, warn_non_finite_xy
 from napari_morphomol.io.he_image import read_pyramid, rgb_levels_cyx
 from napari_morphomol.registration.formats import read_alignment_csv
 
@@ -36,7 +38,28 @@ TRANSCRIPTS = "transcripts"
 ATTRS_KEY = "morphomol"
 
 _VERSION_RE = re.compile(r"^xenium-(\d+)\.(\d+)\.(\d+)(\.\d+)*")
+KNOWN_XENIUM_MAJOR_VERSIONS = range(1, 5)
+"""Xenium Onboard Analysis / Xenium Ranger 1.x to 4.x: the layouts spatialdata-io 0.7 reads
+(< 1.3, 1.3 to 2.0, >= 2.0) and this package was checked against."""
 _REQUIRED_TRANSCRIPT_COLUMNS = ("feature_name", "x_location", "y_location", "z_location", "cell_id")
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+_TRANSCRIPT_COLUMN_TYPES = {  # column: (accepts the arrow type, what it should be); qv only when present
+    "x_location": (_is_number, "numbers, um"),
+    "y_location": (_is_number, "numbers, um"),
+    "z_location": (_is_number, "numbers, um"),
+    "qv": (_is_number, "numbers, Phred quality"),
+    "feature_name": (_is_text, "gene names, strings"),
+    "cell_id": (lambda t: _is_text(t) or pa.types.is_integer(t), "cell ids, strings or integers"),
+}
 _ROWS_PER_PARTITION = 2_000_000
 _MORPHOLOGY_CHANNELS_4 = ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin"]
 
@@ -52,6 +75,9 @@ class SampleInfo:
     he_pixel_size_um: float | None
     analysis_sw_version: str | None
     he_to_global: list[list[float]] | None
+    warnings: list[str] = field(default_factory=list)
+    """What loading warned about (unfamiliar software versions), for the metadata of runs on it;
+    absent from the attrs of samples opened before it existed."""
 
 
 def sample_info(sdata: SpatialData) -> SampleInfo:
@@ -92,15 +118,43 @@ def read_experiment(xenium_dir: str | Path) -> dict:
     return specs
 
 
+def _version_warnings(specs: dict, spec_file: Path) -> list[str]:
+    """One line per software version in ``specs`` whose major version this package has not seen."""
+    versions = [("analysis_sw_version", specs.get("analysis_sw_version"))]
+    ranger = specs.get("xenium_ranger")
+    if isinstance(ranger, dict) and ranger.get("version"):  # resegmented: spatialdata-io reads by this one
+        versions.append(("xenium_ranger version", ranger["version"]))
+    found = []
+    for name, version in versions:
+        match = _VERSION_RE.match(str(version))
+        major = int(match.group(1)) if match else None
+        if major is not None and major not in KNOWN_XENIUM_MAJOR_VERSIONS:
+            side = "newer" if major > KNOWN_XENIUM_MAJOR_VERSIONS[-1] else "older"
+            found.append(
+                f"{spec_file}: {name} {version!r} is {side} than the Xenium versions this package knows "
+                f"(xenium-{KNOWN_XENIUM_MAJOR_VERSIONS[0]}.x to {KNOWN_XENIUM_MAJOR_VERSIONS[-1]}.x); the bundle "
+                "is read as the nearest known layout, so results may be wrong. Please report it (with the version) "
+                "to the napari-morphomol issue tracker."
+            )
+    return found
+
+
 def _read_transcript_row_groups(
     row_groups: list[int], file: Path, categories: list[str], columns: list[str] | None = None
 ) -> pd.DataFrame:
     """One partition: row groups with ``feature_name`` as categories straight from the file's
-    dictionary pages (no per-row gene strings); dask passes the projected ``columns``."""
+    dictionary pages (no per-row gene strings); dask passes the projected ``columns``. Binary
+    names (older runs) are decoded, as spatialdata-io does."""
     parquet = pq.ParquetFile(file, read_dictionary=["feature_name"])
     df = parquet.read_row_groups(row_groups, columns=columns).to_pandas()
     if "feature_name" in df.columns:
-        df["feature_name"] = df["feature_name"].cat.set_categories(categories)
+        names = df["feature_name"]
+        if not isinstance(names.dtype, pd.CategoricalDtype):  # no rows: pandas wrote the column as nulls
+            names = names.astype("category")
+        read = names.cat.categories
+        if len(read) and isinstance(read[0], bytes):
+            names = names.cat.rename_categories([c.decode() for c in read])
+        df["feature_name"] = names.cat.set_categories(categories)
     return df
 
 
@@ -109,11 +163,13 @@ def _read_transcripts(xenium_dir: Path, xenium_pixel_size_um: float) -> dd.DataF
     spatialdata-io lays them out, but without its passes over the whole table: the gene names
     come from the parquet dictionaries, so the first frame does not wait for a scan of 100 M rows."""
     file = _check_transcripts(xenium_dir)
-    names = pq.read_table(file, columns=["feature_name"], read_dictionary=["feature_name"]).column(0)
-    dictionaries = [chunk.dictionary for chunk in names.unify_dictionaries().chunks]
-    categories = pc.unique(pa.chunked_array(dictionaries, type=names.type.value_type)).to_pylist()
-    categories = sorted(c.decode() if isinstance(c, bytes) else c for c in categories)
     metadata = pq.ParquetFile(file).metadata
+    categories = []
+    if metadata.num_rows:
+        names = pq.read_table(file, columns=["feature_name"], read_dictionary=["feature_name"]).column(0)
+        dictionaries = [chunk.dictionary for chunk in names.unify_dictionaries().chunks]
+        categories = pc.unique(pa.chunked_array(dictionaries, type=names.type.value_type)).to_pylist()
+        categories = sorted(c.decode() if isinstance(c, bytes) else c for c in categories)
     batches, batch, rows = [], [], 0
     for i in range(metadata.num_row_groups):
         batch.append(i)
@@ -139,6 +195,8 @@ def _read_transcripts(xenium_dir: Path, xenium_pixel_size_um: float) -> dd.DataF
 
 
 def _check_transcripts(xenium_dir: Path) -> Path:
+    """transcripts.parquet of the bundle, refused unless its footer reads and its columns have
+    Xenium's types (a table of no rows may hold nulls only: pandas writes empty strings so)."""
     file = xenium_dir / "transcripts.parquet"
     if not file.is_file():
         raise InputError(
@@ -147,12 +205,27 @@ def _check_transcripts(xenium_dir: Path) -> Path:
         )
     try:
         schema = pq.read_schema(file)
-        pq.ParquetFile(file).metadata  # noqa: B018  (reads the footer: catches truncation)
+        n_rows = pq.ParquetFile(file).metadata.num_rows  # reads the footer: catches truncation
     except Exception as exc:
         raise InputError(f"{file} is unreadable, truncated or not parquet ({exc}).") from exc
     missing = [c for c in _REQUIRED_TRANSCRIPT_COLUMNS if c not in schema.names]
     if missing:
         raise InputError(f"{file} lacks the columns {missing}; is it a Xenium transcripts table?")
+    wrong = []
+    for name, (accepts, expected) in _TRANSCRIPT_COLUMN_TYPES.items():
+        kind = schema.field(name).type if name in schema.names else None
+        kind = kind.value_type if kind is not None and pa.types.is_dictionary(kind) else kind
+        if kind is not None and not (accepts(kind) or (pa.types.is_null(kind) and n_rows == 0)):
+            wrong.append((name, kind, expected))
+    if wrong:
+        described = "; ".join(f"column {name!r} is {kind} (should be {expected})" for name, kind, expected in wrong)
+        numeric = [name for name, _, expected in wrong if expected.startswith("numbers")]
+        fix = (f"or convert it in a copy (pandas: df[{numeric[0]!r}] = pd.to_numeric(df[{numeric[0]!r}])) "
+               "and load the copy") if numeric else "written by the instrument or Xenium Ranger"
+        raise InputError(
+            f"{file}: {described}, so this is not a Xenium transcripts table as the instrument writes it. "
+            f"Use the bundle's own transcripts.parquet, {fix}."
+        )
     return file
 
 
@@ -226,9 +299,13 @@ def load_sample(
         raise InputError("an alignment maps H&E onto a Xenium run: give both the Xenium folder and the H&E image.")
     he_to_global = read_alignment_csv(alignment_csv) if alignment_csv is not None else None
     specs: dict = {}
+    notes: list[str] = []
     if xenium_dir is not None:
         xenium_dir = Path(xenium_dir)
         specs = read_experiment(xenium_dir)
+        notes = _version_warnings(specs, xenium_dir / "experiment.xenium")
+        for note in notes:
+            warnings.warn(note, XeniumDataWarning, stacklevel=2)
         sdata = _read_cells(xenium_dir, cell_labels=cell_labels) if cells or cell_labels else SpatialData()
         sdata.points[TRANSCRIPTS] = _read_transcripts(xenium_dir, float(specs["pixel_size"]))
         sdata.images[MORPHOLOGY] = _open_morphology(xenium_dir)
@@ -247,6 +324,7 @@ def load_sample(
         he_pixel_size_um=he_size,
         analysis_sw_version=specs.get("analysis_sw_version"),
         he_to_global=he_to_global.tolist() if he_to_global is not None else None,
+        warnings=notes,
     )
     if he_to_global is not None:
         _warn_if_scale_disagrees(info)
@@ -341,7 +419,8 @@ def find_sample_parts(folder: str | Path) -> SampleParts | None:
 
 
 def summarize_sample(sdata: SpatialData) -> dict:
-    """Plain facts about a sample for people and logs: sizes in px and um, counts, genes."""
+    """Plain facts about a sample for people and logs: sizes in px and um, counts, genes; the
+    transcripts with NaN or infinite x/y are counted (``non_finite_xy``) and warned about."""
     info = sample_info(sdata)
     summary: dict = {"xenium_dir": info.xenium_dir, "he_path": info.he_path, "alignment_csv": info.alignment_csv}
     if MORPHOLOGY in sdata.images:
@@ -361,8 +440,13 @@ def summarize_sample(sdata: SpatialData) -> dict:
     if TRANSCRIPTS in sdata.points:
         points = sdata.points[TRANSCRIPTS]
         names = points["feature_name"].dtype.categories
+        finite = np.isfinite(points["x"]) & np.isfinite(points["y"])
+        count, n_finite = dask.compute(points.shape[0], finite.sum())  # one read, as for the count alone
+        non_finite = int(count - n_finite)
+        warn_non_finite_xy(non_finite)
         summary["transcripts"] = {
-            "count": int(points.shape[0].compute()),
+            "count": int(count),
+            "non_finite_xy": non_finite,
             "partitions": points.npartitions,
             "features": len(names),
         }

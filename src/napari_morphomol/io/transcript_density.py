@@ -4,6 +4,7 @@ Real runs hold 100 M+ transcripts; showing them as points is hopeless and a rand
 One pass over the dask partitions bins every transcript (qv >= 20) into square bins of ``bin_um``
 and keeps a sparse genes x bins count matrix, so any gene's (or the total's) density is one
 sparse row away. Bins are half-open and start at 0 um: bin (i, j) holds x in [j b, (j+1) b) and y in [i b, (i+1) b).
+Transcripts with a NaN or infinite x or y are counted apart (``n_non_finite``) and warned about.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 from dataclasses import dataclass
 
 import dask
-
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -20,9 +20,11 @@ import scipy.sparse as sp
 from skimage.measure import block_reduce
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.io.features import is_control_feature
+from napari_morphomol.io.features import is_control_feature, warn_non_finite_xy
 
 MIN_QV = 20.0
+
+
 @dataclass(frozen=True)
 class TranscriptDensity:
     """Counts per (feature, bin); features are the categories of ``feature_name``."""
@@ -34,6 +36,7 @@ class TranscriptDensity:
     counts: sp.csr_matrix
     n_outside: int
     n_low_qv: int
+    n_non_finite: int
 
     def raster(self, features: list[str] | None = None) -> np.ndarray:
         """Counts per bin (y, x) summed over ``features`` (default: every gene, no controls)."""
@@ -74,7 +77,9 @@ def build_transcript_density(
     bin_um: float = 4.0,
     min_qv: float = MIN_QV,
 ) -> TranscriptDensity:
-    """Bin transcripts (columns ``x``, ``y`` in um, ``feature_name``, ``qv``) over [0, W) x [0, H) um."""
+    """Bin transcripts (columns ``x``, ``y`` in um, ``feature_name``, ``qv``) over [0, W) x [0, H) um.
+
+    Every transcript is counted once: in a bin, or as non-finite x/y (first), low qv, or outside."""
     if bin_um <= 0:
         raise InputError(f"bin size must be positive, got {bin_um} um")
     width_um, height_um = extent_um
@@ -87,11 +92,12 @@ def build_transcript_density(
     def count_partition(df: pd.DataFrame) -> pd.DataFrame:
         x = df["x"].to_numpy(np.float64)
         y = df["y"].to_numpy(np.float64)
-        keep = np.ones(len(df), dtype=bool)
+        keep = np.isfinite(x) & np.isfinite(y)
+        non_finite = int((~keep).sum())
         low_qv = 0
         if has_qv:
             good = df["qv"].to_numpy() >= min_qv
-            low_qv = int((~good).sum())
+            low_qv = int((keep & ~good).sum())
             keep &= good
         ix = np.floor(x / bin_um)
         iy = np.floor(y / bin_um)
@@ -101,9 +107,8 @@ def build_transcript_density(
         codes = df["feature_name"].astype(code_of).cat.codes.to_numpy()[keep].astype(np.int64)
         key = codes * n_bins + (iy[keep].astype(np.int64) * nx + ix[keep].astype(np.int64))
         uniq, counts = np.unique(key, return_counts=True)
-        return pd.DataFrame(
-            {"key": np.concatenate([uniq, [-1, -2]]), "count": np.concatenate([counts, [outside, low_qv]])}
-        )
+        return pd.DataFrame({"key": np.concatenate([uniq, [-1, -2, -3]]),
+                             "count": np.concatenate([counts, [outside, low_qv, non_finite]])})
 
     columns = ["x", "y", "feature_name"] + (["qv"] if has_qv else [])  # read nothing else from disk
     parts = points[columns].map_partitions(count_partition, meta=pd.DataFrame({"key": [0], "count": [0]}).iloc[:0])
@@ -118,6 +123,8 @@ def build_transcript_density(
     good = key >= 0
     rows, cols = np.divmod(key[good], n_bins)
     counts = sp.csr_matrix((value[good], (rows, cols)), shape=(len(features), n_bins), dtype=np.int64)
+    n_non_finite = int(value[key == -3].sum())
+    warn_non_finite_xy(n_non_finite)
     return TranscriptDensity(
         features=[str(f) for f in features],
         is_gene=np.array([not is_control_feature(f) for f in features], dtype=bool),
@@ -126,6 +133,7 @@ def build_transcript_density(
         counts=counts.astype(np.int32),
         n_outside=int(value[key == -1].sum()),
         n_low_qv=int(value[key == -2].sum()),
+        n_non_finite=n_non_finite,
     )
 
 

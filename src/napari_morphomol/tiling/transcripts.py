@@ -1,7 +1,8 @@
 """Transcripts -> one token raster of core-gene counts and one stride raster of add-on counts.
 
-Each transcript is filtered (qv, controls, panel), mapped from um through ``global`` px and the
-registration into H&E px, then into cell coordinates (see :mod:`.geometry`), and counted once.
+Each transcript is filtered (finite x/y, qv, controls, panel), mapped from um through ``global``
+px and the registration into H&E px, then into cell coordinates (see :mod:`.geometry`), and
+counted once.
 Work goes partition by partition of a (dask) dataframe; the only memory that grows with the slide
 is the output. The core raster is dense ``(rows, cols, genes)`` uint32 while it fits in
 ``max_dense_bytes``, otherwise a CSR matrix (cells x genes) built from per-partition sorted keys.
@@ -19,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from napari_morphomol.errors import InputError
+from napari_morphomol.io.features import warn_non_finite_xy
 from napari_morphomol.registration.transforms import AffineXY
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.panel import GenePanel, is_control_feature
@@ -63,13 +65,18 @@ class CellMapping:
         return (to_cells @ np.linalg.inv(self.transform.matrix) @ to_global)[:2]
 
     def um_to_cells_xy(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cell coordinates of points, with exactly the float operations of the binning kernel."""
+        """Cell coordinates of points, with exactly the float operations of the binning kernel.
+
+        Points with a NaN or infinite coordinate map to NaN (a non-affine inverse is never asked
+        about them: its Newton steps would not converge)."""
         x = np.asarray(x_um, dtype=np.float64)
         y = np.asarray(y_um, dtype=np.float64)
         a = self.um_to_cells_matrix
         if a is None:
-            he = self.transform.inverse_apply_xy(np.stack([x, y], axis=1) / self.xenium_mpp)
-            q = self.geometry.he_px_to_cells(he)
+            finite = np.isfinite(x) & np.isfinite(y)
+            he = self.transform.inverse_apply_xy(np.stack([x[finite], y[finite]], axis=1) / self.xenium_mpp)
+            q = np.full((len(x), 2), np.nan)
+            q[finite] = self.geometry.he_px_to_cells(he)
             return np.ascontiguousarray(q[:, 0]), np.ascontiguousarray(q[:, 1])
         return a[0, 0] * x + a[0, 1] * y + a[0, 2], a[1, 0] * x + a[1, 1] * y + a[1, 2]
 
@@ -85,11 +92,13 @@ class TranscriptCounts:
     core_binned: int = 0
     addon_binned: int = 0
     addon_outside_grid: int = 0
+    non_finite_xy: int = 0
+    """NaN or infinite x or y (damaged tables); counted before every other filter."""
 
     @property
     def total(self) -> int:
         return (self.low_qv + self.control + self.not_in_panel + self.outside_image + self.core_binned
-                + self.addon_binned + self.addon_outside_grid)
+                + self.addon_binned + self.addon_outside_grid + self.non_finite_xy)
 
     def add(self, counters: np.ndarray) -> None:
         self.low_qv += int(counters[0])
@@ -99,6 +108,7 @@ class TranscriptCounts:
         self.core_binned += int(counters[4])
         self.addon_binned += int(counters[5])
         self.addon_outside_grid += int(counters[6])
+        self.non_finite_xy += int(counters[7])
 
     def to_dict(self) -> dict:
         return {**{k: int(v) for k, v in self.__dict__.items()}, "total": self.total}
@@ -114,8 +124,13 @@ def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, exte
     dense = core_dense.size > 0
     use_qv = qv.size > 0
     n_keys = 0
-    low_qv = control = other = outside = core_n = addon_n = addon_out = 0
+    low_qv = control = other = outside = core_n = addon_n = addon_out = non_finite = 0
     for k in range(x.shape[0]):
+        xk = np.float64(x[k])
+        yk = np.float64(y[k])
+        if not (np.isfinite(xk) and np.isfinite(yk)):
+            non_finite += 1
+            continue
         if use_qv and not qv[k] >= min_qv:
             low_qv += 1
             continue
@@ -127,8 +142,6 @@ def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, exte
         if slot == _SLOT_OTHER:
             other += 1
             continue
-        xk = np.float64(x[k])
-        yk = np.float64(y[k])
         qx = a[0, 0] * xk + a[0, 1] * yk + a[0, 2]
         qy = a[1, 0] * xk + a[1, 1] * yk + a[1, 2]
         if not (qx >= 0.0 and qx < extent_x and qy >= 0.0 and qy < extent_y):
@@ -159,6 +172,7 @@ def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, exte
     counters[4] += core_n
     counters[5] += addon_n
     counters[6] += addon_out
+    counters[7] += non_finite
     return n_keys
 
 
@@ -245,17 +259,26 @@ def _partitions(transcripts) -> Iterator[pd.DataFrame]:
 
 
 def feature_names(transcripts, feature_col: str = "feature_name") -> list[str]:
-    """The features of a transcript table (known categories are read without a pass over the data)."""
+    """The features of a transcript table (known categories are read without a pass over the data);
+    an InputError when it has none (an empty table)."""
     if feature_col not in transcripts.columns:
         raise InputError(f"the transcripts have no {feature_col!r} column (columns: {list(transcripts.columns)})")
     column = transcripts[feature_col]
     dtype = column.dtype
     if isinstance(dtype, pd.CategoricalDtype) and getattr(column.cat, "known", True):
-        return [str(c) for c in dtype.categories]
-    unique = column.unique()
-    if hasattr(unique, "compute"):
-        unique = unique.compute()
-    return sorted(str(c) for c in unique)
+        names = [str(c) for c in dtype.categories]
+    else:
+        unique = column.dropna().unique()
+        if hasattr(unique, "compute"):
+            unique = unique.compute()
+        names = sorted(str(c) for c in unique)
+    if not names:
+        raise InputError(
+            "the transcripts table holds no transcripts (no gene names at all); tiles and predictions "
+            "need a Xenium run's transcripts: check that transcripts.parquet is the instrument's, "
+            "not an empty export, and re-export it from the instrument or Xenium Ranger"
+        )
+    return names
 
 
 def _codes_and_slots(column: pd.Series, slot_of_gene: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -293,8 +316,9 @@ def bin_transcripts(
 ) -> TranscriptBins:
     """Count transcripts (um columns) into the token and stride rasters of ``geometry``.
 
-    Kept: ``qv >= min_qv`` (no ``qv`` column: all kept), panel genes, inside the H&E image
-    (cell coordinates in ``[0, extent)``). Everything else is counted in ``TranscriptBins.counts``.
+    Kept: finite x and y, ``qv >= min_qv`` (no ``qv`` column: all kept), panel genes, inside the
+    H&E image (cell coordinates in ``[0, extent)``). Everything else is counted in
+    ``TranscriptBins.counts``; non-finite positions are also warned about (XeniumDataWarning).
     """
     for col in (x_col, y_col, feature_col) + ((qv_col,) if qv_col else ()):
         if col not in transcripts.columns:
@@ -315,7 +339,7 @@ def bin_transcripts(
     core_totals = np.zeros((rows, cols), dtype=np.uint32)
     addon = np.zeros((*geometry.stride_raster_shape, n_addon), dtype=np.uint32)
     counts = TranscriptCounts()
-    counters = np.zeros(7, dtype=np.int64)
+    counters = np.zeros(8, dtype=np.int64)
     key_parts: list[tuple[np.ndarray, np.ndarray]] = []
     pending = 0
     extent_x, extent_y = geometry.extent_cells_xy
@@ -344,6 +368,7 @@ def bin_transcripts(
         if progress is not None:
             progress(index + 1, n_parts)
     counts.add(counters)
+    warn_non_finite_xy(counts.non_finite_xy)
     if sparse:
         keys, per_key = _merge_keys(key_parts) if key_parts else (np.zeros(0, np.int64), np.zeros(0, np.int64))
         csr = sp.csr_array(
