@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from napari_morphomol.commands._arguments import fraction, whole_number
 from napari_morphomol.commands._sample_inputs import add_sample_arguments, alignment_path, region_polygon_he_px
 
 NAME = "predict"
@@ -28,18 +29,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto = CUDA, then MPS, then CPU (default auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="auto = bf16 autocast on CUDA, elsewhere only when measured faster (default auto)")
-    parser.add_argument("--batch-size", type=int, default=32, help="tiles per forward pass (default 32)")
-    parser.add_argument("--tiles-per-chunk", type=int, default=64,
+                        help="auto = bf16 autocast on CUDA, fp32 on the CPU and MPS (default auto)")
+    parser.add_argument("--batch-size", type=whole_number(1), default=32, help="tiles per forward pass (default 32)")
+    parser.add_argument("--tiles-per-chunk", type=whole_number(1), default=64,
                         help="tiles per dask task, a spatially contiguous block (default 64)")
     parser.add_argument("--scheduler", metavar="ADDR", default="threads",
                         help="threads (default), processes, or a dask scheduler address, e.g. tcp://host:8786")
-    parser.add_argument("--workers", type=int, help="threads or processes for the local schedulers (default 2)")
-    parser.add_argument("--min-transcripts", type=int, default=0,
+    parser.add_argument("--workers", type=whole_number(1),
+                        help="threads or processes for the local schedulers (default 2)")
+    parser.add_argument("--min-transcripts", type=whole_number(0), default=0,
                         help="skip tiles with fewer core + add-on transcripts (default 0: every tissue tile)")
-    parser.add_argument("--max-background", type=float, default=0.3,
-                        help="largest background fraction of a predicted tile (default 0.3)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out (and discard a partial run)")
+    parser.add_argument("--max-background", type=fraction, default=0.3,
+                        help="largest background fraction of a predicted tile, 0 to 1 (default 0.3)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is a results store written by napari-morphomol "
+                             "(and discard a partial run)")
 
 
 class ProgressBar:
@@ -58,6 +62,7 @@ class ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     from napari_morphomol.inference import InferenceCancelled, open_results, partial_path, predict
+    from napari_morphomol.inference.store import partial_progress
     from napari_morphomol.io.sample import load_sample
     from napari_morphomol.registration import read_registration_json
 
@@ -73,8 +78,12 @@ def run(args: argparse.Namespace) -> int:
                       min_transcripts=args.min_transcripts, max_background=args.max_background,
                       overwrite=args.overwrite, progress=bar)
     except (KeyboardInterrupt, InferenceCancelled):
-        print(f"\nstopped; finished chunks are kept in {partial_path(args.out)}: run the same command to resume",
-              file=sys.stderr)
+        kept = partial_progress(args.out)
+        if kept is None:
+            print("\nstopped before anything was written", file=sys.stderr)
+        else:
+            print(f"\nstopped; {partial_path(args.out)} keeps {kept[0]} of {kept[1]} chunks finished: run the same "
+                  "command to resume", file=sys.stderr)
         return 130
     print(file=sys.stderr)
     results = open_results(out)

@@ -8,9 +8,6 @@ from napari_morphomol.errors import InputError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
-#: On the CPU, bf16 autocast is used only when it is at least this much faster than fp32 on the
-#: run's own reference batch (it is not on every CPU: without AMX/AVX512-BF16 it can be slower).
-CPU_BF16_MIN_SPEEDUP = 1.1
 
 
 class DeviceFallbackWarning(UserWarning):
@@ -56,6 +53,27 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPE_CHOICES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     return dtype
+
+
+def auto_dtype(device: torch.device | str) -> tuple[str, str]:
+    """What ``dtype="auto"`` runs on a device, and why: fixed per device kind, never timed, so two
+    runs of a sample on the same kind of device give the same predictions.
+
+    Parameters
+    ----------
+    device
+        The device the chunks run on (``cuda:0``, ``cpu``, ``mps``).
+
+    Returns
+    -------
+    tuple of str
+        ``("bfloat16", reason)`` on CUDA, ``("float32", reason)`` elsewhere.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bfloat16", "auto on CUDA: bf16 autocast (the model's matrix products in bf16)"
+    return "float32", (f"auto on {kind.upper()}: fp32 (bf16 autocast is chosen on CUDA only: on a {kind.upper()} it "
+                       "is not faster everywhere, and the choice is fixed per device kind so that runs repeat)")
 
 
 def autocast(device: torch.device, dtype: str):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import numbers
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -26,20 +28,36 @@ from pathlib import Path
 import dask
 import numpy as np
 
+from napari_morphomol._atomic import atomic_output, guard_output, os_error_message
 from napari_morphomol.errors import InputError
-from napari_morphomol.inference.devices import CPU_BF16_MIN_SPEEDUP, DeviceFallbackWarning, check_dtype, resolve_device
+from napari_morphomol.inference.devices import DeviceFallbackWarning, auto_dtype, check_dtype, resolve_device
 from napari_morphomol.inference.store import (
     ATTRS_KEY,
     CANCEL_MARKER,
+    RESULTS_STORE,
     chunk_order,
     create_partial_store,
     finalise_store,
+    is_unstarted_store,
     partial_path,
     read_done_mask,
+    remove_abandoned_starts,
+    run_lock,
 )
-from napari_morphomol.inference.worker import InferenceCancelled, RunSpec, calibrate, forget_run, run_chunk
+from napari_morphomol.inference.worker import (
+    PREFETCH_BATCHES,
+    InferenceCancelled,
+    RunSpec,
+    calibrate,
+    forget_run,
+    load_model,
+    run_chunk,
+)
 
 POLL_SECONDS = 0.2
+MIN_FUSION_TRANSCRIPT_SHARE = 0.05
+"""A model that reads transcripts is not run when fewer of the sample's panel transcripts than this
+share fall on its tissue tiles: the registration does not place the H&E on the Xenium run."""
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -83,14 +101,21 @@ def predict(
     ``sample``: a SpatialData from :func:`napari_morphomol.io.load_sample` or a path for
     :func:`~napari_morphomol.io.sample.open_sample`. ``checkpoint``: a .safetensors model (None: the
     shipped model). ``scheduler``: None/"threads", "synchronous", "processes", a dask.distributed
-    scheduler address or ``Client``. ``dtype``: "auto" (bf16 autocast on CUDA; on other devices
-    when a reference batch runs faster in it), "float32" or "bfloat16". ``progress(done, total)``
+    scheduler address or ``Client``. ``dtype``: "auto" (bf16 autocast on CUDA, fp32 on the CPU and
+    MPS: fixed per device kind, so runs repeat), "float32" or "bfloat16". ``progress(done, total)``
     is called per finished chunk; ``cancel()`` returning True stops the run within one batch and
     raises :class:`InferenceCancelled`, leaving a store that the same call resumes. An existing
     complete store for the same inputs is returned as it is.
+
+    Every check comes before anything is written: the options, the checkpoint (card, panel,
+    weights), the device, the memory the tile geometry and batch imply, the output path
+    (:func:`~napari_morphomol._atomic.guard_output`: never into a Xenium bundle or an input; with
+    ``overwrite`` only a results store of ours is replaced), and, for a model that reads
+    transcripts, that the sample's transcripts fall on its tiles. One run at a time writes a
+    store (``RESULTS.zarr.lock``). Failures to write (full disk, read-only folder) are InputErrors.
     """
-    if batch_size < 1 or tiles_per_chunk < 1:
-        raise InputError(f"batch size ({batch_size}) and tiles per chunk ({tiles_per_chunk}) must be at least 1")
+    _check_options(batch_size=batch_size, tiles_per_chunk=tiles_per_chunk, num_workers=num_workers,
+                   min_transcripts=min_transcripts, max_background=max_background)
     check_dtype(dtype)
     from napari_morphomol.io.sample import HE_IMAGE, TRANSCRIPTS, open_sample, sample_info
     from napari_morphomol.models import match_gene_panel, read_model_card
@@ -106,95 +131,193 @@ def predict(
         raise InputError("prediction needs a sample with an H&E image file and Xenium transcripts")
     sample_genes = feature_names(sdata.points[TRANSCRIPTS])
     panel_match = match_gene_panel(card, sample_genes)  # raises before any work
+    raised: list[dict] = []  # the warnings of this call, for the store's metadata
     local = _is_local(scheduler)
     if local:
         _, note = resolve_device(device)  # an absent explicit device fails here, before any work
         if note:
-            warnings.warn(note, DeviceFallbackWarning, stacklevel=2)
+            _warn(raised, note, DeviceFallbackWarning)
+    _check_memory(_sample_geometry(sdata, info, card), card, batch_size, tiles_per_chunk)
+
+    final = Path(store)
+    partial = partial_path(final)
+    sha = file_sha256(checkpoint)
+    fingerprint = {
+        "checkpoint_sha256": sha,
+        "he_path": str(Path(info.he_path).resolve()),
+        "xenium_dir": str(Path(info.xenium_dir).resolve()) if info.xenium_dir else None,
+        "he_to_global": _registration_record(info, he_to_global),
+        "region_he_px": None if region_he_px is None else np.asarray(region_he_px, float).tolist(),
+        "tiles_per_chunk": int(tiles_per_chunk),
+        "min_transcripts": int(min_transcripts),
+        "max_background": float(max_background),
+    }
+    if not overwrite:
+        existing = _complete_run_attrs(final)
+        if existing is not None and existing.get("fingerprint") == fingerprint:
+            if progress is not None:
+                progress(existing["n_chunks"], existing["n_chunks"])
+            return final
+    inputs = (info.xenium_dir, info.he_path, info.alignment_csv, checkpoint)
+    guard_output(final, RESULTS_STORE, inputs=inputs, overwrite=overwrite)
+    _check_weights(checkpoint, sha, device, scheduler)  # a damaged checkpoint fails before any store exists
 
     with ExitStack() as stack:  # the scheduler (pool, client) is set up before any work, so it fails fast
         run_scheduler, description = _scheduler(scheduler, num_workers, stack)
-        final = Path(store)
-        partial = partial_path(final)
-        if not final.parent.is_dir():
-            raise InputError(f"the folder of {final} does not exist; create it first")
-        sha = file_sha256(checkpoint)
-        fingerprint = {
-            "checkpoint_sha256": sha,
-            "he_path": str(Path(info.he_path).resolve()),
-            "xenium_dir": str(Path(info.xenium_dir).resolve()) if info.xenium_dir else None,
-            "he_to_global": _registration_record(info, he_to_global),
-            "region_he_px": None if region_he_px is None else np.asarray(region_he_px, float).tolist(),
-            "tiles_per_chunk": int(tiles_per_chunk),
-            "min_transcripts": int(min_transcripts),
-            "max_background": float(max_background),
-        }
-        if final.exists():
-            existing = _read_attrs(final)
-            if not overwrite and existing.get("status") == "complete" and existing.get("fingerprint") == fingerprint:
-                if progress is not None:
-                    progress(existing["n_chunks"], existing["n_chunks"])
-                return final
-            if not overwrite:
-                raise InputError(
-                    f"{final} already exists and holds another run; choose another --out or pass --overwrite"
-                )
-        resume = partial.exists() and not overwrite and _read_attrs(partial).get("fingerprint") == fingerprint
-        if partial.exists() and not resume and not overwrite:
-            raise InputError(
-                f"{partial} holds an unfinished run with other inputs (checkpoint, sample, region or chunking); "
-                "pass --overwrite to discard it, or resume it with its original inputs"
-            )
-
-        if resume:
-            attrs = _read_attrs(partial)
-            (partial / CANCEL_MARKER).unlink(missing_ok=True)
-            started_dtype = attrs.get("precision", {}).get("dtype")
-            if dtype != "auto" and started_dtype not in (None, dtype):
-                raise InputError(f"{partial} was started in {started_dtype}; resume it with dtype auto or "
-                                 f"{started_dtype}, or pass --overwrite to start again in another dtype")
-        else:
-            tick = time.perf_counter()
-            attrs = _start_store(partial, sdata, info, card, checkpoint, sha, panel_match, he_to_global, region_he_px,
-                                 tiles_per_chunk, min_transcripts, max_background, fingerprint)
-            timings["tiling_s"] = time.perf_counter() - tick
-        spec = RunSpec(store=str(partial), run_id=attrs["run_id"], checkpoint=str(checkpoint.resolve()),
-                       checkpoint_sha256=sha, he_path=attrs["fingerprint"]["he_path"], geometry=attrs["geometry_args"],
-                       device=device, dtype=attrs.get("precision", {}).get("dtype") or "float32",
-                       batch_size=int(batch_size))
-        n_chunks = int(attrs["n_chunks"])
-
-        if "precision" not in attrs:
-            tick = time.perf_counter()
-            precision = _choose_precision(spec, dtype, run_scheduler)
-            timings["calibration_s"] = time.perf_counter() - tick
-            spec = RunSpec(**{**asdict(spec), "dtype": precision["dtype"]})
-            attrs = _update_attrs(partial, {"precision": precision})
-            if precision["fallback_note"] and not local:
-                warnings.warn(f"workers: {precision['fallback_note']}", DeviceFallbackWarning, stacklevel=2)
-        done = read_done_mask(_open(partial))
-        pending = [int(k) for k in np.flatnonzero(~done)]
-        segment = {"scheduler": description, "device_requested": device, "batch_size": int(batch_size)}
-        tick = time.perf_counter()
+        stack.enter_context(run_lock(final))
         try:
-            records = _run_chunks(spec, pending, run_scheduler, partial, n_chunks, progress, cancel)
-        except InferenceCancelled:
-            finished = int(read_done_mask(_open(partial)).sum())
-            segment.update(status="cancelled", finished_at=_now(), chunks_done_in_store=finished,
-                           timings={**timings, "total_s": time.perf_counter() - started})
-            _update_attrs(partial, {"segments": [*attrs.get("segments", []), segment]})
-            raise
-        timings["inference_s"] = time.perf_counter() - tick
+            remove_abandoned_starts(partial)
+            if is_unstarted_store(partial):  # a start killed before its attributes were written
+                shutil.rmtree(partial)
+            attrs = _read_attrs(partial) if RESULTS_STORE.is_ours(partial) else None
+            resume = attrs is not None and not overwrite and attrs.get("fingerprint") == fingerprint
+            if attrs is not None and not resume and not overwrite:
+                raise InputError(
+                    f"{partial} holds an unfinished run with other inputs (checkpoint, sample, region or chunking); "
+                    "pass --overwrite to discard it, or resume it with its original inputs"
+                )
+            if resume:
+                (partial / CANCEL_MARKER).unlink(missing_ok=True)
+                started_dtype = attrs.get("precision", {}).get("dtype")
+                if dtype != "auto" and started_dtype not in (None, dtype):
+                    raise InputError(f"{partial} was started in {started_dtype}; resume it with dtype auto or "
+                                     f"{started_dtype}, or pass --overwrite to start again in another dtype")
+            else:
+                tick = time.perf_counter()
+                attrs = _start_store(partial, sdata, info, card, checkpoint, sha, panel_match, he_to_global,
+                                     region_he_px, tiles_per_chunk, min_transcripts, max_background, fingerprint,
+                                     inputs=inputs, overwrite=overwrite, raised=raised)
+                timings["tiling_s"] = time.perf_counter() - tick
+            return _run(partial, final, attrs, card, checkpoint, sha, device, dtype, batch_size, local,
+                        run_scheduler, description, raised, timings, started, progress, cancel)
+        except OSError as exc:
+            kept = f"; the finished chunks are kept in {partial}: run the same command again to resume" \
+                if partial.exists() else ""
+            raise InputError(os_error_message(final, exc) + kept) from exc
 
-        segment.update(
-            status="complete", finished_at=_now(), chunks_run=len(pending),
-            tiles_run=int(sum(r["tiles"] for r in records)), devices=sorted({r["device"] for r in records}),
-            batch_limit_after_oom=min((r["batch_limit"] for r in records if r["batch_limit"]), default=None),
-            timings={**timings, "total_s": time.perf_counter() - started},
-        )
-        forget_run(str(partial))
-        return finalise_store(partial, final, {"segments": [*attrs.get("segments", []), segment],
-                                               "finished_at": segment["finished_at"]})
+
+def _run(partial: Path, final: Path, attrs: dict, card, checkpoint: Path, sha: str, device: str, dtype: str,
+         batch_size: int, local: bool, run_scheduler, description: str, raised: list[dict],
+         timings: dict[str, float], started: float, progress, cancel) -> Path:
+    """Calibrate (once per store), run the unfinished chunks and finalise the store."""
+    spec = RunSpec(store=str(partial), run_id=attrs["run_id"], checkpoint=str(checkpoint.resolve()),
+                   checkpoint_sha256=sha, he_path=attrs["fingerprint"]["he_path"], geometry=attrs["geometry_args"],
+                   device=device, dtype=attrs.get("precision", {}).get("dtype") or "float32",
+                   batch_size=int(batch_size))
+    n_chunks = int(attrs["n_chunks"])
+    if "precision" not in attrs:
+        tick = time.perf_counter()
+        precision = _choose_precision(spec, dtype, run_scheduler)
+        timings["calibration_s"] = time.perf_counter() - tick
+        spec = RunSpec(**{**asdict(spec), "dtype": precision["dtype"]})
+        attrs = _update_attrs(partial, {"precision": precision})
+        if precision["fallback_note"] and not local:
+            _warn(raised, f"workers: {precision['fallback_note']}", DeviceFallbackWarning)
+    run_warnings = _merged_warnings(attrs.get("warnings", []), raised)
+    done = read_done_mask(_open(partial))
+    pending = [int(k) for k in np.flatnonzero(~done)]
+    segment = {"scheduler": description, "device_requested": device, "batch_size": int(batch_size)}
+    tick = time.perf_counter()
+    try:
+        records = _run_chunks(spec, pending, run_scheduler, partial, n_chunks, progress, cancel)
+    except InferenceCancelled:
+        finished = int(read_done_mask(_open(partial)).sum())
+        segment.update(status="cancelled", finished_at=_now(), chunks_done_in_store=finished,
+                       timings={**timings, "total_s": time.perf_counter() - started})
+        _update_attrs(partial, {"segments": [*attrs.get("segments", []), segment], "warnings": run_warnings})
+        raise
+    timings["inference_s"] = time.perf_counter() - tick
+
+    segment.update(
+        status="complete", finished_at=_now(), chunks_run=len(pending),
+        tiles_run=int(sum(r["tiles"] for r in records)), devices=sorted({r["device"] for r in records}),
+        batch_limit_after_oom=min((r["batch_limit"] for r in records if r["batch_limit"]), default=None),
+        timings={**timings, "total_s": time.perf_counter() - started},
+    )
+    forget_run(str(partial))
+    return finalise_store(partial, final, {"segments": [*attrs.get("segments", []), segment],
+                                           "finished_at": segment["finished_at"], "warnings": run_warnings})
+
+
+def _check_options(**options) -> None:
+    """The numeric options of :func:`predict`, refused with what to give (a Python caller's CLI checks)."""
+    minimum = {"batch_size": 1, "tiles_per_chunk": 1, "num_workers": 1, "min_transcripts": 0}
+    for name, least in minimum.items():
+        value = options[name]
+        if name == "num_workers" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise InputError(f"{name} must be a whole number of {least} or more, got {value!r}")
+    share = options["max_background"]
+    if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= share <= 1.0:
+        raise InputError(f"max_background is the largest background fraction of a tile, from 0 to 1; got {share!r}")
+
+
+def _sample_geometry(sdata, info, card):
+    """The model's tile geometry over the sample's H&E image (checks the memory it implies)."""
+    from napari_morphomol.io.sample import HE_IMAGE
+    from napari_morphomol.tiling import TileGeometry, he_levels_yxc
+
+    height, width = he_levels_yxc(sdata.images[HE_IMAGE])[0].shape[:2]
+    g = card.tile_geometry
+    return TileGeometry(he_mpp=info.he_pixel_size_um, he_height_px=int(height), he_width_px=int(width),
+                        tile_mpp=g.mpp, tile_px=g.tile_px, stride_px=g.stride_px)
+
+
+def _check_memory(geometry, card, batch_size: int, tiles_per_chunk: int) -> None:
+    """Refuse a batch or chunk size whose tensors cannot be held (capped at the tiles there can be)."""
+    from napari_morphomol.tiling.geometry import check_batch_memory, check_fits_in_memory
+
+    rows, cols = geometry.grid_shape
+    grid_tiles = max(1, rows * cols)
+    check_batch_memory(geometry, min(batch_size, tiles_per_chunk, grid_tiles), card.model.n_core_genes,
+                       held_batches=PREFETCH_BATCHES + 1)
+    chunk = min(tiles_per_chunk, grid_tiles)
+    per_tile = (len(card.addon_genes) + _embedding_dim(card)) * 4 * 2  # float32 rows, in the task and in zarr
+    check_fits_in_memory(chunk * per_tile, f"a chunk of {chunk} tiles (--tiles-per-chunk) with its predictions and "
+                         "embeddings", "give a smaller --tiles-per-chunk (default 64)")
+
+
+def _check_weights(checkpoint: Path, sha: str, device: str, scheduler) -> None:
+    """Load the weights (refused when they do not match the card) before anything is written; on
+    threads the tasks of this process reuse the loaded model."""
+    if scheduler is None or scheduler in ("threads", "synchronous"):
+        load_model(str(checkpoint.resolve()), sha, device)
+    else:
+        from napari_morphomol.models import load_checkpoint
+
+        load_checkpoint(checkpoint, "cpu")
+
+
+def _complete_run_attrs(final: Path) -> dict | None:
+    """The metadata of a complete results store of ours at ``final``, else None."""
+    if not RESULTS_STORE.is_ours(final):
+        return None
+    attrs = _read_attrs(final)
+    return attrs if attrs.get("status") == "complete" else None
+
+
+def _warn(raised: list[dict], message: str, category: type[Warning]) -> None:
+    """Warn (a warning class of ours: the CLI prints one ``warning:`` line) and keep it for the metadata."""
+    warnings.warn(message, category, stacklevel=3)
+    raised.append({"source": "predict", "category": category.__name__, "message": str(message)})
+
+
+def _sample_warnings(sdata) -> list[dict]:
+    """The warnings the sample recorded when it was loaded (``attrs['morphomol']['warnings']``)."""
+    from napari_morphomol.io.sample import ATTRS_KEY as SAMPLE_ATTRS_KEY
+
+    recorded = (sdata.attrs.get(SAMPLE_ATTRS_KEY) or {}).get("warnings", []) or []
+    return [{"source": "sample", **(w if isinstance(w, dict) else {"message": str(w)})} for w in recorded]
+
+
+def _merged_warnings(*lists: list[dict]) -> list[dict]:
+    """The entries of ``lists`` in order, each once."""
+    merged: list[dict] = []
+    for entry in (e for entries in lists for e in entries):
+        if entry not in merged:
+            merged.append(entry)
+    return merged
 
 
 def _now() -> str:
@@ -237,9 +360,14 @@ def _registration_record(info, he_to_global) -> dict:
 
 
 def _start_store(partial, sdata, info, card, checkpoint, sha, panel_match, he_to_global, region_he_px,
-                 tiles_per_chunk, min_transcripts, max_background, fingerprint) -> dict:
-    """Tile the sample and write the partial store: tile table (chunk order), tokens, measured counts."""
+                 tiles_per_chunk, min_transcripts, max_background, fingerprint, *, inputs, overwrite,
+                 raised: list[dict]) -> dict:
+    """Tile the sample and write the partial store: tile table (chunk order), tokens, measured counts.
+
+    The store is written under a temporary name and renamed to ``partial`` when complete; a model
+    that reads transcripts is refused first when the sample's transcripts miss its tiles."""
     from napari_morphomol.tiling import GenePanel, tile_sample
+    from napari_morphomol.tiling.pipeline import REGISTRATION_HINT, transcripts_on_tissue_text
 
     g = card.tile_geometry
     addon_measured = panel_match.addon_measured
@@ -252,12 +380,23 @@ def _start_store(partial, sdata, info, card, checkpoint, sha, panel_match, he_to
 
             core = tuple(g_ for g_ in feature_names(sdata.points["transcripts"])
                          if not is_control_feature(g_) and g_ not in addon_measured)[:1]
-    tiling = tile_sample(sdata, panel=GenePanel(core=core, addon=addon_measured), he_to_global=he_to_global,
-                         tile_px=g.tile_px, stride_px=g.stride_px, tile_mpp=g.mpp, min_transcripts=min_transcripts,
-                         max_background=max_background, region_he_px=region_he_px)
-    if len(tiling.tiles) == 0:
-        raise InputError(f"no tile of the sample passes the filters ({tiling.report}); check the registration, "
-                         "the region and min_transcripts")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiling = tile_sample(sdata, panel=GenePanel(core=core, addon=addon_measured), he_to_global=he_to_global,
+                             tile_px=g.tile_px, stride_px=g.stride_px, tile_mpp=g.mpp,
+                             min_transcripts=min_transcripts, max_background=max_background,
+                             region_he_px=region_he_px)
+    on_tissue = tiling.report["transcripts_on_tissue_tiles"]
+    if card.model.uses_transcripts and on_tissue["share"] < MIN_FUSION_TRANSCRIPT_SHARE:
+        raise InputError(
+            f"the sample's transcripts do not meet its tiles: {transcripts_on_tissue_text(tiling.report)}. The "
+            "registration probably does not place the H&E on the Xenium run, and this model reads the "
+            f"transcripts of each tile; {REGISTRATION_HINT}"
+        )
+    for w in caught:  # shown now, after the refusal above made them moot
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if w.category.__module__.startswith("napari_morphomol"):
+            raised.append({"source": "tiling", "category": w.category.__name__, "message": str(w.message)})
     order = chunk_order(tiling.tiles["row"].to_numpy(), tiling.tiles["col"].to_numpy(), tiles_per_chunk)
     tiles = tiling.tiles.iloc[order].reset_index(drop=True)
     tiles["chunk"] = np.arange(len(tiles)) // tiles_per_chunk
@@ -288,11 +427,13 @@ def _start_store(partial, sdata, info, card, checkpoint, sha, panel_match, he_to
                           "tile_px": geometry.tile_px, "stride_px": geometry.stride_px,
                           "tokens_per_side": geometry.tokens_per_side, "image_px": geometry.image_px},
         "tiling_report": tiling.report,
+        "warnings": _merged_warnings(_sample_warnings(sdata), raised),
         "segments": [],
     }
-    create_partial_store(partial, tiles=tiles, tiles_per_chunk=tiles_per_chunk, n_addon=len(card.addon_genes),
-                         embedding_dim=embedding_dim, measured_counts=measured, token_raster=tiling.bins.tokens,
-                         attrs=attrs)
+    with atomic_output(partial, RESULTS_STORE, inputs=inputs, overwrite=overwrite) as tmp:
+        create_partial_store(tmp, tiles=tiles, tiles_per_chunk=tiles_per_chunk, n_addon=len(card.addon_genes),
+                             embedding_dim=embedding_dim, measured_counts=measured, token_raster=tiling.bins.tokens,
+                             attrs=attrs)
     return _read_attrs(partial)
 
 
@@ -318,14 +459,14 @@ def _is_local(scheduler) -> bool:
 def _scheduler(scheduler, num_workers: int | None, stack: ExitStack):
     """(what dask.compute / client.compute should use, a description for the metadata)."""
     if scheduler is None or scheduler == "threads":
-        workers = num_workers or 2
+        workers = 2 if num_workers is None else num_workers
         return ("threads", workers), f"threads ({workers})"
     if scheduler == "synchronous":
         return ("synchronous", None), "synchronous"
     if scheduler == "processes":
         import multiprocessing
 
-        workers = num_workers or min(2, os.cpu_count() or 1)
+        workers = min(2, os.cpu_count() or 1) if num_workers is None else num_workers
         pool = stack.enter_context(ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_limit_torch_threads, initargs=(max(1, (os.cpu_count() or 1) // workers),)))
@@ -364,16 +505,10 @@ def _compute(run_scheduler, tasks: list):
 
 
 def _choose_precision(spec: RunSpec, dtype: str, run_scheduler) -> dict:
-    """Run the reference batch where the chunks will run; bf16 on CUDA, elsewhere only if faster."""
+    """The reference batch where the chunks will run (device, bf16 vs fp32 differences); the dtype
+    asked for, or for ``auto`` the one fixed for that device kind (:func:`~.devices.auto_dtype`)."""
     (measured,) = _compute(run_scheduler, [dask.delayed(calibrate, pure=False)(spec)])
-    if dtype != "auto":
-        chosen, reason = dtype, "requested"
-    elif measured["device"].startswith("cuda"):
-        chosen, reason = "bfloat16", "CUDA: bf16 autocast"
-    elif measured["bfloat16_speedup"] >= CPU_BF16_MIN_SPEEDUP:
-        chosen, reason = "bfloat16", f"bf16 autocast ran {measured['bfloat16_speedup']:.2f}x faster than fp32 here"
-    else:
-        chosen, reason = "float32", f"bf16 autocast ran only {measured['bfloat16_speedup']:.2f}x the speed of fp32 here"
+    chosen, reason = (dtype, "requested") if dtype != "auto" else auto_dtype(measured["device"])
     return {"dtype": chosen, "reason": reason, **measured}
 
 

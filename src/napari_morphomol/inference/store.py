@@ -16,17 +16,26 @@ Layout (zarr v3 group; ``K`` = tiles per chunk):
 - ``chunk_seconds`` (chunks,) float64: wall time of each chunk's task.
 
 While running, the store is ``RESULTS.zarr.partial`` beside the final path and also holds
-``inputs/tokens`` (the core-gene token raster the tasks read). Finalising removes ``inputs`` and
-renames the folder to ``RESULTS.zarr`` in one ``os.replace``: a store under the final name is
-always complete.
+``inputs/tokens`` (the core-gene token raster the tasks read). It is written under a temporary
+name and renamed to ``.partial`` once its tile table, token raster and attributes are complete,
+so a ``.partial`` always carries its run's fingerprint. Finalising removes ``inputs`` and renames
+the folder to ``RESULTS.zarr`` in one ``os.replace``: a store under the final name is always
+complete. ``RESULTS.zarr.lock`` beside them is held (``flock``) by the one run writing them.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,21 +43,116 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from napari_morphomol._atomic import zarr_store_kind
 from napari_morphomol._zarr_stores import open_versioned_group
 from napari_morphomol.errors import InputError
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "morphomol_results"
+RESULTS_STORE = zarr_store_kind("results store", ATTRS_KEY)
+"""What ``--overwrite`` may replace: a store (final or partial) carrying our ``morphomol_results`` marker."""
 RESULTS_LAYER_KEY = "morphomol_results"
 """napari layer metadata key holding the path of the results store the layer shows."""
 CANCEL_MARKER = ".cancel"
 _TOKEN_BAND_CELLS = 28
+_STORE_ENTRIES = {"zarr.json", "tiles", "predictions", "embeddings", "measured_counts", "done", "chunk_seconds",
+                  "inputs", CANCEL_MARKER}
+"""Every name a results store of ours holds at its top level."""
 
 
 def partial_path(store_path: str | Path) -> Path:
     """Where an unfinished run keeps its work: ``RESULTS.zarr.partial`` beside ``RESULTS.zarr``."""
     path = Path(store_path)
     return path.with_name(path.name + ".partial")
+
+
+def lock_path(store_path: str | Path) -> Path:
+    """The lock of the run writing ``store_path``: ``RESULTS.zarr.lock`` beside ``RESULTS.zarr``."""
+    path = Path(store_path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def run_lock(store_path: str | Path) -> Iterator[Path]:
+    """Hold ``RESULTS.zarr.lock`` (an exclusive ``flock``, released by the kernel even when the
+    process is killed) while this run writes ``store_path``; the file holds pid, host and start.
+
+    Raises InputError naming the holder when another run has it, or when the folder cannot be written.
+    """
+    path = lock_path(store_path)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            from napari_morphomol._atomic import os_error_message
+
+            raise InputError(os_error_message(Path(store_path), exc)) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise InputError(f"another predict ({holder}) is writing {Path(store_path).name}; wait for it or stop "
+                             f"it (if no such run is alive, delete {path})") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else the previous holder removed the file between our open and lock
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started_at": started}).encode())
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so no other run holds this file
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started_at']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "just starting"
+
+
+def is_unstarted_store(path: Path) -> bool:
+    """Whether ``path`` is a results store whose start was cut short (a folder holding only the
+    names of our layout, without a run fingerprint in its attributes): ours, empty, safe to restart."""
+    if not path.is_dir() or not {entry.name for entry in path.iterdir()} <= _STORE_ENTRIES:
+        return False
+    try:
+        document = json.loads((path / "zarr.json").read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    if not isinstance(document, dict) or document.get("node_type") != "group":
+        return False
+    attrs = (document.get("attributes") or {}).get(ATTRS_KEY)
+    return not isinstance(attrs, dict) or "fingerprint" not in attrs
+
+
+def remove_abandoned_starts(partial: Path) -> None:
+    """Delete the temporary folders of starts of ``partial`` that were killed (call with the run's lock held)."""
+    pattern = re.compile(rf"\.{re.escape(partial.name)}\.\d+-[0-9a-f]{{8}}\.tmp")
+    for entry in partial.parent.iterdir():
+        if pattern.fullmatch(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def partial_progress(store_path: str | Path) -> tuple[int, int] | None:
+    """(finished chunks, chunks) of the unfinished run of ``store_path``, or None when it has no ``.partial``."""
+    path = partial_path(store_path)
+    try:
+        root = zarr.open_group(path, mode="r")
+        return int(read_done_mask(root).sum()), int(dict(root.attrs[ATTRS_KEY])["n_chunks"])
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
 
 
 def band_rows(tiles_per_chunk: int) -> int:

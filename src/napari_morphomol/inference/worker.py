@@ -144,17 +144,39 @@ class RunContext:
 
 
 def loaded_model(spec: RunSpec) -> LoadedModel:
-    """The checkpoint on this process's device, loaded once and shared by every task and run."""
-    key = (spec.checkpoint_sha256, spec.device)
+    """The run's checkpoint on this process's device (see :func:`load_model`)."""
+    return load_model(spec.checkpoint, spec.checkpoint_sha256, spec.device, spec.torch_threads)
+
+
+def load_model(checkpoint: str, checkpoint_sha256: str, device: str, torch_threads: int | None = None) -> LoadedModel:
+    """The checkpoint on ``device``, loaded once per process and shared by every task and run.
+
+    Parameters
+    ----------
+    checkpoint
+        Path of the .safetensors checkpoint.
+    checkpoint_sha256
+        Its hash (the cache key, with ``device``).
+    device
+        As given to :func:`~.devices.resolve_device`.
+    torch_threads
+        Torch's thread count for this process, set before the first load (None: leave it).
+
+    Returns
+    -------
+    LoadedModel
+        Raises InputError when the weights do not match the card's architecture.
+    """
+    key = (checkpoint_sha256, device)
     with _CACHE_LOCK:
         if key not in _MODELS:
             from napari_morphomol.models import load_checkpoint
 
-            if spec.torch_threads:
-                torch.set_num_threads(spec.torch_threads)
-            device, note = resolve_device(spec.device)
-            model, card = load_checkpoint(spec.checkpoint, device)
-            _MODELS[key] = LoadedModel(model, card, device, note, threading.Lock())
+            if torch_threads:
+                torch.set_num_threads(torch_threads)
+            resolved, note = resolve_device(device)
+            model, card = load_checkpoint(checkpoint, resolved)
+            _MODELS[key] = LoadedModel(model, card, resolved, note, threading.Lock())
         return _MODELS[key]
 
 
@@ -336,33 +358,22 @@ def run_chunk(spec: RunSpec, chunk: int) -> dict:
             "batch_limit": loaded.batch_limit, "device": str(loaded.device)}
 
 
-def calibrate(spec: RunSpec, max_tiles: int = 8, repeats: int = 1) -> dict:
-    """fp32 vs bf16 autocast on a reference batch of the run's first tiles, on this worker's device:
-    throughput of both and their largest absolute difference."""
+def calibrate(spec: RunSpec, max_tiles: int = 8) -> dict:
+    """Where this worker runs, and how far bf16 autocast is from fp32 on a reference batch of the
+    run's first tiles (recorded beside the dtype, which :func:`~.devices.auto_dtype` fixes per device kind)."""
     loaded = loaded_model(spec)
     ctx = run_context(spec, loaded)
     n = min(max_tiles, spec.batch_size, len(ctx.rows))
     _, images, tokens = next(chunk_batches(ctx, ctx.rows[:n], ctx.cols[:n], n, pin=False))
-    outputs, seconds = {}, {"float32": [], "bfloat16": []}
-    for round_ in range(repeats + 1):
-        for dtype in seconds:
-            tick = time.perf_counter()
-            with loaded.lock:
-                outputs[dtype] = _forward_once(loaded, images, tokens, dtype)
-            if round_:  # the first round warms up kernels
-                seconds[dtype].append(time.perf_counter() - tick)
-    n = len(images if images is not None else tokens)
-    rate = {dtype: n / min(values) for dtype, values in seconds.items()}
+    with loaded.lock:
+        outputs = {dtype: _forward_once(loaded, images, tokens, dtype) for dtype in ("float32", "bfloat16")}
     diff = [float(np.max(np.abs(outputs["bfloat16"][i] - outputs["float32"][i]))) for i in (0, 1)]
     return {
         "device": str(loaded.device),
         "device_name": (torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda"
                         else loaded.device.type),
         "fallback_note": loaded.fallback_note,
-        "reference_tiles": n,
-        "float32_tiles_per_s": rate["float32"],
-        "bfloat16_tiles_per_s": rate["bfloat16"],
-        "bfloat16_speedup": rate["bfloat16"] / rate["float32"],
+        "reference_tiles": len(images if images is not None else tokens),
         "max_abs_diff_predictions": diff[0] if math.isfinite(diff[0]) else None,
         "max_abs_diff_embeddings": diff[1] if math.isfinite(diff[1]) else None,
     }

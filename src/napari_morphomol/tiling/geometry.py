@@ -18,11 +18,20 @@ resampled image, and token ``(a, b)`` is its pixels ``[16a, 16a + 16) x [16b, 16
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from napari_morphomol.errors import InputError
+
+_BYTES_PER_CELL = 36
+"""What tiling holds per token-raster cell whatever the slide: core totals (uint32), their
+summed-area table and its cumulative sums (int64 x 3), the sparse raster's row pointers (int64)."""
+_BYTES_PER_GRID_TILE = 256
+"""What tiling holds per tile of the grid: the table (11 columns of 8 bytes), boxes, centres, indices."""
+_MEMORY_SHARE = 0.5
+"""Share of this machine's physical memory one size-like option may imply (the rest: the OS, the model)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,27 @@ class TileGeometry:
             )
         if self.he_height_px <= 0 or self.he_width_px <= 0:
             raise InputError(f"H&E image size must be positive, got {self.he_height_px} x {self.he_width_px}")
+        self._check_working_set()
+
+    def _check_working_set(self) -> None:
+        """Refuse, before any work, a geometry whose token raster or tile grid cannot be held."""
+        rows, cols = self.raster_shape
+        grid_rows, grid_cols = self.grid_shape
+        cells, tiles = rows * cols, grid_rows * grid_cols
+        raster_bytes, grid_bytes = cells * _BYTES_PER_CELL, tiles * _BYTES_PER_GRID_TILE
+        token_um = self.tile_px * self.tile_mpp / self.tokens_per_side
+        image = (f"this {self.he_width_px * self.he_mpp:g} x {self.he_height_px * self.he_mpp:g} um H&E image "
+                 f"({self.he_mpp:g} um/px)")
+        if raster_bytes >= grid_bytes:
+            what = (f"tiles of {self.tile_px} px (--tile-px) at {self.tile_mpp:g} um/px (--tile-mpp) make tokens of "
+                    f"{token_um:.3g} um (18.3 um for the paper's model): a {count_text(cells)}-cell token raster "
+                    f"over {image}")
+        else:
+            what = (f"a stride of {self.stride_px} px (--stride-px) at {self.tile_mpp:g} um/px makes a grid of "
+                    f"{count_text(tiles)} tiles over {image}")
+        check_fits_in_memory(raster_bytes + grid_bytes, what,
+                             "check --tile-px, --stride-px and --tile-mpp (or the model card's tile geometry) and "
+                             "the H&E pixel size (--he-pixel-size-um)")
 
     # -- scale factors -----------------------------------------------------------------------
     @property
@@ -145,6 +175,83 @@ class TileGeometry:
             "grid_shape": list(self.grid_shape),
             "origin": "H&E image corner; pixel i covers [i, i+1); cells half-open [k, k+1)",
         }
+
+
+def memory_limit_bytes() -> int:
+    """The most memory one size-like option may imply: half of this machine's physical memory."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume 16 GiB
+        physical = 16 * 1024**3
+    return int(physical * _MEMORY_SHARE)
+
+
+def bytes_text(n_bytes: float) -> str:
+    """``n_bytes`` in decimal units: '16 TB', '3.2 GB', '512 B' (beyond PB: '1.2e3 PB')."""
+    for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= size:
+            return f"{count_text(n_bytes / size)} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def count_text(value: float) -> str:
+    """A count in at most three digits, or two significant digits and a power of ten: 360, 5.5e8."""
+    return f"{value:.3g}" if value < 1000 else f"{value:.2g}".replace("e+", "e")
+
+
+def check_fits_in_memory(n_bytes: float, what: str, advice: str) -> None:
+    """Raise an InputError when ``n_bytes`` exceed :func:`memory_limit_bytes`.
+
+    Parameters
+    ----------
+    n_bytes
+        Memory the options imply.
+    what
+        What implies it, naming the options and their values ("a batch of 10000 tiles (--batch-size)").
+    advice
+        What to check or change.
+
+    Raises
+    ------
+    InputError
+        "``what``: about N to hold, more than the limit of M (half of this machine's memory); ``advice``".
+    """
+    limit = memory_limit_bytes()
+    if n_bytes > limit:
+        raise InputError(f"{what}: about {bytes_text(n_bytes)} to hold, more than the limit of {bytes_text(limit)} "
+                         f"(half of this machine's memory); {advice}")
+
+
+def check_batch_memory(geometry: TileGeometry, batch_size: int, n_core_genes: int, *, held_batches: int,
+                       option: str = "--batch-size") -> None:
+    """Refuse a batch size whose image and token tensors cannot be held, before any work.
+
+    Parameters
+    ----------
+    geometry
+        The tiles' geometry (resized tile size, tokens per side).
+    batch_size
+        Tiles per batch, as it will run (already capped at the tiles there can be).
+    n_core_genes
+        Genes per token.
+    held_batches
+        Batches held at once (the running one and the prefetched ones).
+    option
+        The option that sets ``batch_size``, for the message.
+
+    Raises
+    ------
+    InputError
+        When the batches imply more than :func:`memory_limit_bytes`.
+    """
+    pixels = 3 * geometry.image_px**2
+    per_tile = pixels * (1 + 4) + geometry.tokens_per_side**2 * max(n_core_genes, 0) * 4  # uint8 + its float32 copy
+    check_fits_in_memory(
+        float(batch_size) * per_tile * held_batches,
+        f"a batch of {batch_size} tiles ({option}) is a {count_text(batch_size * pixels)}-value image tensor "
+        f"({held_batches} batches held at once)",
+        f"give a smaller {option} (32 is a good start; on a GPU that runs out of memory it is halved by itself)",
+    )
 
 
 def pick_pyramid_level(level_shapes_yx: list[tuple[int, int]], he_mpp: float, tile_mpp: float = 0.5) -> int:

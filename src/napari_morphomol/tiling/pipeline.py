@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,16 @@ from napari_morphomol.tiling.transcripts import (
     bin_transcripts,
     feature_names,
 )
+
+FEW_TRANSCRIPTS_SHARE = 0.5
+"""Below this share of the sample's panel transcripts on its tissue tiles, tiling warns that the
+registration may not place the H&E on the Xenium run."""
+REGISTRATION_HINT = ("check the registration with `morphomol register` (its residuals) and that the alignment maps "
+                     "H&E px to Xenium global px like Xenium's he_imagealignment.csv, not global -> H&E (the inverse)")
+
+
+class FewTranscriptsWarning(UserWarning):
+    """Few of the sample's transcripts fall on its tissue tiles: the registration may be off."""
 
 
 @dataclass
@@ -133,12 +144,18 @@ def make_tiling(
     tiles["background_fraction"] = tile_background_fraction(tissue, mask_px, boxes)
     tiles = tiles[tiles["background_fraction"] <= max_background]
     report["tissue_tiles"] = len(tiles)
-    if region_he_px is not None:
-        tiles = tiles[tiles_in_region(geometry, tiles["row"].to_numpy(), tiles["col"].to_numpy(), region_he_px)]
+    tissue_rows, tissue_cols = tiles["row"].to_numpy(), tiles["col"].to_numpy()
+    if region_he_px is not None and len(tiles):
+        tiles = tiles[tiles_in_region(geometry, tissue_rows, tissue_cols, region_he_px)]
         report["region_tiles"] = len(tiles)
+    if len(tiles) == 0:  # before the transcripts are read
+        raise InputError(f"no tile is kept: {why_no_tiles(report, max_background)}")
 
     bins = bin_transcripts(transcripts, geometry, panel, transform, xenium_mpp=xenium_mpp, min_qv=min_qv,
                            x_col=x_col, y_col=y_col, max_dense_bytes=max_dense_bytes, progress=progress)
+    report["transcripts"] = bins.counts.to_dict()
+    report["transcripts_on_tissue_tiles"] = _on_tiles(bins, tissue_rows, tissue_cols)
+    _warn_if_few_on_tissue(report)
     rows, cols = tiles["row"].to_numpy(), tiles["col"].to_numpy()
     tiles["n_core"] = bins.tile_core_totals(rows, cols)
     tiles["n_addon"] = bins.tile_addon_counts(rows, cols).sum(axis=1)
@@ -146,11 +163,59 @@ def make_tiling(
     enough = tiles["n_transcripts"] >= min_transcripts
     report["transcript_filter"] = {"min_transcripts": int(min_transcripts), "kept": int(enough.sum()),
                                    "dropped": int((~enough).sum())}
-    report["transcripts"] = bins.counts.to_dict()
     report["token_raster"] = {"sparse": bins.tokens.is_sparse, "nbytes": int(bins.tokens.nbytes)}
     tiles = tiles[enough].reset_index(drop=True)
     report["kept_tiles"] = len(tiles)
+    if len(tiles) == 0:
+        raise InputError(f"no tile is kept: {why_no_tiles(report, max_background)}")
     return Tiling(geometry, tiles, bins, transform, xenium_mpp, report)
+
+
+def _on_tiles(bins: TranscriptBins, rows: np.ndarray, cols: np.ndarray) -> dict:
+    """Panel transcripts (qv-passing core + add-on) in the union of the tiles (rows, cols), and
+    their share of all the sample's panel transcripts, wherever the registration put them."""
+    geometry = bins.geometry
+    s, span = geometry.stride_cells, geometry.tokens_per_side // geometry.stride_cells
+    covered = np.zeros(geometry.stride_raster_shape, dtype=bool)
+    for di in range(span):
+        for dj in range(span):
+            covered[rows + di, cols + dj] = True
+    n_rows, n_cols = covered.shape
+    core = bins.core_totals[:n_rows * s, :n_cols * s].reshape(n_rows, s, n_cols, s).sum(axis=(1, 3), dtype=np.int64)
+    on_tiles = int(core[covered].sum() + bins.addon_stride[covered].sum(dtype=np.int64))
+    c = bins.counts
+    panel = c.core_binned + c.addon_binned + c.addon_outside_grid + c.outside_image
+    return {"count": on_tiles, "panel_transcripts": int(panel), "share": on_tiles / panel if panel else 0.0}
+
+
+def transcripts_on_tissue_text(report: dict) -> str:
+    """How many of the sample's panel transcripts fall on its tissue tiles, from a tiling report."""
+    on = report["transcripts_on_tissue_tiles"]
+    return (f"{on['count']} of the sample's {on['panel_transcripts']} panel transcripts ({on['share']:.1%}) fall on "
+            f"its {report['tissue_tiles']} tissue tiles, {report['transcripts']['outside_image']} outside the H&E image")
+
+
+def _warn_if_few_on_tissue(report: dict) -> None:
+    on = report["transcripts_on_tissue_tiles"]
+    if report["tissue_tiles"] and on["panel_transcripts"] and on["share"] < FEW_TRANSCRIPTS_SHARE:
+        warnings.warn(f"only {transcripts_on_tissue_text(report)}: the registration may not place the H&E on the Xenium run; "
+                      f"{REGISTRATION_HINT}", FewTranscriptsWarning, stacklevel=3)
+
+
+def why_no_tiles(report: dict, max_background: float) -> str:
+    """Why tiling kept no tile, from its report, with what to check (for an InputError)."""
+    grid, tissue = report["grid_tiles"], report["tissue_tiles"]
+    counts = f"of {grid} grid tiles, {tissue} are on tissue (background at most {max_background:g})"
+    if tissue == 0:
+        return (f"{counts}; check that the image is an H&E of the tissue and its pixel size, or allow more background "
+                "(--max-background)")
+    if report.get("region_tiles") == 0:
+        return f"{counts} and none of them has its centre in the region; check that the region polygon is in H&E px"
+    if "region_tiles" in report:
+        counts += f", {report['region_tiles']} in the region"
+    minimum = report["transcript_filter"]["min_transcripts"]
+    return (f"{counts} and none holds {minimum} or more transcripts (--min-transcripts): {transcripts_on_tissue_text(report)}; "
+            f"{REGISTRATION_HINT}, or lower --min-transcripts")
 
 
 def he_levels_yxc(element) -> list:
