@@ -152,7 +152,7 @@ def guard_output(path: str | Path, kind: OutputKind, *, inputs: Iterable[str | P
         Naming the path, the rule it breaks and what to do instead.
     """
     path = Path(path)
-    _refuse_among_inputs(path, inputs)
+    refuse_among_inputs(path, inputs)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise InputError(f"{path} already exists; choose another name, or allow overwriting (--overwrite) "
@@ -173,7 +173,7 @@ def guard_output_folder(folder: str | Path, *, inputs: Iterable[str | Path | Non
     never removed) if it is or lies inside a Xenium bundle, or is or lies inside one of ``inputs``
     (it may hold inputs: every file written into it is guarded by :func:`guard_output`)."""
     folder = Path(folder)
-    _refuse_among_inputs(folder, inputs, may_hold_inputs=True)
+    refuse_among_inputs(folder, inputs, may_hold_inputs=True)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file, not a folder; give a folder to write the outputs into")
     existing = next(p for p in (folder, *folder.parents) if p.exists())
@@ -191,7 +191,9 @@ def _check_writable(folder: Path, path: Path) -> None:
         raise InputError(os_error_message(path, exc)) from exc
 
 
-def _refuse_among_inputs(path: Path, inputs: Iterable[str | Path | None], *, may_hold_inputs: bool = False) -> None:
+def refuse_among_inputs(path: Path, inputs: Iterable[str | Path | None], *, may_hold_inputs: bool = False) -> None:
+    """Refuse ``path`` if it is or lies inside a Xenium bundle, is a sample file's name in a sample
+    folder, or is, holds (unless ``may_hold_inputs``) or lies inside one of ``inputs``."""
     target = path.resolve()
     bundle = enclosing_xenium_bundle(target)
     if bundle is not None:

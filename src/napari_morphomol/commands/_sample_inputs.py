@@ -40,7 +40,19 @@ def region_polygon_he_px(path: str | None) -> np.ndarray | None:
         raise InputError(f"cannot read the region polygon {path} ({exc})") from exc
     if not {"x", "y"} <= set(table.columns):
         raise InputError(f"{path} needs columns x,y (polygon vertices in H&E px), has {list(table.columns)}")
-    return table[["x", "y"]].to_numpy(dtype=np.float64)
+    try:
+        vertices = table[["x", "y"]].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: the x,y columns must hold numbers (H&E px) ({exc})") from exc
+    if len(vertices) < 3 or not np.isfinite(vertices).all():
+        raise InputError(f"{path} must hold at least 3 vertices with finite x,y (H&E px); it has {len(vertices)} "
+                         f"rows, {int((~np.isfinite(vertices)).any(axis=1).sum())} of them not finite")
+    x, y = vertices[:, 0], vertices[:, 1]
+    area_px2 = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    if area_px2 < 1.0:
+        raise InputError(f"{path}: the polygon encloses no area (its vertices lie on a line or a point); "
+                         "draw the region again")
+    return vertices
 
 
 def alignment_path(xenium_dir: Path, given: str | None, registration: str | None) -> str | None:

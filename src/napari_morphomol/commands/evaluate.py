@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_morphomol.models import check_tile_geometry, evaluate_model, load_checkpoint, table_markdown, variant_table
     from napari_morphomol.models.data import open_cohort, tiles_stores_for
-    from napari_morphomol._atomic import guard_output, guard_output_folder, write_text_atomic
+    from napari_morphomol._atomic import guard_output, guard_output_folder, refuse_among_inputs, write_text_atomic
     from napari_morphomol.models.metrics import (
         GENE_TABLE_CSV,
         VARIANT_TABLE_CSV,
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     stem = Path(args.out)
     inputs = [*args.checkpoints, *args.data]
+    refuse_among_inputs(stem, inputs)  # the stem itself too, though only OUT.csv, OUT.md, OUT_genes.csv are written
     genes_path = stem.with_name(stem.name + "_genes.csv")
     for path, kind in ((stem.with_name(stem.name + ".csv"), VARIANT_TABLE_CSV),
                        (stem.with_name(stem.name + ".md"), VARIANT_TABLE_MARKDOWN), (genes_path, GENE_TABLE_CSV)):

@@ -58,14 +58,14 @@ def run(args: argparse.Namespace) -> int:
     sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
 
     def progress(done: int, total: int) -> None:
-        print(f"\rbinning transcripts: partition {done}/{total}", end="", file=sys.stderr, flush=True)
+        print(f"\rbinning transcripts: partition {done}/{total}", end="\n" if done == total else "", file=sys.stderr,
+              flush=True)
 
     tiling = tile_sample(
         sdata, panel=panel, he_to_global=registration, tile_px=args.tile_px, stride_px=args.stride_px, tile_mpp=args.tile_mpp,
         max_background=args.max_background, min_transcripts=args.min_transcripts, min_qv=args.min_qv,
         region_he_px=region_polygon_he_px(args.region), progress=progress,
     )
-    print(file=sys.stderr)
     provenance = {"xenium_dir": str(args.xenium_dir), "he": str(args.he), "alignment": alignment,
                   "registration": args.registration, "panel": args.panel}
     write_tiles_zarr(tiling, out, overwrite=args.overwrite, provenance=provenance, inputs=inputs)
