@@ -93,8 +93,7 @@ def section_throughput(args, sample: Path, checkpoint: Path) -> dict:
     p = run["precision"]
     print(f"\n== throughput: {run['tiles']} tiles in {run['chunks']} chunks, batch {args.batch}, {dtype} on {p['device']}, "
           f"torch threads {torch.get_num_threads()}")
-    print(f"dtype choice: {p['reason']} (fp32 {p['float32_tiles_per_s']:.1f}, bf16 {p['bfloat16_tiles_per_s']:.1f} "
-          f"tiles/s on {p['reference_tiles']} reference tiles; max |bf16 - fp32| predictions "
+    print(f"dtype choice: {p['reason']} ({p['reference_tiles']} reference tiles; max |bf16 - fp32| predictions "
           f"{p['max_abs_diff_predictions']:.3g}, embeddings {p['max_abs_diff_embeddings']:.3g})")
     print(f"bare model forward : {bare:7.2f} tiles/s (before {bare_before:.2f}, after {bare_after:.2f})")
     print(f"predict, chunk phase: {chunk_rate:7.2f} tiles/s -> ratio {chunk_rate / bare:.3f} (target >= 0.85)")

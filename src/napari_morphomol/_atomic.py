@@ -126,7 +126,7 @@ def enclosing_xenium_bundle(path: str | Path) -> Path | None:
 
 
 def guard_output(path: str | Path, kind: OutputKind, *, inputs: Iterable[str | Path | None] = (),
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, inputs_of: str = "the command") -> Path:
     """Refuse an output path that could cost the user data; returns ``path`` when it is safe.
 
     Parameters
@@ -140,6 +140,8 @@ def guard_output(path: str | Path, kind: OutputKind, *, inputs: Iterable[str | P
         contain one or lie inside one.
     overwrite
         Whether an existing output of ours may be replaced.
+    inputs_of
+        Whose inputs they are, for the message ("the command", "the run").
 
     Returns
     -------
@@ -152,7 +154,7 @@ def guard_output(path: str | Path, kind: OutputKind, *, inputs: Iterable[str | P
         Naming the path, the rule it breaks and what to do instead.
     """
     path = Path(path)
-    refuse_among_inputs(path, inputs)
+    refuse_among_inputs(path, inputs, inputs_of=inputs_of)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise InputError(f"{path} already exists; choose another name, or allow overwriting (--overwrite) "
@@ -191,7 +193,8 @@ def _check_writable(folder: Path, path: Path) -> None:
         raise InputError(os_error_message(path, exc)) from exc
 
 
-def refuse_among_inputs(path: Path, inputs: Iterable[str | Path | None], *, may_hold_inputs: bool = False) -> None:
+def refuse_among_inputs(path: Path, inputs: Iterable[str | Path | None], *, may_hold_inputs: bool = False,
+                        inputs_of: str = "the command") -> None:
     """Refuse ``path`` if it is or lies inside a Xenium bundle, is a sample file's name in a sample
     folder, or is, holds (unless ``may_hold_inputs``) or lies inside one of ``inputs``."""
     target = path.resolve()
@@ -213,7 +216,7 @@ def refuse_among_inputs(path: Path, inputs: Iterable[str | Path | None], *, may_
         else:
             continue
         raise InputError(f"{path} {relation} the input {given}; outputs never replace, hold or go inside an "
-                         "input of the command: choose a path outside your inputs")
+                         f"input of {inputs_of}: choose a path outside your inputs")
     folder = target.parent
     if (folder / "xenium" / XENIUM_BUNDLE_MARKER).is_file() and any(
             fnmatch.fnmatch(path.name, pattern) for pattern in _SAMPLE_FOLDER_NAMES):

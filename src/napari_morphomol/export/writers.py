@@ -116,7 +116,7 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
     if len(set(t.resolve() for t in targets.values())) < len(targets):
         raise InputError(f"two exports name the same path ({', '.join(map(str, targets.values()))}); give each its own")
     for kind, target in targets.items():
-        guard_output(target, kinds[kind], inputs=inputs, overwrite=overwrite)
+        guard_output(target, kinds[kind], inputs=inputs, overwrite=overwrite, inputs_of="the run")
     written: dict[str, Path] = {}
     if "landmarks" in targets:
         written["landmarks"] = write_landmarks_csv(results, targets["landmarks"], landmark_format=landmark_format,

@@ -158,7 +158,7 @@ def predict(
             if progress is not None:
                 progress(existing["n_chunks"], existing["n_chunks"])
             return final
-    inputs = (info.xenium_dir, info.he_path, info.alignment_csv, checkpoint)
+    inputs = (*info.input_paths, checkpoint)
     guard_output(final, RESULTS_STORE, inputs=inputs, overwrite=overwrite)
     _check_weights(checkpoint, sha, device, scheduler)  # a damaged checkpoint fails before any store exists
 

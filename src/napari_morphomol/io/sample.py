@@ -79,6 +79,11 @@ class SampleInfo:
     """What loading warned about (unfamiliar software versions), for the metadata of runs on it;
     absent from the attrs of samples opened before it existed."""
 
+    @property
+    def input_paths(self) -> tuple[str, ...]:
+        """The files and folders the sample was read from: no output may touch them."""
+        return tuple(p for p in (self.xenium_dir, self.he_path, self.alignment_csv) if p is not None)
+
 
 def sample_info(sdata: SpatialData) -> SampleInfo:
     """The provenance and pixel sizes of a sample opened by :func:`open_sample`."""

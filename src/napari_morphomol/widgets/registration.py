@@ -495,7 +495,7 @@ class RegistrationWidget(Container):
         try:
             self._require_landmark_layers()
             info = sample_info(self.sdata)
-            inputs = (info.xenium_dir, info.he_path, info.alignment_csv)
+            inputs = info.input_paths
             if self.file_format.value == ALIGNMENT:
                 if info.he_to_global is None:
                     raise InputError("the H&E has no registration yet: Fit and Apply first, then export the matrix")
