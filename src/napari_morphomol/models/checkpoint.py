@@ -1,7 +1,9 @@
 """Checkpoints: safetensors weights with the JSON model card in the same file's metadata.
 
 safetensors holds only tensors and strings, so opening a checkpoint can never run code. The
-card is checked field by field before it is used to build anything.
+card is checked field by field, then against the names and shapes of the tensors in the file's
+header, before it is used to build anything; a card only ever builds a local timm architecture
+(no hub names, no pretrained weights), so loading a checkpoint never reaches the network.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import datetime
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,17 @@ from torch import nn
 from napari_morphomol import __version__
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.baseline import MinMAEBaseline
-from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, ModelConfig, ModelTileGeometry
+from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, MAX_PARAMETERS, ModelConfig, ModelTileGeometry
 from napari_morphomol.models.fusion import FusionModel
 
 CARD_METADATA_KEY = "morphomol_model_card"
 CARD_FORMAT = "napari-morphomol-model"
 CARD_FORMAT_VERSION = 1
+#: What to do about a card that does not fit its file or is not a card.
+REEXPORT_ADVICE = (
+    "the file was edited or written by another tool; retrain, or re-export it with napari-morphomol "
+    "(convert_reference_checkpoint for the paper's reference code)"
+)
 
 
 @dataclass(frozen=True)
@@ -90,11 +98,15 @@ class ModelCard:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as error:
-            raise InputError(f"The model card is not valid JSON ({error}).") from error
+            raise InputError(f"The model card is not valid JSON ({error}); {REEXPORT_ADVICE}.") from error
         if not isinstance(values, dict) or values.get("format") != CARD_FORMAT:
-            raise InputError(f"This is not a napari-morphomol model card (format is not {CARD_FORMAT!r}).")
+            raise InputError(
+                f"This is not a napari-morphomol model card (format is not {CARD_FORMAT!r}); {REEXPORT_ADVICE}."
+            )
         version = values.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version > CARD_FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise InputError(f"Model card format version {version!r} is not valid (a positive integer); {REEXPORT_ADVICE}.")
+        if version > CARD_FORMAT_VERSION:
             raise InputError(
                 f"Model card format version {version!r} is not supported (this napari-morphomol reads up to "
                 f"{CARD_FORMAT_VERSION}); update napari-morphomol."
@@ -163,36 +175,74 @@ def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path
 
 
 def read_model_card(path: str | Path) -> ModelCard:
-    """The card alone, without reading any weights (cheap: the safetensors header only)."""
-    card, _ = _open_checkpoint(path, with_tensors=False)
-    return card
+    """The card, checked against the tensor names and shapes in the file; reads no weights.
+
+    Parameters
+    ----------
+    path
+        A napari-morphomol ``.safetensors`` checkpoint.
+
+    Returns
+    -------
+    ModelCard
+        The card, once it is known to describe exactly the tensors the file holds.
+    """
+    return _checked_card(Path(path))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
-    """Model (in eval mode) and card from a napari-morphomol .safetensors checkpoint."""
-    card, tensors = _open_checkpoint(path, with_tensors=True, device=str(device))
+    """Model (in eval mode) and card from a napari-morphomol .safetensors checkpoint.
+
+    Nothing is built before the card is known to describe the file's tensors and a model
+    within the limits of ``napari_morphomol.models.config``; weights that are not finite, or a
+    baseline copying a gene outside the core panel, are refused.
+    """
+    path = Path(path)
+    card = _checked_card(path)
+    with _opened(path, str(device)) as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    _check_weights(path.name, card, tensors)
     model = build_model(card.model)
     model.to(device)
-    missing, unexpected = _compare_keys(model, tensors)
-    if missing or unexpected:
-        raise InputError(
-            f"Checkpoint {Path(path).name} does not match the architecture its card describes "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); the file is damaged or hand-edited."
-        )
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
-        raise InputError(f"Checkpoint {Path(path).name} has tensors of the wrong shape: {error}") from error
+    model.load_state_dict(tensors, strict=True)
     return model.eval(), card
 
 
-def _compare_keys(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    expected = set(model.state_dict())
-    return sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+def described_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor of the model ``config`` describes, allocating nothing.
+
+    The module is built on PyTorch's meta device (shapes, no memory, no initial values), so
+    even a card describing a huge model costs only the time to list its layers.
+
+    Parameters
+    ----------
+    config
+        The architecture.
+
+    Returns
+    -------
+    dict
+        State-dict key -> shape, in the module's order.
+
+    Raises
+    ------
+    InputError
+        When the model would have more than ``MAX_PARAMETERS`` parameters.
+    """
+    with torch.device("meta"):
+        model = build_model(config)
+    n_parameters = sum(parameter.numel() for parameter in model.parameters())
+    if n_parameters > MAX_PARAMETERS:
+        raise InputError(
+            f"The model described (variant {config.variant}, backbone {config.backbone} {config.backbone_kwargs}) "
+            f"would have {n_parameters:,} parameters, above the limit of {MAX_PARAMETERS:,} that napari-morphomol "
+            "builds (ViT-L/16 has 0.3 billion); describe a smaller model."
+        )
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def _open_checkpoint(path: str | Path, *, with_tensors: bool, device: str = "cpu"):
-    path = Path(path)
+def _checked_card(path: Path) -> ModelCard:
+    """The card of a checkpoint file, once it describes exactly the tensors in the file's header."""
     if not path.is_file():
         raise InputError(f"Checkpoint {path} does not exist.")
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
@@ -201,22 +251,117 @@ def _open_checkpoint(path: str | Path, *, with_tensors: bool, device: str = "cpu
             "with the paper's reference code, convert it with "
             "napari_morphomol.models.convert_reference_checkpoint (see docs/models.md)."
         )
+    with _opened(path) as handle:
+        metadata = handle.metadata() or {}
+        if CARD_METADATA_KEY not in metadata:
+            raise InputError(
+                f"{path.name} is a safetensors file without a napari-morphomol model card; it holds bare "
+                "weights. Reference-layout weights can be converted with convert_reference_checkpoint."
+            )
+        found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    try:
+        card = ModelCard.from_json(metadata[CARD_METADATA_KEY])
+        expected = described_tensor_shapes(card.model)
+    except InputError as error:
+        raise InputError(f"Checkpoint {path.name}: {error}") from error
+    disagreement = _first_disagreement(expected, found)
+    if disagreement is not None:
+        entry, card_says, tensors_say = disagreement
+        model = card.model
+        raise InputError(
+            f"Checkpoint {path.name} does not match the architecture its card describes (variant {model.variant}, "
+            f"backbone {model.backbone} {model.backbone_kwargs}, {model.n_core_genes} core and {model.n_addon_genes} "
+            f"add-on genes): {entry}: the card says {card_says}, the tensors say {tensors_say}. So {REEXPORT_ADVICE}."
+        )
+    return card
+
+
+@contextmanager
+def _opened(path: Path, device: str = "cpu") -> Iterator[Any]:
+    """safe_open, with unreadable files as one InputError."""
     try:
         with safe_open(str(path), framework="pt", device=device) as handle:
-            metadata = handle.metadata() or {}
-            if CARD_METADATA_KEY not in metadata:
-                raise InputError(
-                    f"{path.name} is a safetensors file without a napari-morphomol model card; it holds bare "
-                    "weights. Reference-layout weights can be converted with convert_reference_checkpoint."
-                )
-            card = ModelCard.from_json(metadata[CARD_METADATA_KEY])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else None
+            yield handle
     except (SafetensorError, OSError) as error:
         raise InputError(
             f"Checkpoint {path.name} is not a readable safetensors file ({error}); it may be truncated or "
             "corrupted. Copy it again or re-export it."
         ) from error
-    return card, tensors
+
+
+def _first_disagreement(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]
+) -> tuple[str, str, str] | None:
+    """(entry, what the card says, what the tensors say) of the first difference, or None."""
+    card_view, file_view = _architecture_entries(expected), _architecture_entries(found)
+    for entry, card_says in card_view.items():
+        if card_says != file_view[entry]:
+            return entry, _in_words(card_says), _in_words(file_view[entry])
+    for name in [*expected, *sorted(set(found) - set(expected))]:
+        if expected.get(name) != found.get(name):
+            card_says, tensors_say = (f"shape {shapes[name]}" if name in shapes else "absent" for shapes in (expected, found))
+            return f"tensor {name}", card_says, tensors_say
+    return None
+
+
+def _architecture_entries(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """What a state dict's names and shapes tell of the architecture, in the card's terms.
+
+    Attention heads do not show in the shapes of a timm ViT (qkv is 3 x embed_dim wide for
+    any number of heads), so a card's num_heads can only be checked for being a divisor.
+    """
+
+    def shape(name: str, dimensions: slice | int):
+        return shapes[name][dimensions] if name in shapes else None
+
+    blocks = {key.split(".")[2] for key in shapes if key.startswith("image_encoder.blocks.")}
+    expression = sorted(
+        (int(key.split(".")[1]), value)
+        for key, value in shapes.items()
+        if key.startswith("expression_encoder.") and key.endswith(".weight")
+    )
+    return {
+        "image encoder (variant)": any(key.startswith("image_encoder.") for key in shapes),
+        "expression encoder (variant)": bool(expression),
+        "late-fusion norms (variant)": "image_norm.weight" in shapes,
+        "learnable gate": "fusion_gate_logit" in shapes,
+        "modality embedding": "modality_embedding" in shapes,
+        "embed_dim": shape("image_encoder.cls_token", -1),
+        "depth": len(blocks),
+        "patch size": shape("image_encoder.patch_embed.proj.weight", slice(2, None)),
+        "position embeddings ((img_size / patch_px) squared + class token)": shape("image_encoder.pos_embed", 1),
+        "MLP width (mlp_ratio x embed_dim)": shape("image_encoder.blocks.0.mlp.fc1.weight", 0),
+        "core genes": expression[0][1][1] if expression else None,
+        "expression layers": len(expression),
+        "expression_hidden_dim": expression[0][1][0] if expression else None,
+        "expression_dim": expression[-1][1][0] if expression else None,
+        "add-on genes": shape("head.weight", 0) or shape("source_gene_index", 0),
+    }
+
+
+def _in_words(value: Any) -> str:
+    """A part as present/absent, a size as itself."""
+    if value is None or value is False:
+        return "absent"
+    return "present" if value is True else str(value)
+
+
+def _check_weights(name: str, card: ModelCard, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights a model cannot predict with: NaN/inf, or a baseline gene index out of the panel."""
+    non_finite = [key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if non_finite:
+        raise InputError(
+            f"Checkpoint {name} holds non-finite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}); the "
+            "training diverged or the file is damaged; retrain or use another checkpoint."
+        )
+    if card.model.variant == "min_mae":
+        index = tensors["source_gene_index"]
+        outside = index[(index < 0) | (index >= card.model.n_core_genes)]
+        if outside.numel():
+            raise InputError(
+                f"Checkpoint {name}: the Min-MAE baseline copies core gene index {int(outside[0])} but the card has "
+                f"{card.model.n_core_genes} core genes; {REEXPORT_ADVICE}."
+            )
 
 
 @dataclass(frozen=True)

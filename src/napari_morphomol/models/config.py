@@ -7,6 +7,7 @@ can rebuild the exact architecture without code from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,65 @@ DEFAULT_BACKBONE = "vit_small_patch16_224"
 #: (x - mean) / std per channel.
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
+
+#: A timm architecture name with an optional pretrained tag (``vit_small_patch16_224.augreg_in21k``).
+#: Anything else (``hf-hub:``, ``timm/...``, a URL, ``local-dir:``, a path) names a model to fetch
+#: or read, which a model card must never make us do.
+LOCAL_BACKBONE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)?")
+
+#: The ``timm.create_model`` keyword arguments a config (and so a model card) may set, with their
+#: type: they describe the ViT's shape and dropout, nothing more. Others can load files
+#: (``checkpoint_path``), fetch weights (``pretrained``) or pick code (``block_fn``).
+BACKBONE_KWARGS: dict[str, type] = {
+    "depth": int,
+    "embed_dim": int,
+    "num_heads": int,
+    "mlp_ratio": float,
+    "patch_size": int,
+    "qkv_bias": bool,
+    "qk_norm": bool,
+    "proj_bias": bool,
+    "init_values": float,
+    "no_embed_class": bool,
+    "pre_norm": bool,
+    "final_norm": bool,
+    "dynamic_img_size": bool,
+    "drop_rate": float,
+    "pos_drop_rate": float,
+    "patch_drop_rate": float,
+    "proj_drop_rate": float,
+    "attn_drop_rate": float,
+    "drop_path_rate": float,
+}
+
+#: (minimum, maximum) of the sizes a config or model card may give, checked before anything is
+#: built. Generous for real ViTs (ViT-L/16 has depth 24, width 1024, 16 heads; ViT-22B width
+#: 6144) and panels (Xenium Prime has 5000 genes), so a hand-edited card cannot ask for terabytes.
+ARCHITECTURE_LIMITS: dict[str, tuple[float, float]] = {
+    "n_core_genes": (1, 100_000),
+    "n_addon_genes": (1, 100_000),
+    "img_size": (1, 1024),
+    "patch_px": (1, 1024),
+    "expression_hidden_dim": (1, 16_384),
+    "expression_hidden_layers": (0, 64),
+    "expression_dim": (1, 16_384),
+    "depth": (1, 64),
+    "embed_dim": (1, 8192),
+    "num_heads": (1, 256),
+    "mlp_ratio": (1 / 64, 16),
+    "patch_size": (1, 1024),
+    "init_values": (0, 1e3),
+    "drop_rate": (0, 0.999),
+    "pos_drop_rate": (0, 0.999),
+    "patch_drop_rate": (0, 0.999),
+    "proj_drop_rate": (0, 0.999),
+    "attn_drop_rate": (0, 0.999),
+    "drop_path_rate": (0, 0.999),
+}
+#: Tokens per tile, (img_size / patch_px) squared: 196 in the paper, 1369 for a ViT/14 at 518 px.
+MAX_TOKENS_PER_TILE = 4096
+#: Parameters of the whole model: ViT-L/16 has 0.3e9, ViT-g/14 1.0e9 (8 GB of float32).
+MAX_PARAMETERS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -94,10 +154,19 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"Model config {name} must be a positive integer, got {value!r}.")
+        for name in ("n_core_genes", "n_addon_genes", "img_size", "patch_px", "expression_hidden_dim",
+                     "expression_hidden_layers", "expression_dim"):
+            _check_limits(name, getattr(self, name))
         if self.img_size % self.patch_px:
             raise InputError(f"img_size {self.img_size} is not a multiple of the patch size {self.patch_px}.")
-        if self.expression_hidden_layers < 0:
-            raise InputError("Model config expression_hidden_layers must be >= 0.")
+        tokens = (self.img_size // self.patch_px) ** 2
+        if tokens > MAX_TOKENS_PER_TILE:
+            raise InputError(
+                f"Model config: {tokens} tokens per tile (img_size {self.img_size} / patch_px {self.patch_px}, squared) "
+                f"is above the limit of {MAX_TOKENS_PER_TILE} that napari-morphomol builds; use larger patches or "
+                "smaller tiles."
+            )
+        self._check_backbone()
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"Model config dropout must be in [0, 1), got {self.dropout}.")
         if self.learnable_gate and self.fusion != "add":
@@ -108,6 +177,41 @@ class ModelConfig:
             raise InputError("Late concat fusion cannot run on one modality; set unimodal_inputs=False.")
         if self.unimodal_inputs and self.stage is None:
             raise InputError("unimodal_inputs only applies to fusion variants.")
+
+    def _check_backbone(self) -> None:
+        """A local timm architecture, with only the kwargs that shape it, within the limits."""
+        if not LOCAL_BACKBONE_NAME.fullmatch(self.backbone):
+            raise InputError(
+                f"Model config backbone {self.backbone!r} names a backbone from the network or a file (a hub name, "
+                f"URL or path); napari-morphomol builds only local timm architectures, named like {DEFAULT_BACKBONE} "
+                "(optionally with a pretrained tag such as .augreg_in21k), and never fetches a model to build it. "
+                "Give a timm architecture name; to start training from pretrained weights add --backbone-weights "
+                "(a local file, or hub)."
+            )
+        for key, value in self.backbone_kwargs.items():
+            want = BACKBONE_KWARGS.get(key)
+            if want is None:
+                raise InputError(
+                    f"Model config backbone_kwargs {key!r} is not one napari-morphomol passes to timm (it only "
+                    f"sets the ViT's shape and dropout: {', '.join(BACKBONE_KWARGS)}); remove it."
+                )
+            allowed = (int, float) if want is float else want
+            if not isinstance(value, allowed) or (isinstance(value, bool) and want is not bool):
+                raise InputError(f"Model config backbone_kwargs {key!r} must be {want.__name__}, got {value!r}.")
+            if key in ARCHITECTURE_LIMITS:
+                _check_limits(key, value)
+        embed_dim, num_heads = self.backbone_kwargs.get("embed_dim"), self.backbone_kwargs.get("num_heads")
+        if embed_dim is not None and num_heads is not None and embed_dim % num_heads:
+            raise InputError(
+                f"Model config backbone_kwargs: embed_dim {embed_dim} is not a multiple of num_heads {num_heads}; "
+                "every attention head needs the same width."
+            )
+        patch_size = self.backbone_kwargs.get("patch_size")
+        if patch_size is not None and patch_size != self.patch_px:
+            raise InputError(
+                f"Model config backbone_kwargs patch_size {patch_size} differs from patch_px {self.patch_px}; "
+                "tokens would not align with the transcript raster. Give the same size to both."
+            )
 
     @property
     def stage(self) -> str | None:
@@ -145,6 +249,20 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         return _from_dict(cls, values, "model")
+
+
+def _check_limits(name: str, value: float) -> None:
+    """InputError naming the limit when ``value`` lies outside ARCHITECTURE_LIMITS[name]."""
+    minimum, maximum = ARCHITECTURE_LIMITS[name]
+    if value < minimum:
+        raise InputError(
+            f"Model config {name} {value!r} is below the minimum of {minimum:g} that napari-morphomol builds."
+        )
+    if not value <= maximum:
+        raise InputError(
+            f"Model config {name} {value!r} is above the limit of {maximum:g} that napari-morphomol builds; real "
+            "models stay well within it, so a model card giving it was edited or is not a napari-morphomol card."
+        )
 
 
 def _from_dict(cls, values: dict[str, Any], what: str):

@@ -75,6 +75,11 @@ def create_backbone(config: ModelConfig, backbone_weights: str | Path | None = N
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=path.suffix == ".npz")
     try:
         backbone = timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
+    except (TypeError, AssertionError) as error:  # timm's refusals of a shape: not a ViT, heads not dividing the width
+        raise InputError(
+            f"Could not create backbone {config.backbone!r} with {config.backbone_kwargs or 'its default sizes'}: "
+            f"{error}. Pick a timm VisionTransformer and sizes it accepts (embed_dim a multiple of num_heads)."
+        ) from error
     except (RuntimeError, OSError, ValueError) as error:
         raise InputError(
             f"Could not create backbone {config.backbone!r} with weights {backbone_weights!r}: {error}\n"
