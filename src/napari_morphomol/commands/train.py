@@ -26,7 +26,7 @@ SPLIT_JSON = json_file_kind("train split record", "format", SPLIT_FORMAT)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from napari_morphomol.models.config import DEFAULT_BACKBONE, DEFAULT_VARIANT, VARIANTS
+    from napari_morphomol.models.config import BACKBONE_KWARGS, DEFAULT_BACKBONE, DEFAULT_VARIANT, VARIANTS
 
     parser.add_argument("data", nargs="+", metavar="DATA", help="tiles stores (.zarr) or sample folders")
     parser.add_argument("--out", required=True, metavar="OUT", help="output folder for checkpoints and split.json")
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"timm ViT name (default {DEFAULT_BACKBONE})")
     model.add_argument("--backbone-kwargs", type=json.loads, default={}, metavar="JSON",
-                       help='timm kwargs, e.g. \'{"depth": 2, "embed_dim": 96, "num_heads": 3}\' for a small ViT')
+                       help='the ViT\'s shape and dropout as timm kwargs, e.g. \'{"depth": 2, "embed_dim": 96, '
+                            f'"num_heads": 3}}\' for a small ViT; keys: {", ".join(BACKBONE_KWARGS)}')
     model.add_argument("--backbone-weights", metavar="FILE",
                        help='pretrained backbone (.safetensors/.pth/.npz, or "hub"); default random init')
     model.add_argument("--learnable-gate", action="store_true", help="tanh(alpha) gate on the added expression")
