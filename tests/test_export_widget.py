@@ -61,3 +61,21 @@ def test_writer_refuses_layers_of_no_run(make_napari_viewer, tmp_path):
 
     with pytest.raises(InputError, match="none of the selected layers"):
         write_h5ad(str(tmp_path / "x.h5ad"), [(np.zeros((2, 2)), {"metadata": {}}, "image")])
+
+
+def test_replace_existing_never_replaces_a_folder_that_is_not_an_export(widget, tmp_path, qtbot):
+    """With "replace existing files" ticked, a folder of the user's documents at the SpatialData
+    path is refused with a message, and every file in it stays."""
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "letter.txt").write_text("dear colleague")
+    widget.write_h5ad.value = False
+    widget.write_spatialdata.value = True
+    widget.spatialdata_path.value = documents
+    widget.clusters.value = False
+    widget.overwrite.value = True
+    widget.export_button.clicked.emit()
+    qtbot.waitUntil(lambda: widget.status.value.startswith(("written", "error")), timeout=300_000)
+    assert "is not a SpatialData export written by napari-morphomol" in widget.status.value
+    assert sorted(p.name for p in documents.iterdir()) == ["letter.txt"]
+    assert (documents / "letter.txt").read_text() == "dear colleague"
