@@ -14,6 +14,10 @@ Every writer of the project goes through :func:`guard_output` (directly, or thro
 The write itself is atomic: a reader never sees a half-written target, and a failed write (full
 disk, read-only folder, killed process) leaves any earlier target as it was. Operating-system
 failures become an :class:`InputError` that names the path and says what to do.
+
+Reading a store back goes through :func:`open_versioned_group`: a store of ours carries its format
+marker and version in its root attributes, and anything else (another store, an older format) is
+refused with one error that says what to do.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import zarr
 
 from napari_morphomol.errors import InputError
 
@@ -103,6 +109,22 @@ def json_file_kind(what: str, marker_key: str, marker_value: object = None) -> O
             marker_value is None or document[marker_key] == marker_value)
 
     return text_file_kind(what, recognise)
+
+
+def open_versioned_group(path: str | Path, attrs_key: str, format_version: int, what: str,
+                         remedy: str) -> tuple[zarr.Group, dict]:
+    """The group at ``path`` and its ``attrs_key`` attributes, refused with an :class:`InputError`
+    (``what`` it should have been, then ``remedy``) when it is not one or has another format."""
+    path = Path(path)
+    try:
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs[attrs_key])
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise InputError(f"{path} is not a {what} ({exc}); {remedy}") from exc
+    if attrs.get("format_version") != format_version:
+        raise InputError(f"{path} is a {what} of format {attrs.get('format_version')}, and this version reads "
+                         f"format {format_version}; {remedy}")
+    return root, attrs
 
 
 def _zarr_root_attrs(path: Path) -> dict:

@@ -20,7 +20,7 @@ import zarr
 from torch.utils.data import ConcatDataset, Dataset
 
 from napari_morphomol._atomic import atomic_output, guard_output_folder, zarr_store_kind
-from napari_morphomol._zarr_stores import open_versioned_group
+from napari_morphomol._atomic import open_versioned_group
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.config import ModelTileGeometry
 from napari_morphomol.tiling import GenePanel, LevelSampler, TilesStore, read_tiles_zarr

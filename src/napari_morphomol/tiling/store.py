@@ -23,7 +23,7 @@ import pandas as pd
 import zarr
 
 from napari_morphomol._atomic import atomic_output, zarr_store_kind
-from napari_morphomol._zarr_stores import open_versioned_group
+from napari_morphomol._atomic import open_versioned_group
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.pipeline import Tiling
 from napari_morphomol.registration.transforms import AffineXY
