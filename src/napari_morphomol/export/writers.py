@@ -100,10 +100,41 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
                    spatialdata: str | Path | None = None, landmarks: str | Path | None = None,
                    landmark_format: str = "xenium", overwrite: bool = False, clusters: bool = True,
                    sample: SpatialData | None = None) -> dict[str, Path]:
-    """Write the requested files for the run in ``results_path``; returns ``{kind: path}``.
+    """Write the requested files for the run in ``results_path``.
 
     All targets are checked before any work, so a refused target never leaves the others half
-    done. ``sample`` replaces the sample the run recorded (e.g. when it was moved).
+    done; each is written under a temporary name and renamed (see ``_atomic``).
+
+    Parameters
+    ----------
+    results_path
+        A results store written by ``morphomol predict`` (``RESULTS.zarr``).
+    h5ad
+        Where to write the tiles AnnData (``.h5ad``), or None.
+    spatialdata
+        Where to write the SpatialData store (``.zarr``: the sample's elements, the prediction
+        maps and the tiles table), or None.
+    landmarks
+        Where to write the run's landmark pairs as a CSV, or None.
+    landmark_format
+        ``"xenium"`` (Xenium Explorer keypoints) or ``"bigwarp"`` (BigWarp landmarks).
+    overwrite
+        Replace an earlier export of the same kind at a target (never anything else).
+    clusters
+        Compute PCA, Leiden and UMAP on the embeddings for the AnnData (scanpy).
+    sample
+        The sample to export with, replacing the one the run recorded (e.g. when it was moved).
+
+    Returns
+    -------
+    dict of str to Path
+        ``{kind: path}`` for each file written (``"h5ad"``, ``"spatialdata"``, ``"landmarks"``).
+
+    Raises
+    ------
+    InputError
+        When nothing is asked for, two targets are the same path, or a target is refused by the
+        output guard; nothing is written then.
     """
     targets = {kind: Path(p) for kind, p in (("h5ad", h5ad), ("spatialdata", spatialdata), ("landmarks", landmarks))
                if p is not None}
