@@ -21,7 +21,7 @@ from napari_morphomol.commands._arguments import real_number, whole_number
 from napari_morphomol.commands._sample_inputs import input_paths
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration import (
-    MODELS,
+    REGISTRATION_MODELS,
     LandmarkPairs,
     check_direction,
     fit_transform,
@@ -32,8 +32,8 @@ from napari_morphomol.registration import (
     write_registration_json,
 )
 from napari_morphomol.registration.apply import REGISTRATION_JSON
-from napari_morphomol.registration.formats import ALIGNMENT_CSV, BIGWARP_CSV, KEYPOINTS_CSV
 from napari_morphomol.registration.auto import propose_landmarks_for_sample
+from napari_morphomol.registration.formats import ALIGNMENT_CSV, BIGWARP_CSV, KEYPOINTS_CSV
 
 NAME = "register"
 HELP = "fit H&E px -> Xenium px from landmark pairs; print residuals (um), write alignment CSV"
@@ -44,7 +44,8 @@ def add_arguments(parser):
     parser.add_argument("--he", required=True, help="H&E image (pyramidal OME-TIFF/SVS/TIFF)")
     parser.add_argument("--landmarks", help="landmark pairs: Xenium Explorer keypoints CSV or BigWarp CSV")
     parser.add_argument("--auto", action="store_true", help="find landmark pairs automatically (DAPI vs hematoxylin)")
-    parser.add_argument("--model", choices=MODELS, default="affine", help="transform model (default: affine)")
+    parser.add_argument("--model", choices=tuple(REGISTRATION_MODELS), default="affine",
+                        help="transform model (default: affine)")
     parser.add_argument("--robust", action="store_true", help="RANSAC: leave out landmarks that miss by more than --outlier-um")
     parser.add_argument("--outlier-um", type=real_number(0.0, open_minimum=True, unit="um"), default=15.0,
                         help="robust fit outlier threshold in um (default 15)")

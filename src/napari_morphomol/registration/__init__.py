@@ -20,7 +20,13 @@ from napari_morphomol.registration.apply import (
     write_registration_json,
 )
 from napari_morphomol.registration.auto import AutoRegistration, propose_landmarks, propose_landmarks_for_sample
-from napari_morphomol.registration.fit import MIN_PAIRS, MODELS, FitOptions, FittedTransform, fit_transform
+from napari_morphomol.registration.fit import (
+    REGISTRATION_MODELS,
+    FitOptions,
+    FittedTransform,
+    RegistrationModel,
+    fit_transform,
+)
 from napari_morphomol.registration.formats import (
     check_direction,
     read_alignment_csv,
@@ -37,15 +43,15 @@ from napari_morphomol.registration.transforms import AffineXY, PerRegionAffine, 
 __all__ = [
     "HE_X_PX",
     "HE_Y_PX",
-    "MIN_PAIRS",
-    "MODELS",
     "REGISTRATION_ATTRS_KEY",
+    "REGISTRATION_MODELS",
     "AffineXY",
     "AutoRegistration",
     "FitOptions",
     "FittedTransform",
     "LandmarkPairs",
     "PerRegionAffine",
+    "RegistrationModel",
     "ThinPlateSplineXY",
     "check_direction",
     "fit_transform",

@@ -10,6 +10,7 @@ The algebra is scikit-image's (``AffineTransform``, ``SimilarityTransform``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,11 +29,6 @@ from napari_morphomol.registration.transforms import (
     SoftVoronoiWeights,
     ThinPlateSplineXY,
 )
-
-MODELS = ("translation", "similarity", "affine", "per-region", "tps")
-
-MIN_PAIRS = {"translation": 1, "similarity": 2, "affine": 3, "per-region": 3, "tps": 3}
-"""Fewest active landmark pairs each model can be fitted to."""
 
 LANDMARKS_PER_AUTO_REGION = 6
 """Automatic per-region fits make one region per this many active landmarks ..."""
@@ -170,15 +166,16 @@ def fit_transform(
     pixel-size ratio. Per-region fits take ``region_polygons_he_px`` (one (M, 2) polygon per
     region, in H&E px) or make ``n_regions`` automatic regions by k-means of the landmarks.
     """
-    if model not in MODELS:
-        raise InputError(f"unknown registration model {model!r}; choose one of {', '.join(MODELS)}")
+    if model not in REGISTRATION_MODELS:
+        raise InputError(f"unknown registration model {model!r}; choose one of {', '.join(REGISTRATION_MODELS)}")
+    entry = REGISTRATION_MODELS[model]
     if not xenium_pixel_size_um > 0:
         raise InputError(f"the Xenium pixel size must be > 0 um, got {xenium_pixel_size_um}")
-    if n_regions is not None and model != "per-region":
+    if n_regions is not None and not entry.takes_regions:
         raise InputError(f"a number of regions only applies to the per-region model, not {model}")
     polygons = None
     if region_polygons_he_px is not None:
-        if model != "per-region":
+        if not entry.takes_regions:
             raise InputError("region polygons only apply to the per-region model; use model='per-region'")
         polygons = tuple(tuple(map(tuple, as_points_xy(p).tolist())) for p in region_polygons_he_px)
     options = FitOptions(
@@ -192,10 +189,11 @@ def fit_transform(
         seed=seed,
     )
     _require_pairs(model, pairs.n_active)
-    if model == "per-region" and polygons is None and n_regions is not None:
-        if n_regions < 1 or MIN_PAIRS["affine"] * n_regions > pairs.n_active:
+    if entry.takes_regions and polygons is None and n_regions is not None:
+        per_region = REGISTRATION_MODELS["affine"].min_pairs
+        if n_regions < 1 or per_region * n_regions > pairs.n_active:
             raise InputError(
-                f"{n_regions} automatic regions need at least {MIN_PAIRS['affine'] * max(n_regions, 1)} "
+                f"{n_regions} automatic regions need at least {per_region * max(n_regions, 1)} "
                 f"active landmark pairs (3 per region); there are {pairs.n_active}. "
                 "Add landmarks or ask for fewer regions."
             )
@@ -225,7 +223,7 @@ def fit_transform(
 
 
 def _require_pairs(model: str, n: int) -> None:
-    need = MIN_PAIRS[model]
+    need = REGISTRATION_MODELS[model].min_pairs
     if n < need:
         raise InputError(
             f"the {model} model needs at least {need} active landmark pair{'s' if need > 1 else ''}"
@@ -246,15 +244,8 @@ class _Translation(AffineTransform):
         return cls(translation=np.mean(np.asarray(dst) - np.asarray(src), axis=0))
 
 
-_GLOBAL_ESTIMATORS = {
-    "translation": _Translation,
-    "similarity": SimilarityTransform,
-    "affine": AffineTransform,
-}
-
-
 def _estimate_global(model: str, he: np.ndarray, glob: np.ndarray) -> AffineXY:
-    estimated = _GLOBAL_ESTIMATORS[model].from_estimate(he, glob)
+    estimated = REGISTRATION_MODELS[model].estimator.from_estimate(he, glob)
     if not estimated:
         raise InputError(
             f"the {model} fit failed ({estimated}); the landmarks are degenerate "
@@ -264,16 +255,23 @@ def _estimate_global(model: str, he: np.ndarray, glob: np.ndarray) -> AffineXY:
 
 
 def _fit_model(he: np.ndarray, glob: np.ndarray, options: FitOptions):
-    model = options.model
-    if model in _GLOBAL_ESTIMATORS:
-        return _estimate_global(model, he, glob)
+    return REGISTRATION_MODELS[options.model].fit(he, glob, options)
+
+
+def _fit_global(he: np.ndarray, glob: np.ndarray, options: FitOptions) -> AffineXY:
+    return _estimate_global(options.model, he, glob)
+
+
+def _fit_spline(he: np.ndarray, glob: np.ndarray, options: FitOptions) -> ThinPlateSplineXY:
     best = _estimate_global("affine", he, glob).matrix
-    if model == "tps":
-        spline = ThinPlateSplineTransform.from_estimate(he, glob)
-        if not spline:
-            raise InputError(f"the thin-plate spline fit failed ({spline}); spread the landmarks out")
-        return ThinPlateSplineXY(spline=spline, best_affine=best)
-    return _fit_per_region(he, glob, best, options)
+    spline = ThinPlateSplineTransform.from_estimate(he, glob)
+    if not spline:
+        raise InputError(f"the thin-plate spline fit failed ({spline}); spread the landmarks out")
+    return ThinPlateSplineXY(spline=spline, best_affine=best)
+
+
+def _fit_regions(he: np.ndarray, glob: np.ndarray, options: FitOptions) -> PerRegionAffine:
+    return _fit_per_region(he, glob, _estimate_global("affine", he, glob).matrix, options)
 
 
 def _region_weights(he: np.ndarray, options: FitOptions) -> SoftVoronoiWeights | PolygonWeights:
@@ -327,8 +325,8 @@ def _fit_per_region(he: np.ndarray, glob: np.ndarray, best: np.ndarray, options:
 
 
 def _ransac_outliers(pairs: LandmarkPairs, options: FitOptions, pixel_size_um: float) -> np.ndarray:
-    estimator_model = options.model if options.model in _GLOBAL_ESTIMATORS else "affine"
-    need = MIN_PAIRS[estimator_model]
+    robust = REGISTRATION_MODELS[REGISTRATION_MODELS[options.model].robust_with]
+    need = robust.min_pairs
     if pairs.n_active < need + 2:
         raise InputError(
             f"a robust {options.model} fit needs at least {need + 2} active landmark pairs to tell "
@@ -337,7 +335,7 @@ def _ransac_outliers(pairs: LandmarkPairs, options: FitOptions, pixel_size_um: f
     idx = np.flatnonzero(pairs.active)
     _, inliers = ransac(
         (pairs.he_px[idx], pairs.global_px[idx]),
-        _GLOBAL_ESTIMATORS[estimator_model],
+        robust.estimator,
         min_samples=need,
         residual_threshold=options.outlier_threshold_um / pixel_size_um,
         max_trials=1000,
@@ -356,7 +354,7 @@ def _ransac_outliers(pairs: LandmarkPairs, options: FitOptions, pixel_size_um: f
 def _leave_one_out_um(pairs: LandmarkPairs, used: np.ndarray, options: FitOptions, pixel_size_um: float) -> np.ndarray:
     loo = np.full(len(pairs), np.nan)
     idx = np.flatnonzero(used)
-    if len(idx) - 1 < MIN_PAIRS[options.model]:
+    if len(idx) - 1 < REGISTRATION_MODELS[options.model].min_pairs:
         return loo
     for i in idx:
         keep = used.copy()
@@ -435,3 +433,35 @@ def _warnings(
                 f"{loo_um[i]:.1f} um vs typical {typical:.1f} um): check that pair"
             )
     return out
+
+
+@dataclass(frozen=True)
+class RegistrationModel:
+    """One row of :data:`REGISTRATION_MODELS`: a transform model users can choose by name.
+
+    A new model is a transform class (in :mod:`~napari_morphomol.registration.transforms`, with
+    its record) and one row here; the CLI's ``--model``, the Register dock and the fit read the
+    table.
+    """
+
+    name: str
+    min_pairs: int
+    """Fewest active landmark pairs the model can be fitted to."""
+    fit: Callable[[np.ndarray, np.ndarray, FitOptions], object]
+    """(H&E px (N, 2), global px (N, 2), options) -> a transform with ``apply_xy``."""
+    robust_with: str
+    """The global model whose estimator a robust fit uses to find outliers (RANSAC)."""
+    estimator: type | None = None
+    """scikit-image estimator of a global (single-matrix) model; None for the others."""
+    takes_regions: bool = False
+    """Whether the model takes regions (``n_regions`` or region polygons)."""
+
+
+REGISTRATION_MODELS: dict[str, RegistrationModel] = {m.name: m for m in (
+    RegistrationModel("translation", 1, _fit_global, "translation", _Translation),
+    RegistrationModel("similarity", 2, _fit_global, "similarity", SimilarityTransform),
+    RegistrationModel("affine", 3, _fit_global, "affine", AffineTransform),
+    RegistrationModel("per-region", 3, _fit_regions, "affine", takes_regions=True),
+    RegistrationModel("tps", 3, _fit_spline, "affine"),
+)}
+"""The registration models by name, in the order they are offered (simplest first)."""

@@ -34,7 +34,7 @@ from napari_morphomol.coords import HE_PX, napari_to_xy, xy_to_napari
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.sample import HE_IMAGE, sample_info
 from napari_morphomol.registration import (
-    MODELS,
+    REGISTRATION_MODELS,
     check_direction,
     propose_landmarks_for_sample,
     read_alignment_csv,
@@ -93,7 +93,7 @@ class RegistrationWidget(Container):
         self._point_callbacks: list = []
 
         self.status = Label(value="")
-        self.model = ComboBox(choices=list(MODELS), value="affine", label="model")
+        self.model = ComboBox(choices=list(REGISTRATION_MODELS), value="affine", label="model")
         self.robust = CheckBox(value=False, text="robust (leave out outliers)")
         self.auto_button = PushButton(text="Automatic start")
         self.fit_button = PushButton(text="Fit")
