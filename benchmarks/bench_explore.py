@@ -59,7 +59,8 @@ def synthetic_results(n_tiles: int, seed: int = 0, n_states: int = 8) -> Results
     tiles["n_addon"] = 0
     genes = [f"GENE{i:03d}" for i in range(N_GENES)]
     metadata = {"geometry_args": {k: getattr(geometry, k) for k in ("he_mpp", "he_height_px", "he_width_px", "tile_mpp",
-                                                                    "tile_px", "stride_px", "tokens_per_side", "image_px")},
+                                                                    "tile_px", "stride_px", "tokens_per_side",
+                                                                    "image_px")},
                 "registration": {"model": "affine", "matrix": he_to_global.tolist()},
                 "sample": {"xenium_pixel_size_um": 0.2125}}
     return Results(Path(f"synthetic-{n_tiles}.zarr"), tiles, genes, predictions, embeddings, genes, measured, metadata)

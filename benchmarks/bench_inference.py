@@ -91,7 +91,8 @@ def section_throughput(args, sample: Path, checkpoint: Path) -> dict:
     chunk_rate = run["tiles"] / t["inference_s"]
     call_rate = run["tiles"] / t["total_s"]
     p = run["precision"]
-    print(f"\n== throughput: {run['tiles']} tiles in {run['chunks']} chunks, batch {args.batch}, {dtype} on {p['device']}, "
+    print(f"\n== throughput: {run['tiles']} tiles in {run['chunks']} chunks, batch {args.batch}, "
+          f"{dtype} on {p['device']}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"dtype choice: {p['reason']} ({p['reference_tiles']} reference tiles; max |bf16 - fp32| predictions "
           f"{p['max_abs_diff_predictions']:.3g}, embeddings {p['max_abs_diff_embeddings']:.3g})")

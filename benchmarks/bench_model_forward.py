@@ -53,7 +53,8 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}, oneDNN {torch.backends.mkldnn.is_available()}"
     )
-    print(f"model: early_fusion_add, {model.config.backbone}, batch {args.batch}, {args.repeats} timed batches per dtype")
+    print(f"model: early_fusion_add, {model.config.backbone}, batch {args.batch}, "
+          f"{args.repeats} timed batches per dtype")
     seconds, outputs = interleaved_timings(model, images, counts, args.repeats)
     rates = {name: args.batch / statistics.median(values) for name, values in seconds.items()}
     pair_ratios = [fp32 / bf16 for fp32, bf16 in zip(seconds["fp32"], seconds["bf16"])]
@@ -66,7 +67,8 @@ def main() -> None:
     for field in ("predictions", "embeddings"):
         reference = getattr(outputs["fp32"], field).float()
         difference = (getattr(outputs["bf16"], field).float() - reference).abs().max()
-        print(f"max |bf16 - fp32| {field}: {float(difference):.4g} (largest fp32 value {float(reference.abs().max()):.3g})")
+        print(f"max |bf16 - fp32| {field}: {float(difference):.4g} "
+              f"(largest fp32 value {float(reference.abs().max()):.3g})")
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def main():
     p99_gap_ms = 1000 * sorted(gaps)[int(0.99 * (len(gaps) - 1))] if gaps else float("nan")
     print(f"first frame (H&E + DAPI drawn): {first_frame:.2f} s  = {first_frame / baseline:.2f} x baseline")
     print(f"density of all genes ready:     {density_done:.2f} s  = {density_done / baseline:.2f} x baseline")
-    print(f"event loop during the background density pass: worst stall {worst_gap_ms:.0f} ms, 99th percentile {p99_gap_ms:.0f} ms "
+    print(f"event loop during the background density pass: worst stall {worst_gap_ms:.0f} ms, "
+          f"99th percentile {p99_gap_ms:.0f} ms "
           f"(timer every 20 ms, {len(ticks)} ticks)")
     viewer.close()
 

@@ -27,7 +27,8 @@ print(json.dumps({**sample.summary.__dict__, "peak_rss_mb": resource.getrusage(r
 
 
 def run_size(out: Path, size_mm: float) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(out), str(size_mm)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(out), str(size_mm)],
+                          capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -42,7 +43,8 @@ def parquet_baseline(path: Path) -> tuple[int, float]:
         for i in range(source.num_row_groups):
             table = source.read_row_group(i)
             if writer is None:
-                writer = pq.ParquetWriter(Path(tmp) / "t.parquet", table.schema, compression="zstd", compression_level=1)
+                writer = pq.ParquetWriter(Path(tmp) / "t.parquet", table.schema,
+                                          compression="zstd", compression_level=1)
             writer.write_table(table)
         writer.close()
     return source.metadata.num_rows, time.perf_counter() - start
@@ -55,7 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp:
         base = Path(tmp)
-        print(f"{'size':>8} {'cells':>10} {'transcripts':>13} {'wall s':>8} {'cpu s':>8} {'tx wall/s':>11} {'tx cpu/s':>11} {'all wall/s':>11} {'peak RSS':>9}")
+        print(f"{'size':>8} {'cells':>10} {'transcripts':>13} {'wall s':>8} {'cpu s':>8} "
+              f"{'tx wall/s':>11} {'tx cpu/s':>11} {'all wall/s':>11} {'peak RSS':>9}")
         results = {}
         for size in args.sizes_mm:
             r = run_size(base / f"sample_{size:g}mm", size)

@@ -112,7 +112,8 @@ def sjoin_reference(df: pd.DataFrame, geometry: TileGeometry, rows: np.ndarray, 
         in_tile = points.iloc[points.sindex.query(shapely.box(x0, y0, x0 + geometry.tile_px, y0 + geometry.tile_px))]
         a, b = np.divmod(np.arange(196), 14)
         patches = gpd.GeoDataFrame({"token": np.arange(196)},
-                                   geometry=shapely.box(x0 + b * cell, y0 + a * cell, x0 + (b + 1) * cell, y0 + (a + 1) * cell))
+                                   geometry=shapely.box(x0 + b * cell, y0 + a * cell,
+                                                        x0 + (b + 1) * cell, y0 + (a + 1) * cell))
         joined = gpd.sjoin(in_tile, patches, predicate="within")
         out.append(joined.groupby(["token", "gene"], observed=True).size())
     return out

@@ -136,7 +136,8 @@ def cohort_splits(stores: list[Path], seeds: list[int]):
     cohort = open_cohort(stores)
     samples = cohort.sample_ids
     ids = {"train": [f"seed{s}" for s in seeds[:-2]], "val": [f"seed{seeds[-2]}"], "test": [f"seed{seeds[-1]}"]}
-    subsets = {name: Subset(cohort, [i for i, s in enumerate(samples) if s in members]) for name, members in ids.items()}
+    subsets = {name: Subset(cohort, [i for i, s in enumerate(samples) if s in members])
+               for name, members in ids.items()}
     return cohort, subsets, ids
 
 

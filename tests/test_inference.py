@@ -120,7 +120,9 @@ def test_store_metadata_records_the_run(reference_run, checkpoint):
     assert np.all(np.diff(chunks) >= 0) and chunks.max() == meta["n_chunks"] - 1
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a machine without GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a machine without GPU"
+)
 def test_auto_device_falls_back_to_cpu_with_a_warning(reference_run):
     _, caught = reference_run
     assert any(issubclass(w.category, DeviceFallbackWarning) and "CPU" in str(w.message) for w in caught)
@@ -135,7 +137,9 @@ def test_absent_device_is_a_clear_error_before_any_work(tmp_path, sample, checkp
 
 
 def test_checkpoint_panel_missing_from_sample_fails_before_any_work(tmp_path, sample, panel):
-    checkpoint = write_checkpoint(tmp_path / "other.safetensors", [*panel["core"][:5], "NOT_A_GENE"], panel["addon"][:3])
+    checkpoint = write_checkpoint(
+        tmp_path / "other.safetensors", [*panel["core"][:5], "NOT_A_GENE"], panel["addon"][:3]
+    )
     out = tmp_path / "r.zarr"
     with pytest.raises(InputError, match="NOT_A_GENE"):
         predict(sample, checkpoint, store=out, **RUN)

@@ -37,7 +37,9 @@ ADDON_GENES = tuple(f"ADD{i}" for i in range(N_ADDON))
 
 
 def tiny_config(variant: str, **overrides) -> ModelConfig:
-    return ModelConfig(n_core_genes=N_CORE, n_addon_genes=N_ADDON, variant=variant, backbone_kwargs=TINY_VIT, **overrides)
+    return ModelConfig(
+        n_core_genes=N_CORE, n_addon_genes=N_ADDON, variant=variant, backbone_kwargs=TINY_VIT, **overrides
+    )
 
 
 def tile_batch(batch_size: int = 3, seed: int = 0):
@@ -61,7 +63,9 @@ def test_default_model_is_the_papers_vit_s16_early_fusion():
     assert tuple(model.head.weight.shape) == (100, 384)
 
 
-EMBEDDING_DIMS = {"late_fusion_concat_token": 96, "late_fusion_concat_tile": 96, "expr_only_token": 32, "expr_only_tile": 32}
+EMBEDDING_DIMS = {
+    "late_fusion_concat_token": 96, "late_fusion_concat_tile": 96, "expr_only_token": 32, "expr_only_tile": 32
+}
 
 
 @pytest.mark.parametrize("variant", NEURAL_VARIANTS)
@@ -279,7 +283,10 @@ def test_corrupted_reference_files_are_clear_errors(tmp_path):
         load_reference_checkpoint(path, variant="morph_only", core_genes=CORE_GENES, addon_genes=ADDON_GENES)
     path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
     with pytest.raises(InputError):
-        load_reference_checkpoint(path.rename(tmp_path / "m.safetensors"), variant="morph_only", core_genes=CORE_GENES, addon_genes=ADDON_GENES)
+        load_reference_checkpoint(
+            path.rename(tmp_path / "m.safetensors"), variant="morph_only",
+            core_genes=CORE_GENES, addon_genes=ADDON_GENES,
+        )
 
 
 # ---- panels and geometry -------------------------------------------------------------------------
@@ -334,7 +341,11 @@ class ReferenceBackbone(nn.Module):
             self.morph_encoder = vit
         if n_core:
             self.expr_encoder = ReferenceHead(
-                [nn.Linear(n_core, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 32)]
+                [
+                    nn.Linear(n_core, 32), nn.ReLU(), nn.Dropout(0.1),
+                    nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.1),
+                    nn.Linear(32, 32),
+                ]
             )
         if vit is not None and n_core:
             self.expr_to_morph_proj = nn.Linear(32, d)
@@ -382,7 +393,9 @@ class ReferenceModel(nn.Module):
         import timm
 
         config = tiny_config(variant)
-        vit = timm.create_model(config.backbone, num_classes=0, global_pool="", **TINY_VIT) if config.uses_image else None
+        vit = (
+            timm.create_model(config.backbone, num_classes=0, global_pool="", **TINY_VIT) if config.uses_image else None
+        )
         n_core = N_CORE if config.uses_transcripts else 0
         self.backbone = ReferenceBackbone(vit, n_core, config.stage, config.fusion, config.transcript_level)
         width = {"late_fusion_concat_token": 96, "late_fusion_concat_tile": 96}.get(variant, 32 if vit is None else 48)
@@ -394,14 +407,19 @@ class ReferenceModel(nn.Module):
 
 @pytest.mark.parametrize(
     "variant",
-    ["early_fusion_add", "early_fusion_concat", "late_fusion_add_token", "late_fusion_concat_tile", "morph_only", "expr_only_token", "expr_only_tile"],
+    [
+        "early_fusion_add", "early_fusion_concat", "late_fusion_add_token", "late_fusion_concat_tile",
+        "morph_only", "expr_only_token", "expr_only_tile",
+    ],
 )
 def test_reference_layout_checkpoint_gives_identical_outputs(tmp_path, variant):
     torch.manual_seed(1)
     reference = ReferenceModel(variant).eval()
     with torch.no_grad():
         for name, parameter in reference.named_parameters():
-            if name not in ("backbone.fusion_alpha",) and not (variant != "early_fusion_concat" and name == "backbone.modality_token"):
+            if name not in ("backbone.fusion_alpha",) and not (
+                variant != "early_fusion_concat" and name == "backbone.modality_token"
+            ):
                 parameter.add_(0.05 * torch.randn_like(parameter))
     lightning_like = {
         "epoch": 7,
@@ -423,7 +441,8 @@ def test_reference_layout_checkpoint_gives_identical_outputs(tmp_path, variant):
     assert "backbone.fusion_alpha" in conversion.unused_keys
     assert card.model.modality_embedding == (variant == "early_fusion_concat")
     converted = convert_reference_checkpoint(
-        path, tmp_path / "converted.safetensors", variant=variant, core_genes=CORE_GENES, addon_genes=ADDON_GENES, backbone_kwargs=TINY_VIT
+        path, tmp_path / "converted.safetensors", variant=variant, core_genes=CORE_GENES, addon_genes=ADDON_GENES,
+        backbone_kwargs=TINY_VIT,
     )
     reloaded, _ = load_checkpoint(tmp_path / "converted.safetensors")
     assert converted.provenance["converted_from"] == "reference.ckpt"
@@ -435,7 +454,9 @@ def test_reference_checkpoint_of_another_variant_or_backbone_is_explained(tmp_pa
     path = tmp_path / "reference.ckpt"
     torch.save({"state_dict": ReferenceModel("early_fusion_add").state_dict()}, path)
     with pytest.raises(InputError, match="does not fit this checkpoint"):
-        load_reference_checkpoint(path, variant="morph_only", core_genes=CORE_GENES, addon_genes=ADDON_GENES, backbone_kwargs=TINY_VIT)
+        load_reference_checkpoint(
+            path, variant="morph_only", core_genes=CORE_GENES, addon_genes=ADDON_GENES, backbone_kwargs=TINY_VIT
+        )
     with pytest.raises(InputError, match="ViT has 2 blocks of width 48"):
         load_reference_checkpoint(path, variant="early_fusion_add", core_genes=CORE_GENES, addon_genes=ADDON_GENES)
     learned_gate = ReferenceModel("early_fusion_add").state_dict()
@@ -443,7 +464,8 @@ def test_reference_checkpoint_of_another_variant_or_backbone_is_explained(tmp_pa
     torch.save({"state_dict": learned_gate}, path)
     with pytest.raises(InputError, match="learnable_gate=True"):
         load_reference_checkpoint(
-            path, variant="early_fusion_add", core_genes=CORE_GENES, addon_genes=ADDON_GENES, backbone_kwargs=TINY_VIT, learnable_gate=False
+            path, variant="early_fusion_add", core_genes=CORE_GENES, addon_genes=ADDON_GENES, backbone_kwargs=TINY_VIT,
+            learnable_gate=False,
         )
     model, card, _ = load_reference_checkpoint(
         path, variant="early_fusion_add", core_genes=CORE_GENES, addon_genes=ADDON_GENES, backbone_kwargs=TINY_VIT

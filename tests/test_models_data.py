@@ -147,7 +147,9 @@ def test_cli_train_with_ddp_on_two_processes(stores, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Starting with 2 processes" in done.stdout + done.stderr
     assert done.stdout.count("early_fusion_add: validation") == 1 and done.stdout.count("min_mae: validation") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["early_fusion_add.safetensors", "min_mae.safetensors", "split.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "early_fusion_add.safetensors", "min_mae.safetensors", "split.json"
+    ]
     model, card = load_checkpoint(out / "early_fusion_add.safetensors")
     assert card.training["how"]["settings"]["strategy"] == "ddp"
     assert card.training["how"]["settings"]["devices"] == 2

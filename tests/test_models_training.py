@@ -53,7 +53,9 @@ class TinyTiles(Dataset):
 
 
 def tiny_config(variant: str, **overrides) -> ModelConfig:
-    return ModelConfig(n_core_genes=N_CORE, n_addon_genes=N_ADDON, variant=variant, backbone_kwargs=TINY_VIT, **overrides)
+    return ModelConfig(
+        n_core_genes=N_CORE, n_addon_genes=N_ADDON, variant=variant, backbone_kwargs=TINY_VIT, **overrides
+    )
 
 
 FAST = TrainingSettings(max_epochs=2, warmup_epochs=1, batch_size=4, accumulate_grad_batches=1, num_workers=0)
@@ -108,7 +110,9 @@ def test_training_is_deterministic_and_learns(tmp_path):
     )
     train, val = TinyTiles(16, seed=0), TinyTiles(8, seed=1)
     runs = [
-        train_model(tiny_config("expr_only_tile"), train, val, core_genes=CORE_GENES, addon_genes=ADDON_GENES, settings=quick)
+        train_model(
+            tiny_config("expr_only_tile"), train, val, core_genes=CORE_GENES, addon_genes=ADDON_GENES, settings=quick
+        )
         for _ in range(2)
     ]
     first, second = (dict(run.model.state_dict()) for run in runs)
@@ -155,10 +159,14 @@ def test_bad_datasets_are_explained():
 
     with pytest.raises(InputError, match=r"item\['image'\] must be a tensor \(3, 224, 224\) torch.uint8"):
         train_model(
-            tiny_config("morph_only"), ChannelsLast(2, 0), TinyTiles(2, 1), core_genes=CORE_GENES, addon_genes=ADDON_GENES, settings=FAST
+            tiny_config("morph_only"), ChannelsLast(2, 0), TinyTiles(2, 1),
+            core_genes=CORE_GENES, addon_genes=ADDON_GENES, settings=FAST,
         )
     with pytest.raises(InputError, match="disjoint"):
-        train_model(tiny_config("morph_only"), TinyTiles(2, 0), TinyTiles(2, 1), core_genes=CORE_GENES, addon_genes=CORE_GENES[:4])
+        train_model(
+            tiny_config("morph_only"), TinyTiles(2, 0), TinyTiles(2, 1),
+            core_genes=CORE_GENES, addon_genes=CORE_GENES[:4],
+        )
 
 
 def test_min_mae_baseline_copies_the_closest_core_gene(tmp_path):
@@ -175,7 +183,10 @@ def test_min_mae_baseline_copies_the_closest_core_gene(tmp_path):
     assert result.validation.means["mse"] == pytest.approx(0.0, abs=1e-10)
     loaded, _ = load_checkpoint(result.checkpoint_path)
     assert loaded.source_gene_index.tolist() == COPIED_CORE
-    batches = [{"tokens": train.tokens[:5], "target": train.targets[:5]}, {"tokens": train.tokens[5:], "target": train.targets[5:]}]
+    batches = [
+        {"tokens": train.tokens[:5], "target": train.targets[:5]},
+        {"tokens": train.tokens[5:], "target": train.targets[5:]},
+    ]
     streamed = fit_min_mae_baseline(result.model.config, batches)
     assert streamed.source_gene_index.tolist() == COPIED_CORE
 
@@ -197,7 +208,9 @@ def test_per_gene_metrics_match_scipy_and_constant_genes_are_nan():
 
 def test_variant_table_has_one_row_per_variant_and_writes_csv_and_markdown(tmp_path):
     def run(value):
-        return pd.DataFrame({"spearman": [value, value + 0.2], "pearson": [value, value], "mse": [1.0, 3.0]}, index=["a", "b"])
+        return pd.DataFrame(
+            {"spearman": [value, value + 0.2], "pearson": [value, value], "mse": [1.0, 3.0]}, index=["a", "b"]
+        )
 
     table = variant_table({"early_fusion_add": [run(0.3), run(0.5)], "min_mae": run(0.1)})
     assert list(table.index) == ["early_fusion_add", "min_mae"]
@@ -229,7 +242,10 @@ def test_splits_never_share_a_sample(samples, val_fraction, test_fraction, seed)
     assert groups[0] and groups[1]
     assert not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
     assert sorted(np.concatenate([split.train, split.val, split.test]).tolist()) == list(range(len(samples)))
-    assert split_by_sample(samples, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed).samples == split.samples
+    assert (
+        split_by_sample(samples, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed).samples
+        == split.samples
+    )
 
 
 def test_single_modality_training_needs_modality_dropout_and_then_serves_one_modality():

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.models import ModelCard, ModelConfig, build_model, load_checkpoint, read_model_card, save_checkpoint
+from napari_morphomol.models import (
+    ModelCard,
+    ModelConfig,
+    build_model,
+    load_checkpoint,
+    read_model_card,
+    save_checkpoint,
+)
 from napari_morphomol.models.checkpoint import CARD_METADATA_KEY, described_tensor_shapes
 
 TINY_VIT = {"depth": 2, "embed_dim": 48, "num_heads": 3}
@@ -32,7 +39,9 @@ ADDON_GENES = tuple(f"ADD{i}" for i in range(5))
 def saved_checkpoint(tmp_path, variant="early_fusion_add", backbone="vit_small_patch16_224", **weights):
     """A saved tiny model; ``weights`` overwrite named tensors before saving."""
     torch.manual_seed(0)
-    config = ModelConfig(len(CORE_GENES), len(ADDON_GENES), variant=variant, backbone=backbone, backbone_kwargs=TINY_VIT)
+    config = ModelConfig(
+        len(CORE_GENES), len(ADDON_GENES), variant=variant, backbone=backbone, backbone_kwargs=TINY_VIT
+    )
     model = build_model(config)
     state = model.state_dict()
     with torch.no_grad():
@@ -94,7 +103,10 @@ def test_a_card_naming_a_backbone_from_the_network_is_refused_without_network_ac
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"pretrained": True}, {"checkpoint_path": "weights.pth"}, {"pretrained_cfg_overlay": "hf-hub:x/y"}, {"img_size": 448}],
+    [
+        {"pretrained": True}, {"checkpoint_path": "weights.pth"}, {"pretrained_cfg_overlay": "hf-hub:x/y"},
+        {"img_size": 448},
+    ],
 )
 def test_a_card_builds_only_a_local_architecture_without_pretrained_weights(tmp_path, no_network, monkeypatch, kwargs):
     import timm
@@ -110,7 +122,9 @@ def test_a_card_builds_only_a_local_architecture_without_pretrained_weights(tmp_
     tagged = saved_checkpoint(tmp_path, backbone="vit_small_patch16_224.augreg_in21k")
     created.clear()
     load_checkpoint(tagged)  # a timm tag names weights, but a card only ever builds the architecture
-    assert created and all(options["pretrained"] is False and "pretrained_cfg_overlay" not in options for options in created)
+    assert created and all(
+        options["pretrained"] is False and "pretrained_cfg_overlay" not in options for options in created
+    )
     rewrite_card(tagged, lambda card: card["model"]["backbone_kwargs"].update(kwargs))
     with pytest.raises(InputError, match=f"(?s)backbone_kwargs {next(iter(kwargs))!r} is not .*depth, embed_dim"):
         load_checkpoint(tagged)
@@ -150,7 +164,10 @@ def image_size(card, img_size):
     ("edit", "entry", "card_says", "tensors_say"),
     [
         (lambda c: c["model"]["backbone_kwargs"].update(embed_dim=64, num_heads=4), "embed_dim", "64", "48"),
-        (lambda c: c["model"]["backbone_kwargs"].update(depth=24, embed_dim=1024, num_heads=16), "embed_dim", "1024", "48"),
+        (
+            lambda c: c["model"]["backbone_kwargs"].update(depth=24, embed_dim=1024, num_heads=16),
+            "embed_dim", "1024", "48",
+        ),
         (lambda c: c["model"]["backbone_kwargs"].update(depth=3), "depth", "3", "2"),
         (lambda c: c["model"]["backbone_kwargs"].update(mlp_ratio=2.0), "MLP width", "96", "192"),
         (lambda c: patch_size(c, 14), "patch size", r"\(14, 14\)", r"\(16, 16\)"),
@@ -161,10 +178,15 @@ def image_size(card, img_size):
         (lambda c: c["model"].update(variant="expr_only_token"), "image encoder", "absent", "present"),
         (lambda c: c["model"].update(learnable_gate=True), "learnable gate", "present", "absent"),
         (lambda c: c["model"].update(expression_hidden_layers=2), "expression layers", "4", "3"),
-        (lambda c: c["model"]["backbone_kwargs"].update(qkv_bias=False), "tensor image_encoder.blocks.0.attn.qkv.bias", "absent", r"shape \(144,\)"),
+        (
+            lambda c: c["model"]["backbone_kwargs"].update(qkv_bias=False),
+            "tensor image_encoder.blocks.0.attn.qkv.bias", "absent", r"shape \(144,\)",
+        ),
     ],
 )
-def test_a_card_that_disagrees_with_the_tensors_is_refused_before_building(tmp_path, monkeypatch, edit, entry, card_says, tensors_say):
+def test_a_card_that_disagrees_with_the_tensors_is_refused_before_building(
+    tmp_path, monkeypatch, edit, entry, card_says, tensors_say
+):
     path = saved_checkpoint(tmp_path)
     rewrite_card(path, edit)
     devices = record_real_allocations(monkeypatch)
@@ -181,20 +203,35 @@ def test_a_card_that_disagrees_with_the_tensors_is_refused_before_building(tmp_p
 @pytest.mark.parametrize(
     ("edit", "limit"),
     [
-        (lambda c: c["model"]["backbone_kwargs"].update(embed_dim=10**7), "embed_dim 10000000 is above the limit of 8192"),
+        (
+            lambda c: c["model"]["backbone_kwargs"].update(embed_dim=10**7),
+            "embed_dim 10000000 is above the limit of 8192",
+        ),
         (lambda c: c["model"]["backbone_kwargs"].update(depth=10**5), "depth 100000 is above the limit of 64"),
         (lambda c: c["model"]["backbone_kwargs"].update(num_heads=10**5), "num_heads 100000 is above the limit of 256"),
         (lambda c: c["model"]["backbone_kwargs"].update(mlp_ratio=1e6), "mlp_ratio 1000000.0 is above the limit of 16"),
         (lambda c: c["model"]["backbone_kwargs"].update(mlp_ratio=0), "mlp_ratio 0 is below the minimum of"),
         (lambda c: c["model"]["backbone_kwargs"].update(num_heads=5), "embed_dim 48 is not a multiple of num_heads 5"),
         (lambda c: c["model"]["backbone_kwargs"].update(patch_size=32), "patch_size 32 differs from patch_px 16"),
-        (lambda c: c["model"]["backbone_kwargs"].update(drop_path_rate=math.inf), "drop_path_rate inf is above the limit"),
+        (
+            lambda c: c["model"]["backbone_kwargs"].update(drop_path_rate=math.inf),
+            "drop_path_rate inf is above the limit",
+        ),
         (lambda c: image_size(c, 10**5), "img_size 100000 is above the limit of 1024"),
-        (lambda c: patch_size(c, 1), r"50176 tokens per tile \(img_size 224 / patch_px 1, squared\) is above the limit of 4096"),
+        (
+            lambda c: patch_size(c, 1),
+            r"50176 tokens per tile \(img_size 224 / patch_px 1, squared\) is above the limit of 4096",
+        ),
         (lambda c: c["model"].update(n_core_genes=10**9), "n_core_genes 1000000000 is above the limit of 100000"),
         (lambda c: c["model"].update(n_addon_genes=10**9), "n_addon_genes 1000000000 is above the limit of 100000"),
-        (lambda c: c["model"].update(expression_hidden_dim=10**8), "expression_hidden_dim 100000000 is above the limit of 16384"),
-        (lambda c: c["model"].update(expression_hidden_layers=10**6), "expression_hidden_layers 1000000 is above the limit of 64"),
+        (
+            lambda c: c["model"].update(expression_hidden_dim=10**8),
+            "expression_hidden_dim 100000000 is above the limit of 16384",
+        ),
+        (
+            lambda c: c["model"].update(expression_hidden_layers=10**6),
+            "expression_hidden_layers 1000000 is above the limit of 64",
+        ),
         (
             lambda c: c["model"]["backbone_kwargs"].update(depth=64, embed_dim=8192, num_heads=64),
             r"would have 51,[0-9,]+ parameters, above the limit of 2,000,000,000",
@@ -217,7 +254,10 @@ def test_an_absurd_architecture_is_refused_before_any_allocation(tmp_path, monke
     ("edit", "message"),
     [
         (lambda c: c["model"].update(backbone="resnet50"), "backbone 'resnet50'.*Pick a timm VisionTransformer"),
-        (lambda c: c["model"].update(backbone_kwargs={"num_heads": 5}), "divisible by num_heads.*multiple of num_heads"),
+        (
+            lambda c: c["model"].update(backbone_kwargs={"num_heads": 5}),
+            "divisible by num_heads.*multiple of num_heads",
+        ),
     ],
 )
 def test_a_card_naming_a_backbone_timm_cannot_build_is_explained(tmp_path, edit, message):
@@ -247,7 +287,9 @@ def test_a_baseline_copying_a_gene_outside_the_core_panel_is_refused(tmp_path):
     model = build_model(config)
     model.source_gene_index.copy_(torch.tensor([0, 1, 2, 7, 3]))
     path = save_checkpoint(model, ModelCard(config, CORE_GENES, ADDON_GENES), tmp_path / "m.safetensors")
-    with pytest.raises(InputError, match=r"m.safetensors: the Min-MAE baseline copies core gene index 7 .* 7 core genes"):
+    with pytest.raises(
+        InputError, match=r"m.safetensors: the Min-MAE baseline copies core gene index 7 .* 7 core genes"
+    ):
         load_checkpoint(path)
 
 
@@ -258,7 +300,10 @@ def test_a_baseline_copying_a_gene_outside_the_core_panel_is_refused(tmp_path):
         ("[1, 2]", "not a napari-morphomol model card.*re-export"),
         ('{"format": "napari-morphomol-model"}', "format version None is not valid.*re-export"),
         ('{"format": "napari-morphomol-model", "format_version": 0}', "format version 0 is not valid.*re-export"),
-        ('{"format": "napari-morphomol-model", "format_version": 2}', "version 2 is not supported.*update napari-morphomol"),
+        (
+            '{"format": "napari-morphomol-model", "format_version": 2}',
+            "version 2 is not supported.*update napari-morphomol",
+        ),
     ],
 )
 def test_an_unreadable_card_names_the_file_and_what_to_do(tmp_path, text, message):
@@ -275,7 +320,9 @@ def test_an_unreadable_card_names_the_file_and_what_to_do(tmp_path, text, messag
         ("non_finite", r"holds non-finite weights \(1 tensors, e.g. head.weight\)"),
     ],
 )
-def test_morphomol_predict_refuses_a_tampered_checkpoint_in_one_line(tmp_path, synthetic_sample, tiny_checkpoint, tamper, message):
+def test_morphomol_predict_refuses_a_tampered_checkpoint_in_one_line(
+    tmp_path, synthetic_sample, tiny_checkpoint, tamper, message
+):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -292,7 +339,8 @@ def test_morphomol_predict_refuses_a_tampered_checkpoint_in_one_line(tmp_path, s
     s = synthetic_sample
     done = subprocess.run(
         [sys.executable, "-m", "napari_morphomol.cli", "predict", str(s.xenium_dir), "--he", str(s.he_path),
-         "--alignment", str(s.alignment_csv), "--checkpoint", str(path), "--out", str(tmp_path / "r.zarr"), "--device", "cpu"],
+         "--alignment", str(s.alignment_csv), "--checkpoint", str(path), "--out", str(tmp_path / "r.zarr"),
+         "--device", "cpu"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 2, done.stderr

@@ -9,7 +9,6 @@ from spatialdata.transformations import get_transformation
 from napari_morphomol.cli import main
 from napari_morphomol.coords import GLOBAL, HE_PX
 from napari_morphomol.errors import InputError
-from napari_morphomol.registration.formats import read_alignment_csv
 from napari_morphomol.io.sample import (
     HE_IMAGE,
     MORPHOLOGY,
@@ -20,6 +19,7 @@ from napari_morphomol.io.sample import (
     sample_info,
     summarize_sample,
 )
+from napari_morphomol.registration.formats import read_alignment_csv
 
 
 @pytest.fixture(scope="module")

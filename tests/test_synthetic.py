@@ -72,7 +72,9 @@ def test_cell_feature_matrix_counts_assigned_gene_transcripts_with_qv_at_least_2
     cells = pd.read_parquet(x / "cells.parquet")
     assert list(cells["cell_id"]) == barcodes
     gene = np.array([not n.startswith(("NegControl", "Unassigned")) for n in names])
-    np.testing.assert_array_equal(cells["transcript_counts"].to_numpy(), np.asarray(counts[:, gene].sum(axis=1)).ravel())
+    np.testing.assert_array_equal(
+        cells["transcript_counts"].to_numpy(), np.asarray(counts[:, gene].sum(axis=1)).ravel()
+    )
 
 
 def test_transcripts_have_quality_controls_and_realistic_counts(synthetic_sample):
@@ -327,7 +329,10 @@ def test_ground_truth_json_describes_the_sample(synthetic_sample_deformed):
 
 def test_cli_synth_writes_a_sample(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["synth", str(out), "--size-mm", "0.2", "0.15", "--core-genes", "30", "--addon-genes", "10", "--seed", "2", "--no-deformation"]) == 0
+    assert main([
+        "synth", str(out), "--size-mm", "0.2", "0.15", "--core-genes", "30", "--addon-genes", "10",
+        "--seed", "2", "--no-deformation",
+    ]) == 0
     printed = capsys.readouterr().out
     assert "transcripts/s" in printed and "cells:" in printed
     assert (out / "xenium" / "transcripts.parquet").is_file()

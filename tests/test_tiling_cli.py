@@ -34,7 +34,9 @@ def test_store_matches_direct_tiling_of_the_files(synthetic_sample, tiles_store)
     transcripts = pd.read_parquet(synthetic_sample.xenium_dir / "transcripts.parquet")
     direct = make_tiling(transcripts, pyramid.levels, he_mpp=pyramid.pixel_size_um,
                          he_to_global=read_alignment_csv(synthetic_sample.alignment_csv),
-                         xenium_mpp=json.loads((synthetic_sample.xenium_dir / "experiment.xenium").read_text())["pixel_size"],
+                         xenium_mpp=json.loads(
+                             (synthetic_sample.xenium_dir / "experiment.xenium").read_text()
+                         )["pixel_size"],
                          panel=panel)
     assert len(store.tiles) == len(direct.tiles) > 0
     pd.testing.assert_frame_equal(store.tiles, direct.tiles, check_dtype=False)
@@ -110,8 +112,10 @@ def test_stores_of_another_kind_or_format_are_refused_with_what_to_do(tmp_path, 
     from napari_morphomol.tiling import store as tiles_store
 
     key, version, read, remedy = {
-        "tiles": (tiles_store.ATTRS_KEY, tiles_store.FORMAT_VERSION, tiles_store.read_tiles_zarr, "tile the sample again"),
-        "results": (results_store.ATTRS_KEY, results_store.FORMAT_VERSION, open_results, "run `morphomol predict` again"),
+        "tiles": (tiles_store.ATTRS_KEY, tiles_store.FORMAT_VERSION, tiles_store.read_tiles_zarr,
+                  "tile the sample again"),
+        "results": (results_store.ATTRS_KEY, results_store.FORMAT_VERSION, open_results,
+                    "run `morphomol predict` again"),
         "images": (tile_images.IMAGES_ATTRS_KEY, tile_images.IMAGES_FORMAT_VERSION,
                    lambda path: tile_images.open_tile_images(None, path), "delete it and let it be rebuilt"),
     }[kind]

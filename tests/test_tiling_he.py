@@ -25,7 +25,9 @@ class CountingArray:
 
     def __getitem__(self, key):
         ys, xs = key[0], key[1]
-        self.decodes[ys.start // self.chunk:-(-ys.stop // self.chunk), xs.start // self.chunk:-(-xs.stop // self.chunk)] += 1
+        self.decodes[
+            ys.start // self.chunk:-(-ys.stop // self.chunk), xs.start // self.chunk:-(-xs.stop // self.chunk)
+        ] += 1
         return self.data[key]
 
 

@@ -66,7 +66,10 @@ def test_nucleus_transcripts_land_on_hematoxylin(loaded, synthetic_sample):
     big = cells.sort_values("nucleus_radius_um").iloc[-1]
     nearest = tx.loc[((tx.x_location - big.x_um) ** 2 + (tx.y_location - big.y_um) ** 2).idxmin()]
     assert nearest.overlaps_nucleus == 1
-    assert he_darkness_at_um(viewer, nearest[["x_location", "y_location"]].to_numpy(float)[None])[0] > np.median(h_outside)
+    assert (
+        he_darkness_at_um(viewer, nearest[["x_location", "y_location"]].to_numpy(float)[None])[0]
+        > np.median(h_outside)
+    )
 
 
 def test_gene_search_density_and_points(loaded, qtbot):

@@ -90,7 +90,9 @@ def test_click_fit_apply_undo_redo(opened, synthetic_sample, qtbot):
     np.testing.assert_allclose(he_image.affine.affine_matrix, expected, atol=1e-9)
     np.testing.assert_allclose(widget.he_points.affine.affine_matrix, expected, atol=1e-9)
     np.testing.assert_allclose(he_image.translate, 0.0, atol=1e-9)
-    np.testing.assert_allclose(get_transformation(sdata.images["he_image"], GLOBAL).to_affine_matrix(("x", "y"), ("x", "y")), applied)
+    np.testing.assert_allclose(
+        get_transformation(sdata.images["he_image"], GLOBAL).to_affine_matrix(("x", "y"), ("x", "y")), applied
+    )
     # the H&E now lies on the Xenium image: held-out landmarks land within a few um of the truth
     held_out = pairs.he_px[6:]
     world = np.array([he_image.data_to_world(p) for p in xy_to_napari(held_out)])
@@ -142,7 +144,9 @@ def test_click_fit_apply_undo_redo(opened, synthetic_sample, qtbot):
 
 def test_delete_removes_the_partner(opened):
     viewer, widget, _ = opened
-    click_pairs(viewer, widget, [[100.0, 100.0], [200.0, 300.0], [400.0, 100.0]], [[120.0, 90.0], [250.0, 380.0], [500.0, 80.0]])
+    click_pairs(
+        viewer, widget, [[100.0, 100.0], [200.0, 300.0], [400.0, 100.0]], [[120.0, 90.0], [250.0, 380.0], [500.0, 80.0]]
+    )
     widget.xenium_points.remove([1])
     assert len(widget.he_points.data) == len(widget.xenium_points.data) == 2
     assert list(widget.he_points.features["name"]) == ["Pt-0", "Pt-2"]
@@ -238,7 +242,10 @@ def test_automatic_start_fills_both_layers(opened, synthetic_sample, qtbot):
     assert list(widget.he_points.features["name"])[0] == "auto-0"
     truth = read_alignment_csv(synthetic_sample.alignment_csv)
     he = napari_to_xy(widget.he_points.data)
-    error_um = np.linalg.norm(he @ truth[:2, :2].T + truth[:2, 2] - napari_to_xy(widget.xenium_points.data), axis=1) * PIXEL_UM
+    error_um = (
+        np.linalg.norm(he @ truth[:2, :2].T + truth[:2, 2] - napari_to_xy(widget.xenium_points.data), axis=1)
+        * PIXEL_UM
+    )
     assert np.median(error_um) < 3.0
     assert widget.fitted is not None and worker is not None
 

@@ -54,7 +54,8 @@ def gene_map_layer(explorer: RunExplorer, gene: str, kind: str = "predicted") ->
         {"name": MAP_LAYER_NAMES[kind], "units": UNITS_UM, "affine": stride_affine_um(explorer),
          "colormap": MAP_COLORMAPS[kind], "contrast_limits": map_contrast_limits(raster, kind),
          "opacity": 0.8, "blending": "translucent",
-         "metadata": {"gene": gene, "kind": kind, "units": EXPRESSION_UNITS, RESULTS_LAYER_KEY: str(explorer.results.path)}},
+         "metadata": {"gene": gene, "kind": kind, "units": EXPRESSION_UNITS,
+                      RESULTS_LAYER_KEY: str(explorer.results.path)}},
         "image",
     )
 

@@ -75,7 +75,9 @@ def add_clusters(adata: ad.AnnData, resolutions: Sequence[float] = PAPER_RESOLUT
 
     resolutions = [float(r) for r in resolutions]
     if not resolutions or any(not np.isfinite(r) or r <= 0 for r in resolutions):
-        raise InputError(f"Leiden resolutions must be positive numbers, got {list(resolutions)}; the paper uses 0.5 and 1.0")
+        raise InputError(
+            f"Leiden resolutions must be positive numbers, got {list(resolutions)}; the paper uses 0.5 and 1.0"
+        )
     if n_pcs < 2:
         raise InputError(f"n_pcs must be at least 2, got {n_pcs}; the paper uses {PAPER_N_PCS}")
     if adata.n_obs < MIN_TILES:
@@ -85,7 +87,9 @@ def add_clusters(adata: ad.AnnData, resolutions: Sequence[float] = PAPER_RESOLUT
         raise InputError("the embeddings hold NaN or infinite values; the prediction run is incomplete or broken")
     work = ad.AnnData(X=features)
     n_comps = int(min(n_pcs, features.shape[0] - 1, features.shape[1] - 1))
-    sc.pp.pca(work, n_comps=n_comps, random_state=seed, svd_solver="arpack" if n_comps < min(features.shape) - 1 else "full")
+    sc.pp.pca(
+        work, n_comps=n_comps, random_state=seed, svd_solver="arpack" if n_comps < min(features.shape) - 1 else "full"
+    )
     n_neighbors = int(min(15, adata.n_obs - 1))
     transformer = _KnnAsCsrMatrix(adata.n_obs, n_neighbors, seed) if adata.n_obs >= EXACT_KNN_MAX_TILES else None
     sc.pp.neighbors(work, n_neighbors=n_neighbors, use_rep="X_pca", random_state=seed, transformer=transformer)

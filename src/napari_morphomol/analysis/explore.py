@@ -44,7 +44,9 @@ class RunExplorer:
         try:
             return self.results.addon_genes.index(gene)
         except ValueError:
-            raise InputError(f"{gene!r} is not an add-on gene of this model; pick one of {len(self.genes)} listed") from None
+            raise InputError(
+                f"{gene!r} is not an add-on gene of this model; pick one of {len(self.genes)} listed"
+            ) from None
 
     def tile_values(self, gene: str, kind: str = "predicted") -> np.ndarray:
         """(tiles,) log1p values of ``gene``: predicted, measured or residual (measured - predicted)."""
@@ -67,12 +69,15 @@ class RunExplorer:
         return self._maps[key]
 
     def tile_report(self, tile: int, top: int = 10) -> pd.DataFrame:
-        """The ``top`` genes of one tile (results row) by predicted value, with measured values (NaN if not measured)."""
+        """The ``top`` genes of one tile (results row) by predicted value,
+        with measured values (NaN if not measured)."""
         if not 0 <= tile < self.adata.n_obs:
             raise InputError(f"tile {tile} is not in this run (0..{self.adata.n_obs - 1})")
         predicted = np.asarray(self.adata.X[tile], dtype=np.float64)
         order = np.argsort(-predicted, kind="stable")[:top]
-        measured = self.adata.layers["measured"][tile] if "measured" in self.adata.layers else np.full_like(predicted, np.nan)
+        measured = (
+            self.adata.layers["measured"][tile] if "measured" in self.adata.layers else np.full_like(predicted, np.nan)
+        )
         return pd.DataFrame({"predicted": predicted[order], "measured": np.asarray(measured, np.float64)[order]},
                             index=pd.Index([self.genes[i] for i in order], name="gene"))
 
@@ -114,8 +119,8 @@ def partial_results(store_path: str | Path) -> Results | None:
     tiles as NaN; None before the run has written its tile table. See inference/store.py for the layout."""
     import zarr
 
-    from napari_morphomol.inference.store import ATTRS_KEY
     from napari_morphomol.inference import partial_path
+    from napari_morphomol.inference.store import ATTRS_KEY
 
     path = partial_path(store_path)
     try:

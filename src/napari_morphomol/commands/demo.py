@@ -31,10 +31,10 @@ def _step(message: str, start: float) -> float:
 
 
 def run(args) -> int:
+    from napari_morphomol._atomic import guard_output_folder
     from napari_morphomol.export.writers import export_results
     from napari_morphomol.inference import predict
     from napari_morphomol.io.sample import open_sample, summarize_sample
-    from napari_morphomol._atomic import guard_output_folder
     from napari_morphomol.io.synthetic import write_synthetic_sample
     out = guard_output_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)

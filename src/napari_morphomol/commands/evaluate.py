@@ -36,9 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from napari_morphomol.models import check_tile_geometry, evaluate_model, load_checkpoint, table_markdown, variant_table
-    from napari_morphomol.models.data import open_cohort, tiles_stores_for
     from napari_morphomol._atomic import guard_output, guard_output_folder, refuse_among_inputs, write_text_atomic
+    from napari_morphomol.models import (
+        check_tile_geometry,
+        evaluate_model,
+        load_checkpoint,
+        table_markdown,
+        variant_table,
+    )
+    from napari_morphomol.models.data import open_cohort, tiles_stores_for
     from napari_morphomol.models.metrics import (
         GENE_TABLE_CSV,
         VARIANT_TABLE_CSV,

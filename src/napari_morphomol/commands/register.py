@@ -46,7 +46,8 @@ def add_arguments(parser):
     parser.add_argument("--auto", action="store_true", help="find landmark pairs automatically (DAPI vs hematoxylin)")
     parser.add_argument("--model", choices=tuple(REGISTRATION_MODELS), default="affine",
                         help="transform model (default: affine)")
-    parser.add_argument("--robust", action="store_true", help="RANSAC: leave out landmarks that miss by more than --outlier-um")
+    parser.add_argument("--robust", action="store_true",
+                        help="RANSAC: leave out landmarks that miss by more than --outlier-um")
     parser.add_argument("--outlier-um", type=real_number(0.0, open_minimum=True, unit="um"), default=15.0,
                         help="robust fit outlier threshold in um (default 15)")
     parser.add_argument("--regions", type=whole_number(1), help="per-region model: number of automatic regions")

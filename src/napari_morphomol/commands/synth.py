@@ -45,9 +45,11 @@ def run(args) -> int:
     s = sample.summary
     print(f"wrote {sample.root}")
     print(f"  cells:        {s.n_cells:,}")
-    print(f"  transcripts:  {s.n_transcripts:,} ({s.n_transcripts / s.transcript_seconds:,.0f} transcripts/s in the transcript stage)")
+    print(f"  transcripts:  {s.n_transcripts:,} "
+          f"({s.n_transcripts / s.transcript_seconds:,.0f} transcripts/s in the transcript stage)")
     print(f"  morphology:   {s.morphology_shape[1]} x {s.morphology_shape[0]} px at 0.2125 um/px")
     print(f"  H&E:          {s.he_shape[1]} x {s.he_shape[0]} px at {args.he_pixel_size_um} um/px")
-    print(f"  time:         {s.seconds:.1f} s wall, {s.cpu_seconds:.1f} s CPU ({s.n_transcripts / s.seconds:,.0f} transcripts/s overall)")
+    print(f"  time:         {s.seconds:.1f} s wall, {s.cpu_seconds:.1f} s CPU "
+          f"({s.n_transcripts / s.seconds:,.0f} transcripts/s overall)")
     print(f"  peak RSS:     {peak_mb:,.0f} MB")
     return 0

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="TILES.zarr", help="output store (written atomically)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it is a tiles store written by napari-morphomol")
-    parser.add_argument("--tile-px", type=whole_number(14), default=512, help="tile size in px at --tile-mpp (default 512)")
+    parser.add_argument("--tile-px", type=whole_number(14), default=512,
+                        help="tile size in px at --tile-mpp (default 512)")
     parser.add_argument("--stride-px", type=whole_number(1), default=256, help="tile stride in px (default 256)")
     parser.add_argument("--tile-mpp", type=real_number(0.0, open_minimum=True, unit="um/px"), default=0.5,
                         help="tile pixel size, um/px (default 0.5)")
@@ -45,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from napari_morphomol._atomic import guard_output
     from napari_morphomol.io.sample import load_sample
     from napari_morphomol.registration import read_registration_json
-    from napari_morphomol._atomic import guard_output
     from napari_morphomol.tiling import TILES_STORE, GenePanel, tile_sample, write_tiles_zarr
 
     alignment = alignment_path(Path(args.xenium_dir), args.alignment, args.registration)
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
 
     tiling = tile_sample(
-        sdata, panel=panel, he_to_global=registration, tile_px=args.tile_px, stride_px=args.stride_px, tile_mpp=args.tile_mpp,
+        sdata, panel=panel, he_to_global=registration, tile_px=args.tile_px, stride_px=args.stride_px,
+        tile_mpp=args.tile_mpp,
         max_background=args.max_background, min_transcripts=args.min_transcripts, min_qv=args.min_qv,
         region_he_px=region_polygon_he_px(args.region), progress=progress,
     )

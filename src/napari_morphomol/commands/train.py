@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"variants to train (default {DEFAULT_VARIANT}); any of: {', '.join(VARIANTS)}")
     parser.add_argument("--work", metavar="DIR", help="where sample folders are tiled (default OUT/tiles)")
     parser.add_argument("--panel", metavar="FILE", help='JSON {"core": [...], "addon": [...]} for sample folders')
-    split = parser.add_argument_group("split (whole samples; sample id = folder name or store name without .tiles.zarr)")
+    split = parser.add_argument_group(
+        "split (whole samples; sample id = folder name or store name without .tiles.zarr)"
+    )
     split.add_argument("--val", nargs="+", default=[], metavar="SAMPLE", help="validation samples")
     split.add_argument("--test", nargs="+", default=[], metavar="SAMPLE", help="test samples (never trained on)")
     split.add_argument("--val-fraction", type=fraction, default=0.2, help="when --val is not given (default 0.2)")
@@ -58,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--weight-decay", type=real_number(0.0, 1.0), default=1e-3)
     fit.add_argument("--patience", type=whole_number(1), default=10, help="early stopping on validation MSE")
     fit.add_argument("--seed", type=whole_number(0), default=0)
-    fit.add_argument("--precision", default="auto", help='Lightning precision (default: bf16-mixed on GPU, else "32-true")')
+    fit.add_argument("--precision", default="auto",
+                     help='Lightning precision (default: bf16-mixed on GPU, else "32-true")')
     fit.add_argument("--workers", type=whole_number(0, 256), default=0,
                      help="data loader processes (default 0: load in the training process)")
     fit.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
@@ -96,7 +99,9 @@ def _split(sample_ids, args):
     args.val, args.test = _sample_names(args.val, names), _sample_names(args.test, names)
     unknown = sorted(set(args.val + args.test) - set(names))
     if unknown:
-        raise InputError(f"--val/--test name samples that are not in DATA: {', '.join(unknown)}; samples: {', '.join(names)}")
+        raise InputError(
+            f"--val/--test name samples that are not in DATA: {', '.join(unknown)}; samples: {', '.join(names)}"
+        )
     if set(args.val) & set(args.test):
         raise InputError("a sample cannot be both --val and --test")
     if args.val:
@@ -121,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
     from napari_morphomol.models import ModelConfig, TrainingSettings, train_model
-    from napari_morphomol.models.training import is_primary_process
     from napari_morphomol.models.data import open_cohort, tiles_stores_for
+    from napari_morphomol.models.training import is_primary_process
     from napari_morphomol.tiling import GenePanel
 
     primary = is_primary_process()
@@ -132,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         guard_output(out / "split.json", SPLIT_JSON, inputs=inputs, overwrite=True)
         clash = [v for v in args.variants if (out / f"{v}.safetensors").exists()]
         if clash:
-            raise InputError(f"{out} already holds {', '.join(v + '.safetensors' for v in clash)}; choose another --out")
+            raise InputError(
+                f"{out} already holds {', '.join(v + '.safetensors' for v in clash)}; choose another --out"
+            )
     panel = GenePanel.from_json(args.panel) if args.panel else None
 
     def say(message: str) -> None:

@@ -15,8 +15,8 @@ from napari_morphomol.export.spatialdata import (
     PREDICTED_IMAGE,
     TILE_TABLE,
     TILES,
-    results_to_spatialdata,
     gene_map_image,
+    results_to_spatialdata,
     tile_shapes,
 )
 from napari_morphomol.export.writers import (

@@ -63,7 +63,9 @@ def tile_shapes(results: Results, registration: RunRegistration) -> gpd.GeoDataF
     """Tile squares (H&E px boxes) as polygons in ``global`` px, indexed by ``tile_id``."""
     t = results.tiles
     x0, y0, x1, y1 = (t[c].to_numpy(dtype=np.float64) for c in ("he_x0", "he_y0", "he_x1", "he_y1"))
-    corners_he = np.stack([np.stack([x0, y0], 1), np.stack([x1, y0], 1), np.stack([x1, y1], 1), np.stack([x0, y1], 1)], 1)
+    corners_he = np.stack(
+        [np.stack([x0, y0], 1), np.stack([x1, y0], 1), np.stack([x1, y1], 1), np.stack([x0, y1], 1)], 1
+    )
     corners_global = registration.apply_xy(corners_he.reshape(-1, 2)).reshape(-1, 4, 2)
     frame = gpd.GeoDataFrame(geometry=[Polygon(c) for c in corners_global],
                              index=pd.Index(t["tile_id"].to_numpy(dtype=np.int64), name=INSTANCE_KEY))

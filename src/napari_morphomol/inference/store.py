@@ -43,8 +43,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from napari_morphomol._atomic import zarr_store_kind
-from napari_morphomol._atomic import open_versioned_group
+from napari_morphomol._atomic import open_versioned_group, zarr_store_kind
 from napari_morphomol.errors import InputError
 
 FORMAT_VERSION = 1

@@ -21,12 +21,27 @@ LATENTS = (*CELL_TYPES, "ifn", "hypoxia", "proliferating", "tumour_nuclear_size"
 _IFN, _HYPOXIA, _PROLIF, _NUCSIZE = (len(CELL_TYPES) + k for k in range(4))
 
 _MARKERS = {
-    "tumour": "EPCAM KRT8 KRT18 KRT19 KRT7 CDH1 CLDN4 ELF3 MUC1 CEACAM5 TACSTD2 SOX9 ERBB2 KRT5 AGR2 SPINT2 FXYD3 CLDN7 KRT23 LCN2",
-    "fibroblast": "COL1A1 COL1A2 COL3A1 DCN LUM PDGFRA PDGFRB FAP POSTN SFRP2 FN1 THY1 ACTA2 TAGLN MMP2 COL5A1 COL6A3 VCAN SPARC CTSK",
-    "endothelial": "PECAM1 VWF CDH5 CLDN5 KDR EMCN PLVAP ENG FLT1 ESAM TIE1 RAMP2 AQP1 CD34 EGFL7 SOX17 NOTCH4 ROBO4 MMRN1 SELP",
+    "tumour": (
+        "EPCAM KRT8 KRT18 KRT19 KRT7 CDH1 CLDN4 ELF3 MUC1 CEACAM5 TACSTD2 SOX9 ERBB2 KRT5 AGR2 SPINT2 FXYD3 "
+        "CLDN7 KRT23 LCN2"
+    ),
+    "fibroblast": (
+        "COL1A1 COL1A2 COL3A1 DCN LUM PDGFRA PDGFRB FAP POSTN SFRP2 FN1 THY1 ACTA2 TAGLN MMP2 COL5A1 COL6A3 "
+        "VCAN SPARC CTSK"
+    ),
+    "endothelial": (
+        "PECAM1 VWF CDH5 CLDN5 KDR EMCN PLVAP ENG FLT1 ESAM TIE1 RAMP2 AQP1 CD34 EGFL7 SOX17 NOTCH4 ROBO4 "
+        "MMRN1 SELP"
+    ),
     "T_cell": "CD3E CD3D CD2 CD8A CD4 TRAC IL7R CD247 GZMK CCR7 LCK CD5 CD6 CD28 ICOS CTLA4 PDCD1 TCF7 LEF1 CD96",
-    "B_cell": "MS4A1 CD19 CD79A CD79B PAX5 BANK1 CR2 FCRL5 MZB1 IGHM CD22 BLK TNFRSF13C VPREB3 FCRLA CD37 POU2AF1 SPIB TCL1A CIITA",
-    "macrophage": "CD68 CD163 CSF1R C1QA C1QB C1QC LYZ ITGAM MRC1 APOE FCGR3A AIF1 MS4A7 TYROBP FCER1G CD14 MSR1 SIGLEC1 VSIG4 LILRB4",
+    "B_cell": (
+        "MS4A1 CD19 CD79A CD79B PAX5 BANK1 CR2 FCRL5 MZB1 IGHM CD22 BLK TNFRSF13C VPREB3 FCRLA CD37 POU2AF1 "
+        "SPIB TCL1A CIITA"
+    ),
+    "macrophage": (
+        "CD68 CD163 CSF1R C1QA C1QB C1QC LYZ ITGAM MRC1 APOE FCGR3A AIF1 MS4A7 TYROBP FCER1G CD14 MSR1 "
+        "SIGLEC1 VSIG4 LILRB4"
+    ),
     "necrotic": "HSPA1A HMOX1 DDIT3 GADD45A ATF3 JUN FOS EGR1",
 }
 _CORE_STATES = {
@@ -282,7 +297,10 @@ def sample_block(
     n_all = len(x)
 
     # a slightly tilted section about 11 um above the coverslip
-    z = np.float32(11.0) + np.float32(2e-4) * x + np.float32(1e-4) * y + np.float32(1.8) * rng.standard_normal(n_all, dtype=np.float32)
+    z = (
+        np.float32(11.0) + np.float32(2e-4) * x + np.float32(1e-4) * y
+        + np.float32(1.8) * rng.standard_normal(n_all, dtype=np.float32)
+    )
     is_control = feature >= panel.n_genes
     low_share = np.where(is_control, np.float32(0.5), np.float32(LOW_QV_SHARE))
     low = rng.random(n_all, dtype=np.float32) < low_share

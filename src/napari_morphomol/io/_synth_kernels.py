@@ -30,7 +30,9 @@ def owner_kernel(x, y, lx, ly, lr2, lcell, row_len, nx, ny, reach, node_um, out)
 
 
 @numba.njit(cache=True, nogil=True)
-def stamp_kernel(wx, wy, centre_col, centre_row, cx, cy, a, b, angle, weight, vesicular, label, px_um, intensity, cover, labels):
+def stamp_kernel(
+    wx, wy, centre_col, centre_row, cx, cy, a, b, angle, weight, vesicular, label, px_um, intensity, cover, labels
+):
     """Add each nucleus (an ellipse with a one-pixel soft edge) into the chunk images.
 
     wx, wy: world um of every pixel centre; centre_col/row: nucleus centre in chunk px.

@@ -75,7 +75,10 @@ def random_stain(rng: np.random.Generator) -> Stain:
     )
 
 
-def _stamp(cells: Cells, rows: np.ndarray, centre_px: np.ndarray, wx: np.ndarray, wy: np.ndarray, px_um: float, weight: np.ndarray):
+def _stamp(
+    cells: Cells, rows: np.ndarray, centre_px: np.ndarray, wx: np.ndarray, wy: np.ndarray, px_um: float,
+    weight: np.ndarray,
+):
     """Nuclei of ``rows`` drawn into the chunk: weighted intensity, coverage, labels (row + 1)."""
     intensity = np.zeros(wx.shape, dtype=np.float32)
     cover = np.zeros(wx.shape, dtype=np.float32)
@@ -140,7 +143,9 @@ def render_morphology_chunk(
     shape = wx.shape
 
     box = cells_in_box(cells, float(wx[0, 0]), float(wy[0, 0]), float(wx[-1, -1]), float(wy[-1, -1]))
-    centre_px = np.column_stack([cells.x_um[box] / pixel_size_um - (col0 - m), cells.y_um[box] / pixel_size_um - (row0 - m)])
+    centre_px = np.column_stack(
+        [cells.x_um[box] / pixel_size_um - (col0 - m), cells.y_um[box] / pixel_size_um - (row0 - m)]
+    )
     nuclei, _, nucleus_labels = _stamp(cells, box, centre_px, wx, wy, pixel_size_um, cells.dapi)
 
     step = 2

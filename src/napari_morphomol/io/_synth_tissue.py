@@ -289,7 +289,9 @@ def make_cells(seed: int, fields: TissueFields, size_um: tuple[float, float]) ->
     return Cells(**columns, block_starts=block_starts, node_index=node_index, lookup=lookup)
 
 
-def _block_cells(rng, fields: TissueFields, block_x: int, block_y: int, nx: int, ny: int, block_id: int) -> dict[str, np.ndarray]:
+def _block_cells(
+    rng, fields: TissueFields, block_x: int, block_y: int, nx: int, ny: int, block_id: int
+) -> dict[str, np.ndarray]:
     x0, y0 = block_x * BLOCK_NODES, block_y * BLOCK_NODES
     gy, gx = np.mgrid[y0 : min(y0 + BLOCK_NODES, ny), x0 : min(x0 + BLOCK_NODES, nx)]
     gx = gx.ravel().astype(np.int32)
@@ -417,7 +419,10 @@ def owning_cell(cells: Cells, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
     owner = np.empty(x.shape, dtype=np.int32)
     lk = cells.lookup
     ny, nx = cells.node_index.shape
-    owner_kernel(x, y, lk["x"], lk["y"], lk["r2"], lk["cell"], int(lk["shape"][1]), nx, ny, NODE_REACH, np.float32(NODE_UM), owner)
+    owner_kernel(
+        x, y, lk["x"], lk["y"], lk["r2"], lk["cell"], int(lk["shape"][1]), nx, ny, NODE_REACH, np.float32(NODE_UM),
+        owner,
+    )
     return owner.reshape(shape)
 
 

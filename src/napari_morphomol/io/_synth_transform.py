@@ -48,7 +48,9 @@ class TrueTransform:
             pts = apply_affine_xy(inv, target - self.displacement_px(pts))
         return pts
 
-    def he_grid_to_world_um(self, cols: np.ndarray, rows: np.ndarray, xenium_pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
+    def he_grid_to_world_um(
+        self, cols: np.ndarray, rows: np.ndarray, xenium_pixel_size_um: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """World um (x, y) of the pixel centres of an H&E pixel grid, as two float32 (rows, cols) arrays.
 
         he_to_global_px times the Xenium pixel size on every pixel centre (to float32 precision),

@@ -21,7 +21,9 @@ JPEG = ("jpeg", 90)
 """Brightfield H&E, as slide scanners store it."""
 
 
-def _ome_xml(name: str, width: int, height: int, samples: int, dtype: np.dtype, pixel_size_um: float, channel: str) -> str:
+def _ome_xml(
+    name: str, width: int, height: int, samples: int, dtype: np.dtype, pixel_size_um: float, channel: str
+) -> str:
     """Minimal OME-XML (ASCII; the micrometre unit spelled &#181;m as Xenium does)."""
     pixel_type = {np.dtype("uint8"): "uint8", np.dtype("uint16"): "uint16"}[np.dtype(dtype)]
     return (
@@ -141,8 +143,14 @@ class TenXMatrixWriter:
         self._file.attrs["software_version"] = "napari-morphomol synthetic"
         g = self._file.create_group("matrix")
         self._group = g
-        self._data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,), compression="gzip", compression_opts=1)
-        self._indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,), compression="gzip", compression_opts=1)
+        self._data = g.create_dataset(
+            "data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,), compression="gzip",
+            compression_opts=1,
+        )
+        self._indices = g.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 16,), compression="gzip",
+            compression_opts=1,
+        )
         self._indptr = [np.zeros(1, dtype=np.int64)]
         self._nnz = 0
         self._n_cells = n_cells

@@ -401,7 +401,9 @@ class SampleParts:
 
 def _single(paths: list[Path], what: str, folder: Path) -> Path | None:
     if len(paths) > 1:
-        raise InputError(f"{folder} holds several {what} ({', '.join(p.name for p in paths)}); open the files explicitly.")
+        raise InputError(
+            f"{folder} holds several {what} ({', '.join(p.name for p in paths)}); open the files explicitly."
+        )
     return paths[0] if paths else None
 
 

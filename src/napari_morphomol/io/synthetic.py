@@ -109,7 +109,13 @@ def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
     raw = json.loads(path.read_text())
     if raw.get("generator") != "napari-morphomol synthetic":
         raise InputError(f"{path} is not a synthetic ground truth: pass the ground_truth.json of a synthetic sample")
-    warp = np.array([[c["amp_x_px"], c["amp_y_px"], c["freq_u"], c["freq_v"], c["phase"]] for c in raw["deformation"]["components"]], dtype=float).reshape(-1, 5)
+    warp = np.array(
+        [
+            [c["amp_x_px"], c["amp_y_px"], c["freq_u"], c["freq_v"], c["phase"]]
+            for c in raw["deformation"]["components"]
+        ],
+        dtype=float,
+    ).reshape(-1, 5)
     return GroundTruth(
         seed=raw["seed"],
         size_um=tuple(raw["size_um"]),
@@ -282,7 +288,8 @@ def write_synthetic_sample(
     cells = make_cells(seed, fields, size_um)
     panel = make_panel(n_core_genes, n_addon_genes)
     transform, (he_w, he_h) = random_transform(
-        np.random.default_rng([seed, 3]), (morph_w, morph_h), he_pixel_size_um, px, _HE_MARGIN_UM / he_pixel_size_um, deformation
+        np.random.default_rng([seed, 3]), (morph_w, morph_h), he_pixel_size_um, px, _HE_MARGIN_UM / he_pixel_size_um,
+        deformation,
     )
     stain = random_stain(np.random.default_rng([seed, 4]))
     n_cells = len(cells)
@@ -302,9 +309,15 @@ def write_synthetic_sample(
         transcript_seconds = time.perf_counter() - t0
         transcript_cpu_seconds = time.process_time() - cpu0
         say(f"{n_transcripts} transcripts written in {transcript_seconds:.1f} s")
-        _write_images(tmp, xdir, cells, fields, size_um, transform, stain, he_pixel_size_um, (morph_h, morph_w), (he_h, he_w), seed, cell_ids, cell_counts)
+        _write_images(
+            tmp, xdir, cells, fields, size_um, transform, stain, he_pixel_size_um, (morph_h, morph_w), (he_h, he_w),
+            seed, cell_ids, cell_counts,
+        )
         say("images written")
-        _write_metadata(tmp, xdir, cells, cell_ids, panel, transform, stain, size_um, he_pixel_size_um, (morph_h, morph_w), (he_h, he_w), seed, n_transcripts, deformation)
+        _write_metadata(
+            tmp, xdir, cells, cell_ids, panel, transform, stain, size_um, he_pixel_size_um, (morph_h, morph_w),
+            (he_h, he_w), seed, n_transcripts, deformation,
+        )
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,16 +369,24 @@ def _write_cell_tables(xdir: Path, cells: Cells, cell_ids: np.ndarray, panel: Ge
             for block in range(bx * by):
                 rows = np.arange(cells.block_starts[block], cells.block_starts[block + 1])
                 block_y, block_x = divmod(block, bx)
-                box = (block_x * block_um, block_y * block_um, min((block_x + 1) * block_um, size_um[0]), min((block_y + 1) * block_um, size_um[1]))
+                box = (
+                    block_x * block_um, block_y * block_um,
+                    min((block_x + 1) * block_um, size_um[0]), min((block_y + 1) * block_um, size_um[1]),
+                )
                 rng = np.random.default_rng([seed, 5, block_y, block_x])
                 t = sample_block(rng, panel, cells, rows, fields.region, box)
                 n = len(t)
                 local = np.where(t.cell >= 0, t.cell - (rows[0] if len(rows) else 0) + 1, 0).astype(np.int32)
-                fov = (np.clip((t.y_um // _FOV_UM).astype(np.int32), 0, n_fov_y - 1) * n_fov_x + np.clip((t.x_um // _FOV_UM).astype(np.int32), 0, n_fov_x - 1)).astype(np.int32)
+                fov = (
+                    np.clip((t.y_um // _FOV_UM).astype(np.int32), 0, n_fov_y - 1) * n_fov_x
+                    + np.clip((t.x_um // _FOV_UM).astype(np.int32), 0, n_fov_x - 1)
+                ).astype(np.int32)
                 table = pa.table(
                     {
                         "transcript_id": np.arange(next_id, next_id + n, dtype=np.uint64) + np.uint64(281474976710656),
-                        "cell_id": pa.DictionaryArray.from_arrays(pa.array(local), pa.array(np.concatenate([["UNASSIGNED"], cell_ids[rows]]))),
+                        "cell_id": pa.DictionaryArray.from_arrays(
+                            pa.array(local), pa.array(np.concatenate([["UNASSIGNED"], cell_ids[rows]]))
+                        ),
                         "overlaps_nucleus": t.overlaps_nucleus,
                         "feature_name": pa.DictionaryArray.from_arrays(pa.array(t.feature), feature_dict),
                         "x_location": t.x_um,
@@ -375,7 +396,9 @@ def _write_cell_tables(xdir: Path, cells: Cells, cell_ids: np.ndarray, panel: Ge
                         "fov_name": pa.DictionaryArray.from_arrays(pa.array(fov), fov_dict),
                         "nucleus_distance": t.nucleus_distance_um,
                         "codeword_index": t.feature,
-                        "codeword_category": pa.DictionaryArray.from_arrays(pa.array(feature_category[t.feature]), category_dict),
+                        "codeword_category": pa.DictionaryArray.from_arrays(
+                            pa.array(feature_category[t.feature]), category_dict
+                        ),
                         "is_gene": t.feature < n_genes,
                     },
                     schema=_TRANSCRIPT_SCHEMA,
@@ -402,7 +425,10 @@ def _write_cell_tables(xdir: Path, cells: Cells, cell_ids: np.ndarray, panel: Ge
     return next_id, cell_summary
 
 
-def _cell_tables(cells: Cells, rows: np.ndarray, cell_ids: np.ndarray, counts: np.ndarray, feature_kind: np.ndarray, cell_summary: np.ndarray):
+def _cell_tables(
+    cells: Cells, rows: np.ndarray, cell_ids: np.ndarray, counts: np.ndarray, feature_kind: np.ndarray,
+    cell_summary: np.ndarray,
+):
     """cells.parquet rows, both boundary tables and the counts of a block's cells; fills cell_summary."""
     territory = _territory_polygons(cells, rows)
     area, centroid_x, centroid_y = _polygon_area_centroid(territory)
@@ -428,9 +454,16 @@ def _cell_tables(cells: Cells, rows: np.ndarray, cell_ids: np.ndarray, counts: n
             "segmentation_method": pa.array(["Segmented by nucleus expansion of 5.0um"] * n),
         }
     )
-    cell_summary[rows] = np.column_stack([centroid_x, centroid_y, area, cells.x_um[rows], cells.y_um[rows], nucleus_area, np.zeros(n), np.ones(n)])
+    cell_summary[rows] = np.column_stack(
+        [centroid_x, centroid_y, area, cells.x_um[rows], cells.y_um[rows], nucleus_area, np.zeros(n), np.ones(n)]
+    )
     labels = rows + 1
-    return cell_table, _boundary_table(territory, cell_ids[rows], labels), _boundary_table(nucleus, cell_ids[rows], labels), counts
+    return (
+        cell_table,
+        _boundary_table(territory, cell_ids[rows], labels),
+        _boundary_table(nucleus, cell_ids[rows], labels),
+        counts,
+    )
 
 
 class _TableSink:
@@ -457,7 +490,9 @@ class _TableSink:
         self._matrix.append(counts)
         if not self._cell_writers:
             names = ("cells.parquet", "cell_boundaries.parquet", "nucleus_boundaries.parquet")
-            self._cell_writers = [pq.ParquetWriter(self._xdir / name, t.schema, compression="zstd") for name, t in zip(names, tables)]
+            self._cell_writers = [
+                pq.ParquetWriter(self._xdir / name, t.schema, compression="zstd") for name, t in zip(names, tables)
+            ]
         for writer, table in zip(self._cell_writers, tables):
             writer.write_table(table)
 
@@ -468,14 +503,18 @@ class _TableSink:
         self._matrix.close(cell_ids)
 
 
-def _write_images(tmp, xdir, cells, fields, size_um, transform, stain, he_px_um, morph_shape, he_shape, seed, cell_ids, cell_summary):
+def _write_images(
+    tmp, xdir, cells, fields, size_um, transform, stain, he_px_um, morph_shape, he_shape, seed, cell_ids, cell_summary
+):
     """Morphology DAPI + label masks (cells.zarr.zip), then the H&E, strip by strip."""
     morph_h, morph_w = morph_shape
     px = XENIUM_PIXEL_SIZE_UM
     n = len(cells)
     store = zarr.storage.ZipStore(xdir / "cells.zarr.zip", mode="w")
     # every key is written once: a zip cannot overwrite a member
-    root = zarr.create_group(store, zarr_format=2, attributes={"major_version": 6, "minor_version": 0, "number_cells": n})
+    root = zarr.create_group(
+        store, zarr_format=2, attributes={"major_version": 6, "minor_version": 0, "number_cells": n}
+    )
     prefix = np.arange(1, n + 1, dtype=np.uint32)
     root.create_array("cell_id", data=np.column_stack([prefix, np.ones(n, np.uint32)]))
     columns = [
@@ -539,16 +578,23 @@ def _write_images(tmp, xdir, cells, fields, size_um, transform, stain, he_px_um,
         def chunk(col0: int):
             w = min(_CHUNK_COLS, he_w - col0)
             rng = np.random.default_rng([seed, 7, row0, col0])
-            rgb[:, col0 : col0 + w] = render_he_chunk(cells, fields, transform, px, he_px_um, stain, col0, row0, w, n_rows, rng)
+            rgb[:, col0 : col0 + w] = render_he_chunk(
+                cells, fields, transform, px, he_px_um, stain, col0, row0, w, n_rows, rng
+            )
 
         list(pool.map(chunk, range(0, he_w, _CHUNK_COLS)))
         return rgb
 
     with ThreadPoolExecutor(max_workers=_RENDER_THREADS) as pool:
-        write_pyramidal_ome_tiff(tmp / "he_image.ome.tif", he_strip, he_h, he_w, 3, np.dtype(np.uint8), he_px_um, "RGB", tmp, JPEG)
+        write_pyramidal_ome_tiff(
+            tmp / "he_image.ome.tif", he_strip, he_h, he_w, 3, np.dtype(np.uint8), he_px_um, "RGB", tmp, JPEG
+        )
 
 
-def _write_metadata(tmp, xdir, cells, cell_ids, panel, transform, stain, size_um, he_px_um, morph_shape, he_shape, seed, n_transcripts, deformation):
+def _write_metadata(
+    tmp, xdir, cells, cell_ids, panel, transform, stain, size_um, he_px_um, morph_shape, he_shape, seed, n_transcripts,
+    deformation,
+):
     px = XENIUM_PIXEL_SIZE_UM
     n = len(cells)
     area_mm2 = size_um[0] * size_um[1] / 1e6
@@ -589,7 +635,13 @@ def _write_metadata(tmp, xdir, cells, cell_ids, panel, transform, stain, size_um
         for i, name in enumerate(panel.names)
     ]
     (xdir / "gene_panel.json").write_text(
-        json.dumps({"metadata": {"generator": "napari-morphomol synthetic"}, "payload": {"name": experiment["panel_name"], "targets": targets}}, indent=1)
+        json.dumps(
+            {
+                "metadata": {"generator": "napari-morphomol synthetic"},
+                "payload": {"name": experiment["panel_name"], "targets": targets},
+            },
+            indent=1,
+        )
     )
     (tmp / "panel.json").write_text(json.dumps({"core": panel.core, "addon": panel.addon}, indent=1))
     np.savetxt(tmp / "he_imagealignment.csv", transform.affine, delimiter=",", fmt="%.10g")
@@ -602,7 +654,9 @@ def _write_metadata(tmp, xdir, cells, cell_ids, panel, transform, stain, size_um
     chosen = np.unique([int(np.argmin(((centres - t) ** 2).sum(axis=1))) for t in targets_um])
     fixed = centres[chosen] / px
     moving = transform.global_to_he_px(fixed) + rng.normal(0, 1.2, (len(chosen), 2))
-    lines = ["fixedX,fixedY,alignmentX,alignmentY"] + [f"{f[0]:.3f},{f[1]:.3f},{m[0]:.3f},{m[1]:.3f}" for f, m in zip(fixed, moving)]
+    lines = ["fixedX,fixedY,alignmentX,alignmentY"] + [
+        f"{f[0]:.3f},{f[1]:.3f},{m[0]:.3f},{m[1]:.3f}" for f, m in zip(fixed, moving)
+    ]
     (tmp / "he_keypoints.csv").write_text("\n".join(lines) + "\n")
 
     he_xy = transform.global_to_he_px(centres / px)
@@ -645,9 +699,13 @@ def _write_metadata(tmp, xdir, cells, cell_ids, panel, transform, stain, size_um
         "he_to_global_affine": transform.affine.tolist(),
         "deformation": {
             "enabled": bool(deformation),
-            "formula": "global_px = A @ [u, v, 1] + sum_k [amp_x_px, amp_y_px]_k * sin(2*pi*(freq_u_k*u + freq_v_k*v) + phase_k), (u, v) in H&E px",
+            "formula": (
+                "global_px = A @ [u, v, 1] + sum_k [amp_x_px, amp_y_px]_k "
+                "* sin(2*pi*(freq_u_k*u + freq_v_k*v) + phase_k), (u, v) in H&E px"
+            ),
             "components": [
-                dict(zip(["amp_x_px", "amp_y_px", "freq_u", "freq_v", "phase"], map(float, row))) for row in transform.warp
+                dict(zip(["amp_x_px", "amp_y_px", "freq_u", "freq_v", "phase"], map(float, row)))
+                for row in transform.warp
             ],
         },
         "regions": list(REGIONS),

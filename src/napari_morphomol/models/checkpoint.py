@@ -105,7 +105,9 @@ class ModelCard:
             )
         version = values.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise InputError(f"Model card format version {version!r} is not valid (a positive integer); {REEXPORT_ADVICE}.")
+            raise InputError(
+                f"Model card format version {version!r} is not valid (a positive integer); {REEXPORT_ADVICE}."
+            )
         if version > CARD_FORMAT_VERSION:
             raise InputError(
                 f"Model card format version {version!r} is not supported (this napari-morphomol reads up to "
@@ -299,7 +301,9 @@ def _first_disagreement(
             return entry, _in_words(card_says), _in_words(file_view[entry])
     for name in [*expected, *sorted(set(found) - set(expected))]:
         if expected.get(name) != found.get(name):
-            card_says, tensors_say = (f"shape {shapes[name]}" if name in shapes else "absent" for shapes in (expected, found))
+            card_says, tensors_say = (
+                f"shape {shapes[name]}" if name in shapes else "absent" for shapes in (expected, found)
+            )
             return f"tensor {name}", card_says, tensors_say
     return None
 
@@ -348,7 +352,9 @@ def _in_words(value: Any) -> str:
 
 def _check_weights(name: str, card: ModelCard, tensors: Mapping[str, torch.Tensor]) -> None:
     """Refuse weights a model cannot predict with: NaN/inf, or a baseline gene index out of the panel."""
-    non_finite = [key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    non_finite = [
+        key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
     if non_finite:
         raise InputError(
             f"Checkpoint {name} holds non-finite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}); the "
@@ -422,7 +428,9 @@ def check_tile_geometry(card: ModelCard, *, tile_px: int, tile_mpp: float, image
         "image_px": (image_px, trained.img_size),
         "tokens_per_side": (tokens_per_side, trained.img_size // trained.patch_px),
     }
-    differences = [f"{name} {value} (model trained with {want})" for name, (value, want) in given.items() if value != want]
+    differences = [
+        f"{name} {value} (model trained with {want})" for name, (value, want) in given.items() if value != want
+    ]
     if differences:
         raise InputError(
             "The tile geometry differs from the model's training: "

@@ -150,7 +150,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise InputError(f"Unknown model variant {self.variant!r}; choose one of {', '.join(VARIANTS)}.")
-        for name in ("n_core_genes", "n_addon_genes", "img_size", "patch_px", "expression_hidden_dim", "expression_dim"):
+        for name in (
+            "n_core_genes", "n_addon_genes", "img_size", "patch_px", "expression_hidden_dim", "expression_dim"
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"Model config {name} must be a positive integer, got {value!r}.")
@@ -162,7 +164,8 @@ class ModelConfig:
         tokens = (self.img_size // self.patch_px) ** 2
         if tokens > MAX_TOKENS_PER_TILE:
             raise InputError(
-                f"Model config: {tokens} tokens per tile (img_size {self.img_size} / patch_px {self.patch_px}, squared) "
+                f"Model config: {tokens} tokens per tile "
+                f"(img_size {self.img_size} / patch_px {self.patch_px}, squared) "
                 f"is above the limit of {MAX_TOKENS_PER_TILE} that napari-morphomol builds; use larger patches or "
                 "smaller tiles."
             )
@@ -273,7 +276,9 @@ def _from_dict(cls, values: dict[str, Any], what: str):
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise InputError(f"Model card field {what!r} has unknown keys {unknown}; was it written by a newer version?")
-    required = [n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [n for n in required if n not in values]
     if missing:
         raise InputError(f"Model card field {what!r} lacks {missing}.")
@@ -283,7 +288,9 @@ def _from_dict(cls, values: dict[str, Any], what: str):
         if isinstance(value, bool) and want is not bool:
             raise InputError(f"Model card {what}.{name} must be {known[name].type}, got a boolean.")
         if not isinstance(value, want):
-            raise InputError(f"Model card {what}.{name} must be {known[name].type}, got {type(value).__name__} {value!r}.")
+            raise InputError(
+                f"Model card {what}.{name} must be {known[name].type}, got {type(value).__name__} {value!r}."
+            )
     if "backbone_kwargs" in values:
         for key, value in values["backbone_kwargs"].items():
             if not isinstance(value, (int, float, str, bool)):

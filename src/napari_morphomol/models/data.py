@@ -19,8 +19,7 @@ import torch
 import zarr
 from torch.utils.data import ConcatDataset, Dataset
 
-from napari_morphomol._atomic import atomic_output, guard_output_folder, zarr_store_kind
-from napari_morphomol._atomic import open_versioned_group
+from napari_morphomol._atomic import atomic_output, guard_output_folder, open_versioned_group, zarr_store_kind
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.config import ModelTileGeometry
 from napari_morphomol.tiling import GenePanel, LevelSampler, TilesStore, read_tiles_zarr
@@ -280,8 +279,8 @@ def tile_sample_folder(
     """A sample folder (Xenium bundle with its aligned H&E, or ``xenium/`` + H&E files, as
     ``morphomol synth`` writes) -> a tiles store with its decoded tiles, as ``morphomol tiles``
     would make it. The panel is ``panel``, else the folder's ``panel.json``."""
-    from napari_morphomol.io.sample import find_sample_parts, load_sample
     from napari_morphomol._atomic import guard_output
+    from napari_morphomol.io.sample import find_sample_parts, load_sample
     from napari_morphomol.tiling import TILES_STORE, tile_sample, write_tiles_zarr
 
     folder = Path(folder)

@@ -51,7 +51,10 @@ def _column_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def mean_metrics(gene_metrics: pd.DataFrame) -> dict[str, float]:
     """Means over genes (NaN correlations of constant genes skipped) and how many genes count."""
-    means = {name: float(np.nanmean(gene_metrics[name])) if gene_metrics[name].notna().any() else float("nan") for name in METRICS}
+    means = {
+        name: float(np.nanmean(gene_metrics[name])) if gene_metrics[name].notna().any() else float("nan")
+        for name in METRICS
+    }
     means["n_genes"] = int(len(gene_metrics))
     means["n_genes_correlated"] = int(gene_metrics["pearson"].notna().sum())
     return means

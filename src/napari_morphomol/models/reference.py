@@ -63,7 +63,9 @@ def read_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             loaded: Any = load_file(str(path))
         except (SafetensorError, OSError) as error:
-            raise InputError(f"{path.name} is not a readable safetensors file ({error}); it may be truncated.") from error
+            raise InputError(
+                f"{path.name} is not a readable safetensors file ({error}); it may be truncated."
+            ) from error
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)

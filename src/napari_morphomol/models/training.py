@@ -133,9 +133,13 @@ def check_tile_dataset(dataset: Dataset, config: ModelConfig, what: str) -> None
     for key, (shape, dtype) in expected.items():
         value = item.get(key) if isinstance(item, dict) else None
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or (dtype and value.dtype != dtype):
-            described = "missing" if value is None else f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}"
+            described = (
+                "missing" if value is None
+                else f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}"
+            )
             raise InputError(
-                f"{what} item[{key!r}] must be a tensor {shape}" + (f" {dtype}" if dtype else "") + f"; got {described}."
+                f"{what} item[{key!r}] must be a tensor {shape}" + (f" {dtype}" if dtype else "")
+                + f"; got {described}."
             )
 
 
@@ -180,7 +184,10 @@ class FusionTrainingModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [
                 {"params": self.model.head_parameters(), "lr": settings.lr_head},
-                {"params": [p for p in self.model.backbone_parameters() if p.requires_grad], "lr": settings.lr_backbone},
+                {
+                    "params": [p for p in self.model.backbone_parameters() if p.requires_grad],
+                    "lr": settings.lr_backbone,
+                },
             ],
             weight_decay=settings.weight_decay,
         )

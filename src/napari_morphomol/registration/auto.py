@@ -205,7 +205,8 @@ def propose_landmarks(
         )
         start = fit_transform(pairs, "affine", leave_one_out=False).matrix
     return AutoRegistration(
-        pairs=pairs, coarse_matrix=coarse, angle_deg=best % 360.0, coarse_correlation=score, match_correlation=match_scores
+        pairs=pairs, coarse_matrix=coarse, angle_deg=best % 360.0, coarse_correlation=score,
+        match_correlation=match_scores,
     )
 
 
@@ -230,7 +231,9 @@ def _refine_on_grid(coarse, he_levels, he_px_um, dapi_levels, xen_px_um, fine_um
             if dapi_patch.max() <= 0:
                 continue
             # H&E window that covers the patch once mapped, read alone from its level
-            corners = np.array([[x0, y0, 1], [x0 + 2 * half, y0, 1], [x0, y0 + 2 * half, 1], [x0 + 2 * half, y0 + 2 * half, 1]], float)
+            corners = np.array(
+                [[x0, y0, 1], [x0 + 2 * half, y0, 1], [x0, y0 + 2 * half, 1], [x0 + 2 * half, y0 + 2 * half, 1]], float
+            )
             he_corners = (level_to_he @ corners.T)[:2].T
             lo = np.floor(he_corners.min(axis=0)).astype(int) - 4
             hi_ = np.ceil(he_corners.max(axis=0)).astype(int) + 4
@@ -260,7 +263,9 @@ def _refine_on_grid(coarse, he_levels, he_px_um, dapi_levels, xen_px_um, fine_um
     return LandmarkPairs.from_arrays(np.array(he_pts), np.array(glob_pts), names), np.array(scores)
 
 
-def propose_landmarks_for_sample(sdata, *, he_key: str = "he_image", morphology_key: str = "morphology_focus", **kwargs) -> AutoRegistration:
+def propose_landmarks_for_sample(
+    sdata, *, he_key: str = "he_image", morphology_key: str = "morphology_focus", **kwargs
+) -> AutoRegistration:
     """:func:`propose_landmarks` on a sample opened by ``napari_morphomol.io.load_sample``."""
     from napari_morphomol.io.sample import sample_info
 

@@ -95,7 +95,9 @@ def write_keypoints_csv(path: str | Path, pairs: LandmarkPairs, *, overwrite: bo
 def read_alignment_csv(path: str | Path) -> np.ndarray:
     """Xenium ``*he_imagealignment.csv``: headerless 3 x 3 matrix, H&E px -> ``global`` px."""
     rows = _read_rows(path, "alignment matrix")
-    matrix = np.array([_floats(r, path, i + 1) for i, r in enumerate(rows)], dtype=np.float64) if rows else np.empty((0,))
+    matrix = (
+        np.array([_floats(r, path, i + 1) for i, r in enumerate(rows)], dtype=np.float64) if rows else np.empty((0,))
+    )
     if matrix.shape != (3, 3) or not np.all(np.isfinite(matrix)) or not np.allclose(matrix[2], [0, 0, 1]):
         raise InputError(
             f"{path} is not a 3 x 3 affine matrix (read shape {matrix.shape}); expected Xenium's "

@@ -193,13 +193,15 @@ def transcripts_on_tissue_text(report: dict) -> str:
     """How many of the sample's panel transcripts fall on its tissue tiles, from a tiling report."""
     on = report["transcripts_on_tissue_tiles"]
     return (f"{on['count']} of the sample's {on['panel_transcripts']} panel transcripts ({on['share']:.1%}) fall on "
-            f"its {report['tissue_tiles']} tissue tiles, {report['transcripts']['outside_image']} outside the H&E image")
+            f"its {report['tissue_tiles']} tissue tiles, "
+            f"{report['transcripts']['outside_image']} outside the H&E image")
 
 
 def _warn_if_few_on_tissue(report: dict) -> None:
     on = report["transcripts_on_tissue_tiles"]
     if report["tissue_tiles"] and on["panel_transcripts"] and on["share"] < FEW_TRANSCRIPTS_SHARE:
-        warnings.warn(f"only {transcripts_on_tissue_text(report)}: the registration may not place the H&E on the Xenium run; "
+        warnings.warn(f"only {transcripts_on_tissue_text(report)}: "
+                      "the registration may not place the H&E on the Xenium run; "
                       f"{REGISTRATION_HINT}", FewTranscriptsWarning, stacklevel=3)
 
 
@@ -215,7 +217,8 @@ def why_no_tiles(report: dict, max_background: float) -> str:
     if "region_tiles" in report:
         counts += f", {report['region_tiles']} in the region"
     minimum = report["transcript_filter"]["min_transcripts"]
-    return (f"{counts} and none holds {minimum} or more transcripts (--min-transcripts): {transcripts_on_tissue_text(report)}; "
+    return (f"{counts} and none holds {minimum} or more transcripts (--min-transcripts): "
+            f"{transcripts_on_tissue_text(report)}; "
             f"{REGISTRATION_HINT}, or lower --min-transcripts")
 
 

@@ -22,11 +22,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from napari_morphomol._atomic import atomic_output, zarr_store_kind
-from napari_morphomol._atomic import open_versioned_group
+from napari_morphomol._atomic import atomic_output, open_versioned_group, zarr_store_kind
+from napari_morphomol.registration.transforms import AffineXY
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.pipeline import Tiling
-from napari_morphomol.registration.transforms import AffineXY
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "morphomol_tiles"

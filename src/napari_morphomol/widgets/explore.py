@@ -59,7 +59,9 @@ def parse_resolutions(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
     except ValueError:
-        raise InputError(f"Leiden resolutions must be numbers separated by commas (e.g. 0.5, 1.0), got {text!r}") from None
+        raise InputError(
+            f"Leiden resolutions must be numbers separated by commas (e.g. 0.5, 1.0), got {text!r}"
+        ) from None
     if not values:
         raise InputError("give at least one Leiden resolution (e.g. 0.5, 1.0)")
     return values
@@ -304,7 +306,8 @@ class ExploreWidget(QWidget):
             return tile
         info = self.explorer.tile_summary(tile)
         self.inspector_label.setText(
-            f"tile {info['tile_id']} (row {info['row']}, col {info['col']}) at ({info['um_x']:.0f}, {info['um_y']:.0f}) um: "
+            f"tile {info['tile_id']} (row {info['row']}, col {info['col']}) "
+            f"at ({info['um_x']:.0f}, {info['um_y']:.0f}) um: "
             f"{info['n_transcripts']:,} transcripts ({info['n_core']:,} core, {info['n_addon']:,} add-on)")
         report = self.explorer.tile_report(tile, TOP_GENES)
         self.inspector_table.setRowCount(len(report))

@@ -14,8 +14,8 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.widgets._errors import chosen_path, report_error
 from napari_morphomol.export import LANDMARK_FORMATS, RESULTS_LAYER_KEY, export_results
+from napari_morphomol.widgets._errors import chosen_path, report_error
 
 
 def default_outputs(results_path: Path) -> dict[str, Path]:
@@ -73,7 +73,8 @@ class ExportWidget(Container):
 
     def export(self):
         """Write the ticked outputs in a worker thread."""
-        ticked = {"h5ad": (self.write_h5ad, self.h5ad_path), "spatialdata": (self.write_spatialdata, self.spatialdata_path),
+        ticked = {"h5ad": (self.write_h5ad, self.h5ad_path),
+                  "spatialdata": (self.write_spatialdata, self.spatialdata_path),
                   "landmarks": (self.write_landmarks, self.landmarks_path)}
         targets = {kind: chosen_path(edit) for kind, (box, edit) in ticked.items() if box.value}
         results = chosen_path(self.results_path)

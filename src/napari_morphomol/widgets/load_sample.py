@@ -15,11 +15,11 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer
 
-from napari_morphomol.coords import xy_to_napari
-from napari_morphomol.widgets._errors import chosen_path, report_error
 from napari_morphomol._layers import UNITS_UM, density_layer, sample_layers, transcript_density
+from napari_morphomol.coords import xy_to_napari
 from napari_morphomol.io.sample import TRANSCRIPTS, load_sample
 from napari_morphomol.io.transcript_density import transcripts_in_box_um
+from napari_morphomol.widgets._errors import chosen_path, report_error
 
 POINTS_FIELD_OF_VIEW_UM = 800.0
 """Actual transcripts are drawn only when the view is narrower than this (density otherwise)."""
