@@ -14,6 +14,7 @@ from torch import nn
 
 from napari_morphomol.errors import InputError
 from napari_morphomol.models import (
+    VARIANT_TABLE,
     VARIANTS,
     ModelCard,
     ModelConfig,
@@ -83,6 +84,84 @@ def test_every_variant_predicts_addon_genes_and_embeds_and_backpropagates(varian
         assert model.expression_encoder[0].weight.grad.abs().sum() > 0
     if model.config.uses_image:
         assert model.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+TOKEN_VARIANTS = [v for v in NEURAL_VARIANTS if VARIANT_TABLE[v].has_token_sequence]
+
+
+def test_variant_table_names_each_route():
+    assert VARIANTS == tuple(VARIANT_TABLE)
+    assert set(TOKEN_VARIANTS) == {"early_fusion_add", "early_fusion_concat", "late_fusion_add_token",
+                                   "late_fusion_concat_token", "morph_only", "expr_only_token"}
+    late_tile = tiny_config("late_fusion_concat_tile")
+    assert (late_tile.stage, late_tile.fusion, late_tile.transcript_level) == ("late", "concat", "tile")
+    morph = tiny_config("morph_only")
+    assert morph.uses_image and not morph.uses_transcripts and morph.transcript_level is None
+    assert not VARIANT_TABLE["min_mae"].neural and VARIANT_TABLE["min_mae"].uses_transcripts
+
+
+@pytest.mark.parametrize("variant", TOKEN_VARIANTS)
+def test_token_heads_read_one_feature_per_token_beside_the_tile_outputs(variant):
+    torch.manual_seed(0)
+    plain = build_model(tiny_config(variant)).eval()
+    model = build_model(tiny_config(variant, token_heads={"addon_tokens": N_ADDON, "density": 1})).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)  # same trunk and tile head
+    images, counts = tile_batch()
+    with torch.no_grad():
+        output, reference = model(images, counts), plain(images, counts)
+        tokens = model.forward_tokens(model.forward_features(images, counts))
+    assert torch.equal(output.predictions, reference.predictions) and dict(reference.token_outputs) == {}
+    assert tokens.shape == (3, 196, model.token_dim) and model.token_dim == model.embedding_dim
+    assert output.token_outputs["addon_tokens"].shape == (3, 196, N_ADDON)
+    assert torch.allclose(output.token_outputs["density"], model.token_heads["density"](tokens))
+    assert [(spec.name, spec.level, spec.width) for spec in model.output_specs()] == [
+        ("predictions", "tile", N_ADDON), ("embeddings", "tile", model.embedding_dim),
+        ("addon_tokens", "token", N_ADDON), ("density", "token", 1)]
+    head_ids = {id(p) for p in model.head_parameters()}
+    assert {id(p) for p in model.token_heads.parameters()} <= head_ids
+    assert not head_ids & {id(p) for p in model.backbone_parameters()}
+
+
+def test_token_features_follow_the_token_raster():
+    """Token i of the features sees the counts of raster token i (expr-only: nothing else)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config("expr_only_token")).eval()
+    _, counts = tile_batch(batch_size=1)
+    changed = counts.clone()
+    changed[0, 37] += 50
+    with torch.no_grad():
+        before = model.forward_tokens(model.forward_features(None, counts))
+        after = model.forward_tokens(model.forward_features(None, changed))
+    moved = (before - after).abs().sum(dim=-1)[0]
+    assert moved[37] > 0 and torch.count_nonzero(moved) == 1
+
+
+def test_token_heads_are_refused_where_there_are_no_tokens_or_no_targets(tmp_path):
+    with pytest.raises(InputError, match="no per-token features"):
+        tiny_config("late_fusion_add_tile", token_heads={"addon_tokens": N_ADDON})
+    for name in ("predictions", "tiles", "Bad-Name"):
+        with pytest.raises(InputError, match="not allowed"):
+            tiny_config("early_fusion_add", token_heads={name: 2})
+    with pytest.raises(InputError, match="width must be a positive integer"):
+        tiny_config("early_fusion_add", token_heads={"addon_tokens": 0})
+    from napari_morphomol.models import TrainingSettings, train_model
+
+    with pytest.raises(InputError, match="no per-token targets"):
+        train_model(tiny_config("early_fusion_add", token_heads={"addon_tokens": N_ADDON}), None, None,
+                    core_genes=CORE_GENES, addon_genes=ADDON_GENES, checkpoint_path=tmp_path / "m.safetensors")
+
+
+def test_a_token_head_checkpoint_round_trips(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config("early_fusion_add", token_heads={"addon_tokens": N_ADDON})
+    model = build_model(config).eval()
+    path = save_checkpoint(model, ModelCard(config, CORE_GENES, ADDON_GENES), tmp_path / "tokens.safetensors")
+    loaded, card = load_checkpoint(path)
+    assert card.model.token_heads == {"addon_tokens": N_ADDON}
+    images, counts = tile_batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(images, counts).token_outputs["addon_tokens"],
+                           model(images, counts).token_outputs["addon_tokens"])
 
 
 @pytest.mark.parametrize("variant", ["early_fusion_add", "early_fusion_concat", "late_fusion_add_tile"])

@@ -1,5 +1,12 @@
 """The paper's model family (early/late fusion, morph-only, expr-only, Min-MAE), its checkpoint
-format, training and metrics. Headless: torch, timm and Lightning only."""
+format, training and metrics. Headless: torch, timm and Lightning only.
+
+Entry points: :class:`ModelConfig` (a variant of :data:`VARIANT_TABLE` and its sizes) and
+:func:`build_model` give a model; :class:`FusionModel` runs features -> pool -> heads and declares
+its outputs as :class:`OutputSpec` rows; :func:`train_model` / :func:`evaluate_model` train and
+score it; :func:`save_checkpoint` / :func:`load_checkpoint` keep it with its :class:`ModelCard`;
+:func:`convert_reference_checkpoint` reads the paper's reference code's weights.
+"""
 
 import importlib
 
@@ -9,8 +16,9 @@ _SOURCES = {
     "baseline": ("MinMAEBaseline", "fit_min_mae_baseline"),
     "checkpoint": ("ModelCard", "PanelMatch", "build_model", "check_tile_geometry", "load_checkpoint",
                    "match_gene_panel", "read_model_card", "save_checkpoint"),
-    "config": ("DEFAULT_BACKBONE", "DEFAULT_VARIANT", "VARIANTS", "ModelConfig", "ModelTileGeometry"),
-    "fusion": ("FusionModel", "ModelOutput"),
+    "config": ("DEFAULT_BACKBONE", "DEFAULT_VARIANT", "VARIANT_TABLE", "VARIANTS", "ModelConfig", "ModelTileGeometry",
+               "OutputSpec", "Variant"),
+    "fusion": ("Features", "FusionModel", "ModelOutput"),
     "metrics": ("mean_metrics", "per_gene_metrics", "table_markdown", "variant_table", "write_variant_table"),
     "shipped": ("shipped_model_path",),
     "reference": ("convert_reference_checkpoint", "load_reference_checkpoint", "read_reference_state_dict"),
@@ -33,17 +41,21 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "DEFAULT_VARIANT",
     "VARIANTS",
+    "VARIANT_TABLE",
     "Evaluation",
+    "Features",
     "FusionModel",
     "MinMAEBaseline",
     "ModelCard",
     "ModelConfig",
     "ModelOutput",
+    "OutputSpec",
     "PanelMatch",
     "SampleSplit",
     "ModelTileGeometry",
     "TrainingResult",
     "TrainingSettings",
+    "Variant",
     "build_model",
     "check_tile_geometry",
     "convert_reference_checkpoint",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.models.config import ModelConfig
+from napari_morphomol.models.config import ModelConfig, OutputSpec
 from napari_morphomol.models.fusion import ModelOutput
 
 
@@ -32,6 +32,11 @@ class MinMAEBaseline(nn.Module):
         self.embedding_dim = config.n_core_genes
         index = torch.zeros(config.n_addon_genes, dtype=torch.int64) if source_gene_index is None else source_gene_index
         self.register_buffer("source_gene_index", index.to(torch.int64).clone())
+
+    def output_specs(self) -> tuple[OutputSpec, ...]:
+        """The tile predictions and the tile embedding (the core-gene totals); no per-token outputs."""
+        return (OutputSpec("predictions", "tile", self.config.n_addon_genes),
+                OutputSpec("embeddings", "tile", self.embedding_dim))
 
     def forward(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> ModelOutput:
         if token_counts is None:

@@ -144,7 +144,7 @@ def _finite_or_null(value: Any) -> Any:
 
 def build_model(config: ModelConfig, backbone_weights: str | Path | None = None) -> nn.Module:
     """The module for any variant (random init unless ``backbone_weights``, see create_backbone)."""
-    if config.variant == "min_mae":
+    if not config.variant_spec.neural:
         return MinMAEBaseline(config)
     return FusionModel(config, backbone_weights)
 

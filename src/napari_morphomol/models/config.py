@@ -13,21 +13,54 @@ from typing import Any
 
 from napari_morphomol.errors import InputError
 
-#: One name per row of the paper's comparison (Table A.1). Early fusion is token-level by
-#: construction; late fusion and expr-only aggregate transcripts per token (mean of token
-#: embeddings) or per tile (mean of the token counts, then one embedding).
-VARIANTS = (
-    "early_fusion_add",
-    "early_fusion_concat",
-    "late_fusion_add_token",
-    "late_fusion_add_tile",
-    "late_fusion_concat_token",
-    "late_fusion_concat_tile",
-    "morph_only",
-    "expr_only_token",
-    "expr_only_tile",
-    "min_mae",
-)
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the paper's comparison (Table A.1): which inputs a model reads and how it fuses them."""
+
+    name: str
+    stage: str | None
+    """'early' (transcript tokens added to / beside the image tokens before the blocks), 'late'
+    (image and transcript embeddings combined after their encoders) or None (one modality)."""
+    fusion: str | None
+    """'add' or 'concat' for fusion variants, None otherwise."""
+    transcript_level: str | None
+    """'token' (one embedding per token, then their mean) or 'tile' (one embedding of the mean token
+    counts); None when the model reads no transcripts."""
+    uses_image: bool
+    neural: bool = True
+    """False for the Min-MAE baseline, which is fitted, not trained."""
+
+    @property
+    def uses_transcripts(self) -> bool:
+        return self.transcript_level is not None
+
+    @property
+    def has_token_sequence(self) -> bool:
+        """Whether the model holds one feature per token of the tile (what a per-token head reads):
+        every neural variant but those that average the transcripts over the tile."""
+        return self.neural and self.transcript_level != "tile"
+
+
+#: The model family, one row per variant. Early fusion is token-level by construction; late
+#: fusion and expr-only aggregate transcripts per token or per tile. Adding a variant is adding a
+#: row here (and its route in ``FusionModel`` if it fuses in a new way).
+VARIANT_TABLE: dict[str, Variant] = {
+    variant.name: variant
+    for variant in (
+        Variant("early_fusion_add", "early", "add", "token", uses_image=True),
+        Variant("early_fusion_concat", "early", "concat", "token", uses_image=True),
+        Variant("late_fusion_add_token", "late", "add", "token", uses_image=True),
+        Variant("late_fusion_add_tile", "late", "add", "tile", uses_image=True),
+        Variant("late_fusion_concat_token", "late", "concat", "token", uses_image=True),
+        Variant("late_fusion_concat_tile", "late", "concat", "tile", uses_image=True),
+        Variant("morph_only", None, None, None, uses_image=True),
+        Variant("expr_only_token", None, None, "token", uses_image=False),
+        Variant("expr_only_tile", None, None, "tile", uses_image=False),
+        Variant("min_mae", None, None, "tile", uses_image=False, neural=False),
+    )
+}
+VARIANTS = tuple(VARIANT_TABLE)
 DEFAULT_VARIANT = "early_fusion_add"
 DEFAULT_BACKBONE = "vit_small_patch16_224"
 
@@ -90,6 +123,11 @@ ARCHITECTURE_LIMITS: dict[str, tuple[float, float]] = {
     "attn_drop_rate": (0, 0.999),
     "drop_path_rate": (0, 0.999),
 }
+#: How a model output may be named (it names an array of the results store), and the names taken:
+#: the tile outputs every model has and the results store's own entries.
+OUTPUT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+RESERVED_OUTPUT_NAMES = frozenset({"predictions", "embeddings", "tiles", "measured_counts", "done", "chunk_seconds",
+                                   "inputs"})
 #: Tokens per tile, (img_size / patch_px) squared: 196 in the paper, 1369 for a ViT/14 at 518 px.
 MAX_TOKENS_PER_TILE = 4096
 #: Parameters of the whole model: ViT-L/16 has 0.3e9, ViT-g/14 1.0e9 (8 GB of float32).
@@ -123,6 +161,19 @@ class ModelTileGeometry:
 
 
 @dataclass(frozen=True)
+class OutputSpec:
+    """One output of a model: its name (an array of the results store), its level and its width.
+
+    A ``"tile"`` output is (B, width) per batch of tiles; a ``"token"`` output is (B, tokens, width).
+    Plain data (no torch), so the results store and its readers can use it.
+    """
+
+    name: str
+    level: str
+    width: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one model of the family; defaults are the paper's early-fusion model.
 
@@ -146,6 +197,10 @@ class ModelConfig:
     learnable_gate: bool = False
     modality_embedding: bool = False
     unimodal_inputs: bool = False
+    token_heads: dict[str, int] = field(default_factory=dict)
+    """Per-token outputs: name -> width. Each is a linear head on the token features
+    (``FusionModel.forward_tokens``), giving (B, tokens, width) in ``ModelOutput.token_outputs``
+    and one (tiles, tokens, width) array of that name in the results store."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -180,6 +235,24 @@ class ModelConfig:
             raise InputError("Late concat fusion cannot run on one modality; set unimodal_inputs=False.")
         if self.unimodal_inputs and self.stage is None:
             raise InputError("unimodal_inputs only applies to fusion variants.")
+        self._check_token_heads()
+
+    def _check_token_heads(self) -> None:
+        """Token heads only on a variant with a token sequence, each with a free name and a width."""
+        if self.token_heads and not self.variant_spec.has_token_sequence:
+            raise InputError(
+                f"Model variant {self.variant} averages its transcripts over the tile and has no per-token features, "
+                "so it cannot have token heads; remove token_heads or pick a token-level variant."
+            )
+        for name, width in self.token_heads.items():
+            if not isinstance(name, str) or not OUTPUT_NAME.fullmatch(name) or name in RESERVED_OUTPUT_NAMES:
+                raise InputError(
+                    f"Model config token head name {name!r} is not allowed: use lower-case letters, digits and _ "
+                    f"(starting with a letter), and none of {', '.join(sorted(RESERVED_OUTPUT_NAMES))}."
+                )
+            if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+                raise InputError(f"Model config token head {name!r} width must be a positive integer, got {width!r}.")
+            _check_limits("n_addon_genes", width)
 
     def _check_backbone(self) -> None:
         """A local timm architecture, with only the kwargs that shape it, within the limits."""
@@ -217,34 +290,31 @@ class ModelConfig:
             )
 
     @property
+    def variant_spec(self) -> Variant:
+        """This config's row of :data:`VARIANT_TABLE`."""
+        return VARIANT_TABLE[self.variant]
+
+    @property
     def stage(self) -> str | None:
         """'early', 'late' or None for single-modality models."""
-        if self.variant.startswith("early_fusion"):
-            return "early"
-        if self.variant.startswith("late_fusion"):
-            return "late"
-        return None
+        return self.variant_spec.stage
 
     @property
     def fusion(self) -> str | None:
-        if self.stage is None:
-            return None
-        return "concat" if "_concat" in self.variant else "add"
+        return self.variant_spec.fusion
 
     @property
     def transcript_level(self) -> str | None:
         """'token' or 'tile' aggregation of transcripts; None when transcripts are not used."""
-        if self.variant == "morph_only":
-            return None
-        return "tile" if self.variant.endswith("_tile") or self.variant == "min_mae" else "token"
+        return self.variant_spec.transcript_level
 
     @property
     def uses_image(self) -> bool:
-        return self.stage is not None or self.variant == "morph_only"
+        return self.variant_spec.uses_image
 
     @property
     def uses_transcripts(self) -> bool:
-        return self.variant != "morph_only"
+        return self.variant_spec.uses_transcripts
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,7 +352,8 @@ def _from_dict(cls, values: dict[str, Any], what: str):
     missing = [n for n in required if n not in values]
     if missing:
         raise InputError(f"Model card field {what!r} lacks {missing}.")
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict[str, Any]": dict}
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict[str, Any]": dict,
+                "dict[str, int]": dict}
     for name, value in values.items():
         want = expected[str(known[name].type)]
         if isinstance(value, bool) and want is not bool:

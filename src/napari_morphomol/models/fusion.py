@@ -5,11 +5,27 @@ single type. Inputs are what the tiling step produces, untransformed: images uin
 (B, 3, 224, 224) channels-first, transcript counts (B, 196, G_core) per token in row-major
 order. Normalisation (uint8/255, mean/std 0.5) and log1p happen inside, so callers never
 have to know them and a checkpoint fully describes its preprocessing.
+
+A forward pass goes the timm way, in three steps:
+
+1. *features* (:meth:`FusionModel.forward_features`): the sequences after the encoders, as
+   :class:`Features`: the ViT's (class token first; the fused sequence for early fusion) and the
+   transcript token embeddings (late fusion and expr-only).
+2. *pool*: :meth:`~FusionModel.forward_pool` gives the tile embedding (B, E) and
+   :meth:`~FusionModel.forward_tokens` one feature per token (B, tokens, E_token), aligned with
+   the token raster in row-major order (None for variants that average transcripts per tile).
+3. *heads*: ``head`` maps the tile embedding to the add-on genes; each of ``token_heads``
+   (``config.token_heads``) maps the token features to a per-token output.
+
+:meth:`~FusionModel.output_specs` declares what a forward pass gives, as :class:`OutputSpec`
+rows; the results store keeps one array per row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 from napari_morphomol._native_libraries import keep_triton_out_beside_system_llvm
@@ -21,17 +37,31 @@ import torch
 from torch import nn
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, ModelConfig
+from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, ModelConfig, OutputSpec
 
 #: Expression tokens with a norm below this carry no signal and stay zero after norm matching.
 EXPRESSION_NORM_EPSILON = 1e-5
 
 
 class ModelOutput(NamedTuple):
-    """log1p add-on expression per tile (B, G_add) and the tile embedding (B, E)."""
+    """log1p add-on expression per tile (B, G_add), the tile embedding (B, E), and the per-token
+    outputs by name, (B, tokens, width) each (empty for a model without token heads)."""
 
     predictions: torch.Tensor
     embeddings: torch.Tensor
+    token_outputs: Mapping[str, torch.Tensor] = MappingProxyType({})
+
+
+class Features(NamedTuple):
+    """The sequences a forward pass has before pooling."""
+
+    image: torch.Tensor | None
+    """(B, 1 + T, D) the ViT's sequence after its blocks and final norm, class token first: the
+    image tokens (T = tokens), or for early fusion the fused sequence (T = 2 x tokens for concat
+    fusion with both inputs). None for expr-only."""
+    expression: torch.Tensor | None
+    """(B, tokens, E) the transcript token embeddings of late fusion and expr-only ((B, 1, E) for
+    tile-level variants, one embedding of the mean counts); None for early fusion and morph-only."""
 
 
 def expression_mlp(n_inputs: int, config: ModelConfig) -> nn.Sequential:
@@ -100,8 +130,8 @@ class FusionModel(nn.Module):
 
     def __init__(self, config: ModelConfig, backbone_weights: str | Path | None = None) -> None:
         super().__init__()
-        if config.variant == "min_mae":
-            raise InputError("min_mae is not a neural model; use MinMAEBaseline.")
+        if not config.variant_spec.neural:
+            raise InputError(f"{config.variant} is not a neural model; use MinMAEBaseline.")
         self.config = config
         embed_dim = None
         if config.uses_image:
@@ -131,39 +161,89 @@ class FusionModel(nn.Module):
             self.embedding_dim = embed_dim
         else:
             self.embedding_dim = config.expression_dim
+        self.token_dim = self.embedding_dim if config.variant_spec.has_token_sequence else None
         self.head = nn.Linear(self.embedding_dim, config.n_addon_genes)
+        self.token_heads = nn.ModuleDict({name: nn.Linear(self.embedding_dim, width)
+                                          for name, width in config.token_heads.items()})
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
+    def output_specs(self) -> tuple[OutputSpec, ...]:
+        """What :meth:`forward` gives, in order: the tile predictions and embedding, then the token heads."""
+        tile = (OutputSpec("predictions", "tile", self.config.n_addon_genes),
+                OutputSpec("embeddings", "tile", self.embedding_dim))
+        return tile + tuple(OutputSpec(name, "token", head.out_features) for name, head in self.token_heads.items())
+
     def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.head.parameters())
+        """The heads (tile and token), trained at the head rate."""
+        return list(self.head.parameters()) + list(self.token_heads.parameters())
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        """Everything but the head, trained at the backbone rate as in the reference code."""
-        head_ids = {id(p) for p in self.head.parameters()}
+        """Everything but the heads, trained at the backbone rate as in the reference code."""
+        head_ids = {id(p) for p in self.head_parameters()}
         return [p for p in self.parameters() if id(p) not in head_ids]
 
     def forward(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> ModelOutput:
+        features = self.forward_features(images, token_counts)
+        embeddings = self.forward_pool(features)
+        token_outputs = {}
+        if self.token_heads:
+            tokens = self.forward_tokens(features)
+            token_outputs = {name: head(tokens) for name, head in self.token_heads.items()}
+        return ModelOutput(self.head(embeddings), embeddings, MappingProxyType(token_outputs))
+
+    def forward_features(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> Features:
+        """The sequences after the encoders (see :class:`Features`), inputs checked first."""
         self._check_inputs(images, token_counts)
-        if self.config.variant == "morph_only":
-            embeddings = self.image_encoder.forward_features(self._normalise(images))[:, 0]
-        elif self.config.stage is None:
-            embeddings = self._expression_embedding(token_counts)
-        elif self.config.stage == "early":
-            embeddings = self._early_fusion(images, token_counts)
-        else:
-            embeddings = self._late_fusion(images, token_counts)
-        return ModelOutput(self.head(embeddings), embeddings)
+        if self.config.stage == "early":
+            return Features(self._early_fusion(images, token_counts), None)
+        image = expression = None
+        if images is not None and self.config.uses_image:
+            image = self.image_encoder.forward_features(self._normalise(images))
+        if token_counts is not None and self.config.uses_transcripts:
+            expression = self._expression_tokens(token_counts)
+        return Features(image, expression)
+
+    def forward_pool(self, features: Features) -> torch.Tensor:
+        """The tile embedding (B, ``embedding_dim``): the class token of the ViT sequence, the mean
+        of the transcript embeddings, or both combined (late fusion)."""
+        if self.config.stage == "late":
+            image = None if features.image is None else self.image_norm(features.image[:, 0])
+            expression = None if features.expression is None else self.expression_norm(features.expression.mean(dim=1))
+            return self._combine(image, expression)
+        if features.image is not None:
+            return features.image[:, 0]
+        return features.expression.mean(dim=1)
+
+    def forward_tokens(self, features: Features) -> torch.Tensor:
+        """One feature per token (B, tokens, ``token_dim``), row-major like the token raster: the
+        ViT's token outputs (for early concat fusion with both inputs, the mean of each token's
+        image and transcript positions), the transcript token embeddings, or both combined per
+        token as the tile embedding combines them (late fusion)."""
+        if self.token_dim is None:
+            raise InputError(f"Model variant {self.config.variant} has no per-token features.")
+        n = self.n_tokens
+        if self.config.stage == "late":
+            image = None if features.image is None else self.image_norm(features.image[:, 1:])
+            expression = None if features.expression is None else self.expression_norm(features.expression)
+            return self._combine(image, expression)
+        if features.image is None:
+            return features.expression
+        tokens = features.image[:, 1:]
+        if tokens.shape[1] == 2 * n:  # early concat fusion with both inputs: image positions, then transcript ones
+            return 0.5 * (tokens[:, :n] + tokens[:, n:])
+        return tokens
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.to(self.image_mean.dtype) / 255.0
         return (pixels - self.image_mean) / self.image_std
 
-    def _expression_embedding(self, token_counts: torch.Tensor) -> torch.Tensor:
-        """Tile-level: one embedding of the mean counts; token-level: mean of token embeddings."""
+    def _expression_tokens(self, token_counts: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, E) one embedding per token; (B, 1, E) for tile-level variants (one embedding of
+        the mean counts)."""
         if self.config.transcript_level == "tile":
-            return self._encode_expression(token_counts.float().mean(dim=1))
-        return self._encode_expression(token_counts.float()).mean(dim=1)
+            return self._encode_expression(token_counts.float().mean(dim=1))[:, None]
+        return self._encode_expression(token_counts.float())
 
     def _encode_expression(self, counts: torch.Tensor) -> torch.Tensor:
         encoded = self.expression_encoder(torch.log1p(counts))
@@ -202,21 +282,18 @@ class FusionModel(nn.Module):
         tokens = vit.norm_pre(vit.patch_drop(tokens))
         for block in vit.blocks:
             tokens = block(tokens)
-        return vit.norm(tokens)[:, 0]
+        return vit.norm(tokens)
 
-    def _late_fusion(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> torch.Tensor:
-        image_part = expression_part = None
-        if images is not None:
-            image_part = self.image_norm(self.image_encoder.forward_features(self._normalise(images))[:, 0])
-        if token_counts is not None:
-            expression_part = self.expression_norm(self._expression_embedding(token_counts))
+    def _combine(self, image: torch.Tensor | None, expression: torch.Tensor | None) -> torch.Tensor:
+        """Late fusion of normalised image and transcript features (either may be missing for a
+        model trained with modality dropout): concatenated, or added through the gate."""
         if self.config.fusion == "concat":
-            return torch.cat([image_part, expression_part], dim=1)
-        if expression_part is None:
-            return image_part
-        if image_part is None:
-            return self._gate() * expression_part
-        return image_part + self._gate() * expression_part
+            return torch.cat([image, expression], dim=-1)
+        if expression is None:
+            return image
+        if image is None:
+            return self._gate() * expression
+        return image + self._gate() * expression
 
     def _check_inputs(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> None:
         config = self.config

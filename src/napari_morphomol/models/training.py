@@ -296,13 +296,18 @@ def train_model(
             "A model accepts one modality at inference only if trained so: set both unimodal_inputs=True "
             "and modality_dropout > 0 (e.g. 0.2), or neither."
         )
+    if config.token_heads:
+        raise InputError(
+            f"The model config has token heads ({', '.join(config.token_heads)}), but the tiles store holds no "
+            "per-token targets to train them on; train without token_heads."
+        )
     check_tile_dataset(train_dataset, config, "training")
     check_tile_dataset(val_dataset, config, "validation")
     L.seed_everything(settings.seed, workers=True, verbose=False)
     history: list[dict[str, float]] = []
     target_mean: list[float] | None = None
     is_writer, device, bf16 = is_primary_process(), torch.device("cpu"), False
-    if config.variant == "min_mae":
+    if not config.variant_spec.neural:
         model = fit_min_mae_baseline(config, _loader(train_dataset, settings, shuffle=False))
         how = {"method": "Min-MAE: per add-on gene, the core gene with the lowest training MAE (log1p tile totals)"}
     else:
