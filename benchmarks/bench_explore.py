@@ -62,8 +62,11 @@ def synthetic_results(n_tiles: int, seed: int = 0, n_states: int = 8) -> Results
                                                                     "tile_px", "stride_px", "tokens_per_side",
                                                                     "image_px")},
                 "registration": {"model": "affine", "matrix": he_to_global.tolist()},
-                "sample": {"xenium_pixel_size_um": 0.2125}}
-    return Results(Path(f"synthetic-{n_tiles}.zarr"), tiles, genes, predictions, embeddings, genes, measured, metadata)
+                "sample": {"xenium_pixel_size_um": 0.2125},
+                "outputs": [{"name": "predictions", "level": "tile", "width": N_GENES},
+                            {"name": "embeddings", "level": "tile", "width": EMBEDDING_DIM}]}
+    outputs = {"predictions": predictions, "embeddings": embeddings}
+    return Results(Path(f"synthetic-{n_tiles}.zarr"), tiles, genes, outputs, genes, measured, metadata)
 
 
 def bench_switch(n_tiles: int, repeats: int = 20) -> None:

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_morphomol.inference import open_results, predict
+from napari_morphomol.inference import PredictOptions, open_results, predict
 from napari_morphomol.io.sample import load_sample
-from napari_morphomol.io.synthetic import write_synthetic_sample
 from napari_morphomol.models import ModelCard, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from napari_morphomol.synthetic import write_synthetic_sample
 
 
 def sample_dir(workdir: Path, size_mm: float) -> Path:
@@ -73,7 +73,8 @@ def bare_forward_tiles_per_s(checkpoint: Path, batch: int, dtype: str, seconds: 
 
 
 def run_predict(sample: Path, checkpoint: Path, out: Path, batch: int, scheduler=None) -> dict:
-    predict(load(sample), checkpoint, store=out, batch_size=batch, scheduler=scheduler, overwrite=True)
+    predict(load(sample), PredictOptions(checkpoint=checkpoint, store=out, batch_size=batch, scheduler=scheduler,
+                                         overwrite=True))
     results = open_results(out)
     segment = results.metadata["segments"][-1]
     return {"tiles": len(results.tiles), "timings": segment["timings"], "precision": results.metadata["precision"],
@@ -144,8 +145,8 @@ def child_memory(sample: str, checkpoint: str, out: str, batch: int) -> None:
         if not before_chunks:  # first report: tiling and calibration are over, no chunk done yet
             before_chunks.append(status_mib("VmHWM"))
 
-    predict(load(Path(sample)), checkpoint, store=out, batch_size=batch, dtype="float32", overwrite=True,
-            progress=progress)
+    predict(load(Path(sample)), PredictOptions(checkpoint=checkpoint, store=out, batch_size=batch, dtype="float32",
+                                               overwrite=True), progress=progress)
     print(json.dumps({"baseline_mib": baseline, "peak_mib": status_mib("VmHWM"), "before_chunks_mib": before_chunks[0],
                       "tiles": len(open_results(out).tiles), "chunks": open_results(out).metadata["n_chunks"]}))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from napari_morphomol.io.synthetic import write_synthetic_sample
+from napari_morphomol.synthetic import write_synthetic_sample
 
 OUT = Path(__file__).parent / "out"
 TRANSCRIPTS_PER_MM2 = 1.3e6

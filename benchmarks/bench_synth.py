@@ -20,7 +20,7 @@ from pathlib import Path
 
 CHILD = """
 import json, resource, sys
-from napari_morphomol.io.synthetic import write_synthetic_sample
+from napari_morphomol.synthetic import write_synthetic_sample
 sample = write_synthetic_sample(sys.argv[1], size_mm=(float(sys.argv[2]),) * 2, seed=0)
 print(json.dumps({**sample.summary.__dict__, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

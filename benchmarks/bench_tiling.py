@@ -145,7 +145,7 @@ def section_sjoin() -> None:
 
 def write_he(path: Path, size_um: float, scratch: Path) -> None:
     """A JPEG-tiled pyramidal OME-TIFF with stain-like texture (cheap to render, realistic to decode)."""
-    from napari_morphomol.io._synth_write import JPEG, write_pyramidal_ome_tiff
+    from napari_morphomol.synthetic.writers import JPEG, write_pyramidal_ome_tiff
 
     side = int(size_um / HE_MPP)
     rng = np.random.default_rng(2)

@@ -81,7 +81,7 @@ def settings_for(variant: str, args, seed: int) -> TrainingSettings:
 
 def make_cohort(workdir: Path, seeds: list[int], size_mm: float) -> list[Path]:
     """One synthetic sample and its tiles store per seed (reused when already in ``workdir``)."""
-    from napari_morphomol.io.synthetic import write_synthetic_sample
+    from napari_morphomol.synthetic import write_synthetic_sample
 
     workdir.mkdir(parents=True, exist_ok=True)
     stores = []
@@ -99,14 +99,14 @@ def make_cohort(workdir: Path, seeds: list[int], size_mm: float) -> list[Path]:
 
 def ship(result, evaluation, args, test_id: str) -> None:
     """Save the model with a card saying how to rebuild it and how it scored on the test sample."""
-    from napari_morphomol.io.synthetic import GENERATOR_VERSION
+    from napari_morphomol.synthetic import GENERATOR_VERSION
 
     card = result.card
     training = {**card.training, "test": {"sample": test_id, "metrics": evaluation.means,
                                           "gene_metrics": evaluation.gene_metrics.reset_index().to_dict(orient="list")}}
     provenance = {
         **card.provenance,
-        "trained_on": f"synthetic samples (napari_morphomol.io.synthetic, generator version {GENERATOR_VERSION}), "
+        "trained_on": f"synthetic samples (napari_morphomol.synthetic, generator version {GENERATOR_VERSION}), "
                       f"seeds {args.seeds}, {args.size_mm} x {args.size_mm} mm; not real tissue",
         "retrain_command": "python benchmarks/bench_variants.py " + shlex.join(sys.argv[1:]),
     }

@@ -26,9 +26,9 @@ from napari_morphomol._layers_explore import (
     SELECTION_LAYER,
 )
 from napari_morphomol.analysis import explore_run
-from napari_morphomol.inference import predict
+from napari_morphomol.inference import PredictOptions, predict
 from napari_morphomol.io.sample import load_sample
-from napari_morphomol.io.synthetic import write_synthetic_sample
+from napari_morphomol.synthetic import SyntheticSample, write_synthetic_sample
 from napari_morphomol.widgets.explore import ExploreWidget
 from napari_morphomol.widgets.screenshot import settle
 
@@ -61,18 +61,14 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     sample_root = args.workdir / "sample"
     if (sample_root / "panel.json").exists():
-        from napari_morphomol.io.synthetic import SyntheticSample
-        sample = SyntheticSample(sample_root, sample_root / "xenium", sample_root / "he_image.ome.tif",
-                                 sample_root / "he_imagealignment.csv", sample_root / "he_keypoints.csv",
-                                 sample_root / "panel.json", sample_root / "ground_truth.json",
-                                 sample_root / "ground_truth_cells.parquet")
+        sample = SyntheticSample.at(sample_root)
     else:
         sample = write_synthetic_sample(sample_root, size_mm=(1.2, 1.2), seed=0, deformation=False)
     checkpoint = args.checkpoint or tiny_checkpoint(sample, args.workdir / "tiny.safetensors")
     sdata = load_sample(sample.xenium_dir, sample.he_path, sample.alignment_csv)
     store = args.workdir / "RESULTS.zarr"
     if not store.exists():  # a finished run in the workdir is reused as it is
-        predict(sdata, checkpoint, store=store, batch_size=8, device="cpu")
+        predict(sdata, PredictOptions(checkpoint=checkpoint, store=store, batch_size=8, device="cpu"))
 
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1750, 1050)

@@ -19,8 +19,8 @@ from qtpy.QtWidgets import QApplication
 
 from napari_morphomol._layers import sample_layers
 from napari_morphomol.io.sample import load_sample
-from napari_morphomol.io.synthetic import write_synthetic_sample
 from napari_morphomol.registration import read_keypoints_csv
+from napari_morphomol.synthetic import write_synthetic_sample
 from napari_morphomol.widgets.registration import OVERLAY, RegistrationWidget
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "images" / "registration_widget.png"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from napari_morphomol.io.synthetic import SyntheticSample, write_synthetic_sample
+from napari_morphomol.synthetic import SyntheticSample, write_synthetic_sample
 
 
 @pytest.fixture(scope="session")
@@ -48,11 +48,11 @@ def tiny_checkpoint(tmp_path_factory, synthetic_sample):
 @pytest.fixture(scope="session")
 def results_store(tmp_path_factory, synthetic_sample, tiny_checkpoint):
     """A finished prediction run (RESULTS.zarr) of the tiny model over the synthetic sample."""
-    from napari_morphomol.inference import predict
+    from napari_morphomol.inference import PredictOptions, predict
     from napari_morphomol.io.sample import load_sample
 
     s = synthetic_sample
     out = tmp_path_factory.mktemp("results") / "results.zarr"
-    predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv), tiny_checkpoint, store=out,
-            batch_size=8, device="cpu", dtype="float32")
+    predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv),
+            PredictOptions(checkpoint=tiny_checkpoint, store=out, batch_size=8, device="cpu", dtype="float32"))
     return out

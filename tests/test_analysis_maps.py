@@ -106,27 +106,28 @@ def test_partial_results_show_the_finished_chunks(synthetic_sample, tiny_checkpo
     Chunks after the first wait for the cancel marker, so a fast machine cannot finish them all
     before the run's progress poll sees the first one done."""
     from napari_morphomol.analysis import explore_results, partial_results
-    from napari_morphomol.inference import InferenceCancelled, engine, partial_path, predict
+    from napari_morphomol.inference import InferenceCancelled, PredictOptions, partial_path, predict, scheduling
     from napari_morphomol.io.sample import load_sample
 
     s = synthetic_sample
     store = tmp_path / "RESULTS.zarr"
-    run_chunk, started = engine.run_chunk, []
+    run_chunk, started = scheduling.run_chunk, []
 
     def run_chunk_after_the_first_waits(spec, chunk):
         started.append(chunk)
         deadline = time.monotonic() + 60
-        while len(started) > 1 and not (partial_path(store) / engine.CANCEL_MARKER).exists():
+        while len(started) > 1 and not (partial_path(store) / scheduling.CANCEL_MARKER).exists():
             if time.monotonic() > deadline:
                 break
             time.sleep(0.01)
         return run_chunk(spec, chunk)
 
-    monkeypatch.setattr(engine, "run_chunk", run_chunk_after_the_first_waits)
+    monkeypatch.setattr(scheduling, "run_chunk", run_chunk_after_the_first_waits)
     finished = []
     with pytest.raises(InferenceCancelled):
-        predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv), tiny_checkpoint, store=store, batch_size=4,
-                device="cpu", dtype="float32", tiles_per_chunk=4, scheduler="synchronous",
+        predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv),
+                PredictOptions(checkpoint=tiny_checkpoint, store=store, batch_size=4, device="cpu", dtype="float32",
+                               tiles_per_chunk=4, scheduler="synchronous"),
                 progress=lambda done, total: finished.append(done), cancel=lambda: bool(finished) and finished[-1] >= 1)
     partial = partial_results(store)
     assert partial is not None

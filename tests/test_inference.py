@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from napari_morphomol.errors import InputError
 from napari_morphomol.inference import (
     DeviceFallbackWarning,
     InferenceCancelled,
+    PredictOptions,
     default_checkpoint_path,
     open_results,
     partial_path,
@@ -67,7 +69,7 @@ def reference_run(tmp_path_factory, sample, checkpoint):
     out = tmp_path_factory.mktemp("runs") / "reference.zarr"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        predict(sample, checkpoint, store=out, **{**RUN, "device": "auto"})
+        predict(sample, PredictOptions(checkpoint=checkpoint, store=out, **{**RUN, "device": "auto"}))
     return open_results(out), caught
 
 
@@ -102,6 +104,31 @@ def test_results_equal_a_direct_forward_pass(reference_run, sample, checkpoint, 
         np.testing.assert_allclose(results.measured_log1p[row], targets[tile_id], rtol=1e-6)
 
 
+def test_a_per_token_output_is_stored_as_its_own_array(tmp_path, sample, panel, reference_run):
+    """A model declaring a token head gets a (tiles, tokens, width) array of that name, equal to
+    the head applied to the same forward pass; the tile outputs are those of the same trunk."""
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]),
+                                    backbone_kwargs=TINY_VIT))
+    config = dataclasses.replace(plain.config, token_heads={"addon_tokens": 3})
+    model = build_model(config)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    path = save_checkpoint(model, ModelCard(config, tuple(panel["core"]), tuple(panel["addon"])),
+                           tmp_path / "tokens.safetensors")
+    out = predict(sample, PredictOptions(checkpoint=path, store=tmp_path / "tokens.zarr", **RUN))
+    results = open_results(out)
+    assert [(s.name, s.level, s.width) for s in results.output_specs] == [
+        ("predictions", "tile", len(panel["addon"])), ("embeddings", "tile", 192), ("addon_tokens", "token", 3)]
+    tokens = results.output("addon_tokens")
+    assert tokens.shape == (len(results.tiles), 196, 3) and np.isfinite(tokens).all()
+    ids, predictions, _ = by_tile(results)
+    reference_ids, reference_predictions, _ = by_tile(reference_run[0])
+    np.testing.assert_array_equal(ids, reference_ids)
+    np.testing.assert_allclose(predictions, reference_predictions, atol=1e-4)
+    with pytest.raises(InputError, match="holds no output 'variance'.*addon_tokens"):
+        results.output("variance")
+
+
 def test_store_metadata_records_the_run(reference_run, checkpoint):
     results, _ = reference_run
     meta = results.metadata
@@ -132,7 +159,7 @@ def test_auto_device_falls_back_to_cpu_with_a_warning(reference_run):
 def test_absent_device_is_a_clear_error_before_any_work(tmp_path, sample, checkpoint):
     out = tmp_path / "cuda.zarr"
     with pytest.raises(InputError, match="no CUDA GPU"):
-        predict(sample, checkpoint, store=out, **{**RUN, "device": "cuda"})
+        predict(sample, PredictOptions(checkpoint=checkpoint, store=out, **{**RUN, "device": "cuda"}))
     assert not out.exists() and not partial_path(out).exists()
 
 
@@ -142,7 +169,7 @@ def test_checkpoint_panel_missing_from_sample_fails_before_any_work(tmp_path, sa
     )
     out = tmp_path / "r.zarr"
     with pytest.raises(InputError, match="NOT_A_GENE"):
-        predict(sample, checkpoint, store=out, **RUN)
+        predict(sample, PredictOptions(checkpoint=checkpoint, store=out, **RUN))
     assert not out.exists() and not partial_path(out).exists()
 
 
@@ -158,11 +185,12 @@ def test_processes_and_local_cluster_give_the_threads_predictions(tmp_path, samp
     from distributed import Client, LocalCluster
 
     reference = by_tile(reference_run[0])
-    runs = {"processes": predict(sample, checkpoint, store=tmp_path / "p.zarr", scheduler="processes",
-                                 num_workers=2, **RUN)}
+    runs = {"processes": predict(sample, PredictOptions(checkpoint=checkpoint, store=tmp_path / "p.zarr",
+                                                        scheduler="processes", num_workers=2, **RUN))}
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster, set_as_default=False) as client:
-        runs["cluster"] = predict(sample, checkpoint, store=tmp_path / "c.zarr", scheduler=client, **RUN)
+        runs["cluster"] = predict(sample, PredictOptions(checkpoint=checkpoint, store=tmp_path / "c.zarr",
+                                                         scheduler=client, **RUN))
         assert len(client.run(lambda: os.getpid())) == 2
     expected_scheduler = {"processes": "processes (2)", "cluster": "distributed"}
     for name, path in runs.items():
@@ -176,14 +204,14 @@ def test_processes_and_local_cluster_give_the_threads_predictions(tmp_path, samp
 
 KILL_SCRIPT = """
 import os, signal, sys
-from napari_morphomol.inference import predict
+from napari_morphomol.inference import PredictOptions, predict
 from napari_morphomol.io.sample import load_sample
 xenium, he, alignment, checkpoint, out = sys.argv[1:6]
 def progress(done, total):
     if 0 < done < total:
         os.kill(os.getpid(), signal.SIGKILL)
-predict(load_sample(xenium, he, alignment), checkpoint, store=out, batch_size=1, tiles_per_chunk=1,
-        dtype="float32", device="cpu", progress=progress)
+predict(load_sample(xenium, he, alignment), PredictOptions(checkpoint=checkpoint, store=out, batch_size=1,
+        tiles_per_chunk=1, dtype="float32", device="cpu"), progress=progress)
 """
 
 
@@ -197,7 +225,8 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_tiles(tmp_path, synthet
     assert not out.exists() and partial_path(out).exists()
     with pytest.raises(InputError, match="did not finish"):
         open_results(out)
-    predict(sample, checkpoint, store=out, batch_size=1, tiles_per_chunk=1, dtype="float32", device="cpu")
+    predict(sample, PredictOptions(checkpoint=checkpoint, store=out, batch_size=1, tiles_per_chunk=1, dtype="float32",
+                                   device="cpu"))
     results = open_results(out)
     n_chunks = results.metadata["n_chunks"]
     resumed = results.metadata["segments"][-1]
@@ -223,9 +252,10 @@ def test_cancel_stops_and_leaves_a_resumable_store(tmp_path, sample, checkpoint,
 
     run = dict(batch_size=1, tiles_per_chunk=1, dtype="float32", device="cpu")
     with pytest.raises(InferenceCancelled, match="resume"):
-        predict(sample, checkpoint, store=out, progress=progress, cancel=first_chunk_done.is_set, **run)
+        predict(sample, PredictOptions(checkpoint=checkpoint, store=out, **run), progress=progress,
+                cancel=first_chunk_done.is_set)
     assert partial_path(out).exists() and not out.exists()
-    predict(sample, checkpoint, store=out, progress=progress, **run)
+    predict(sample, PredictOptions(checkpoint=checkpoint, store=out, **run), progress=progress)
     results = open_results(out)
     cancelled, resumed = results.metadata["segments"]
     assert cancelled["status"] == "cancelled" and 0 < cancelled["chunks_done_in_store"] < results.metadata["n_chunks"]
@@ -237,10 +267,11 @@ def test_cancel_stops_and_leaves_a_resumable_store(tmp_path, sample, checkpoint,
 
 def test_existing_store_is_reused_or_refused(tmp_path, sample, checkpoint, panel, reference_run):
     out = reference_run[0].path
-    assert predict(sample, checkpoint, store=out, **RUN) == out  # same inputs: already complete
+    # same inputs: already complete
+    assert predict(sample, PredictOptions(checkpoint=checkpoint, store=out, **RUN)) == out
     other = write_checkpoint(tmp_path / "other.safetensors", panel["core"], panel["addon"][:2])
     with pytest.raises(InputError, match="--overwrite"):
-        predict(sample, other, store=out, **RUN)
+        predict(sample, PredictOptions(checkpoint=other, store=out, **RUN))
 
 
 def test_out_of_memory_halves_the_batch_and_goes_on(checkpoint):

@@ -8,7 +8,6 @@ import pytest
 
 from napari_morphomol.cli import main
 from napari_morphomol.io.sample import load_sample
-from napari_morphomol.io.synthetic import load_ground_truth, true_global_to_he_px, true_he_to_global_px
 from napari_morphomol.registration import (
     LandmarkPairs,
     fit_transform,
@@ -19,6 +18,7 @@ from napari_morphomol.registration import (
     write_keypoints_csv,
 )
 from napari_morphomol.registration.auto import propose_landmarks_for_sample
+from napari_morphomol.synthetic import load_ground_truth, true_global_to_he_px, true_he_to_global_px
 
 
 def transcripts_global_px(sample, ground_truth) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.inference import open_results, partial_path, predict
+from napari_morphomol.inference import PredictOptions, open_results, partial_path, predict
 from napari_morphomol.io.sample import load_sample
 from napari_morphomol.registration.formats import read_alignment_csv
 
@@ -149,7 +149,7 @@ def test_warnings_are_ours_and_the_run_records_them_with_the_samples(tmp_path, s
     out = tmp_path / "warned.zarr"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        predict(sdata, tiny_checkpoint, store=out, **{**RUN, "device": "auto"})
+        predict(sdata, PredictOptions(checkpoint=tiny_checkpoint, store=out, **{**RUN, "device": "auto"}))
     recorded = open_results(out).metadata["warnings"]
     categories = {w.get("category") for w in recorded}
     assert {"FewTranscriptsWarning"} <= categories
@@ -167,8 +167,9 @@ def test_auto_dtype_is_fixed_per_device_kind_and_two_runs_are_bit_identical(tmp_
     from napari_morphomol.inference.devices import auto_dtype
 
     assert auto_dtype("cuda:0")[0] == "bfloat16" and auto_dtype("cpu")[0] == auto_dtype("mps")[0] == "float32"
-    runs = [open_results(predict(sample, tiny_checkpoint, store=tmp_path / f"{k}.zarr", batch_size=4,
-                                 tiles_per_chunk=4, device="cpu", dtype="auto")) for k in range(2)]
+    runs = [open_results(predict(sample, PredictOptions(checkpoint=tiny_checkpoint, store=tmp_path / f"{k}.zarr",
+                                                        batch_size=4, tiles_per_chunk=4, device="cpu", dtype="auto")))
+            for k in range(2)]
     for results in runs:
         precision = results.metadata["precision"]
         assert precision["dtype"] == "float32" and "CPU" in precision["reason"]
@@ -221,7 +222,7 @@ def test_predict_refuses_options_out_of_range_from_python_before_any_work(tmp_pa
     out = tmp_path / "r.zarr"
     not_read = tmp_path / "not-read-yet.safetensors"  # the options are checked before the checkpoint is opened
     with pytest.raises(InputError, match=next(iter(option))):
-        predict(sample, not_read, store=out, **{**RUN, **option})
+        predict(sample, PredictOptions(checkpoint=not_read, store=out, **{**RUN, **option}))
     assert not out.exists() and not partial_path(out).exists()
 
 
@@ -250,7 +251,7 @@ def test_a_partial_whose_start_was_cut_short_is_restarted(tmp_path, sample, tiny
 
     root = zarr.open_group(partial_path(out), mode="w", zarr_format=3)  # killed before the attributes
     root.create_group("tiles")
-    predict(sample, tiny_checkpoint, store=out, **RUN)
+    predict(sample, PredictOptions(checkpoint=tiny_checkpoint, store=out, **RUN))
     assert open_results(out).metadata["status"] == "complete" and not partial_path(out).exists()
 
 
@@ -267,19 +268,19 @@ def test_a_checkpoint_that_fails_its_shape_check_leaves_nothing_behind(tmp_path,
     save_file(tensors, str(damaged), metadata=metadata)
     out = tmp_path / "r.zarr"
     with pytest.raises(InputError, match=r"damaged\.safetensors"):
-        predict(sample, damaged, store=out, **RUN)
+        predict(sample, PredictOptions(checkpoint=damaged, store=out, **RUN))
     assert not out.exists() and not partial_path(out).exists()
-    predict(sample, tiny_checkpoint, store=out, **RUN)  # the corrected command
+    predict(sample, PredictOptions(checkpoint=tiny_checkpoint, store=out, **RUN))  # the corrected command
     assert open_results(out).metadata["status"] == "complete"
 
 
 INTERRUPT = """
 import sys
-import napari_morphomol.inference.engine as engine
+import napari_morphomol.inference.prediction as prediction
 import napari_morphomol.tiling as tiling
 def interrupted(*args, **kwargs):
     raise KeyboardInterrupt  # as Ctrl-C would, at this point of the run
-setattr(tiling if sys.argv[1] == "tiling" else engine, sys.argv[1] == "tiling" and "tile_sample"
+setattr(tiling if sys.argv[1] == "tiling" else prediction, sys.argv[1] == "tiling" and "tile_sample"
         or "_choose_precision", interrupted)
 from napari_morphomol.cli import main
 sys.exit(main(sys.argv[2:]))
@@ -306,14 +307,14 @@ def test_after_ctrl_c_the_message_says_what_was_kept(tmp_path, synthetic_sample,
 HELD = """
 import sys, time
 from pathlib import Path
-import napari_morphomol.inference.engine as engine
+import napari_morphomol.inference.scheduling as scheduling
 release = Path(sys.argv[1])
-run_chunk = engine.run_chunk
+run_chunk = scheduling.run_chunk
 def held(spec, chunk):  # chunks wait until the test lets them go, so the run is still going on
     while not release.exists():
         time.sleep(0.05)
     return run_chunk(spec, chunk)
-engine.run_chunk = held
+scheduling.run_chunk = held
 from napari_morphomol.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -377,13 +378,13 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_half_store(tmp_path, samp
     with monkeypatch.context() as patch:
         _disk_full_for(patch, "")  # the partial store cannot even be started
         with pytest.raises(InputError, match="disk is full"):
-            predict(sample, tiny_checkpoint, store=out, **RUN)
+            predict(sample, PredictOptions(checkpoint=tiny_checkpoint, store=out, **RUN))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
     with monkeypatch.context() as patch:
         _disk_full_for(patch, "predictions/c")  # full while the chunks are written
         with pytest.raises(InputError, match=r"disk is full.*kept in .*full\.zarr\.partial.*resume"):
-            predict(sample, tiny_checkpoint, store=out, **RUN)
+            predict(sample, PredictOptions(checkpoint=tiny_checkpoint, store=out, **RUN))
     assert not out.exists() and partial_path(out).exists()
-    predict(sample, tiny_checkpoint, store=out, **RUN)  # space freed: the same call resumes
+    predict(sample, PredictOptions(checkpoint=tiny_checkpoint, store=out, **RUN))  # space freed: the same call resumes
     assert open_results(out).metadata["status"] == "complete"

@@ -19,7 +19,7 @@ from scipy import sparse
 
 from napari_morphomol.cli import main
 from napari_morphomol.errors import InputError
-from napari_morphomol.io.synthetic import (
+from napari_morphomol.synthetic import (
     load_ground_truth,
     true_global_to_he_px,
     true_he_to_global_px,
@@ -229,7 +229,7 @@ def test_keypoints_follow_the_true_transform(synthetic_sample_deformed):
     st.integers(0, 2**16),
 )
 def test_true_transform_inverse_and_grid_form_agree(points, seed):
-    from napari_morphomol.io._synth_transform import random_transform
+    from napari_morphomol.synthetic.transform import random_transform
 
     transform, _ = random_transform(np.random.default_rng(seed), (3000, 3000), 0.2737, XENIUM_PX, 300, True)
     pts = np.array(points, dtype=float)
@@ -343,7 +343,7 @@ def test_cli_synth_writes_a_sample(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def small_cells():
-    from napari_morphomol.io._synth_tissue import make_cells, make_fields
+    from napari_morphomol.synthetic.tissue import make_cells, make_fields
 
     size_um = (300.0, 250.0)
     return make_cells(0, make_fields(np.random.default_rng([0, 0]), size_um), size_um)
@@ -352,7 +352,7 @@ def small_cells():
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.floats(-30, 330), st.floats(-30, 280)), min_size=1, max_size=50))
 def test_owning_cell_is_nearest_centre_within_its_radius(small_cells, points):
-    from napari_morphomol.io._synth_tissue import owning_cell
+    from napari_morphomol.synthetic.tissue import owning_cell
 
     pts = np.array(points, dtype=np.float32)
     owner = owning_cell(small_cells, pts[:, 0], pts[:, 1])

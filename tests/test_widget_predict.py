@@ -1,6 +1,6 @@
 """The Predict dock, driven as a user would, under Xvfb: region from a Shapes layer, run, explore."""
 
-import functools
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -78,12 +78,12 @@ def test_the_shipped_model_is_preselected(make_napari_viewer):
 def test_maps_fill_in_mid_run_then_cancel_and_run_again_resumes(viewer_with_sample, qtbot, tmp_path, monkeypatch):
     """The real predict in chunks of 4 tiles. Chunks after the first to start wait until the test
     has seen the partial maps and pressed Cancel, so events come in a user's order, not a race's."""
-    from napari_morphomol.inference import engine, partial_path, predict
+    from napari_morphomol.inference import partial_path, predict, scheduling
     from napari_morphomol.widgets import predict as predict_dock
 
     cancel_pressed = threading.Event()
     started, lock = [], threading.Lock()
-    run_chunk = engine.run_chunk
+    run_chunk = scheduling.run_chunk
 
     def run_chunk_after_the_first_waits(spec, chunk):
         with lock:  # whichever chunk the scheduler starts first runs; the others wait
@@ -93,8 +93,9 @@ def test_maps_fill_in_mid_run_then_cancel_and_run_again_resumes(viewer_with_samp
             cancel_pressed.wait(120)
         return run_chunk(spec, chunk)
 
-    monkeypatch.setattr(engine, "run_chunk", run_chunk_after_the_first_waits)
-    monkeypatch.setattr(predict_dock, "predict", functools.partial(predict, tiles_per_chunk=4))
+    monkeypatch.setattr(scheduling, "run_chunk", run_chunk_after_the_first_waits)
+    monkeypatch.setattr(predict_dock, "predict", lambda sample, options, **kwargs: predict(
+        sample, dataclasses.replace(options, tiles_per_chunk=4), **kwargs))
     viewer = viewer_with_sample
     widget = PredictWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Predict")
@@ -112,7 +113,7 @@ def test_maps_fill_in_mid_run_then_cancel_and_run_again_resumes(viewer_with_samp
     assert finite.sum() in (3, 4)
     assert PREDICTED_LAYER in viewer.layers
     widget.cancel_button.clicked.emit()
-    qtbot.waitUntil(lambda: (partial_path(store) / engine.CANCEL_MARKER).exists(), timeout=30_000)
+    qtbot.waitUntil(lambda: (partial_path(store) / scheduling.CANCEL_MARKER).exists(), timeout=30_000)
     cancel_pressed.set()
     qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=120_000)
     assert widget.status.value.startswith("cancelled")

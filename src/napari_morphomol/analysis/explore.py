@@ -120,20 +120,14 @@ def partial_results(store_path: str | Path) -> Results | None:
     import zarr
 
     from napari_morphomol.inference import partial_path
-    from napari_morphomol.inference.store import ATTRS_KEY
+    from napari_morphomol.inference.store import ATTRS_KEY, results_from_group
 
     path = partial_path(store_path)
     try:
         root = zarr.open_group(path, mode="r")
-        attrs = dict(root.attrs[ATTRS_KEY])
-        table = root["tiles"]
-        tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
-        predictions, embeddings = root["predictions"][:], root["embeddings"][:]
-        measured = root["measured_counts"][:] if "measured_counts" in root else None
+        return results_from_group(path, root, dict(root.attrs[ATTRS_KEY]))
     except (FileNotFoundError, KeyError, ValueError):
         return None
-    return Results(path, tiles, list(attrs["addon_genes"]), predictions, embeddings, list(attrs["measured_genes"]),
-                   measured, attrs)
 
 
 def explore_results(results: Results) -> RunExplorer:

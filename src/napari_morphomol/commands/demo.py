@@ -33,9 +33,9 @@ def _step(message: str, start: float) -> float:
 def run(args) -> int:
     from napari_morphomol._atomic import guard_output_folder
     from napari_morphomol.export.writers import export_results
-    from napari_morphomol.inference import predict
+    from napari_morphomol.inference import PredictOptions, predict
     from napari_morphomol.io.sample import open_sample, summarize_sample
-    from napari_morphomol.io.synthetic import write_synthetic_sample
+    from napari_morphomol.synthetic import write_synthetic_sample
     out = guard_output_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sample_dir = out / f"sample-{args.size_mm[0]:g}x{args.size_mm[1]:g}mm-seed{args.seed}"
@@ -54,7 +54,7 @@ def run(args) -> int:
 
     results = out / "results.zarr"
     print(f"3. predicting the add-on panel with the shipped model into {results}")
-    predict(sdata, None, store=results, device=args.device,
+    predict(sdata, PredictOptions(store=results, device=args.device),
             progress=lambda done, total: print(f"  chunk {done}/{total}", flush=True))
     start = _step("predicted", start)
 

@@ -3,7 +3,8 @@
 Tiles (512 px at 0.5 um/px, stride 256, as the model was trained) are cut from the registered
 H&E and run through the model with their core-gene token counts, chunk by chunk, as a dask
 graph: threads by default, or a dask.distributed cluster with --scheduler. Results go to
-RESULTS.zarr (predictions, embeddings, tile table, run metadata; layout in docs/inference.md).
+RESULTS.zarr (one array per model output: predictions, embeddings; tile table, run metadata;
+layout in docs/inference.md).
 An interrupted run leaves RESULTS.zarr.partial: run the same command again to resume it.
 """
 
@@ -61,7 +62,7 @@ class ProgressBar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_morphomol.inference import InferenceCancelled, open_results, partial_path, predict
+    from napari_morphomol.inference import InferenceCancelled, PredictOptions, open_results, partial_path, predict
     from napari_morphomol.inference.store import partial_progress
     from napari_morphomol.io.sample import load_sample
     from napari_morphomol.registration import read_registration_json
@@ -69,14 +70,13 @@ def run(args: argparse.Namespace) -> int:
     alignment = alignment_path(Path(args.xenium_dir), args.alignment, args.registration)
     registration = read_registration_json(args.registration) if args.registration else None
     sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
-    bar = ProgressBar()
+    options = PredictOptions(store=args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
+                             device=args.device, dtype=args.dtype, scheduler=args.scheduler, num_workers=args.workers,
+                             tiles_per_chunk=args.tiles_per_chunk, min_transcripts=args.min_transcripts,
+                             max_background=args.max_background, region_he_px=region_polygon_he_px(args.region),
+                             he_to_global=registration, overwrite=args.overwrite)
     try:
-        out = predict(sdata, args.checkpoint, store=args.out, region_he_px=region_polygon_he_px(args.region),
-                      he_to_global=registration,
-                      batch_size=args.batch_size, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
-                      num_workers=args.workers, tiles_per_chunk=args.tiles_per_chunk,
-                      min_transcripts=args.min_transcripts, max_background=args.max_background,
-                      overwrite=args.overwrite, progress=bar)
+        out = predict(sdata, options, progress=ProgressBar())
     except (KeyboardInterrupt, InferenceCancelled):
         kept = partial_progress(args.out)
         if kept is None:

@@ -30,7 +30,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from napari_morphomol.io.synthetic import write_synthetic_sample
+    from napari_morphomol.synthetic import write_synthetic_sample
     sample = write_synthetic_sample(
         args.out_dir,
         size_mm=tuple(args.size_mm),

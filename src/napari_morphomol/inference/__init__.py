@@ -1,17 +1,21 @@
 """Whole-slide prediction with a trained fusion model as a dask graph, and its results store (no Qt).
 
-Entry points: :func:`predict` (sample + checkpoint -> ``RESULTS.zarr``) and :func:`open_results`
-(the store as arrays and a pandas tile table). See docs/inference.md.
+Entry points: :func:`predict` (sample + :class:`PredictOptions` -> ``RESULTS.zarr``) and
+:func:`open_results` (the store as one array per model output and a pandas tile table). Modules:
+``prediction`` (predict and its steps), ``checks`` (everything checked before work), ``scheduling``
+(where the chunk tasks run), ``worker`` (what a task runs), ``store`` (the results store's layout
+and reader), ``devices``. See docs/inference.md.
 """
 
 from napari_morphomol.inference.devices import DeviceFallbackWarning, resolve_device
-from napari_morphomol.inference.engine import default_checkpoint_path, predict
+from napari_morphomol.inference.prediction import PredictOptions, default_checkpoint_path, predict
 from napari_morphomol.inference.store import Results, open_results, partial_path
 from napari_morphomol.inference.worker import InferenceCancelled
 
 __all__ = [
     "DeviceFallbackWarning",
     "InferenceCancelled",
+    "PredictOptions",
     "Results",
     "default_checkpoint_path",
     "open_results",

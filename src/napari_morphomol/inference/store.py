@@ -2,15 +2,17 @@
 
 Layout (zarr v3 group; ``K`` = tiles per chunk):
 
-- attrs ``morphomol_results``: format version, status, counts, genes, model card, checkpoint,
-  sample, registration, geometry, tiling report, precision, device, scheduler, timings
-  (see docs/inference.md).
+- attrs ``morphomol_results``: format version, status, counts, genes, the outputs (below), model
+  card, checkpoint, sample, registration, geometry, tiling report, precision, device, scheduler,
+  timings (see docs/inference.md).
 - ``tiles/<column>``: the tile table, one 1-D array per column, rows in *chunk order*: chunk ``k``
   is rows ``[k*K, (k+1)*K)``, a spatially contiguous group of tiles (column ``chunk``).
-- ``predictions`` (tiles, add-on genes) float32, log1p expression; ``embeddings`` (tiles, d)
-  float32. Zarr chunks are ``(K, genes)``: each task writes exactly one zarr chunk, so tasks never
-  write the same file and a killed task leaves either the old or the new file (zarr writes files
-  atomically).
+- ``<output name>``: one float32 array per output the model declares (``model.output_specs()``,
+  recorded as ``outputs`` in the attrs, in that order): a tile-level output is (tiles, width), a
+  token-level one (tiles, tokens, width). Today's models declare ``predictions`` (tiles, add-on
+  genes; log1p expression) and ``embeddings`` (tiles, d). Zarr chunks are ``(K, ...)``: each task
+  writes exactly one zarr chunk per output, so tasks never write the same file and a killed task
+  leaves either the old or the new file (zarr writes files atomically).
 - ``measured_counts`` (tiles, measured add-on genes) uint32, when the sample measured add-on genes.
 - ``done`` (chunks,) bool, one zarr chunk per element: set after the chunk's rows are written.
 - ``chunk_seconds`` (chunks,) float64: wall time of each chunk's task.
@@ -21,6 +23,9 @@ name and renamed to ``.partial`` once its tile table, token raster and attribute
 so a ``.partial`` always carries its run's fingerprint. Finalising removes ``inputs`` and renames
 the folder to ``RESULTS.zarr`` in one ``os.replace``: a store under the final name is always
 complete. ``RESULTS.zarr.lock`` beside them is held (``flock``) by the one run writing them.
+
+Format 2 (this one) names its arrays by output; a store of format 1 (a fixed predictions +
+embeddings pair, cell-named geometry) is refused with "run `morphomol predict` again".
 """
 
 from __future__ import annotations
@@ -46,17 +51,17 @@ import zarr
 from napari_morphomol._atomic import open_versioned_group, zarr_store_kind
 from napari_morphomol.errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ATTRS_KEY = "morphomol_results"
 RESULTS_STORE = zarr_store_kind("results store", ATTRS_KEY)
 """What ``--overwrite`` may replace: a store (final or partial) carrying our ``morphomol_results`` marker."""
 RESULTS_LAYER_KEY = "morphomol_results"
 """napari layer metadata key holding the path of the results store the layer shows."""
 CANCEL_MARKER = ".cancel"
-_TOKEN_BAND_CELLS = 28
-_STORE_ENTRIES = {"zarr.json", "tiles", "predictions", "embeddings", "measured_counts", "done", "chunk_seconds",
-                  "inputs", CANCEL_MARKER}
-"""Every name a results store of ours holds at its top level."""
+_TOKEN_BAND = 28
+"""Token rows (and columns) per zarr chunk of ``inputs/tokens``."""
+_STORE_ENTRIES = {"zarr.json", "tiles", "measured_counts", "done", "chunk_seconds", "inputs", CANCEL_MARKER}
+"""Every name a results store of ours holds at its top level besides its outputs (no output takes one)."""
 
 
 def partial_path(store_path: str | Path) -> Path:
@@ -122,7 +127,7 @@ def _lock_holder(fd: int) -> str:
 def is_unstarted_store(path: Path) -> bool:
     """Whether ``path`` is a results store whose start was cut short (a folder holding only the
     names of our layout, without a run fingerprint in its attributes): ours, empty, safe to restart."""
-    if not path.is_dir() or not {entry.name for entry in path.iterdir()} <= _STORE_ENTRIES:
+    if not path.is_dir() or not all(entry.name in _STORE_ENTRIES or _is_zarr_array(entry) for entry in path.iterdir()):
         return False
     try:
         document = json.loads((path / "zarr.json").read_text())
@@ -134,6 +139,14 @@ def is_unstarted_store(path: Path) -> bool:
         return False
     attrs = (document.get("attributes") or {}).get(ATTRS_KEY)
     return not isinstance(attrs, dict) or "fingerprint" not in attrs
+
+
+def _is_zarr_array(entry: Path) -> bool:
+    """Whether ``entry`` is a zarr v3 array folder (an output array of a store)."""
+    try:
+        return json.loads((entry / "zarr.json").read_text()).get("node_type") == "array"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def remove_abandoned_starts(partial: Path) -> None:
@@ -181,9 +194,29 @@ def tile_groups(rows: np.ndarray, cols: np.ndarray, tiles_per_chunk: int, max_ga
     return np.split(order, np.flatnonzero(breaks) + 1)
 
 
-def create_partial_store(path: Path, *, tiles: pd.DataFrame, tiles_per_chunk: int, n_addon: int, embedding_dim: int,
-                         measured_counts: np.ndarray | None, token_raster, attrs: dict) -> zarr.Group:
-    """A fresh run store at ``path`` (the partial folder); ``tiles`` already in chunk order."""
+def output_records(specs) -> list[dict]:
+    """The model's output specs as the store records them (attrs ``outputs``); refuses a name the
+    store's own layout uses."""
+    records = []
+    for spec in specs:
+        if spec.name in _STORE_ENTRIES or spec.level not in ("tile", "token"):
+            raise ValueError(f"output {spec.name!r} ({spec.level}) cannot be stored: the name is taken or the "
+                             "level is not 'tile' or 'token' (internal error)")
+        records.append({"name": str(spec.name), "level": str(spec.level), "width": int(spec.width)})
+    return records
+
+
+def output_shape(record: dict, n_tiles: int, n_tokens: int) -> tuple[int, ...]:
+    """(tiles, width) of a tile-level output, (tiles, tokens, width) of a token-level one."""
+    if record["level"] == "token":
+        return n_tiles, n_tokens, record["width"]
+    return n_tiles, record["width"]
+
+
+def create_partial_store(path: Path, *, tiles: pd.DataFrame, tiles_per_chunk: int, measured_counts: np.ndarray | None,
+                         token_raster, attrs: dict) -> zarr.Group:
+    """A fresh run store at ``path`` (the partial folder); ``tiles`` already in chunk order, ``attrs``
+    holding the ``outputs`` records (:func:`output_records`) and ``tokens_per_tile``."""
     if path.exists():
         shutil.rmtree(path)
     n_tiles = len(tiles)
@@ -194,26 +227,48 @@ def create_partial_store(path: Path, *, tiles: pd.DataFrame, tiles_per_chunk: in
         values = tiles[column].to_numpy()
         table.create_array(column, data=values, chunks=(max(1, min(len(values), 65536)),))
     k = max(1, min(tiles_per_chunk, n_tiles))
-    root.create_array("predictions", shape=(n_tiles, n_addon), dtype=np.float32, chunks=(k, max(n_addon, 1)),
-                      fill_value=np.nan, dimension_names=("tile", "addon_gene"))
-    root.create_array("embeddings", shape=(n_tiles, embedding_dim), dtype=np.float32,
-                      chunks=(k, embedding_dim), fill_value=np.nan, dimension_names=("tile", "embedding"))
+    for record in attrs["outputs"]:
+        shape = output_shape(record, n_tiles, int(attrs["tokens_per_tile"]))
+        dims = ("tile", "token", "feature") if record["level"] == "token" else ("tile", "feature")
+        root.create_array(record["name"], shape=shape, dtype=np.float32, chunks=(k, *(max(n, 1) for n in shape[1:])),
+                          fill_value=np.nan, dimension_names=dims)
     if measured_counts is not None:
         root.create_array("measured_counts", data=measured_counts.astype(np.uint32),
                           chunks=(max(1, min(n_tiles, 8192)), max(measured_counts.shape[1], 1)),
                           dimension_names=("tile", "measured_gene"))
     root.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False)
     root.create_array("chunk_seconds", shape=(n_chunks,), dtype=np.float64, chunks=(1,), fill_value=np.nan)
-    rows, cols, genes = token_raster.shape
-    tokens = root.require_group("inputs").create_array(
-        "tokens", shape=(rows, cols, genes), dtype=np.uint32,
-        chunks=(_TOKEN_BAND_CELLS, _TOKEN_BAND_CELLS, max(genes, 1)), fill_value=0,
-        dimension_names=("cell_y", "cell_x", "core_gene"))
-    for r0 in range(0, rows, _TOKEN_BAND_CELLS):
-        tokens[r0:r0 + _TOKEN_BAND_CELLS] = token_raster.window(r0, 0, _TOKEN_BAND_CELLS, cols)
+    _write_token_raster(root, token_raster)
     root.attrs[ATTRS_KEY] = {**attrs, "format_version": FORMAT_VERSION, "status": "running",
                              "n_tiles": n_tiles, "n_chunks": n_chunks, "tiles_per_chunk": tiles_per_chunk}
     return root
+
+
+def _write_token_raster(root: zarr.Group, token_raster) -> None:
+    """``inputs/tokens``: the core-gene token raster the tasks read, written band by band."""
+    rows, cols, genes = token_raster.shape
+    tokens = root.require_group("inputs").create_array(
+        "tokens", shape=(rows, cols, genes), dtype=np.uint32,
+        chunks=(_TOKEN_BAND, _TOKEN_BAND, max(genes, 1)), fill_value=0,
+        dimension_names=("token_y", "token_x", "core_gene"))
+    for r0 in range(0, rows, _TOKEN_BAND):
+        tokens[r0:r0 + _TOKEN_BAND] = token_raster.window(r0, 0, _TOKEN_BAND, cols)
+
+
+def read_attrs(path: Path) -> dict:
+    """The ``morphomol_results`` attributes of the store at ``path``; InputError when it is none."""
+    try:
+        return dict(zarr.open_group(path, mode="r").attrs.get(ATTRS_KEY, {}))
+    except (FileNotFoundError, ValueError) as exc:
+        raise InputError(f"{path} exists but is not a results store ({exc}); move it away or pass --overwrite") from exc
+
+
+def update_attrs(path: Path, update: dict) -> dict:
+    """Merge ``update`` into the store's attributes; returns them."""
+    root = zarr.open_group(path, mode="r+")
+    attrs = {**dict(root.attrs[ATTRS_KEY]), **update}
+    root.attrs[ATTRS_KEY] = attrs
+    return attrs
 
 
 def read_done_mask(root: zarr.Group) -> np.ndarray:
@@ -251,21 +306,44 @@ def finalise_store(partial: Path, final: Path, attrs_update: dict) -> Path:
 
 @dataclass
 class Results:
-    """A finished prediction run: one row per tile in every array and in ``tiles``."""
+    """A prediction run: one row per tile in every array and in ``tiles``."""
 
     path: Path
     tiles: pd.DataFrame
     """id, row, col, H&E px box, centre in ``global`` px and um, transcript counts, chunk."""
     addon_genes: list[str]
-    predictions: np.ndarray
-    """(tiles, add-on genes) float32, predicted log1p expression summed over the tile."""
-    embeddings: np.ndarray
-    """(tiles, d) float32 tile embeddings."""
+    outputs: dict[str, np.ndarray]
+    """One float32 array per output the model declared, by name, in the order of ``metadata['outputs']``:
+    (tiles, width) for a tile-level output, (tiles, tokens, width) for a token-level one."""
     measured_genes: list[str]
     """The add-on genes the sample measured (a subset of ``addon_genes``, same order)."""
     measured_counts: np.ndarray | None
     """(tiles, measured genes) uint32 measured add-on counts per tile, or None."""
     metadata: dict
+
+    def output(self, name: str) -> np.ndarray:
+        """The array of the output ``name``; InputError naming the outputs this run holds."""
+        if name not in self.outputs:
+            raise InputError(f"the run in {self.path} holds no output {name!r}; its model declared "
+                             f"{', '.join(self.outputs) or 'none'}")
+        return self.outputs[name]
+
+    @property
+    def output_specs(self) -> tuple:
+        """The model's declared outputs (``OutputSpec``), as the store recorded them."""
+        from napari_morphomol.models.config import OutputSpec
+
+        return tuple(OutputSpec(**record) for record in self.metadata["outputs"])
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """(tiles, add-on genes) float32, predicted log1p expression summed over the tile."""
+        return self.output("predictions")
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """(tiles, d) float32 tile embeddings."""
+        return self.output("embeddings")
 
     @property
     def measured_log1p(self) -> np.ndarray | None:
@@ -279,8 +357,29 @@ class Results:
         return ModelCard.from_json(json.dumps(self.metadata["model_card"]))
 
 
+def results_from_group(path: Path, root: zarr.Group, attrs: dict) -> Results:
+    """The arrays of a results store (finished or partial: unfinished rows are NaN) as :class:`Results`."""
+    table = root["tiles"]
+    tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
+    outputs = {record["name"]: root[record["name"]][:] for record in attrs["outputs"]}
+    measured = root["measured_counts"][:] if "measured_counts" in root else None
+    return Results(path, tiles, list(attrs["addon_genes"]), outputs, list(attrs["measured_genes"]), measured, attrs)
+
+
 def open_results(path: str | Path) -> Results:
-    """Read a finished store written by :func:`napari_morphomol.inference.predict`."""
+    """Read a finished store written by :func:`napari_morphomol.inference.predict`.
+
+    Parameters
+    ----------
+    path
+        The ``RESULTS.zarr`` of a predict run.
+
+    Returns
+    -------
+    Results
+        Its tile table and one array per output. InputError for an unfinished run, a folder that
+        is not a results store, or a store of another format (run ``morphomol predict`` again).
+    """
     path = Path(path)
     if not path.exists() and partial_path(path).exists():
         raise InputError(f"the run writing {path} did not finish ({partial_path(path)} holds its partial results); "
@@ -289,8 +388,4 @@ def open_results(path: str | Path) -> Results:
                                        "give the RESULTS.zarr of a predict run, or run `morphomol predict` again")
     if attrs.get("status") != "complete":
         raise InputError(f"{path} is an unfinished run (status {attrs.get('status')!r}); run predict again to resume")
-    table = root["tiles"]
-    tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
-    measured = root["measured_counts"][:] if "measured_counts" in root else None
-    return Results(path, tiles, list(attrs["addon_genes"]), root["predictions"][:], root["embeddings"][:],
-                   list(attrs["measured_genes"]), measured, attrs)
+    return results_from_group(path, root, attrs)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,23 @@ class LoadedModel:
     lock: threading.Lock
     batch_limit: int | None = None
     """Largest batch this device managed after running out of memory (None: no limit yet)."""
+    _output_specs: tuple | None = field(default=None, init=False, repr=False)
+
+    @property
+    def output_specs(self) -> tuple:
+        """What the card's architecture emits (:func:`card_output_specs`), in its declared order."""
+        if self._output_specs is None:
+            self._output_specs = card_output_specs(self.card)
+        return self._output_specs
+
+
+def card_output_specs(card) -> tuple:
+    """``model.output_specs()`` of the card's architecture, built on the meta device (no weights)."""
+    from napari_morphomol.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(card.model)
+        return tuple(model.output_specs())
 
 
 class StoredLevel:
@@ -281,19 +298,20 @@ def prefetched(batches: Iterator[Batch], depth: int = PREFETCH_BATCHES) -> Itera
 
 
 def forward(loaded: LoadedModel, images: torch.Tensor | None, tokens: torch.Tensor | None, dtype: str
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Predictions and embeddings (float32 numpy), in sub-batches no larger than the device's
-    limit; running out of memory halves the limit for good and retries."""
+            ) -> tuple[np.ndarray, ...]:
+    """One float32 numpy array per output the model declares (``loaded.output_specs``, in that
+    order), in sub-batches no larger than the device's limit; running out of memory halves the
+    limit for good and retries."""
     n = len(images) if images is not None else len(tokens)
-    predictions, embeddings = [], []
+    parts: list[tuple[np.ndarray, ...]] = []
     start = 0
     while start < n:
         size = min(n - start, loaded.batch_limit or n)
         part = slice(start, start + size)
         try:
             with loaded.lock:
-                p, e = _forward_once(loaded, None if images is None else images[part],
-                                     None if tokens is None else tokens[part], dtype)
+                arrays = _forward_once(loaded, None if images is None else images[part],
+                                       None if tokens is None else tokens[part], dtype)
         except Exception as error:
             if not is_out_of_memory(error) or size == 1:
                 raise
@@ -301,13 +319,12 @@ def forward(loaded: LoadedModel, images: torch.Tensor | None, tokens: torch.Tens
             if loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        predictions.append(p)
-        embeddings.append(e)
+        parts.append(arrays)
         start += size
-    return np.concatenate(predictions), np.concatenate(embeddings)
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
-def _forward_once(loaded: LoadedModel, images, tokens, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def _forward_once(loaded: LoadedModel, images, tokens, dtype: str) -> tuple[np.ndarray, ...]:
     device = loaded.device
     non_blocking = device.type == "cuda"
     if images is not None:
@@ -316,7 +333,12 @@ def _forward_once(loaded: LoadedModel, images, tokens, dtype: str) -> tuple[np.n
         tokens = tokens.to(device, non_blocking=non_blocking)
     with torch.inference_mode(), autocast(device, dtype):
         output = loaded.model(images, tokens)
-    return output.predictions.float().cpu().numpy(), output.embeddings.float().cpu().numpy()
+    return tuple(output_tensor(output, spec).float().cpu().numpy() for spec in loaded.output_specs)
+
+
+def output_tensor(output, spec) -> torch.Tensor:
+    """The tensor of ``spec`` in a ``ModelOutput``: a tile-level field, or one of its ``token_outputs``."""
+    return output.token_outputs[spec.name] if spec.level == "token" else getattr(output, spec.name)
 
 
 def release_freed_memory() -> None:
@@ -336,20 +358,21 @@ def run_chunk(spec: RunSpec, chunk: int) -> dict:
     k = ctx.tiles_per_chunk
     a, b = chunk * k, min(len(ctx.rows), (chunk + 1) * k)
     rows, cols = ctx.rows[a:b], ctx.cols[a:b]
-    predictions = np.full((b - a, ctx.root["predictions"].shape[1]), np.nan, dtype=np.float32)
-    embeddings = np.full((b - a, ctx.root["embeddings"].shape[1]), np.nan, dtype=np.float32)
+    names = [output.name for output in loaded.output_specs]
+    rows_of = {name: np.full((b - a, *ctx.root[name].shape[1:]), np.nan, dtype=np.float32) for name in names}
     pin = loaded.device.type == "cuda"
     compute_seconds = 0.0
     for positions, images, tokens in prefetched(chunk_batches(ctx, rows, cols, spec.batch_size, pin)):
         if is_cancelled(spec):
             raise InferenceCancelled(f"cancelled during chunk {chunk}")
         tick = time.perf_counter()
-        predictions[positions], embeddings[positions] = forward(loaded, images, tokens, spec.dtype)
+        for name, values in zip(names, forward(loaded, images, tokens, spec.dtype), strict=True):
+            rows_of[name][positions] = values
         compute_seconds += time.perf_counter() - tick
-    if np.isnan(predictions).any():
+    if any(np.isnan(values).any() for values in rows_of.values()):
         raise RuntimeError(f"chunk {chunk}: some tiles were not predicted (internal error)")
-    ctx.root["predictions"][a:b] = predictions
-    ctx.root["embeddings"][a:b] = embeddings
+    for name, values in rows_of.items():
+        ctx.root[name][a:b] = values
     seconds = time.perf_counter() - started
     ctx.root["chunk_seconds"][chunk] = seconds
     ctx.root["done"][chunk] = True
@@ -367,13 +390,15 @@ def calibrate(spec: RunSpec, max_tiles: int = 8) -> dict:
     _, images, tokens = next(chunk_batches(ctx, ctx.rows[:n], ctx.cols[:n], n, pin=False))
     with loaded.lock:
         outputs = {dtype: _forward_once(loaded, images, tokens, dtype) for dtype in ("float32", "bfloat16")}
-    diff = [float(np.max(np.abs(outputs["bfloat16"][i] - outputs["float32"][i]))) for i in (0, 1)]
+    diffs = {}
+    for i, output in enumerate(loaded.output_specs):
+        diff = float(np.max(np.abs(outputs["bfloat16"][i] - outputs["float32"][i]), initial=0.0))
+        diffs[f"max_abs_diff_{output.name}"] = diff if math.isfinite(diff) else None
     return {
         "device": str(loaded.device),
         "device_name": (torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda"
                         else loaded.device.type),
         "fallback_note": loaded.fallback_note,
         "reference_tiles": len(images if images is not None else tokens),
-        "max_abs_diff_predictions": diff[0] if math.isfinite(diff[0]) else None,
-        "max_abs_diff_embeddings": diff[1] if math.isfinite(diff[1]) else None,
+        **diffs,
     }

@@ -1,0 +1,57 @@
+"""Readers (no Qt): a Xenium bundle and an H&E pyramid as one lazy SpatialData sample, and the
+transcript density built from it. Nothing here ever writes into a bundle.
+
+Entry points: :func:`load_sample` (bundle + H&E + alignment) and :func:`open_sample` (a sample
+folder, found by :func:`find_sample_parts`) give the sample; :func:`sample_info` and
+:func:`summarize_sample` describe it; :func:`read_pyramid` / :func:`open_he_image` read an H&E
+pyramid level by level; :func:`build_transcript_density` bins its transcripts per gene. The
+element keys of a sample are :data:`HE_IMAGE`, :data:`MORPHOLOGY` and :data:`TRANSCRIPTS`.
+The synthetic sample generator is :mod:`napari_morphomol.synthetic`.
+"""
+
+import importlib
+
+#: Public names and the submodule defining each. They load on first use, so that importing
+#: ``napari_morphomol.io`` (or one light submodule) does not import spatialdata, dask or tifffile.
+_SOURCES = {
+    "features": ("XeniumDataWarning", "is_control_feature"),
+    "he_image": ("PyramidImage", "read_pyramid", "rgb_levels_cyx"),
+    "sample": ("HE_IMAGE", "MORPHOLOGY", "TRANSCRIPTS", "SampleInfo", "SampleParts", "find_sample_parts",
+               "load_sample", "open_he_image", "open_sample", "read_experiment", "sample_info",
+               "summarize_sample"),
+    "transcript_density": ("TranscriptDensity", "build_transcript_density", "transcripts_in_box_um"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+
+
+def __getattr__(name):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'napari_morphomol.io' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"napari_morphomol.io.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "HE_IMAGE",
+    "MORPHOLOGY",
+    "TRANSCRIPTS",
+    "PyramidImage",
+    "SampleInfo",
+    "SampleParts",
+    "TranscriptDensity",
+    "XeniumDataWarning",
+    "build_transcript_density",
+    "find_sample_parts",
+    "is_control_feature",
+    "load_sample",
+    "open_he_image",
+    "open_sample",
+    "read_experiment",
+    "read_pyramid",
+    "rgb_levels_cyx",
+    "sample_info",
+    "summarize_sample",
+    "transcripts_in_box_um",
+]

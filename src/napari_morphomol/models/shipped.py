@@ -1,7 +1,7 @@
 """The model that ships with the package: a small early-fusion model trained on synthetic data.
 
 It lets the plugin, the CLI and the tests predict without downloading anything. It was trained
-on synthetic samples (``napari_morphomol.io.synthetic``) with their 380 core + 100 add-on gene
+on synthetic samples (``napari_morphomol.synthetic``) with their 380 core + 100 add-on gene
 panel and a small ViT (depth 2, width 64, 2 heads, 16 px patches on 224 px tiles), so it is for demos
 and tests on synthetic data, not for real tissue. Its card records the command that retrains
 it and its held-out metrics.

@@ -15,7 +15,7 @@ from napari_morphomol._layers import he_pixel_to_global
 from napari_morphomol.analysis import explore_results, explore_run, partial_results
 from napari_morphomol.coords import apply_affine_xy, napari_to_xy
 from napari_morphomol.errors import InputError
-from napari_morphomol.inference import InferenceCancelled, default_checkpoint_path, predict
+from napari_morphomol.inference import InferenceCancelled, PredictOptions, default_checkpoint_path, predict
 from napari_morphomol.io.sample import sample_info
 from napari_morphomol.widgets._errors import report_error
 
@@ -101,14 +101,14 @@ class PredictWidget(Container):
             store = self.store.value
             if store is None or str(store) in ("", "."):
                 raise InputError("choose where to write the results store (a new folder ending in .zarr)")
-            region = self.region_he_px(sdata)
+            options = PredictOptions(store=Path(store), checkpoint=Path(checkpoint),
+                                     batch_size=int(self.batch_size.value), device=self.device.value,
+                                     region_he_px=self.region_he_px(sdata))
         except InputError as exc:
             self._on_error(exc)
             return None
         self._cancel.clear()
-        kwargs = dict(store=Path(store), batch_size=int(self.batch_size.value), device=self.device.value,
-                      region_he_px=region)
-        worker = create_worker(self._work, sdata, Path(checkpoint), kwargs,
+        worker = create_worker(self._work, sdata, options,
                                _progress={"desc": "Predicting", "total": 0},
                                _connect={"errored": self._on_error}, _start_thread=False)
         worker.yielded.connect(lambda done_total: self._on_progress(worker, done_total))
@@ -120,15 +120,15 @@ class PredictWidget(Container):
         self.worker = worker
         return worker
 
-    def _work(self, sdata, checkpoint: Path, kwargs: dict):
+    def _work(self, sdata, options: PredictOptions):
         """Runs predict in a thread of its own and yields its (done, total) chunks to the GUI thread."""
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
 
         def target():
             try:
-                outcome["path"] = predict(sdata, checkpoint, progress=lambda d, t: events.put((d, t)),
-                                          cancel=self._cancel.is_set, **kwargs)
+                outcome["path"] = predict(sdata, options, progress=lambda d, t: events.put((d, t)),
+                                          cancel=self._cancel.is_set)
             except BaseException as exc:  # noqa: BLE001 - handed to the GUI thread below
                 outcome["error"] = exc
             finally:

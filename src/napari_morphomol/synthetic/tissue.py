@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from napari_morphomol.io._synth_kernels import owner_kernel
+from napari_morphomol.synthetic.kernels import owner_kernel
 
 FIELD_STEP_UM = 8.0
 """Resolution of the coarse random fields; sampled bilinearly everywhere else."""
@@ -292,6 +292,36 @@ def make_cells(seed: int, fields: TissueFields, size_um: tuple[float, float]) ->
 def _block_cells(
     rng, fields: TissueFields, block_x: int, block_y: int, nx: int, ny: int, block_id: int
 ) -> dict[str, np.ndarray]:
+    """The columns of :class:`Cells` for one block (plus a thinning priority), drawn from ``rng``
+    in a fixed order: sites, types, states, nucleus shape and stain, library size, priority."""
+    site = _sites(rng, fields, block_x, block_y, nx, ny)
+    x, y = site["x_um"], site["y_um"]
+    n = len(x)
+    cell_type = _cell_types(rng, fields, x, y, site["region"])
+    states = _states(rng, fields, x, y, cell_type)
+    proliferating = states["proliferating"]
+    shape = _nucleus_and_cell(rng, fields, x, y, cell_type, proliferating, states["nuclear_size_z"])
+    library = MEAN_TRANSCRIPTS[cell_type] * np.exp(0.3 * rng.standard_normal(n) - 0.045)
+    return {
+        **site,
+        "block": np.full(n, block_id, dtype=np.int32),
+        "cell_type": cell_type,
+        **shape,
+        "eosin": (CYTOPLASM_EOSIN[cell_type] * np.exp(0.1 * rng.standard_normal(n))).astype(np.float32),
+        "cytoplasm_hematoxylin": CYTOPLASM_HEMATOXYLIN[cell_type].astype(np.float32),
+        # mitotic (proliferating) nuclei are condensed: no open chromatin
+        "vesicular": np.where(proliferating, 0.0, VESICULAR[cell_type]).astype(np.float32),
+        "ifn": states["ifn"].astype(np.float32),
+        "hypoxia": states["hypoxia"].astype(np.float32),
+        "proliferating": proliferating,
+        "nuclear_size_z": states["nuclear_size_z"].astype(np.float32),
+        "library_size": library.astype(np.float32),
+        "priority": rng.random(n),
+    }
+
+
+def _sites(rng, fields: TissueFields, block_x: int, block_y: int, nx: int, ny: int) -> dict[str, np.ndarray]:
+    """Jittered node sites of the block accepted with their region's density: position, node, region."""
     x0, y0 = block_x * BLOCK_NODES, block_y * BLOCK_NODES
     gy, gx = np.mgrid[y0 : min(y0 + BLOCK_NODES, ny), x0 : min(x0 + BLOCK_NODES, nx)]
     gx = gx.ravel().astype(np.int32)
@@ -302,29 +332,41 @@ def _block_cells(
     region = fields.region(x, y)
     accept_p = REGION_DENSITY_PER_MM2[region] * (NODE_UM * 1e-3) ** 2
     keep = rng.random(n) < accept_p
-    x, y, gx, gy, region = x[keep], y[keep], gx[keep], gy[keep], region[keep]
-    n = len(x)
+    return {"x_um": x[keep], "y_um": y[keep], "node_x": gx[keep], "node_y": gy[keep], "region": region[keep]}
 
-    # lymphocytes and macrophages crowd the stroma at the tumour margin
+
+def _cell_types(rng, fields: TissueFields, x: np.ndarray, y: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Cell type (uint8 index into CELL_TYPES) from the region's mix; lymphocytes and macrophages
+    crowd the stroma at the tumour margin."""
     tumour_field = fields.sample("tumour", x, y)
     margin = np.clip((tumour_field - (fields.thresholds["tumour"] - MARGIN_WIDTH)) / MARGIN_WIDTH, 0, 1)
     margin = np.where(region == STROMA, margin, 0.0)[:, None]
     mix = (1 - margin) * REGION_TYPE_MIX[region] + margin * TUMOUR_MARGIN_TYPE_MIX[None, :]
     cumulative = np.cumsum(mix, axis=1)
-    cell_type = (rng.random(n)[:, None] > cumulative).sum(axis=1).clip(max=len(CELL_TYPES) - 1)
-    cell_type = cell_type.astype(np.uint8)
+    cell_type = (rng.random(len(x))[:, None] > cumulative).sum(axis=1).clip(max=len(CELL_TYPES) - 1)
+    return cell_type.astype(np.uint8)
 
-    # Hidden states: smooth fields that only some core genes reveal (not the morphology).
+
+def _states(rng, fields: TissueFields, x: np.ndarray, y: np.ndarray, cell_type: np.ndarray) -> dict[str, np.ndarray]:
+    """Hidden states (ifn, hypoxia: smooth fields that only some core genes reveal) and morphology
+    states (proliferating, nuclear_size_z: visible in the nuclei, revealed by no core gene)."""
+    n = len(x)
     ifn = ifn_state(fields.sample("ifn", x, y), fields.sample("immune_proximity", x, y))
     hypoxia = hypoxia_state(fields.sample("hypoxia", x, y), fields.sample("necrosis_proximity", x, y))
-    # Morphology states: visible in the nuclei, revealed by no core gene.
     is_tumour = cell_type == 0
     # the Ki-67 index of carcinomas ranges from a few per cent in quiescent regions to half the cells
     p_prolif = 0.02 + 0.48 * _sigmoid(2.5 * fields.sample("proliferation", x, y))
     proliferating = is_tumour & (rng.random(n) < p_prolif)
     # nuclear size: mostly a regional trait (grade varies across the tumour), partly per cell
     nuclear_size_z = (0.9 * fields.sample("nuclear_size", x, y) + 0.45 * rng.standard_normal(n)).clip(-2.5, 2.5)
+    return {"ifn": ifn, "hypoxia": hypoxia, "proliferating": proliferating, "nuclear_size_z": nuclear_size_z}
 
+
+def _nucleus_and_cell(
+    rng, fields: TissueFields, x, y, cell_type, proliferating, nuclear_size_z
+) -> dict[str, np.ndarray]:
+    """Nucleus ellipse (semi-axes, angle), chromatin darkness, DAPI brightness and cell radius (float32)."""
+    n = len(x)
     radius = NUCLEUS_RADIUS_UM[cell_type] * np.exp(NUCLEUS_RADIUS_SD[cell_type] * nuclear_size_z)
     radius = np.where(proliferating, radius * PROLIFERATING_RADIUS_GAIN, radius)
     aspect = NUCLEUS_ASPECT[cell_type] * np.exp(0.12 * rng.standard_normal(n))
@@ -340,31 +382,13 @@ def _block_cells(
     cell_radius = CELL_RADIUS_UM[cell_type] * np.exp(0.1 * rng.standard_normal(n))
     max_radius = (NODE_REACH - NODE_JITTER) * NODE_UM
     cell_radius = np.clip(np.maximum(cell_radius, radius * np.sqrt(aspect) + 1.0), None, max_radius)
-    library = MEAN_TRANSCRIPTS[cell_type] * np.exp(0.3 * rng.standard_normal(n) - 0.045)
     return {
-        "x_um": x,
-        "y_um": y,
-        "node_x": gx,
-        "node_y": gy,
-        "block": np.full(n, block_id, dtype=np.int32),
-        "region": region,
-        "cell_type": cell_type,
         "nucleus_a_um": (radius * np.sqrt(aspect)).astype(np.float32),
         "nucleus_b_um": (radius / np.sqrt(aspect)).astype(np.float32),
         "nucleus_angle": angle.astype(np.float32),
         "cell_radius_um": cell_radius.astype(np.float32),
         "darkness": darkness.astype(np.float32),
         "dapi": dapi.astype(np.float32),
-        "eosin": (CYTOPLASM_EOSIN[cell_type] * np.exp(0.1 * rng.standard_normal(n))).astype(np.float32),
-        "cytoplasm_hematoxylin": CYTOPLASM_HEMATOXYLIN[cell_type].astype(np.float32),
-        # mitotic (proliferating) nuclei are condensed: no open chromatin
-        "vesicular": np.where(proliferating, 0.0, VESICULAR[cell_type]).astype(np.float32),
-        "ifn": ifn.astype(np.float32),
-        "hypoxia": hypoxia.astype(np.float32),
-        "proliferating": proliferating,
-        "nuclear_size_z": nuclear_size_z.astype(np.float32),
-        "library_size": library.astype(np.float32),
-        "priority": rng.random(n),
     }
 
 

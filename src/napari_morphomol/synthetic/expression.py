@@ -1,4 +1,4 @@
-"""Synthetic gene panel, expression model and per-block transcript sampling.
+"""Synthetic gene panel (:class:`ProgramPanel`), expression model and per-block transcript sampling.
 
 Expression is log-linear in per-cell latent variables z = [cell-type one-hot, ifn, hypoxia,
 proliferating, tumour nuclear-size z-score]: rate_cg = scale_c * exp(b_g + W_g . z_c).
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.io._synth_tissue import CELL_TYPES, Cells, ellipse_radius, owning_cell
+from napari_morphomol.synthetic.tissue import CELL_TYPES, Cells, ellipse_radius, owning_cell
 
 LATENTS = (*CELL_TYPES, "ifn", "hypoxia", "proliferating", "tumour_nuclear_size")
 _IFN, _HYPOXIA, _PROLIF, _NUCSIZE = (len(CELL_TYPES) + k for k in range(4))
@@ -77,8 +77,10 @@ LOW_QV_SHARE = 0.12
 
 
 @dataclass(frozen=True)
-class GenePanel:
-    """All features in codeword order: core genes, add-on genes, then control features."""
+class ProgramPanel:
+    """The synthetic panel with each gene's expression program: all features in codeword order
+    (core genes, add-on genes, then control features). Not the tiling panel
+    (:class:`napari_morphomol.tiling.GenePanel`), which names only the genes a model uses."""
 
     names: list[str]
     n_core: int
@@ -130,40 +132,83 @@ PANEL_SEED = 20261129
 patients, so every sample of a cohort shares its panel; the sample seed varies the tissue."""
 
 
-def make_panel(n_core: int, n_addon: int) -> GenePanel:
+def make_panel(n_core: int, n_addon: int) -> ProgramPanel:
+    """The panel of ``n_core`` core and ``n_addon`` add-on genes plus the 60 control features.
+
+    Parameters
+    ----------
+    n_core, n_addon
+        Panel sizes (at least 24 core and 10 add-on genes).
+
+    Returns
+    -------
+    ProgramPanel
+        Names, programs, biases and loadings; the same for every sample of these sizes.
+    """
     rng = np.random.default_rng([PANEL_SEED, n_core, n_addon])
     if n_core < 24:
         raise InputError(f"core panel of {n_core} genes is too small: use at least 24 core genes")
     if n_addon < 10:
         raise InputError(f"add-on panel of {n_addon} genes is too small: use at least 10 add-on genes")
     used: set[str] = set()
-    names: list[str] = []
-    program: list[str] = []
+    core_names, core_program = _core_genes(n_core, used)
+    addon_names, addon_program = _addon_genes(n_addon, used)
+    names, program = core_names + addon_names, core_program + addon_program
+    bias, loadings = _program_weights(rng, program)
+    categories = ["predesigned_gene"] * n_core + ["custom_gene"] * n_addon
+    feature_types = ["Gene Expression"] * len(names)
+    k = 0
+    for prefix, (category, feature_type, count) in CONTROL_PREFIXES.items():
+        for _ in range(count):
+            names.append(f"{prefix}_{k:05d}")
+            categories.append(category)
+            feature_types.append(feature_type)
+            k += 1
+    return ProgramPanel(names, n_core, n_addon, program, bias, loadings, categories, feature_types)
 
+
+def _program(group: str) -> str:
+    return f"type:{group}" if group in CELL_TYPES else f"state:{group}"
+
+
+def _core_genes(n_core: int, used: set[str]) -> tuple[list[str], list[str]]:
+    """Core gene names and programs: cell-type markers, hidden-state genes, then background genes."""
     core_shares = {t: 0.09 for t in CELL_TYPES if t != "necrotic"} | {"necrotic": 0.02, "ifn": 0.05, "hypoxia": 0.04}
     core_counts = {k: max(1, int(round(n_core * v))) for k, v in core_shares.items()}
+    names: list[str] = []
+    program: list[str] = []
     for group, count in core_counts.items():
         pool = _MARKERS.get(group) or _CORE_STATES[group]
         names += _take(pool, count, f"SYN{group[:3].upper()}", used)
-        program += [f"type:{group}" if group in CELL_TYPES else f"state:{group}"] * count
+        program += [_program(group)] * count
     n_background = n_core - len(names)
     if n_background < 0:
         raise InputError(f"core panel of {n_core} genes cannot hold the marker groups: use more core genes")
     names += _take("", n_background, "SYNBG", used)
     program += ["background"] * n_background
+    return names, program
 
+
+def _addon_genes(n_addon: int, used: set[str]) -> tuple[list[str], list[str]]:
+    """Add-on gene names and programs: type markers (40 %), hidden and morphology states (15 % each)."""
     addon_types = [t for t in CELL_TYPES if t != "necrotic"]
     addon_shares = {t: 0.4 / len(addon_types) for t in addon_types}
     addon_shares |= {"ifn": 0.15, "hypoxia": 0.15, "proliferating": 0.15, "tumour_nuclear_size": 0.15}
     counts = _split(n_addon, addon_shares)
     if sum(counts.values()) != n_addon:
         raise InputError(f"add-on panel of {n_addon} genes cannot hold its groups: use more add-on genes")
+    names: list[str] = []
+    program: list[str] = []
     for group, count in counts.items():
         prefix = "SYNNUC" if group == "tumour_nuclear_size" else f"SYNA{group[:3].upper()}"
         names += _take(_ADDON[group], count, prefix, used)
-        program += [f"type:{group}" if group in CELL_TYPES else f"state:{group}"] * count
+        program += [_program(group)] * count
+    return names, program
 
-    n_genes = len(names)
+
+def _program_weights(rng: np.random.Generator, program: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Bias (n_genes,) and loadings (n_genes, len(LATENTS)) of each gene's program, drawn in gene order."""
+    n_genes = len(program)
     bias = np.empty(n_genes)
     loadings = np.zeros((n_genes, len(LATENTS)))
     n_types = len(CELL_TYPES)
@@ -188,17 +233,7 @@ def make_panel(n_core: int, n_addon: int) -> GenePanel:
         else:
             bias[g] = rng.normal(-0.8, 0.8)
             loadings[g, :n_types] = rng.normal(0.0, 0.6, n_types)
-
-    categories = ["predesigned_gene"] * n_core + ["custom_gene"] * n_addon
-    feature_types = ["Gene Expression"] * n_genes
-    k = 0
-    for prefix, (category, feature_type, count) in CONTROL_PREFIXES.items():
-        for _ in range(count):
-            names.append(f"{prefix}_{k:05d}")
-            categories.append(category)
-            feature_types.append(feature_type)
-            k += 1
-    return GenePanel(names, n_core, n_addon, program, bias, loadings, categories, feature_types)
+    return bias, loadings
 
 
 def latent_matrix(cells: Cells, rows: np.ndarray) -> np.ndarray:
@@ -211,7 +246,7 @@ def latent_matrix(cells: Cells, rows: np.ndarray) -> np.ndarray:
     return z
 
 
-def expected_counts(panel: GenePanel, cells: Cells, rows: np.ndarray) -> np.ndarray:
+def expected_counts(panel: ProgramPanel, cells: Cells, rows: np.ndarray) -> np.ndarray:
     """(cells, features) expected transcripts; core totals equal each cell's library size."""
     log_rate = panel.bias[None, :] + latent_matrix(cells, rows) @ panel.loadings.T
     rate = np.exp(log_rate)
@@ -239,27 +274,67 @@ class BlockTranscripts:
 
 def sample_block(
     rng: np.random.Generator,
-    panel: GenePanel,
+    panel: ProgramPanel,
     cells: Cells,
     rows: np.ndarray,
     region_of,
     block_box_um: tuple[float, float, float, float],
 ) -> BlockTranscripts:
-    """Transcripts of the block's cells plus extracellular ones inside the block's tissue."""
-    expected = expected_counts(panel, cells, rows)
-    counts = rng.poisson(expected)
+    """Transcripts of the block's cells plus extracellular ones inside the block's tissue.
+
+    Parameters
+    ----------
+    rng
+        The block's random stream (drawn from in a fixed order, so a block is reproducible).
+    panel, cells
+        The sample's panel and cells.
+    rows
+        Rows of the block's cells.
+    region_of
+        ``region_of(x_um, y_um)``: region ids at world points (0 is background).
+    block_box_um
+        The block's (x0, y0, x1, y1) in world um.
+
+    Returns
+    -------
+    BlockTranscripts
+        The cells' transcripts first, then the extracellular ones.
+    """
+    x, y, feature, cell, rho, r_eff = _cell_transcripts(rng, panel, cells, rows)
+    fx, fy, free_feature = _extracellular_transcripts(rng, panel, cells, region_of, block_box_um, len(x))
+    x = np.concatenate([x, fx])
+    y = np.concatenate([y, fy])
+    feature = np.concatenate([feature, free_feature])
+    cell = np.concatenate([cell, np.full(len(fx), -1, dtype=np.int32)])
+    rho = np.concatenate([rho, np.full(len(fx), 2.0, dtype=np.float32)])
+    r_eff = np.concatenate([r_eff, np.full(len(fx), 3.0, dtype=np.float32)])
+    z, qv = _depth_and_quality(rng, x, y, feature >= panel.n_genes)
+    return BlockTranscripts(
+        x_um=x.astype(np.float32),
+        y_um=y.astype(np.float32),
+        z_um=z,
+        feature=feature,
+        cell=cell,
+        overlaps_nucleus=(rho < 1.0).astype(np.uint8) * (cell >= 0),
+        nucleus_distance_um=(np.maximum(rho - 1.0, 0.0) * r_eff).astype(np.float32),
+        qv=qv,
+    )
+
+
+def _cell_transcripts(rng: np.random.Generator, panel: ProgramPanel, cells: Cells, rows: np.ndarray):
+    """x, y (um), feature, owning cell (-1 when spilled over), normalised nucleus radius and
+    effective nucleus radius (um) of the transcripts drawn for the cells ``rows``."""
+    counts = rng.poisson(expected_counts(panel, cells, rows))
     local, feature = np.nonzero(counts)
     reps = counts[local, feature]
     local = np.repeat(local.astype(np.int32), reps)
     feature = np.repeat(feature.astype(np.int32), reps)
     gen = rows[local]
-    n = len(gen)
-
     a = cells.nucleus_a_um[gen]
     b = cells.nucleus_b_um[gen]
     angle = cells.nucleus_angle[gen]
     cell_r = cells.cell_radius_um[gen]
-    nuclear = rng.random(n, dtype=np.float32) < NUCLEAR_SHARE
+    nuclear = rng.random(len(gen), dtype=np.float32) < NUCLEAR_SHARE
     dx, dy = _offsets(rng, nuclear, a, b, angle, cell_r)
     owner = owning_cell(cells, cells.x_um[gen] + dx, cells.y_um[gen] + dy)
     # transcripts fill the cell's territory (its disk cut by the neighbours'): redraw those that
@@ -271,14 +346,16 @@ def sample_block(
         rdx, rdy = _offsets(rng, nuclear[again], a[again], b[again], angle[again], cell_r[again])
         dx[again], dy[again] = rdx, rdy
         owner[again] = owning_cell(cells, cells.x_um[gen[again]] + rdx, cells.y_um[gen[again]] + rdy)
-    x = cells.x_um[gen] + dx
-    y = cells.y_um[gen] + dy
     cell = np.where(owner == gen, gen, -1).astype(np.int32)
     rho = ellipse_radius(dx, dy, a, b, angle)
+    return cells.x_um[gen] + dx, cells.y_um[gen] + dy, feature, cell, rho, np.sqrt(a * b)
 
-    # extracellular transcripts: uniform in the block's tissue, outside every territory
+
+def _extracellular_transcripts(rng, panel: ProgramPanel, cells: Cells, region_of, block_box_um, n_cell_transcripts):
+    """x, y (um) and feature of extracellular transcripts: uniform in the block's tissue, outside
+    every territory, about EXTRACELLULAR_SHARE of the cells' transcripts."""
     x0, y0, x1, y1 = block_box_um
-    n_free = rng.poisson(EXTRACELLULAR_SHARE * n)
+    n_free = rng.poisson(EXTRACELLULAR_SHARE * n_cell_transcripts)
     fx = rng.uniform(x0, x1, n_free).astype(np.float32)
     fy = rng.uniform(y0, y1, n_free).astype(np.float32)
     keep = (region_of(fx, fy) != 0) & (owning_cell(cells, fx, fy) < 0)
@@ -286,37 +363,22 @@ def sample_block(
     free_p = np.exp(panel.bias - panel.bias.max())
     free_p = np.concatenate([free_p, np.full(len(panel.names) - panel.n_genes, free_p.mean() * 0.3)])
     free_feature = rng.choice(len(panel.names), size=len(fx), p=free_p / free_p.sum()).astype(np.int32)
-    free_rho = np.full(len(fx), 2.0, dtype=np.float32)
+    return fx, fy, free_feature
 
-    x = np.concatenate([x, fx])
-    y = np.concatenate([y, fy])
-    feature = np.concatenate([feature, free_feature])
-    cell = np.concatenate([cell, np.full(len(fx), -1, dtype=np.int32)])
-    rho = np.concatenate([rho, free_rho])
-    r_eff = np.concatenate([np.sqrt(a * b), np.full(len(fx), 3.0, dtype=np.float32)])
-    n_all = len(x)
 
-    # a slightly tilted section about 11 um above the coverslip
+def _depth_and_quality(rng, x: np.ndarray, y: np.ndarray, is_control: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z (um, float32) of a slightly tilted section about 11 um above the coverslip, and qv."""
+    n = len(x)
     z = (
         np.float32(11.0) + np.float32(2e-4) * x + np.float32(1e-4) * y
-        + np.float32(1.8) * rng.standard_normal(n_all, dtype=np.float32)
+        + np.float32(1.8) * rng.standard_normal(n, dtype=np.float32)
     )
-    is_control = feature >= panel.n_genes
     low_share = np.where(is_control, np.float32(0.5), np.float32(LOW_QV_SHARE))
-    low = rng.random(n_all, dtype=np.float32) < low_share
+    low = rng.random(n, dtype=np.float32) < low_share
     # good calls pile up towards 40 (1 - U^(1/6) is Beta(1, 6)); failed ones spread below 20
-    spread = rng.random(n_all, dtype=np.float32)
+    spread = rng.random(n, dtype=np.float32)
     qv = np.where(low, np.float32(20.0) * spread, np.float32(20.0) + np.float32(20.0) * spread ** np.float32(1 / 6))
-    return BlockTranscripts(
-        x_um=x.astype(np.float32),
-        y_um=y.astype(np.float32),
-        z_um=np.clip(z, 0.5, 30.0),
-        feature=feature,
-        cell=cell,
-        overlaps_nucleus=(rho < 1.0).astype(np.uint8) * (cell >= 0),
-        nucleus_distance_um=(np.maximum(rho - 1.0, 0.0) * r_eff).astype(np.float32),
-        qv=qv,
-    )
+    return np.clip(z, 0.5, 30.0), qv
 
 
 def _offsets(rng, nuclear, a, b, angle, cell_r) -> tuple[np.ndarray, np.ndarray]:

@@ -72,65 +72,82 @@ def write_pyramidal_ome_tiff(
     Lower levels are downsampled on the fly into raw scratch files and read back strip by strip.
     Returns the (height, width) of each level.
     """
-    levels = [(height, width)]
-    while max(levels[-1]) > _MIN_LEVEL_PX:
-        h, w = levels[-1]
-        levels.append(((h + 1) // 2, (w + 1) // 2))
-    raw = [scratch_dir / f"{path.name}.level{k}.raw" for k in range(len(levels))]
-    item = np.dtype(dtype).itemsize * samples
-
-    def read_raw(level: int, row0: int, n_rows: int) -> np.ndarray:
-        w = levels[level][1]
-        count = n_rows * w * samples
-        data = np.fromfile(raw[level], dtype=dtype, count=count, offset=row0 * w * item)
-        return data.reshape((n_rows, w, samples) if samples > 1 else (n_rows, w))
-
-    def tiles(level: int) -> Iterator[np.ndarray]:
-        h, w = levels[level]
-        n_tile_cols = -(-w // TILE_PX)
-        sink = open(raw[level + 1], "wb") if level + 1 < len(levels) else None
-        try:
-            for row0 in range(0, h, TILE_PX):
-                n_rows = min(TILE_PX, h - row0)
-                strip = render_strip(row0, n_rows) if level == 0 else read_raw(level, row0, n_rows)
-                if sink is not None:
-                    sink.write(np.ascontiguousarray(_halve(strip)).tobytes())
-                    sink.flush()
-                pad = [(0, TILE_PX - n_rows), (0, n_tile_cols * TILE_PX - w)] + ([(0, 0)] if samples > 1 else [])
-                padded = np.pad(strip, pad, mode="constant")
-                for c in range(n_tile_cols):
-                    yield padded[:, c * TILE_PX : (c + 1) * TILE_PX]
-        finally:
-            if sink is not None:
-                sink.close()
-
-    photometric = "rgb" if samples == 3 else "minisblack"
-    common = {
+    pyramid = _Pyramid(_pyramid_levels(height, width), samples, np.dtype(dtype), scratch_dir, path.name)
+    options = {
         "dtype": dtype,
         "tile": (TILE_PX, TILE_PX),
-        "photometric": photometric,
+        "photometric": "rgb" if samples == 3 else "minisblack",
         "compression": compression[0],
         "compressionargs": {"level": compression[1]},
         "resolution": (1e4 / pixel_size_um, 1e4 / pixel_size_um),
         "resolutionunit": "CENTIMETER",
         "metadata": None,
     }
-    shape = lambda lv: levels[lv] + ((samples,) if samples > 1 else ())  # noqa: E731
     try:
         with tifffile.TiffWriter(path, bigtiff=True) as tif:
             tif.write(
-                tiles(0),
-                shape=shape(0),
-                subifds=len(levels) - 1,
+                pyramid.tiles(0, render_strip),
+                shape=pyramid.shape(0),
+                subifds=len(pyramid.levels) - 1,
                 description=_ome_xml(path.name, width, height, samples, dtype, pixel_size_um, channel),
-                **common,
+                **options,
             )
-            for level in range(1, len(levels)):
-                tif.write(tiles(level), shape=shape(level), subfiletype=1, **common)
+            for level in range(1, len(pyramid.levels)):
+                tif.write(pyramid.tiles(level, render_strip), shape=pyramid.shape(level), subfiletype=1, **options)
     finally:
-        for p in raw:
-            p.unlink(missing_ok=True)
+        for raw in pyramid.raw:
+            raw.unlink(missing_ok=True)
+    return pyramid.levels
+
+
+def _pyramid_levels(height: int, width: int) -> list[tuple[int, int]]:
+    """(height, width) of each level: halved (rounding up) until at most _MIN_LEVEL_PX."""
+    levels = [(height, width)]
+    while max(levels[-1]) > _MIN_LEVEL_PX:
+        h, w = levels[-1]
+        levels.append(((h + 1) // 2, (w + 1) // 2))
     return levels
+
+
+class _Pyramid:
+    """The levels of one pyramid and the raw scratch file of each level below the first."""
+
+    def __init__(self, levels: list[tuple[int, int]], samples: int, dtype: np.dtype, scratch_dir: Path, name: str):
+        self.levels = levels
+        self.raw = [scratch_dir / f"{name}.level{k}.raw" for k in range(len(levels))]
+        self._samples = samples
+        self._dtype = dtype
+        self._item = dtype.itemsize * samples
+
+    def shape(self, level: int) -> tuple[int, ...]:
+        return self.levels[level] + ((self._samples,) if self._samples > 1 else ())
+
+    def _read(self, level: int, row0: int, n_rows: int) -> np.ndarray:
+        w = self.levels[level][1]
+        count = n_rows * w * self._samples
+        data = np.fromfile(self.raw[level], dtype=self._dtype, count=count, offset=row0 * w * self._item)
+        return data.reshape((n_rows, w, self._samples) if self._samples > 1 else (n_rows, w))
+
+    def tiles(self, level: int, render_strip: Callable[[int, int], np.ndarray]) -> Iterator[np.ndarray]:
+        """Tiles of ``level`` in row-major order (edge tiles zero-padded); its halved strips go
+        to the next level's scratch file as they pass."""
+        h, w = self.levels[level]
+        n_tile_cols = -(-w // TILE_PX)
+        sink = open(self.raw[level + 1], "wb") if level + 1 < len(self.levels) else None
+        try:
+            for row0 in range(0, h, TILE_PX):
+                n_rows = min(TILE_PX, h - row0)
+                strip = render_strip(row0, n_rows) if level == 0 else self._read(level, row0, n_rows)
+                if sink is not None:
+                    sink.write(np.ascontiguousarray(_halve(strip)).tobytes())
+                    sink.flush()
+                pad = [(0, TILE_PX - n_rows), (0, n_tile_cols * TILE_PX - w)] + ([(0, 0)] if self._samples > 1 else [])
+                padded = np.pad(strip, pad, mode="constant")
+                for c in range(n_tile_cols):
+                    yield padded[:, c * TILE_PX : (c + 1) * TILE_PX]
+        finally:
+            if sink is not None:
+                sink.close()
 
 
 class TenXMatrixWriter:

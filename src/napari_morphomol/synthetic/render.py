@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from napari_morphomol.io._synth_kernels import beer_lambert_kernel, stamp_kernel
-from napari_morphomol.io._synth_tissue import (
+from napari_morphomol.synthetic.kernels import beer_lambert_kernel, stamp_kernel
+from napari_morphomol.synthetic.tissue import (
     BACKGROUND,
     NECROSIS,
     STROMA,

@@ -1,0 +1,50 @@
+"""Synthetic H&E + Xenium samples with a known answer: Open Sample, ``morphomol synth``, the demo,
+the shipped model's training data and every test fixture (no Qt).
+
+Entry points: :func:`write_synthetic_sample` writes a sample folder (a :class:`SyntheticSample`):
+a genuine Xenium bundle (spatialdata-io reads it unchanged), an H&E pyramidal OME-TIFF placed by
+a known affine plus a smooth warp, Xenium's alignment CSV, Xenium Explorer keypoints and the
+ground truth; :func:`load_ground_truth` reads the truth back, and :func:`true_he_to_global_px` /
+:func:`true_global_to_he_px` apply the exact map. Add-on genes depend on cell type (seen by H&E
+and core genes), on hidden states (seen only by core genes) and on morphology states (seen only
+by H&E), so neither modality alone explains the add-on panel. Deterministic by seed; memory
+stays per block. See docs/synthetic.md.
+
+Modules: :mod:`.plan` (sizes, transform, stain, seed), :mod:`.tissue` (fields, regions, cells),
+:mod:`.expression` (the panel's programs and transcript sampling), :mod:`.render` and
+:mod:`.kernels` (image chunks), :mod:`.transform` (the true map), :mod:`.bundle` (the Xenium
+tables and metadata), :mod:`.images` (DAPI, masks, H&E), :mod:`.writers` (streaming OME-TIFF and
+10x HDF5), :mod:`.truth` (ground truth), :mod:`.sample` (the folder, written atomically).
+"""
+
+import importlib
+
+#: Public names and the submodule defining each. They load on first use, so that importing the
+#: package (a command's --help, Open Sample's menu entry) does not load numba, pyarrow or zarr.
+_SOURCES = {
+    "sample": ("SampleSummary", "SyntheticSample", "write_synthetic_sample"),
+    "truth": ("GENERATOR_VERSION", "GroundTruth", "load_ground_truth", "true_global_to_he_px",
+              "true_he_to_global_px"),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+
+
+def __getattr__(name):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'napari_morphomol.synthetic' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"napari_morphomol.synthetic.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "GroundTruth",
+    "SampleSummary",
+    "SyntheticSample",
+    "load_ground_truth",
+    "true_global_to_he_px",
+    "true_he_to_global_px",
+    "write_synthetic_sample",
+]
