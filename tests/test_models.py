@@ -144,7 +144,7 @@ def test_token_heads_are_refused_where_there_are_no_tokens_or_no_targets(tmp_pat
             tiny_config("early_fusion_add", token_heads={name: 2})
     with pytest.raises(InputError, match="width must be a positive integer"):
         tiny_config("early_fusion_add", token_heads={"addon_tokens": 0})
-    from napari_morphomol.models import TrainingSettings, train_model
+    from napari_morphomol.models import train_model
 
     with pytest.raises(InputError, match="no per-token targets"):
         train_model(tiny_config("early_fusion_add", token_heads={"addon_tokens": N_ADDON}), None, None,
