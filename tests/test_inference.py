@@ -274,6 +274,24 @@ def test_existing_store_is_reused_or_refused(tmp_path, sample, checkpoint, panel
         predict(sample, PredictOptions(checkpoint=other, store=out, **RUN))
 
 
+def test_a_store_of_the_previous_format_is_refused_with_what_to_do(tmp_path, sample, checkpoint, reference_run):
+    import shutil
+
+    import zarr
+
+    from napari_morphomol.inference.store import ATTRS_KEY
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(reference_run[0].path, old)
+    root = zarr.open_group(old, mode="r+")
+    root.attrs[ATTRS_KEY] = {**dict(root.attrs[ATTRS_KEY]), "format_version": 1}
+    with pytest.raises(InputError, match="of format 1, and this version reads format 2.*morphomol predict` again"):
+        open_results(old)
+    old.rename(partial_path(old))  # an interrupted run of the previous version, same inputs
+    with pytest.raises(InputError, match="--overwrite"):
+        predict(sample, PredictOptions(checkpoint=checkpoint, store=old, **RUN))
+
+
 def test_out_of_memory_halves_the_batch_and_goes_on(checkpoint):
     from napari_morphomol.inference.worker import LoadedModel, forward
 
