@@ -17,6 +17,7 @@ Run: ``xvfb-run -a python benchmarks/bench_explore.py [--section switch|clusters
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -40,7 +41,7 @@ def synthetic_results(n_tiles: int, seed: int = 0, n_states: int = 8) -> Results
     """A square-ish tissue of ``n_tiles`` tiles on a 0.5 um/px H&E, hidden states driving genes and embeddings."""
     rng = np.random.default_rng(seed)
     side = math.ceil(math.sqrt(n_tiles))
-    geometry = TileGeometry(he_mpp=0.5, he_height_px=256 * (side + 1), he_width_px=256 * (side + 1))
+    geometry = TileGeometry(he_pixel_size_um=0.5, he_height_px=256 * (side + 1), he_width_px=256 * (side + 1))
     rows, cols = np.divmod(np.arange(n_tiles), side)
     state = ((rows // 8) * 3 + cols // 8) % n_states
     gene_means = rng.gamma(2.0, 1.0, size=(n_states, N_GENES))
@@ -58,9 +59,7 @@ def synthetic_results(n_tiles: int, seed: int = 0, n_states: int = 8) -> Results
     tiles["n_transcripts"] = tiles["n_core"] = measured.sum(axis=1).astype(np.int64)
     tiles["n_addon"] = 0
     genes = [f"GENE{i:03d}" for i in range(N_GENES)]
-    metadata = {"geometry_args": {k: getattr(geometry, k) for k in ("he_mpp", "he_height_px", "he_width_px", "tile_mpp",
-                                                                    "tile_px", "stride_px", "tokens_per_side",
-                                                                    "image_px")},
+    metadata = {"geometry_args": {f.name: getattr(geometry, f.name) for f in dataclasses.fields(geometry)},
                 "registration": {"model": "affine", "matrix": he_to_global.tolist()},
                 "sample": {"xenium_pixel_size_um": 0.2125},
                 "outputs": [{"name": "predictions", "level": "tile", "width": N_GENES},

@@ -75,7 +75,7 @@ def transcripts(n: int, size_um: float, seed: int = 0, fov_order: bool = False) 
 
 def geometry_for(size_um: float) -> TileGeometry:
     side = int(size_um / HE_MPP) + 400
-    return TileGeometry(he_mpp=HE_MPP, he_height_px=side, he_width_px=side)
+    return TileGeometry(he_pixel_size_um=HE_MPP, he_height_px=side, he_width_px=side)
 
 
 def section_binning() -> None:
@@ -85,10 +85,12 @@ def section_binning() -> None:
           f"raster {geometry.raster_shape} cells x {len(CORE)} core genes")
     for fov in (False, True):
         df = transcripts(n, size_um, fov_order=fov)
-        bin_transcripts(df.iloc[:1000], geometry, PANEL, MATRIX, xenium_mpp=XENIUM_MPP)  # compile / load cache
+        bin_transcripts(df.iloc[:1000], geometry, PANEL, MATRIX,
+                        xenium_pixel_size_um=XENIUM_MPP)  # compile / load cache
         for sparse in (False, True):
             wall, cpu = timed_cpu(lambda s=sparse: bin_transcripts(
-                df, geometry, PANEL, MATRIX, xenium_mpp=XENIUM_MPP, max_dense_bytes=0 if s else 1 << 40), repeat=3)
+                df, geometry, PANEL, MATRIX, xenium_pixel_size_um=XENIUM_MPP, max_dense_bytes=0 if s else 1 << 40),
+                repeat=3)
             print(f"  {'FOV' if fov else 'random'} order, {'sparse' if sparse else 'dense '} raster: "
                   f"{n / cpu / 1e6:6.1f} M transcripts per CPU-second ({n / wall / 1e6:5.1f} M/s wall, one thread)")
 
@@ -105,7 +107,7 @@ def sjoin_reference(df: pd.DataFrame, geometry: TileGeometry, rows: np.ndarray, 
     tile_xy = geometry.he_px_to_tile_px(he)
     points = gpd.GeoDataFrame({"gene": df["feature_name"].to_numpy()[keep]},
                               geometry=gpd.points_from_xy(tile_xy[:, 0], tile_xy[:, 1]))
-    cell = geometry.cell_tile_px
+    cell = geometry.token_tile_px
     out = []
     for i, j in zip(rows, cols, strict=True):
         x0, y0 = j * geometry.stride_px, i * geometry.stride_px
@@ -127,7 +129,7 @@ def section_sjoin() -> None:
     rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
 
     def ours():
-        bins = bin_transcripts(df, geometry, PANEL, MATRIX, xenium_mpp=XENIUM_MPP)
+        bins = bin_transcripts(df, geometry, PANEL, MATRIX, xenium_pixel_size_um=XENIUM_MPP)
         return bins.tokens.tile_tokens(geometry, rows, cols)
 
     ours()
@@ -176,7 +178,7 @@ def section_he(workdir: Path) -> None:
         write_he(path, size_um, workdir)
     with tifffile.TiffFile(path) as tif:
         level0 = zarr.open(tif.series[0].aszarr(level=0), mode="r")
-        geometry = TileGeometry(he_mpp=HE_MPP, he_height_px=level0.shape[0], he_width_px=level0.shape[1])
+        geometry = TileGeometry(he_pixel_size_um=HE_MPP, he_height_px=level0.shape[0], he_width_px=level0.shape[1])
         rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
         sampler = LevelSampler(geometry, [level0])
 
@@ -227,7 +229,8 @@ def memory_child(workdir: Path) -> None:
     ddf["feature_name"] = ddf["feature_name"].astype(pd.CategoricalDtype(list(FEATURES)))
     levels = read_pyramid(workdir / "he_1cm.ome.tif").levels
     start = time.perf_counter()
-    tiling = make_tiling(ddf, levels, he_mpp=HE_MPP, he_to_global=MATRIX, xenium_mpp=XENIUM_MPP, panel=PANEL)
+    tiling = make_tiling(ddf, levels, he_pixel_size_um=HE_MPP, he_to_global=MATRIX, xenium_pixel_size_um=XENIUM_MPP,
+                         panel=PANEL)
     t_bin = time.perf_counter() - start
     after_bin = rss_mb()
     sampler = LevelSampler(tiling.geometry, levels)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from napari_morphomol.analysis import StrideGrid, explore_run
+from napari_morphomol.analysis import StrideGrid, TokenGrid, explore_run
 from napari_morphomol.coords import apply_affine_xy
 from napari_morphomol.errors import InputError
 
@@ -26,7 +26,7 @@ def tile_sets(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(tile_sets())
-def test_stride_cell_is_the_mean_of_the_tiles_covering_it(case):
+def test_stride_square_is_the_mean_of_the_tiles_covering_it(case):
     rows, cols, shape, values = case
     grid = StrideGrid.from_tiles(rows, cols, shape, stride_he_px=10.0, he_to_global=IDENTITY)
     raster = grid.stride_map(values)
@@ -53,9 +53,9 @@ def test_tile_lookup_finds_each_tile_at_its_centre(case, stride, angle, shift):
     assert grid.tiles_at_global(far)[0] == -1
 
 
-def test_stride_map_placement_matches_the_cell_boxes():
+def test_stride_map_placement_matches_the_square_boxes():
     grid = StrideGrid.from_tiles([0], [0], (2, 2), stride_he_px=100.0, he_to_global=np.diag([2.0, 2.0, 1.0]))
-    # pixel (1, 1) of the stride raster is the cell [100, 200) H&E px: centre 150 -> global 300
+    # pixel (1, 1) of the stride raster is the square [100, 200) H&E px: centre 150 -> global 300
     np.testing.assert_allclose(apply_affine_xy(grid.stride_pixel_to_global(), [[1.0, 1.0]]), [[300.0, 300.0]])
 
 
@@ -65,6 +65,32 @@ def test_grid_refuses_tiles_outside_and_wrong_lengths():
     grid = StrideGrid.from_tiles([0, 1], [0, 0], (3, 2), 1.0, IDENTITY)
     with pytest.raises(InputError):
         grid.stride_map(np.zeros(3))
+
+
+@settings(max_examples=25, deadline=None)
+@given(tile_sets(), st.integers(0, 2**31 - 1))
+def test_token_map_is_the_mean_of_the_tile_tokens_on_each_raster_token(case, seed):
+    """A raster token is covered by up to four tiles (14 tokens a tile, 7 a stride): its value is the
+    mean of their tokens lying on it, tokens of a tile being row-major as the model gives them."""
+    from napari_morphomol.tiling import TileGeometry
+
+    rows, cols, shape, _ = case
+    geometry = TileGeometry(he_pixel_size_um=0.5, he_height_px=256 * shape[0], he_width_px=256 * shape[1])
+    grid = TokenGrid.from_tiles(rows, cols, geometry, IDENTITY)
+    values = np.random.default_rng(seed).normal(size=(len(rows), 196)).astype(np.float32)
+    raster = grid.token_map(values)
+    assert raster.shape == geometry.raster_shape
+    sums, counts = np.zeros(raster.shape), np.zeros(raster.shape)
+    for tile, (i, j) in enumerate(zip(rows, cols, strict=True)):
+        sums[7 * i:7 * i + 14, 7 * j:7 * j + 14] += values[tile].reshape(14, 14)
+        counts[7 * i:7 * i + 14, 7 * j:7 * j + 14] += 1
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(raster, sums / counts, atol=1e-5)  # NaN exactly where no tile is
+    # token (r, c) is the square [c, c + 1) x [r, r + 1) tokens: centre (c + 0.5) * 256 / 7 H&E px
+    np.testing.assert_allclose(apply_affine_xy(grid.token_pixel_to_global(), [[2.0, 3.0]]),
+                               [[2.5 * 256 / 7, 3.5 * 256 / 7]])
+    with pytest.raises(InputError, match="expected"):
+        grid.token_map(values[:, :100])
 
 
 def test_explorer_maps_metrics_and_inspector(results_store):

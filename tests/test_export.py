@@ -84,14 +84,14 @@ def test_zarr_table_annotates_tile_shapes_in_global(exported, results_store):
     shapes = sdata.shapes[TILES].loc[table.obs[attrs["instance_key"]].to_numpy()]
     centroids = np.column_stack([shapes.geometry.centroid.x, shapes.geometry.centroid.y])
     np.testing.assert_allclose(centroids, results.tiles[["global_x", "global_y"]].to_numpy(), atol=1e-6)
-    # the 2 x 2 stride cells of tile (row, col) are centred on the tile centre in global
+    # the 2 x 2 stride squares of tile (row, col) are centred on the tile centre in global
     image = sdata.images[PREDICTED_IMAGE]
     matrix = get_transformation(image, "global").to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
     block_centres = results.tiles[["col", "row"]].to_numpy(dtype=float) + 1.0
     np.testing.assert_allclose(apply_affine_xy(matrix, block_centres),
                                results.tiles[["global_x", "global_y"]].to_numpy(), atol=1e-6)
     assert list(image.c.values) == results.addon_genes
-    # a stride cell covered by one tile only holds that tile's prediction
+    # a stride square covered by one tile only holds that tile's prediction
     tile_at = {(r, c): k for k, (r, c) in enumerate(results.tiles[["row", "col"]].to_numpy())}
     alone = [(k, r, c) for (r, c), k in tile_at.items()
              if not ({(r - 1, c - 1), (r - 1, c), (r, c - 1)} & tile_at.keys())]

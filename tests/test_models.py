@@ -29,6 +29,7 @@ from napari_morphomol.models import (
 )
 from napari_morphomol.models.checkpoint import CARD_METADATA_KEY
 from napari_morphomol.models.fusion import match_token_norms
+from napari_morphomol.tiling import TileSpec
 
 TINY_VIT = dict(depth=2, embed_dim=48, num_heads=3)
 N_CORE, N_ADDON = 7, 5
@@ -254,10 +255,23 @@ def test_card_json_holds_geometry_normalisation_and_ordered_panels(tmp_path):
 
     with safe_open(str(path), "pt") as handle:
         card = json.loads(handle.metadata()[CARD_METADATA_KEY])
-    assert card["format_version"] == 1 and card["model"]["variant"] == "expr_only_token"
-    assert card["tile_geometry"] == {"tile_px": 512, "stride_px": 256, "mpp": 0.5, "img_size": 224, "patch_px": 16}
+    assert card["format_version"] == 2 and card["model"]["variant"] == "expr_only_token"
+    assert card["tile_geometry"] == {"tile_px": 512, "stride_px": 256, "tile_pixel_size_um": 0.5, "image_px": 224,
+                                     "tokens_per_side": 14}
     assert card["normalisation"]["image"]["mean"] == [0.5, 0.5, 0.5]
     assert card["core_genes"] == list(CORE_GENES) and card["addon_genes"] == list(ADDON_GENES)
+
+
+def test_a_format_1_card_reads_its_tile_geometry_as_a_tile_spec():
+    card = json.loads(tiny_card(tiny_config("expr_only_token")).to_json())
+    card["format_version"] = 1
+    card["tile_geometry"] = {"tile_px": 448, "stride_px": 224, "mpp": 0.25, "img_size": 224, "patch_px": 16}
+    read = ModelCard.from_json(json.dumps(card))
+    assert read.tile_geometry == TileSpec(tile_px=448, stride_px=224, tile_pixel_size_um=0.25, image_px=224,
+                                          tokens_per_side=14)
+    card["tile_geometry"]["patch_px"] = "16"
+    with pytest.raises(InputError, match="patch_px"):
+        ModelCard.from_json(json.dumps(card))
 
 
 def saved_tiny_checkpoint(tmp_path):
@@ -299,7 +313,7 @@ def valid_card_values(tmp_path) -> dict:
         (lambda c: c.update(addon_genes=list(CORE_GENES[:5])), "disjoint"),
         (lambda c: c.update(format_version=99), "not supported"),
         (lambda c: c.update(format="pickle"), "not a napari-morphomol model card"),
-        (lambda c: c["tile_geometry"].update(mpp="0.5"), "mpp must be float"),
+        (lambda c: c["tile_geometry"].update(tile_pixel_size_um="0.5"), "tile_pixel_size_um must be float"),
         (lambda c: c.update(training=[1]), "'training' must be a JSON object"),
         (lambda c: c.update(core_genes=list(CORE_GENES[:3])), "7 core genes but the card lists 3"),
     ],
@@ -389,12 +403,11 @@ def test_morph_only_model_needs_no_core_genes():
 
 def test_geometry_mismatch_is_explained():
     card = tiny_card(tiny_config("expr_only_tile"))
-    paper = dict(tile_px=512, tile_mpp=0.5, image_px=224, tokens_per_side=14)
-    check_tile_geometry(card, **paper)
-    with pytest.raises(InputError, match=r"tile_mpp 0.25 \(model trained with 0.5\).*512 px at 0.5 um/px"):
-        check_tile_geometry(card, **{**paper, "tile_mpp": 0.25})
+    check_tile_geometry(card, TileSpec(stride_px=512))  # the stride may differ
+    with pytest.raises(InputError, match=r"tile_pixel_size_um 0.25 \(model trained with 0.5\).*512 px at 0.5 um/px"):
+        check_tile_geometry(card, TileSpec(tile_pixel_size_um=0.25))
     with pytest.raises(InputError, match=r"tokens_per_side 16 \(model trained with 14\)"):
-        check_tile_geometry(card, **{**paper, "tokens_per_side": 16})
+        check_tile_geometry(card, TileSpec(tokens_per_side=16))
 
 
 # ---- reference layout ----------------------------------------------------------------------------

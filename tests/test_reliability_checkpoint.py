@@ -152,12 +152,12 @@ def with_gene(card, key, name):
 def patch_size(card, patch_px):
     card["model"].update(patch_px=patch_px)
     card["model"]["backbone_kwargs"].update(patch_size=patch_px)
-    card["tile_geometry"].update(patch_px=patch_px)
+    card["tile_geometry"].update(tokens_per_side=card["tile_geometry"]["image_px"] // patch_px)
 
 
 def image_size(card, img_size):
     card["model"].update(img_size=img_size)
-    card["tile_geometry"].update(img_size=img_size)
+    card["tile_geometry"].update(image_px=img_size, tokens_per_side=img_size // card["model"]["patch_px"])
 
 
 @pytest.mark.parametrize(
@@ -301,8 +301,8 @@ def test_a_baseline_copying_a_gene_outside_the_core_panel_is_refused(tmp_path):
         ('{"format": "napari-morphomol-model"}', "format version None is not valid.*re-export"),
         ('{"format": "napari-morphomol-model", "format_version": 0}', "format version 0 is not valid.*re-export"),
         (
-            '{"format": "napari-morphomol-model", "format_version": 2}',
-            "version 2 is not supported.*update napari-morphomol",
+            '{"format": "napari-morphomol-model", "format_version": 3}',
+            "version 3 is not supported.*update napari-morphomol",
         ),
     ],
 )

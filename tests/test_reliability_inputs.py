@@ -220,15 +220,15 @@ def test_non_finite_locations_under_a_per_region_registration_are_counted_not_fa
     from napari_morphomol.registration.transforms import PerRegionAffine, SoftVoronoiWeights
     from napari_morphomol.tiling import GenePanel, TileGeometry, bin_transcripts
 
-    xenium_mpp, he_mpp = 0.2125, 0.2737
-    base = np.diag([he_mpp / xenium_mpp, he_mpp / xenium_mpp, 1.0])
+    xenium_pixel_size_um, he_pixel_size_um = 0.2125, 0.2737
+    base = np.diag([he_pixel_size_um / xenium_pixel_size_um, he_pixel_size_um / xenium_pixel_size_um, 1.0])
     shifted = base.copy()
     shifted[:2, 2] = (3.0, -2.0)
     weights = SoftVoronoiWeights([[500.0, 1000.0], [1500.0, 1000.0]], 300.0)
     transform = PerRegionAffine(np.stack([base, shifted]), weights, best_affine=base)
-    geometry = TileGeometry(he_mpp=he_mpp, he_height_px=2000, he_width_px=2000)
+    geometry = TileGeometry(he_pixel_size_um=he_pixel_size_um, he_height_px=2000, he_width_px=2000)
     rng = np.random.default_rng(0)
-    um = transform.apply_xy(rng.uniform(100, 1900, size=(5000, 2))) * xenium_mpp
+    um = transform.apply_xy(rng.uniform(100, 1900, size=(5000, 2))) * xenium_pixel_size_um
     table = pd.DataFrame({"feature_name": pd.Categorical(rng.choice(["A", "B"], len(um))), "x_location": um[:, 0],
                           "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
     damaged = table.copy()
@@ -236,7 +236,7 @@ def test_non_finite_locations_under_a_per_region_registration_are_counted_not_fa
     damaged.loc[10:14, "y_location"] = -np.inf
     panel = GenePanel(core=("A", "B"))
     with pytest.warns(XeniumDataWarning, match="15 transcripts have NaN or infinite"):
-        bins = bin_transcripts(damaged, geometry, panel, transform, xenium_mpp=xenium_mpp)
-    finite = bin_transcripts(table.iloc[15:], geometry, panel, transform, xenium_mpp=xenium_mpp)
+        bins = bin_transcripts(damaged, geometry, panel, transform, xenium_pixel_size_um=xenium_pixel_size_um)
+    finite = bin_transcripts(table.iloc[15:], geometry, panel, transform, xenium_pixel_size_um=xenium_pixel_size_um)
     assert bins.counts.non_finite_xy == 15 and bins.counts.total == len(table)
     np.testing.assert_array_equal(bins.core_totals, finite.core_totals)

@@ -190,9 +190,9 @@ def test_a_tile_pixel_size_that_implies_terabytes_is_refused_before_work(tmp_pat
     out = tmp_path / "tiny.tiles.zarr"
     started = time.perf_counter()
     proc = run([sys.executable, "-m", "napari_morphomol.cli", "tiles", str(s.xenium_dir), "--he", str(s.he_path),
-                "--alignment", str(s.alignment_csv), "--out", str(out), "--tile-mpp", "1e-4"],
+                "--alignment", str(s.alignment_csv), "--out", str(out), "--tile-pixel-size-um", "1e-4"],
                timeout=300, preexec_fn=_limit_memory)
-    one_line_error(proc, "--tile-mpp", "token raster", "TB", "limit")
+    one_line_error(proc, "--tile-pixel-size-um", "token raster", "TB", "limit")
     assert time.perf_counter() - started < 120 and not out.exists()
 
 
@@ -200,7 +200,7 @@ def test_a_batch_that_cannot_be_held_is_refused_naming_the_option():
     from napari_morphomol.tiling import TileGeometry
     from napari_morphomol.tiling.geometry import check_batch_memory
 
-    geometry = TileGeometry(he_mpp=0.5, he_height_px=80000, he_width_px=80000)
+    geometry = TileGeometry(he_pixel_size_um=0.5, he_height_px=80000, he_width_px=80000)
     with pytest.raises(InputError, match=r"a batch of 10000000 tiles \(--batch-size\).*TB.*limit"):
         check_batch_memory(geometry, 10**7, 380, held_batches=3)
     check_batch_memory(geometry, 32, 380, held_batches=3)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.transforms import AffineXY
 from napari_morphomol.tiling import (
-    CellMapping,
     GenePanel,
     TileGeometry,
+    TokenMapping,
     bin_transcripts,
     make_tiling,
 )
@@ -50,9 +50,9 @@ def reference_tiles(df, geometry, panel, mapping, min_qv, rows, cols):
     core genes per token at floor(q - tile origin) and add-on genes per tile."""
     keep = (df["qv"].to_numpy() >= min_qv) & ~df["feature_name"].astype(str).str.startswith(
         ("NegControl", "BLANK_", "Unassigned")).to_numpy()
-    qx, qy = mapping.um_to_cells_xy(df["x_location"].to_numpy(), df["y_location"].to_numpy())
+    qx, qy = mapping.um_to_tokens_xy(df["x_location"].to_numpy(), df["y_location"].to_numpy())
     names = df["feature_name"].astype(str).to_numpy()
-    s, t = geometry.stride_cells, geometry.tokens_per_side
+    s, t = geometry.stride_tokens, geometry.tokens_per_side
     tokens = np.zeros((len(rows), t, t, len(panel.core)), dtype=np.int64)
     addon = np.zeros((len(rows), len(panel.addon)), dtype=np.int64)
     for k, (i, j) in enumerate(zip(rows, cols, strict=True)):
@@ -68,22 +68,24 @@ def reference_tiles(df, geometry, panel, mapping, min_qv, rows, cols):
 @st.composite
 def scenes(draw):
     tile_px, stride_px = draw(st.sampled_from([(512, 256), (256, 128), (448, 224), (512, 512)]))
-    he_mpp = draw(st.floats(0.2, 1.0))
-    width = draw(st.integers(int(1.0 * tile_px * 0.5 / he_mpp) + 1, int(3.2 * tile_px * 0.5 / he_mpp)))
-    height = draw(st.integers(int(1.0 * tile_px * 0.5 / he_mpp) + 1, int(3.2 * tile_px * 0.5 / he_mpp)))
-    geometry = TileGeometry(he_mpp=he_mpp, he_height_px=height, he_width_px=width, tile_px=tile_px,
+    he_pixel_size_um = draw(st.floats(0.2, 1.0))
+    width = draw(st.integers(int(1.0 * tile_px * 0.5 / he_pixel_size_um) + 1,
+                             int(3.2 * tile_px * 0.5 / he_pixel_size_um)))
+    height = draw(st.integers(int(1.0 * tile_px * 0.5 / he_pixel_size_um) + 1,
+                              int(3.2 * tile_px * 0.5 / he_pixel_size_um)))
+    geometry = TileGeometry(he_pixel_size_um=he_pixel_size_um, he_height_px=height, he_width_px=width, tile_px=tile_px,
                             stride_px=stride_px)
-    matrix = affine(he_mpp / XENIUM_MPP * draw(st.floats(0.9, 1.1)), draw(st.floats(-0.3, 0.3)),
+    matrix = affine(he_pixel_size_um / XENIUM_MPP * draw(st.floats(0.9, 1.1)), draw(st.floats(-0.3, 0.3)),
                     draw(st.floats(-200, 200)), draw(st.floats(-200, 200)))
     n = draw(st.integers(0, 400))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     # points in cell coordinates: a third exactly on cell edges, some beyond the image
-    ex, ey = geometry.extent_cells_xy
+    ex, ey = geometry.extent_tokens_xy
     q = rng.uniform(-2, [ex + 2, ey + 2], size=(n, 2))
     q[: n // 3] = np.round(q[: n // 3])
-    mapping = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP)
-    he = geometry.cells_to_he_px(q)
+    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP)
+    he = geometry.tokens_to_he_px(q)
     um = mapping.transform.apply_xy(he) * XENIUM_MPP if n else np.zeros((0, 2))
     df = pd.DataFrame({
         "feature_name": pd.Categorical(rng.choice(GENES + CONTROLS, n), categories=GENES + CONTROLS),
@@ -105,10 +107,11 @@ def all_tiles(geometry):
 @given(scenes(), st.booleans())
 def test_binning_matches_per_tile_reference(scene, sparse):
     geometry, matrix, df = scene
-    bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_mpp=XENIUM_MPP, max_dense_bytes=0 if sparse else 1 << 30)
+    bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_pixel_size_um=XENIUM_MPP,
+                           max_dense_bytes=0 if sparse else 1 << 30)
     assert bins.tokens.is_sparse == sparse
     rows, cols = all_tiles(geometry)
-    mapping = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP)
+    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP)
     ref_tokens, ref_addon = reference_tiles(df, geometry, PANEL, mapping, 20.0, rows, cols)
     np.testing.assert_array_equal(bins.tokens.tile_tokens(geometry, rows, cols), ref_tokens)
     np.testing.assert_array_equal(bins.tile_addon_counts(rows, cols), ref_addon)
@@ -120,10 +123,10 @@ def test_binning_matches_per_tile_reference(scene, sparse):
 @given(scenes())
 def test_every_transcript_is_accounted_for(scene):
     geometry, matrix, df = scene
-    bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_mpp=XENIUM_MPP)
-    mapping = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP)
-    qx, qy = mapping.um_to_cells_xy(df["x_location"], df["y_location"])
-    ex, ey = geometry.extent_cells_xy
+    bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_pixel_size_um=XENIUM_MPP)
+    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP)
+    qx, qy = mapping.um_to_tokens_xy(df["x_location"], df["y_location"])
+    ex, ey = geometry.extent_tokens_xy
     names = df["feature_name"].astype(str)
     good = (df["qv"] >= 20).to_numpy()
     is_gene = names.isin(GENES).to_numpy()
@@ -140,7 +143,7 @@ def test_every_transcript_is_accounted_for(scene):
 
 def test_region_transform_and_dask_partitions_match_reference():
     rng = np.random.default_rng(3)
-    geometry = TileGeometry(he_mpp=0.2737, he_height_px=4000, he_width_px=5000)
+    geometry = TileGeometry(he_pixel_size_um=0.2737, he_height_px=4000, he_width_px=5000)
     base = 0.2737 / XENIUM_MPP
     transform = TwoRegionTransform(affine(base, 0.02, 30, -10), affine(base * 1.01, -0.01, 45, 5), split_he_x=2500.0)
     he = rng.uniform(0, [5000, 4000], size=(20000, 2))
@@ -148,37 +151,38 @@ def test_region_transform_and_dask_partitions_match_reference():
     df = pd.DataFrame({"feature_name": pd.Categorical(rng.choice(GENES, len(he))), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(he), 30.0, np.float32)})
     ddf = dd.from_pandas(df, npartitions=4)
-    bins = bin_transcripts(ddf, geometry, PANEL, transform, xenium_mpp=XENIUM_MPP)
+    bins = bin_transcripts(ddf, geometry, PANEL, transform, xenium_pixel_size_um=XENIUM_MPP)
     rows, cols = all_tiles(geometry)
-    mapping = CellMapping(geometry, transform, XENIUM_MPP)
+    mapping = TokenMapping(geometry, transform, XENIUM_MPP)
     ref_tokens, ref_addon = reference_tiles(df, geometry, PANEL, mapping, 20.0, rows, cols)
     np.testing.assert_array_equal(bins.tokens.tile_tokens(geometry, rows, cols), ref_tokens)
     np.testing.assert_array_equal(bins.tile_addon_counts(rows, cols), ref_addon)
     # the composed mapping is the registration followed by the geometry
-    q = np.stack(mapping.um_to_cells_xy(um[:, 0], um[:, 1]), axis=1)
-    np.testing.assert_allclose(geometry.cells_to_he_px(q), he, atol=1e-6)
+    q = np.stack(mapping.um_to_tokens_xy(um[:, 0], um[:, 1]), axis=1)
+    np.testing.assert_allclose(geometry.tokens_to_he_px(q), he, atol=1e-6)
 
 
 def test_affine_mapping_is_the_composition():
-    geometry = TileGeometry(he_mpp=0.3791, he_height_px=3000, he_width_px=3000)
+    geometry = TileGeometry(he_pixel_size_um=0.3791, he_height_px=3000, he_width_px=3000)
     matrix = affine(0.3791 / XENIUM_MPP, 0.1, 12.0, -7.0)
-    mapping = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP)
+    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP)
     um = np.random.default_rng(0).uniform(0, 1000, size=(100, 2))
-    q = np.stack(mapping.um_to_cells_xy(um[:, 0], um[:, 1]), axis=1)
+    q = np.stack(mapping.um_to_tokens_xy(um[:, 0], um[:, 1]), axis=1)
     he = AffineXY(matrix).inverse_apply_xy(um / XENIUM_MPP)
     np.testing.assert_allclose(q, he * 0.3791 / 0.5 * 14 / 512, rtol=1e-12, atol=1e-9)
 
 
 def test_transcript_filter_reports_kept_and_dropped():
     rng = np.random.default_rng(1)
-    he_mpp = 0.5
+    he_pixel_size_um = 0.5
     image = np.full((2048, 2048, 3), (170, 70, 140), np.uint8)
     # transcripts only in the first 256 x 256 um: the tiles touching it (rows, cols 0-1) pass
     um = rng.uniform(0, 256, size=(20000, 2))
     df = pd.DataFrame({"feature_name": pd.Categorical(rng.choice(GENES, len(um))), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(um), 35.0, np.float32)})
-    matrix = np.diag([he_mpp / XENIUM_MPP, he_mpp / XENIUM_MPP, 1.0])
-    tiling = make_tiling(df, [image], he_mpp=he_mpp, he_to_global=matrix, xenium_mpp=XENIUM_MPP, panel=PANEL,
+    matrix = np.diag([he_pixel_size_um / XENIUM_MPP, he_pixel_size_um / XENIUM_MPP, 1.0])
+    tiling = make_tiling(df, [image], he_pixel_size_um=he_pixel_size_um, he_to_global=matrix,
+                         xenium_pixel_size_um=XENIUM_MPP, panel=PANEL,
                          min_transcripts=1000)
     report = tiling.report
     assert report["grid_tiles"] == 49 and report["tissue_tiles"] == 49
@@ -195,7 +199,8 @@ def test_panel_genes_missing_from_sample_are_listed():
     image = np.zeros((1100, 1100, 3), np.uint8)
     panel = GenePanel(core=("A", "ZZZ1"), addon=("B", "QQQ2"))
     with pytest.raises(InputError, match="2 panel genes.*ZZZ1, QQQ2"):
-        make_tiling(df, [image], he_mpp=0.5, he_to_global=np.eye(3), xenium_mpp=XENIUM_MPP, panel=panel)
+        make_tiling(df, [image], he_pixel_size_um=0.5, he_to_global=np.eye(3), xenium_pixel_size_um=XENIUM_MPP,
+                    panel=panel)
 
 
 @pytest.mark.parametrize(
@@ -209,18 +214,19 @@ def test_bad_panels_are_refused(core, addon, message):
 
 def test_stride_must_be_whole_tokens():
     with pytest.raises(InputError, match="whole number of tokens"):
-        TileGeometry(he_mpp=0.5, he_height_px=2000, he_width_px=2000, tile_px=512, stride_px=200)
+        TileGeometry(he_pixel_size_um=0.5, he_height_px=2000, he_width_px=2000, tile_px=512, stride_px=200)
 
 
 def test_tissue_mask_and_region_select_tiles():
-    he_mpp = 0.5
+    he_pixel_size_um = 0.5
     image = np.full((3072, 3072, 3), 238, np.uint8)  # glass
     image[:, :1536] = (175, 75, 150)  # stained tissue on the left half
     um = np.random.default_rng(2).uniform(0, 1536, size=(50000, 2))
     df = pd.DataFrame({"feature_name": pd.Categorical(np.full(len(um), "A"), categories=GENES), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
-    matrix = np.diag([he_mpp / XENIUM_MPP, he_mpp / XENIUM_MPP, 1.0])
-    common = dict(he_mpp=he_mpp, he_to_global=matrix, xenium_mpp=XENIUM_MPP, panel=PANEL, min_transcripts=0)
+    matrix = np.diag([he_pixel_size_um / XENIUM_MPP, he_pixel_size_um / XENIUM_MPP, 1.0])
+    common = dict(he_pixel_size_um=he_pixel_size_um, he_to_global=matrix, xenium_pixel_size_um=XENIUM_MPP,
+                  panel=PANEL, min_transcripts=0)
     tiling = make_tiling(df, [image], **common)
     boxes = tiling.tiles[["he_x0", "he_x1"]].to_numpy()
     # background fraction <= 0.3: tiles reaching at most 30 % into the glass
@@ -231,7 +237,7 @@ def test_tissue_mask_and_region_select_tiles():
     centres = (inside.tiles["he_x0"] + inside.tiles["he_x1"]) / 2
     assert inside.report["region_tiles"] == len(inside.tiles) == 11 * 4 and (centres < 1100).all()
     assert (inside.tiles["global_x"] * XENIUM_MPP == inside.tiles["um_x"]).all()
-    np.testing.assert_allclose(inside.tiles["um_x"], centres * he_mpp)
+    np.testing.assert_allclose(inside.tiles["um_x"], centres * he_pixel_size_um)
 
 
 def test_sparse_raster_round_trips_through_the_store(tmp_path):
@@ -243,9 +249,11 @@ def test_sparse_raster_round_trips_through_the_store(tmp_path):
     df = pd.DataFrame({"feature_name": pd.Categorical(rng.choice(GENES, len(um))), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
     matrix = np.diag([0.5 / XENIUM_MPP, 0.5 / XENIUM_MPP, 1.0])
-    dense = make_tiling(df, [image], he_mpp=0.5, he_to_global=matrix, xenium_mpp=XENIUM_MPP, panel=PANEL,
+    dense = make_tiling(df, [image], he_pixel_size_um=0.5, he_to_global=matrix, xenium_pixel_size_um=XENIUM_MPP,
+                        panel=PANEL,
                         min_transcripts=100)
-    sparse = make_tiling(df, [image], he_mpp=0.5, he_to_global=matrix, xenium_mpp=XENIUM_MPP, panel=PANEL,
+    sparse = make_tiling(df, [image], he_pixel_size_um=0.5, he_to_global=matrix, xenium_pixel_size_um=XENIUM_MPP,
+                         panel=PANEL,
                          min_transcripts=100, max_dense_bytes=0)
     assert sparse.bins.tokens.is_sparse and not dense.bins.tokens.is_sparse
     out = write_tiles_zarr(sparse, tmp_path / "t.zarr")

@@ -32,9 +32,9 @@ def test_store_matches_direct_tiling_of_the_files(synthetic_sample, tiles_store)
     assert store.core_genes == list(panel.core) and store.addon_genes == list(panel.addon)
     pyramid = read_pyramid(synthetic_sample.he_path)
     transcripts = pd.read_parquet(synthetic_sample.xenium_dir / "transcripts.parquet")
-    direct = make_tiling(transcripts, pyramid.levels, he_mpp=pyramid.pixel_size_um,
+    direct = make_tiling(transcripts, pyramid.levels, he_pixel_size_um=pyramid.pixel_size_um,
                          he_to_global=read_alignment_csv(synthetic_sample.alignment_csv),
-                         xenium_mpp=json.loads(
+                         xenium_pixel_size_um=json.loads(
                              (synthetic_sample.xenium_dir / "experiment.xenium").read_text()
                          )["pixel_size"],
                          panel=panel)
@@ -81,11 +81,11 @@ def test_per_region_registration_is_used_as_fitted(synthetic_sample_deformed, tm
     store = read_tiles_zarr(out)
     pyramid = read_pyramid(sample.he_path)
     direct = make_tiling(pd.read_parquet(sample.xenium_dir / "transcripts.parquet"), pyramid.levels,
-                         he_mpp=pyramid.pixel_size_um, he_to_global=fitted.transform, xenium_mpp=0.2125,
-                         panel=GenePanel.from_json(sample.panel_json))
+                         he_pixel_size_um=pyramid.pixel_size_um, he_to_global=fitted.transform,
+                         xenium_pixel_size_um=0.2125, panel=GenePanel.from_json(sample.panel_json))
     affine = make_tiling(pd.read_parquet(sample.xenium_dir / "transcripts.parquet"), pyramid.levels,
-                         he_mpp=pyramid.pixel_size_um, he_to_global=fitted.best_affine, xenium_mpp=0.2125,
-                         panel=GenePanel.from_json(sample.panel_json))
+                         he_pixel_size_um=pyramid.pixel_size_um, he_to_global=fitted.best_affine,
+                         xenium_pixel_size_um=0.2125, panel=GenePanel.from_json(sample.panel_json))
     pd.testing.assert_frame_equal(store.tiles, direct.tiles, check_dtype=False)
     tokens = np.stack([store.tile_tokens(p) for p in range(len(store.tiles))])
     np.testing.assert_array_equal(tokens, direct.tokens(np.arange(len(direct.tiles))))

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from napari_morphomol.registration.transforms import AffineXY
-from napari_morphomol.tiling import CellMapping, GenePanel, LevelSampler, TileGeometry, bin_transcripts
+from napari_morphomol.tiling import GenePanel, LevelSampler, TileGeometry, TokenMapping, bin_transcripts
 
 XENIUM_MPP = 0.2125
 
@@ -57,10 +57,10 @@ def noise_image(shape, seed):
 
 @settings(max_examples=8, deadline=None)
 @given(st.floats(0.2, 0.5), st.integers(0, 1000), st.sampled_from([64, 100, 256]))
-def test_chunk_reader_equals_reference_and_decodes_each_chunk_once(he_mpp, seed, chunk):
-    shape = (int(600 / he_mpp), int(500 / he_mpp))  # 3 x 2 tiles of 256 um
+def test_chunk_reader_equals_reference_and_decodes_each_chunk_once(he_pixel_size_um, seed, chunk):
+    shape = (int(600 / he_pixel_size_um), int(500 / he_pixel_size_um))  # 3 x 2 tiles of 256 um
     image = noise_image(shape, seed)
-    geometry = TileGeometry(he_mpp=he_mpp, he_height_px=shape[0], he_width_px=shape[1])
+    geometry = TileGeometry(he_pixel_size_um=he_pixel_size_um, he_height_px=shape[0], he_width_px=shape[1])
     rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
     counting = CountingArray(image, chunk)
     sampler = LevelSampler(geometry, [counting])
@@ -82,7 +82,7 @@ def test_chunk_reader_equals_reference_and_decodes_each_chunk_once(he_mpp, seed,
 
 def test_per_window_reading_decodes_chunks_repeatedly():
     image = noise_image((2400, 2400), 0)
-    geometry = TileGeometry(he_mpp=0.25, he_height_px=2400, he_width_px=2400)
+    geometry = TileGeometry(he_pixel_size_um=0.25, he_height_px=2400, he_width_px=2400)
     counting = CountingArray(image, 256)
     sampler = LevelSampler(geometry, [counting])
     for i in range(geometry.grid_shape[0]):
@@ -96,20 +96,20 @@ def test_pyramid_level_at_or_below_half_micron_is_used():
     smooth = 127.5 + 100 * np.sin(xx / 90.0) * np.cos(yy / 130.0)
     image = np.repeat(smooth[..., None], 3, axis=2).round().astype(np.uint8)
     half = image.reshape(1500, 2, 1500, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-    fine = LevelSampler(TileGeometry(he_mpp=0.2, he_height_px=3000, he_width_px=3000), [image, half])
-    coarse = LevelSampler(TileGeometry(he_mpp=0.3, he_height_px=3000, he_width_px=3000), [image, half])
+    fine = LevelSampler(TileGeometry(he_pixel_size_um=0.2, he_height_px=3000, he_width_px=3000), [image, half])
+    coarse = LevelSampler(TileGeometry(he_pixel_size_um=0.3, he_height_px=3000, he_width_px=3000), [image, half])
     assert fine.level == 1 and coarse.level == 0
     # on a smooth image the 2x level gives the tile of full resolution up to rounding
     full = LevelSampler(fine.geometry, [image], level=0)
     assert np.abs(fine.read_window(1, 1).astype(int) - full.read_window(1, 1)).max() <= 2
 
 
-@pytest.mark.parametrize(("he_mpp", "use_half_level"), [(0.2737, False), (0.2, True), (0.3791, False)])
-def test_image_pixels_and_tokens_share_one_grid(he_mpp, use_half_level):
+@pytest.mark.parametrize(("he_pixel_size_um", "use_half_level"), [(0.2737, False), (0.2, True), (0.3791, False)])
+def test_image_pixels_and_tokens_share_one_grid(he_pixel_size_um, use_half_level):
     """Dark 2 x 2 px dots drawn where transcripts are: the transcript's token holds its count, and the
     resized pixel that contains it (16 px per token) is strictly the darkest of its 3 x 3 neighbours."""
     rng = np.random.default_rng(7)
-    shape = (int(900 / he_mpp) // 2 * 2, int(900 / he_mpp) // 2 * 2)
+    shape = (int(900 / he_pixel_size_um) // 2 * 2, int(900 / he_pixel_size_um) // 2 * 2)
     image = np.full((*shape, 3), 255, np.uint8)
     corners = np.stack(np.meshgrid(np.arange(20, shape[1] - 20, 30), np.arange(20, shape[0] - 20, 30)), -1)
     corners = (corners.reshape(-1, 2) + rng.integers(-4, 5, size=(corners.size // 2, 2))) // 2 * 2
@@ -118,17 +118,18 @@ def test_image_pixels_and_tokens_share_one_grid(he_mpp, use_half_level):
     levels = [image]
     if use_half_level:
         levels.append(image.reshape(shape[0] // 2, 2, shape[1] // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8))
-    geometry = TileGeometry(he_mpp=he_mpp, he_height_px=shape[0], he_width_px=shape[1])
-    matrix = np.array([[he_mpp / XENIUM_MPP, 0.0, 17.0], [0.0, he_mpp / XENIUM_MPP, -9.0], [0.0, 0.0, 1.0]])
+    geometry = TileGeometry(he_pixel_size_um=he_pixel_size_um, he_height_px=shape[0], he_width_px=shape[1])
+    scale = he_pixel_size_um / XENIUM_MPP
+    matrix = np.array([[scale, 0.0, 17.0], [0.0, scale, -9.0], [0.0, 0.0, 1.0]])
     um = AffineXY(matrix).apply_xy(corners + 1.0) * XENIUM_MPP  # dot centres
     df = pd.DataFrame({"feature_name": pd.Categorical(["A"] * len(um)), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
-    bins = bin_transcripts(df, geometry, GenePanel(core=("A",)), matrix, xenium_mpp=XENIUM_MPP)
-    qx, qy = CellMapping(geometry, AffineXY(matrix), XENIUM_MPP).um_to_cells_xy(um[:, 0], um[:, 1])
+    bins = bin_transcripts(df, geometry, GenePanel(core=("A",)), matrix, xenium_pixel_size_um=XENIUM_MPP)
+    qx, qy = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP).um_to_tokens_xy(um[:, 0], um[:, 1])
     rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
     sampler = LevelSampler(geometry, levels)
     assert sampler.level == (1 if use_half_level else 0)
-    s, t, p, n = geometry.stride_cells, geometry.tokens_per_side, geometry.image_px_per_cell, geometry.image_px
+    s, t, p, n = geometry.stride_tokens, geometry.tokens_per_side, geometry.image_px_per_token, geometry.image_px
     checked = 0
     for positions, images in sampler.iter_tiles(rows, cols):
         tokens = bins.tokens.tile_tokens(geometry, rows[positions], cols[positions])

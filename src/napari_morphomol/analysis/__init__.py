@@ -19,7 +19,7 @@ from napari_morphomol.analysis.explore import (
     explore_run,
     partial_results,
 )
-from napari_morphomol.analysis.gene_maps import StrideGrid, results_he_to_global
+from napari_morphomol.analysis.gene_maps import StrideGrid, TokenGrid, results_he_to_global
 from napari_morphomol.analysis.tiles_anndata import gene_metrics, measured_matrix, tiles_anndata
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "MAP_KINDS",
     "RunExplorer",
     "StrideGrid",
+    "TokenGrid",
     "explore_results",
     "explore_run",
     "results_he_to_global",

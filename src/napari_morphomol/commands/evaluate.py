@@ -73,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
         stores = tiles_stores_for(args.data, work_dir=work, panel=panel, progress=say)
         cohort = open_cohort(stores, core_genes=card.core_genes, addon_genes=card.addon_genes)
         for sample in cohort.samples:
-            g = sample.store.geometry
-            check_tile_geometry(card, tile_px=g.tile_px, tile_mpp=g.tile_mpp, image_px=g.image_px,
-                                tokens_per_side=g.tokens_per_side)
+            check_tile_geometry(card, sample.store.geometry)
         evaluation = evaluate_model(model, cohort, addon_genes=card.addon_genes, batch_size=args.batch_size)
         variant = card.model.variant
         per_variant.setdefault(variant, []).append(evaluation.gene_metrics)

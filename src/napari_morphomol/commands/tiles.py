@@ -3,7 +3,7 @@
 Tiles are 512 px at 0.5 um/px (stride 256) in H&E space, kept on tissue, optionally inside a
 region, and with at least --min-transcripts core + add-on transcripts (qv >= 20, no controls).
 Writes TILES.zarr: the tile table, the 14 x 14-per-tile token raster of core-gene counts and
-the add-on targets (sums per tile, and per stride cell for maps).
+the add-on targets (sums per tile, and per stride square for maps).
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it is a tiles store written by napari-morphomol")
     parser.add_argument("--tile-px", type=whole_number(14), default=512,
-                        help="tile size in px at --tile-mpp (default 512)")
+                        help="tile size in px at --tile-pixel-size-um (default 512)")
     parser.add_argument("--stride-px", type=whole_number(1), default=256, help="tile stride in px (default 256)")
-    parser.add_argument("--tile-mpp", type=real_number(0.0, open_minimum=True, unit="um/px"), default=0.5,
-                        help="tile pixel size, um/px (default 0.5)")
+    parser.add_argument("--tile-pixel-size-um", "--tile-mpp", dest="tile_pixel_size_um",
+                        type=real_number(0.0, open_minimum=True, unit="um/px"), default=0.5,
+                        help="tile pixel size, um/px (default 0.5; --tile-mpp is the same option)")
     parser.add_argument("--max-background", type=fraction, default=0.3,
                         help="largest background fraction of a kept tile, 0 to 1 (default 0.3)")
     parser.add_argument("--min-transcripts", type=whole_number(0), default=1000,
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     tiling = tile_sample(
         sdata, panel=panel, he_to_global=registration, tile_px=args.tile_px, stride_px=args.stride_px,
-        tile_mpp=args.tile_mpp,
+        tile_pixel_size_um=args.tile_pixel_size_um,
         max_background=args.max_background, min_transcripts=args.min_transcripts, min_qv=args.min_qv,
         region_he_px=region_polygon_he_px(args.region), progress=progress,
     )

@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             config, Subset(cohort, index["train"]), Subset(cohort, index["val"]),
             core_genes=cohort.core_genes, addon_genes=cohort.addon_genes,
             checkpoint_path=out / f"{variant}.safetensors", settings=settings, backbone_weights=args.backbone_weights,
-            tile_geometry=cohort.model_tile_geometry(),
+            tile_geometry=cohort.tile_spec(),
             data_summary={"samples": groups, "cli_arguments": _arguments(args)},
         )
         means = result.validation.means

@@ -75,7 +75,7 @@ def tile_shapes(results: Results, registration: RunRegistration) -> gpd.GeoDataF
 def gene_map_image(values: np.ndarray, genes: list[str], grid: StrideGrid):
     """(tiles, genes) -> (genes, rows, cols) stride-grid image placed in ``global``.
 
-    SpatialData pixel ``i`` covers ``[i, i + 1)``, so pixel (c, r) is stride cell (c, r) as it is:
+    SpatialData pixel ``i`` covers ``[i, i + 1)``, so pixel (c, r) is stride square (c, r) as it is:
     no half-pixel shift (napari's pixel centres need one; ``StrideGrid.stride_pixel_to_global``).
     """
     values = np.asarray(values, dtype=np.float32)

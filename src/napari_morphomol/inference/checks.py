@@ -53,9 +53,8 @@ def sample_geometry(sdata, info, card):
     from napari_morphomol.tiling import TileGeometry, he_levels_yxc
 
     height, width = he_levels_yxc(sdata.images[HE_IMAGE])[0].shape[:2]
-    g = card.tile_geometry
-    return TileGeometry(he_mpp=info.he_pixel_size_um, he_height_px=int(height), he_width_px=int(width),
-                        tile_mpp=g.mpp, tile_px=g.tile_px, stride_px=g.stride_px)
+    return TileGeometry(**card.tile_geometry.to_dict(), he_pixel_size_um=info.he_pixel_size_um,
+                        he_height_px=int(height), he_width_px=int(width))
 
 
 def check_memory(geometry, card, output_specs, batch_size: int, tiles_per_chunk: int) -> None:

@@ -352,7 +352,7 @@ def _tile(inputs: _Inputs, options: PredictOptions, record: _CallRecord):
         tiling = tile_sample(inputs.sdata, panel=GenePanel(core=_core_genes(inputs),
                                                            addon=inputs.panel_match.addon_measured),
                              he_to_global=options.he_to_global, tile_px=g.tile_px, stride_px=g.stride_px,
-                             tile_mpp=g.mpp, min_transcripts=options.min_transcripts,
+                             tile_pixel_size_um=g.tile_pixel_size_um, min_transcripts=options.min_transcripts,
                              max_background=options.max_background, region_he_px=region)
     check_transcripts_meet_tiles(inputs.card, tiling)
     for w in caught:
@@ -399,10 +399,7 @@ def _store_attrs(inputs: _Inputs, tiling, tile_columns: list[str], record: _Call
                    "analysis_sw_version": info.analysis_sw_version},
         "registration": inputs.fingerprint["he_to_global"],
         "geometry": geometry.to_dict(),
-        "geometry_args": {"he_mpp": geometry.he_mpp, "he_height_px": geometry.he_height_px,
-                          "he_width_px": geometry.he_width_px, "tile_mpp": geometry.tile_mpp,
-                          "tile_px": geometry.tile_px, "stride_px": geometry.stride_px,
-                          "tokens_per_side": geometry.tokens_per_side, "image_px": geometry.image_px},
+        "geometry_args": {f.name: getattr(geometry, f.name) for f in dataclasses.fields(geometry)},
         "tiling_report": tiling.report,
         "warnings": _merged_warnings(_sample_warnings(inputs.sdata), record.raised),
         "segments": [],

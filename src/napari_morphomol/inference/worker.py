@@ -229,7 +229,7 @@ def chunk_batches(ctx: RunContext, rows: np.ndarray, cols: np.ndarray, batch_siz
     Per group (one band's run of neighbouring columns) the H&E area is decoded once
     (LevelSampler) and the token raster is read as one window.
     """
-    s, t = ctx.geometry.stride_cells, ctx.geometry.tokens_per_side
+    s, t = ctx.geometry.stride_tokens, ctx.geometry.tokens_per_side
     for group in tile_groups(rows, cols, ctx.tiles_per_chunk):
         g_rows, g_cols = rows[group], cols[group]
         window = None

@@ -27,12 +27,16 @@ from torch import nn
 from napari_morphomol import __version__
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.baseline import MinMAEBaseline
-from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, MAX_PARAMETERS, ModelConfig, ModelTileGeometry
+from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, MAX_PARAMETERS, ModelConfig, tile_spec_from_dict
 from napari_morphomol.models.fusion import FusionModel
+from napari_morphomol.tiling.geometry import TileSpec
 
 CARD_METADATA_KEY = "morphomol_model_card"
 CARD_FORMAT = "napari-morphomol-model"
-CARD_FORMAT_VERSION = 1
+CARD_FORMAT_VERSION = 2
+"""2: ``tile_geometry`` is a :class:`~napari_morphomol.tiling.TileSpec` (tile_px, stride_px,
+tile_pixel_size_um, image_px, tokens_per_side). Cards of format 1 (mpp, img_size, patch_px, as the
+shipped model's) are read as well."""
 #: What to do about a card that does not fit its file or is not a card.
 REEXPORT_ADVICE = (
     "the file was edited or written by another tool; retrain, or re-export it with napari-morphomol "
@@ -51,7 +55,8 @@ class ModelCard:
     model: ModelConfig
     core_genes: tuple[str, ...]
     addon_genes: tuple[str, ...]
-    tile_geometry: ModelTileGeometry = ModelTileGeometry()
+    tile_geometry: TileSpec = TileSpec()
+    """How the model's tiles and tokens were cut."""
     training: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -67,10 +72,12 @@ class ModelCard:
         overlap = sorted(set(self.core_genes) & set(self.addon_genes))
         if overlap:
             raise InputError(f"Core and add-on panels must be disjoint; both contain {overlap[:10]}.")
-        if self.tile_geometry.img_size != self.model.img_size or self.tile_geometry.patch_px != self.model.patch_px:
+        spec, model = self.tile_geometry, self.model
+        if spec.image_px != model.img_size or spec.tokens_per_side != model.img_size // model.patch_px:
             raise InputError(
-                f"Tile geometry ({self.tile_geometry.img_size} px, patch {self.tile_geometry.patch_px}) "
-                f"differs from the model's ({self.model.img_size} px, patch {self.model.patch_px})."
+                f"Tile geometry ({spec.image_px} px, {spec.tokens_per_side} x {spec.tokens_per_side} tokens) "
+                f"differs from the model's ({model.img_size} px, {model.img_size // model.patch_px} x "
+                f"{model.img_size // model.patch_px} patches of {model.patch_px} px)."
             )
 
     def to_json(self) -> str:
@@ -124,7 +131,7 @@ class ModelCard:
                 raise InputError(f"Model card field {key!r} must be a JSON object.")
         return cls(
             model=ModelConfig.from_dict(values.get("model")),
-            tile_geometry=ModelTileGeometry.from_dict(values.get("tile_geometry", {})),
+            tile_geometry=tile_spec_from_dict(values.get("tile_geometry", {})),
             training=values.get("training", {}),
             provenance=values.get("provenance", {}),
             **genes,
@@ -415,27 +422,34 @@ def match_gene_panel(card: ModelCard, sample_genes: Sequence[str]) -> PanelMatch
     )
 
 
-def check_tile_geometry(card: ModelCard, *, tile_px: int, tile_mpp: float, image_px: int, tokens_per_side: int) -> None:
-    """Raise InputError when tiles would show the model a different scale than in training.
+def check_tile_geometry(card: ModelCard, spec: TileSpec) -> None:
+    """Raise InputError when tiles cut by ``spec`` would show the model another scale than in training.
 
-    Arguments are named as in ``napari_morphomol.tiling.TileGeometry``. The stride only sets
-    how much tiles overlap, so it may differ.
+    The stride only sets how much tiles overlap, so it may differ.
+
+    Parameters
+    ----------
+    card
+        The model's card (its ``tile_geometry``).
+    spec
+        How the tiles are cut (a :class:`~napari_morphomol.tiling.TileSpec` or a ``TileGeometry``).
+
+    Raises
+    ------
+    InputError
+        Naming each differing field, the model's value, and how to cut tiles for it.
     """
     trained = card.tile_geometry
-    given = {
-        "tile_px": (tile_px, trained.tile_px),
-        "tile_mpp": (tile_mpp, trained.mpp),
-        "image_px": (image_px, trained.img_size),
-        "tokens_per_side": (tokens_per_side, trained.img_size // trained.patch_px),
-    }
     differences = [
-        f"{name} {value} (model trained with {want})" for name, (value, want) in given.items() if value != want
+        f"{name} {getattr(spec, name)} (model trained with {getattr(trained, name)})"
+        for name in ("tile_px", "tile_pixel_size_um", "image_px", "tokens_per_side")
+        if getattr(spec, name) != getattr(trained, name)
     ]
     if differences:
         raise InputError(
             "The tile geometry differs from the model's training: "
             + "; ".join(differences)
-            + f". Cut tiles of {trained.tile_px} px at {trained.mpp} um/px resized to {trained.img_size} px "
-            f"({trained.img_size // trained.patch_px} x {trained.img_size // trained.patch_px} tokens), so each "
+            + f". Cut tiles of {trained.tile_px} px at {trained.tile_pixel_size_um} um/px resized to "
+            f"{trained.image_px} px ({trained.tokens_per_side} x {trained.tokens_per_side} tokens), so each "
             "token covers the tissue area the model learned from."
         )

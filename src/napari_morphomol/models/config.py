@@ -1,4 +1,4 @@
-"""What a model is: its variant, sizes and the tile geometry it was trained on.
+"""What a model is: its variant, its sizes, and how the tile geometry it was trained on is read.
 
 Everything here is plain data that round-trips through JSON, so the model card of a checkpoint
 can rebuild the exact architecture without code from the checkpoint.
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from napari_morphomol.errors import InputError
+from napari_morphomol.tiling.geometry import TileSpec
 
 
 @dataclass(frozen=True)
@@ -134,30 +135,27 @@ MAX_TOKENS_PER_TILE = 4096
 MAX_PARAMETERS = 2_000_000_000
 
 
-@dataclass(frozen=True)
-class ModelTileGeometry:
-    """How tiles and tokens were cut: 512 px tiles at 0.5 um/px, stride 256, resized to 224."""
+#: Keys of a card's ``tile_geometry`` written before it was a :class:`TileSpec` (card format 1 of
+#: napari-morphomol before the tiling and the model shared one geometry), and their spec names.
+_OLD_TILE_GEOMETRY_KEYS = {"mpp": "tile_pixel_size_um", "img_size": "image_px"}
 
-    tile_px: int = 512
-    stride_px: int = 256
-    mpp: float = 0.5
-    img_size: int = 224
-    patch_px: int = 16
 
-    @property
-    def token_grid(self) -> int:
-        return self.img_size // self.patch_px
-
-    @property
-    def n_tokens(self) -> int:
-        return self.token_grid**2
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelTileGeometry:
-        return _from_dict(cls, values, "tile_geometry")
+def tile_spec_from_dict(values: dict[str, Any]) -> TileSpec:
+    """The :class:`~napari_morphomol.tiling.TileSpec` of a model card's ``tile_geometry``, checked
+    (cards are untrusted); the keys of older cards (``mpp``, ``img_size``, ``patch_px``) are read too."""
+    if not isinstance(values, dict):
+        raise InputError(f"Model card field 'tile_geometry' must be a JSON object, got {type(values).__name__}.")
+    values = dict(values)
+    if "patch_px" in values:
+        patch_px, image_px = values.pop("patch_px"), values.get("img_size", values.get("image_px", 224))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (patch_px, image_px)):
+            raise InputError(f"Model card tile_geometry patch_px {patch_px!r} and img_size {image_px!r} must be "
+                             "positive integers.")
+        values["tokens_per_side"] = image_px // patch_px
+    for old, new in _OLD_TILE_GEOMETRY_KEYS.items():
+        if old in values:
+            values[new] = values.pop(old)
+    return _from_dict(TileSpec, values, "tile_geometry")
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from napari_morphomol._atomic import atomic_output, guard_output_folder, open_versioned_group, zarr_store_kind
 from napari_morphomol.errors import InputError
-from napari_morphomol.models.config import ModelTileGeometry
-from napari_morphomol.tiling import GenePanel, LevelSampler, TilesStore, read_tiles_zarr
+from napari_morphomol.tiling import GenePanel, LevelSampler, TileSpec, TilesStore, read_tiles_zarr
 
 IMAGES_ATTRS_KEY = "morphomol_tile_images"
 IMAGES_FORMAT_VERSION = 1
@@ -147,7 +146,7 @@ class TileDataset(Dataset):
         self._tokens = tokens[...] if tokens.nbytes <= _TOKENS_IN_MEMORY_BYTES else tokens
         self._targets = np.asarray(store.targets_log1p[...])[:, self._addon_index]
         geometry = store.geometry
-        self._stride, self._side = geometry.stride_cells, geometry.tokens_per_side
+        self._stride, self._side = geometry.stride_tokens, geometry.tokens_per_side
         self._rows = store.tiles["row"].to_numpy()
         self._cols = store.tiles["col"].to_numpy()
 
@@ -231,11 +230,9 @@ class CohortDataset(ConcatDataset):
         self.samples = list(samples)
         self.core_genes, self.addon_genes = first.core_genes, first.addon_genes
 
-    def model_tile_geometry(self) -> ModelTileGeometry:
-        """The tile geometry record for a model trained on these tiles."""
-        g = self.samples[0].store.geometry
-        return ModelTileGeometry(tile_px=g.tile_px, stride_px=g.stride_px, mpp=g.tile_mpp, img_size=g.image_px,
-                                 patch_px=g.image_px // g.tokens_per_side)
+    def tile_spec(self) -> TileSpec:
+        """How these tiles were cut: the tile geometry of a model trained on them."""
+        return self.samples[0].store.geometry.spec
 
     @property
     def sample_ids(self) -> np.ndarray:
@@ -244,7 +241,7 @@ class CohortDataset(ConcatDataset):
 
 
 def _scale(geometry) -> tuple:
-    return (geometry.tile_px, geometry.tile_mpp, geometry.image_px, geometry.tokens_per_side)
+    return (geometry.tile_px, geometry.tile_pixel_size_um, geometry.image_px, geometry.tokens_per_side)
 
 
 def open_cohort(

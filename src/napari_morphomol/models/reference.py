@@ -22,7 +22,8 @@ from torch import nn
 
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.checkpoint import ModelCard, build_model, save_checkpoint
-from napari_morphomol.models.config import DEFAULT_BACKBONE, ModelConfig, ModelTileGeometry
+from napari_morphomol.models.config import DEFAULT_BACKBONE, ModelConfig
+from napari_morphomol.tiling.geometry import TileSpec
 
 #: Reference key prefix -> our key prefix, for parts every variant that has them maps 1:1.
 REFERENCE_PREFIXES = (
@@ -199,7 +200,7 @@ def load_reference_checkpoint(
     backbone_kwargs: dict[str, Any] | None = None,
     learnable_gate: bool | None = None,
     modality_embedding: bool | None = None,
-    tile_geometry: ModelTileGeometry = ModelTileGeometry(),
+    tile_geometry: TileSpec = TileSpec(),
 ) -> tuple[nn.Module, ModelCard, ReferenceConversion]:
     """Our model, its card and the conversion report for a reference-code checkpoint.
 

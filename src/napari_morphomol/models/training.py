@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.baseline import fit_min_mae_baseline
 from napari_morphomol.models.checkpoint import ModelCard, build_model, save_checkpoint
-from napari_morphomol.models.config import ModelConfig, ModelTileGeometry
+from napari_morphomol.models.config import ModelConfig
 from napari_morphomol.models.metrics import mean_metrics, per_gene_metrics
+from napari_morphomol.tiling.geometry import TileSpec
 
 VALIDATION_METRIC = "val/mse"
 
@@ -281,7 +282,7 @@ def train_model(
     checkpoint_path: str | Path | None = None,
     settings: TrainingSettings = TrainingSettings(),
     backbone_weights: str | Path | None = None,
-    tile_geometry: ModelTileGeometry = ModelTileGeometry(),
+    tile_geometry: TileSpec = TileSpec(),
     data_summary: dict[str, Any] | None = None,
 ) -> TrainingResult:
     """Train one variant, keep the best validation epoch, evaluate it and save a checkpoint.

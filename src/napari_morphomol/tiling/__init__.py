@@ -1,19 +1,20 @@
 """Tile grid, tissue / transcript filters and token binning for the fusion model (no Qt).
 
-Geometry: :mod:`napari_morphomol.tiling.geometry` (one cell grid shared by tiles, tokens and
-resized image pixels). Entry points: :func:`tile_sample` (a loaded sample) and
+Geometry: :mod:`napari_morphomol.tiling.geometry` (:class:`TileSpec`, how tiles and tokens are
+cut, and :class:`TileGeometry`, a spec over one H&E image: one token grid shared by tiles, tokens
+and resized image pixels). Entry points: :func:`tile_sample` (a loaded sample) and
 :func:`make_tiling` (plain arrays and dataframes); :class:`LevelSampler` cuts the H&E tiles;
 :func:`write_tiles_zarr` / :func:`read_tiles_zarr` store the result.
 """
 
-from napari_morphomol.tiling.geometry import TileGeometry, pick_pyramid_level
+from napari_morphomol.tiling.geometry import TileGeometry, TileSpec, pick_pyramid_level
 from napari_morphomol.tiling.he_tiles import LevelSampler
 from napari_morphomol.tiling.panel import GenePanel, is_control_feature
 from napari_morphomol.tiling.pipeline import Tiling, compute_tissue_mask, he_levels_yxc, make_tiling, tile_sample
 from napari_morphomol.tiling.store import TILES_STORE, TilesStore, read_tiles_zarr, write_tiles_zarr
 from napari_morphomol.tiling.transcripts import (
-    CellMapping,
     HeGlobalTransform,
+    TokenMapping,
     TokenRaster,
     TranscriptBins,
     bin_transcripts,
@@ -21,11 +22,12 @@ from napari_morphomol.tiling.transcripts import (
 )
 
 __all__ = [
-    "CellMapping",
+    "TokenMapping",
     "GenePanel",
     "HeGlobalTransform",
     "LevelSampler",
     "TileGeometry",
+    "TileSpec",
     "TilesStore",
     "Tiling",
     "TokenRaster",

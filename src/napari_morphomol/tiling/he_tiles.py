@@ -72,18 +72,19 @@ class LevelSampler:
             if lv.ndim != 3 or lv.shape[2] != 3:
                 raise InputError(f"H&E levels must be (height, width, 3) RGB arrays, got shape {lv.shape}")
         self.geometry = geometry
-        self.level = pick_pyramid_level(shapes, geometry.he_mpp, geometry.tile_mpp) if level is None else level
+        self.level = pick_pyramid_level(shapes, geometry.he_pixel_size_um,
+                                        geometry.tile_pixel_size_um) if level is None else level
         self.array = levels_yxc[self.level]
         h, w = shapes[self.level]
         # size of one resized pixel in level px, per axis
-        per_cell = geometry.image_px_per_cell * geometry.cells_per_he_px
+        per_cell = geometry.image_px_per_token * geometry.tokens_per_he_px
         self.step_x = 1.0 / (per_cell * full_w / w)
         self.step_y = 1.0 / (per_cell * full_h / h)
         self.level_shape = (h, w)
 
     def out_span_px(self, tile_index: int) -> tuple[int, int]:
         """Resized-grid pixels [start, stop) of tile row/col ``tile_index``."""
-        per_stride = self.geometry.image_px_per_cell * self.geometry.stride_cells
+        per_stride = self.geometry.image_px_per_token * self.geometry.stride_tokens
         start = tile_index * per_stride
         return start, start + self.geometry.image_px
 

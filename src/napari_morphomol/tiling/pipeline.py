@@ -42,7 +42,7 @@ class Tiling:
     tiles: pd.DataFrame
     bins: TranscriptBins
     transform: HeGlobalTransform
-    xenium_mpp: float
+    xenium_pixel_size_um: float
     report: dict = field(default_factory=dict)
 
     @property
@@ -60,15 +60,15 @@ class Tiling:
         return np.log1p(counts).astype(np.float32)
 
 
-def compute_tissue_mask(levels_yxc: Sequence, he_mpp: float, *, mask_mpp: float = 8.0
+def compute_tissue_mask(levels_yxc: Sequence, he_pixel_size_um: float, *, mask_pixel_size_um: float = 8.0
                         ) -> tuple[np.ndarray, tuple[float, float]]:
-    """Tissue mask at about ``mask_mpp`` um/px from the pyramid, and its pixel size in H&E px (x, y)."""
+    """Tissue mask at about ``mask_pixel_size_um`` um/px from the pyramid, and its pixel size in H&E px (x, y)."""
     shapes = [tuple(int(s) for s in lv.shape[:2]) for lv in levels_yxc]
-    index = pick_mask_level(shapes, he_mpp, mask_mpp)
+    index = pick_mask_level(shapes, he_pixel_size_um, mask_pixel_size_um)
     level = levels_yxc[index]
     level = level if isinstance(level, da.Array) else da.from_array(level, chunks=(2048, 2048, 3))
-    level_mpp = he_mpp * shapes[0][1] / shapes[index][1]
-    factor = max(1, int(mask_mpp // level_mpp))
+    level_pixel_size_um = he_pixel_size_um * shapes[0][1] / shapes[index][1]
+    factor = max(1, int(mask_pixel_size_um // level_pixel_size_um))
     h, w = (shapes[index][0] // factor) * factor, (shapes[index][1] // factor) * factor
     if factor > 1:
         level = da.coarsen(np.mean, level[:h, :w].astype(np.float32), {0: factor, 1: factor})
@@ -77,13 +77,13 @@ def compute_tissue_mask(levels_yxc: Sequence, he_mpp: float, *, mask_mpp: float 
     return mask, (shapes[0][1] / shapes[index][1] * factor, shapes[0][0] / shapes[index][0] * factor)
 
 
-def grid_tiles(geometry: TileGeometry, he_to_global: HeGlobalTransform, xenium_mpp: float) -> pd.DataFrame:
+def grid_tiles(geometry: TileGeometry, he_to_global: HeGlobalTransform, xenium_pixel_size_um: float) -> pd.DataFrame:
     """Every whole tile of the grid: id, row, col, H&E px box, centre in ``global`` px and um."""
     n_rows, n_cols = geometry.grid_shape
     if n_rows == 0 or n_cols == 0:
         raise InputError(
-            f"the H&E image ({geometry.he_width_px} x {geometry.he_height_px} px at {geometry.he_mpp} um/px) "
-            f"is smaller than one tile of {geometry.tile_px * geometry.tile_mpp:g} um; check the pixel size"
+            f"the H&E image ({geometry.he_width_px} x {geometry.he_height_px} px at {geometry.he_pixel_size_um} um/px) "
+            f"is smaller than one tile of {geometry.tile_px * geometry.tile_pixel_size_um:g} um; check the pixel size"
         )
     rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)
     boxes = geometry.tile_box_he_px(rows, cols)
@@ -95,7 +95,7 @@ def grid_tiles(geometry: TileGeometry, he_to_global: HeGlobalTransform, xenium_m
         "col": cols,
         "he_x0": boxes[:, 0], "he_y0": boxes[:, 1], "he_x1": boxes[:, 2], "he_y1": boxes[:, 3],
         "global_x": centre_global[:, 0], "global_y": centre_global[:, 1],
-        "um_x": centre_global[:, 0] * xenium_mpp, "um_y": centre_global[:, 1] * xenium_mpp,
+        "um_x": centre_global[:, 0] * xenium_pixel_size_um, "um_y": centre_global[:, 1] * xenium_pixel_size_um,
     })
 
 
@@ -103,13 +103,13 @@ def make_tiling(
     transcripts,
     levels_yxc: Sequence,
     *,
-    he_mpp: float,
+    he_pixel_size_um: float,
     he_to_global: np.ndarray | HeGlobalTransform,
-    xenium_mpp: float,
+    xenium_pixel_size_um: float,
     panel: GenePanel | None,
     tile_px: int = 512,
     stride_px: int = 256,
-    tile_mpp: float = 0.5,
+    tile_pixel_size_um: float = 0.5,
     max_background: float = 0.3,
     mask: tuple[np.ndarray, tuple[float, float]] | None = None,
     region_he_px: np.ndarray | None = None,
@@ -133,14 +133,15 @@ def make_tiling(
         raise InputError(f"min_transcripts must be >= 0, got {min_transcripts}")
     transform = as_he_global_transform(he_to_global)
     full_h, full_w = (int(s) for s in levels_yxc[0].shape[:2])
-    geometry = TileGeometry(he_mpp=he_mpp, he_height_px=full_h, he_width_px=full_w, tile_mpp=tile_mpp,
+    geometry = TileGeometry(he_pixel_size_um=he_pixel_size_um, he_height_px=full_h, he_width_px=full_w,
+                            tile_pixel_size_um=tile_pixel_size_um,
                             tile_px=tile_px, stride_px=stride_px)
     features = feature_names(transcripts)
     panel = GenePanel.all_genes(features) if panel is None else panel.validated(features)
 
-    tiles = grid_tiles(geometry, transform, xenium_mpp)
+    tiles = grid_tiles(geometry, transform, xenium_pixel_size_um)
     report: dict = {"grid_tiles": len(tiles)}
-    tissue, mask_px = mask if mask is not None else compute_tissue_mask(levels_yxc, he_mpp)
+    tissue, mask_px = mask if mask is not None else compute_tissue_mask(levels_yxc, he_pixel_size_um)
     boxes = tiles[["he_x0", "he_y0", "he_x1", "he_y1"]].to_numpy()
     tiles["background_fraction"] = tile_background_fraction(tissue, mask_px, boxes)
     tiles = tiles[tiles["background_fraction"] <= max_background]
@@ -152,7 +153,8 @@ def make_tiling(
     if len(tiles) == 0:  # before the transcripts are read
         raise InputError(f"no tile is kept: {why_no_tiles(report, max_background)}")
 
-    bins = bin_transcripts(transcripts, geometry, panel, transform, xenium_mpp=xenium_mpp, min_qv=min_qv,
+    bins = bin_transcripts(transcripts, geometry, panel, transform, xenium_pixel_size_um=xenium_pixel_size_um,
+                           min_qv=min_qv,
                            x_col=x_col, y_col=y_col, max_dense_bytes=max_dense_bytes, progress=progress)
     report["transcripts"] = bins.counts.to_dict()
     report["transcripts_on_tissue_tiles"] = _on_tiles(bins, tissue_rows, tissue_cols)
@@ -169,14 +171,14 @@ def make_tiling(
     report["kept_tiles"] = len(tiles)
     if len(tiles) == 0:
         raise InputError(f"no tile is kept: {why_no_tiles(report, max_background)}")
-    return Tiling(geometry, tiles, bins, transform, xenium_mpp, report)
+    return Tiling(geometry, tiles, bins, transform, xenium_pixel_size_um, report)
 
 
 def _on_tiles(bins: TranscriptBins, rows: np.ndarray, cols: np.ndarray) -> dict:
     """Panel transcripts (qv-passing core + add-on) in the union of the tiles (rows, cols), and
     their share of all the sample's panel transcripts, wherever the registration put them."""
     geometry = bins.geometry
-    s, span = geometry.stride_cells, geometry.tokens_per_side // geometry.stride_cells
+    s, span = geometry.stride_tokens, geometry.tokens_per_side // geometry.stride_tokens
     covered = np.zeros(geometry.stride_raster_shape, dtype=bool)
     for di in range(span):
         for dj in range(span):
@@ -255,7 +257,7 @@ def tile_sample(sdata, *, panel: GenePanel | None, he_to_global: np.ndarray | He
             "(Xenium's he_imagealignment.csv or one exported by the registration widget)"
         )
     return make_tiling(
-        sdata.points[TRANSCRIPTS], he_levels_yxc(sdata.images[HE_IMAGE]), he_mpp=info.he_pixel_size_um,
-        he_to_global=transform, xenium_mpp=info.xenium_pixel_size_um, panel=panel, x_col="x", y_col="y",
+        sdata.points[TRANSCRIPTS], he_levels_yxc(sdata.images[HE_IMAGE]), he_pixel_size_um=info.he_pixel_size_um,
+        he_to_global=transform, xenium_pixel_size_um=info.xenium_pixel_size_um, panel=panel, x_col="x", y_col="y",
         **options,
     )

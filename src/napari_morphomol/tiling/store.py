@@ -5,15 +5,20 @@ Layout (zarr v3 group):
   report, the Xenium pixel size and the H&E -> ``global`` matrix when it is one affine.
 - ``tiles/<column>``: the kept tiles' table (id, row, col, H&E px box, centre in ``global`` and um,
   background fraction, transcript counts), one 1-D array per column.
-- ``tokens`` (cell rows, cell cols, core genes) uint32: tile (i, j) is ``tokens[s*i:s*i+14, s*j:s*j+14]``
-  with ``s = geometry["stride_cells"]``. Empty chunks are not stored.
-- ``core_totals`` (cell rows, cell cols) uint32; ``addon_stride`` (stride rows, stride cols, add-on genes)
-  uint32: add-on counts per stride cell (tile (i, j) = stride cells [i, i+2) x [j, j+2)).
+- ``tokens`` (token rows, token cols, core genes) uint32: tile (i, j) is
+  ``tokens[s*i:s*i+14, s*j:s*j+14]`` with ``s = geometry["stride_tokens"]``. Empty chunks are not stored.
+- ``core_totals`` (token rows, token cols) uint32; ``addon_stride`` (stride rows, stride cols, add-on
+  genes) uint32: add-on counts per stride square (tile (i, j) = stride squares [i, i+2) x [j, j+2)).
 - ``addon_counts`` (tiles, add-on genes) uint32 and ``targets_log1p`` float32, rows in table order.
+
+Format 2 (this one) names the geometry by tokens and pixel sizes (``stride_tokens``,
+``tile_pixel_size_um``, dimensions ``token_y`` / ``token_x``); a store of format 1 (``cell`` and
+``mpp`` names) is refused with "tile the sample again".
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,7 @@ from napari_morphomol.registration.transforms import AffineXY
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.pipeline import Tiling
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ATTRS_KEY = "morphomol_tiles"
 _BAND_CELLS = 28
 
@@ -55,7 +60,7 @@ def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
         "addon_genes": list(tiling.panel.addon),
         "report": tiling.report,
         "tile_columns": list(tiling.tiles.columns),
-        "xenium_pixel_size_um": float(tiling.xenium_mpp),
+        "xenium_pixel_size_um": float(tiling.xenium_pixel_size_um),
         "he_to_global": transform.matrix.tolist() if isinstance(transform, AffineXY) else None,
         "provenance": provenance,
     }
@@ -66,11 +71,11 @@ def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
     rows, cols, genes = bins.tokens.shape
     tokens = root.create_array("tokens", shape=(rows, cols, genes), dtype=np.uint32,
                                chunks=(_BAND_CELLS, _BAND_CELLS, max(genes, 1)), fill_value=0,
-                               dimension_names=("cell_y", "cell_x", "core_gene"))
+                               dimension_names=("token_y", "token_x", "core_gene"))
     for r0 in range(0, rows, _BAND_CELLS):
         tokens[r0:r0 + _BAND_CELLS] = bins.tokens.window(r0, 0, _BAND_CELLS, cols)
     root.create_array("core_totals", data=bins.core_totals, chunks=(256, 256),
-                      dimension_names=("cell_y", "cell_x"))
+                      dimension_names=("token_y", "token_x"))
     root.create_array("addon_stride", data=bins.addon_stride,
                       chunks=(64, 64, max(bins.addon_stride.shape[2], 1)),
                       dimension_names=("stride_y", "stride_x", "addon_gene"))
@@ -100,7 +105,7 @@ class TilesStore:
 
     def tile_tokens(self, position: int) -> np.ndarray:
         """(14, 14, core genes) token counts of the tile at table ``position``."""
-        s, t = self.geometry.stride_cells, self.geometry.tokens_per_side
+        s, t = self.geometry.stride_tokens, self.geometry.tokens_per_side
         i, j = int(self.tiles["row"].iloc[position]), int(self.tiles["col"].iloc[position])
         return self.tokens[s * i:s * i + t, s * j:s * j + t]
 
@@ -110,9 +115,7 @@ def read_tiles_zarr(path: str | Path) -> TilesStore:
     root, attrs = open_versioned_group(path, ATTRS_KEY, FORMAT_VERSION, "tiles store written by `morphomol tiles`",
                                        "give a .tiles.zarr from `morphomol tiles`, or tile the sample again")
     g = attrs["geometry"]
-    geometry = TileGeometry(he_mpp=g["he_mpp"], he_height_px=g["he_height_px"], he_width_px=g["he_width_px"],
-                            tile_mpp=g["tile_mpp"], tile_px=g["tile_px"], stride_px=g["stride_px"],
-                            tokens_per_side=g["tokens_per_side"], image_px=g["image_px"])
+    geometry = TileGeometry(**{f.name: g[f.name] for f in dataclasses.fields(TileGeometry)})
     table = root["tiles"]
     tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
     return TilesStore(path, geometry, tiles, attrs["core_genes"], attrs["addon_genes"], attrs["report"],

@@ -9,11 +9,12 @@ from napari_morphomol.errors import InputError
 from napari_morphomol.tiling.geometry import TileGeometry
 
 
-def pick_mask_level(level_shapes_yx: list[tuple[int, int]], he_mpp: float, mask_mpp: float = 8.0) -> int:
-    """Finest pyramid level at or coarser than ``mask_mpp`` (the last level when none is)."""
+def pick_mask_level(level_shapes_yx: list[tuple[int, int]], he_pixel_size_um: float,
+                    mask_pixel_size_um: float = 8.0) -> int:
+    """Finest pyramid level at or coarser than ``mask_pixel_size_um`` (the last level when none is)."""
     full_h, full_w = level_shapes_yx[0]
     for index, (h, w) in enumerate(level_shapes_yx):
-        if he_mpp * max(full_w / w, full_h / h) >= mask_mpp:
+        if he_pixel_size_um * max(full_w / w, full_h / h) >= mask_pixel_size_um:
             return index
     return len(level_shapes_yx) - 1
 

@@ -49,34 +49,34 @@ def as_he_global_transform(transform: np.ndarray | HeGlobalTransform) -> HeGloba
 
 
 @dataclass(frozen=True)
-class CellMapping:
+class TokenMapping:
     """um -> cell coordinates. Affine registrations fuse into one 2 x 3 matrix used by the kernel."""
 
     geometry: TileGeometry
     transform: HeGlobalTransform
-    xenium_mpp: float
+    xenium_pixel_size_um: float
 
     @property
-    def um_to_cells_matrix(self) -> np.ndarray | None:
+    def um_to_tokens_matrix(self) -> np.ndarray | None:
         if not isinstance(self.transform, AffineXY):
             return None
-        to_global = np.diag([1 / self.xenium_mpp, 1 / self.xenium_mpp, 1.0])
-        to_cells = np.diag([self.geometry.cells_per_he_px, self.geometry.cells_per_he_px, 1.0])
+        to_global = np.diag([1 / self.xenium_pixel_size_um, 1 / self.xenium_pixel_size_um, 1.0])
+        to_cells = np.diag([self.geometry.tokens_per_he_px, self.geometry.tokens_per_he_px, 1.0])
         return (to_cells @ np.linalg.inv(self.transform.matrix) @ to_global)[:2]
 
-    def um_to_cells_xy(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def um_to_tokens_xy(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cell coordinates of points, with exactly the float operations of the binning kernel.
 
         Points with a NaN or infinite coordinate map to NaN (a non-affine inverse is never asked
         about them: its Newton steps would not converge)."""
         x = np.asarray(x_um, dtype=np.float64)
         y = np.asarray(y_um, dtype=np.float64)
-        a = self.um_to_cells_matrix
+        a = self.um_to_tokens_matrix
         if a is None:
             finite = np.isfinite(x) & np.isfinite(y)
-            he = self.transform.inverse_apply_xy(np.stack([x[finite], y[finite]], axis=1) / self.xenium_mpp)
+            he = self.transform.inverse_apply_xy(np.stack([x[finite], y[finite]], axis=1) / self.xenium_pixel_size_um)
             q = np.full((len(x), 2), np.nan)
-            q[finite] = self.geometry.he_px_to_cells(he)
+            q[finite] = self.geometry.he_px_to_tokens(he)
             return np.ascontiguousarray(q[:, 0]), np.ascontiguousarray(q[:, 1])
         return a[0, 0] * x + a[0, 1] * y + a[0, 2], a[1, 0] * x + a[1, 1] * y + a[1, 2]
 
@@ -115,7 +115,7 @@ class TranscriptCounts:
 
 
 @numba.njit(cache=True, nogil=True)
-def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, extent_y, stride_cells,
+def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, extent_y, stride_tokens,
                 core_dense, core_keys, core_totals, addon, counters):
     """One pass over a partition. Dense mode increments ``core_dense``; sparse mode (``core_dense``
     of size 0) writes linear keys (cell * n_core + gene) into ``core_keys`` and returns their count."""
@@ -158,8 +158,8 @@ def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, exte
                 core_keys[n_keys] = (np.int64(cy) * n_cols + cx) * n_core + slot
                 n_keys += 1
         else:
-            sx = cx // stride_cells
-            sy = cy // stride_cells
+            sx = cx // stride_tokens
+            sy = cy // stride_tokens
             if sx < n_scols and sy < n_srows:
                 addon[sy, sx, slot - n_core] += 1
                 addon_n += 1
@@ -208,7 +208,7 @@ class TokenRaster:
 
     def tile_tokens(self, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """``(B, t, t, genes)`` token counts of tiles (row, col): ``raster[s*i:s*i+t, s*j:s*j+t]``."""
-        s, t = geometry.stride_cells, geometry.tokens_per_side
+        s, t = geometry.stride_tokens, geometry.tokens_per_side
         rows = np.atleast_1d(rows)
         cols = np.atleast_1d(cols)
         out = np.empty((len(rows), t, t, self.shape[2]), dtype=np.uint32)
@@ -227,12 +227,12 @@ class TranscriptBins:
     core_totals: np.ndarray
     """(rows, cols) core transcripts per cell."""
     addon_stride: np.ndarray
-    """(stride rows, stride cols, add-on genes) add-on counts per stride cell."""
+    """(stride rows, stride cols, add-on genes) add-on counts per stride square."""
     counts: TranscriptCounts = field(default_factory=TranscriptCounts)
 
     def tile_core_totals(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Core transcripts per tile, from a summed-area table of ``core_totals``."""
-        s, t = self.geometry.stride_cells, self.geometry.tokens_per_side
+        s, t = self.geometry.stride_tokens, self.geometry.tokens_per_side
         sat = np.zeros((self.core_totals.shape[0] + 1, self.core_totals.shape[1] + 1), dtype=np.int64)
         sat[1:, 1:] = self.core_totals.astype(np.int64).cumsum(0).cumsum(1)
         r0, c0 = np.asarray(rows) * s, np.asarray(cols) * s
@@ -240,8 +240,8 @@ class TranscriptBins:
         return sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
 
     def tile_addon_counts(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """(B, add-on genes) summed over the tile's stride cells."""
-        span = self.geometry.tokens_per_side // self.geometry.stride_cells
+        """(B, add-on genes) summed over the tile's stride squares."""
+        span = self.geometry.tokens_per_side // self.geometry.stride_tokens
         rows, cols = np.asarray(rows), np.asarray(cols)
         out = np.zeros((len(rows), self.addon_stride.shape[2]), dtype=np.int64)
         for di in range(span):
@@ -305,7 +305,7 @@ def bin_transcripts(
     panel: GenePanel,
     he_to_global: np.ndarray | HeGlobalTransform,
     *,
-    xenium_mpp: float,
+    xenium_pixel_size_um: float,
     min_qv: float = 20.0,
     x_col: str = "x_location",
     y_col: str = "y_location",
@@ -326,10 +326,10 @@ def bin_transcripts(
                 f"the transcripts have no {col!r} column (columns: {list(transcripts.columns)}); "
                 "expected Xenium's feature_name, x_location, y_location (um) and qv"
             )
-    if not 0.01 < xenium_mpp < 10:
-        raise InputError(f"Xenium pixel size {xenium_mpp} is not a size in um/px (usually 0.2125)")
-    mapping = CellMapping(geometry, as_he_global_transform(he_to_global), xenium_mpp)
-    fused = mapping.um_to_cells_matrix
+    if not 0.01 < xenium_pixel_size_um < 10:
+        raise InputError(f"Xenium pixel size {xenium_pixel_size_um} is not a size in um/px (usually 0.2125)")
+    mapping = TokenMapping(geometry, as_he_global_transform(he_to_global), xenium_pixel_size_um)
+    fused = mapping.um_to_tokens_matrix
     rows, cols = geometry.raster_shape
     n_core, n_addon = len(panel.core), len(panel.addon)
     slot_of_gene = {g: i for i, g in enumerate(panel.core + panel.addon)}
@@ -342,7 +342,7 @@ def bin_transcripts(
     counters = np.zeros(8, dtype=np.int64)
     key_parts: list[tuple[np.ndarray, np.ndarray]] = []
     pending = 0
-    extent_x, extent_y = geometry.extent_cells_xy
+    extent_x, extent_y = geometry.extent_tokens_xy
     n_parts = getattr(transcripts, "npartitions", 1)
     for index, part in enumerate(_partitions(transcripts)):
         codes, slots = _codes_and_slots(part[feature_col], slot_of_gene)
@@ -352,11 +352,11 @@ def bin_transcripts(
             y = part[y_col].to_numpy()
             a = fused
         else:
-            x, y = mapping.um_to_cells_xy(part[x_col].to_numpy(), part[y_col].to_numpy())
+            x, y = mapping.um_to_tokens_xy(part[x_col].to_numpy(), part[y_col].to_numpy())
             a = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         keys = np.empty(len(part) if sparse else 0, dtype=np.int64)
         n_keys = _bin_kernel(np.ascontiguousarray(x), np.ascontiguousarray(y), qv, float(min_qv), codes, slots,
-                             n_core, a, extent_x, extent_y, geometry.stride_cells,
+                             n_core, a, extent_x, extent_y, geometry.stride_tokens,
                              core_dense, keys, core_totals, addon, counters)
         if sparse and n_keys:
             unique, per_key = np.unique(keys[:n_keys], return_counts=True)
