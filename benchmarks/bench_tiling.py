@@ -29,16 +29,18 @@ import pandas as pd
 
 from napari_morphomol.tiling import GenePanel, LevelSampler, TileGeometry, bin_transcripts, make_tiling
 
-XENIUM_MPP = 0.2125
-HE_MPP = 0.2737
+XENIUM_PIXEL_SIZE_UM = 0.2125
+HE_PIXEL_SIZE_UM = 0.2737
 DENSITY_PER_UM2 = 1.2  # synthetic sample and real Xenium runs: ~1.2-1.9 transcripts / um^2
 CORE = tuple(f"CORE{i:03d}" for i in range(380))
 ADDON = tuple(f"ADD{i:03d}" for i in range(100))
 CONTROLS = tuple(f"NegControlProbe_{i:02d}" for i in range(20))
 FEATURES = CORE + ADDON + CONTROLS
 PANEL = GenePanel(core=CORE, addon=ADDON)
-MATRIX = np.array([[HE_MPP / XENIUM_MPP * np.cos(0.05), -HE_MPP / XENIUM_MPP * np.sin(0.05), 150.0],
-                   [HE_MPP / XENIUM_MPP * np.sin(0.05), HE_MPP / XENIUM_MPP * np.cos(0.05), 90.0],
+MATRIX = np.array([[HE_PIXEL_SIZE_UM / XENIUM_PIXEL_SIZE_UM * np.cos(0.05),
+                    -HE_PIXEL_SIZE_UM / XENIUM_PIXEL_SIZE_UM * np.sin(0.05), 150.0],
+                   [HE_PIXEL_SIZE_UM / XENIUM_PIXEL_SIZE_UM * np.sin(0.05),
+                    HE_PIXEL_SIZE_UM / XENIUM_PIXEL_SIZE_UM * np.cos(0.05), 90.0],
                    [0.0, 0.0, 1.0]])
 
 
@@ -74,8 +76,8 @@ def transcripts(n: int, size_um: float, seed: int = 0, fov_order: bool = False) 
 
 
 def geometry_for(size_um: float) -> TileGeometry:
-    side = int(size_um / HE_MPP) + 400
-    return TileGeometry(he_pixel_size_um=HE_MPP, he_height_px=side, he_width_px=side)
+    side = int(size_um / HE_PIXEL_SIZE_UM) + 400
+    return TileGeometry(he_pixel_size_um=HE_PIXEL_SIZE_UM, he_height_px=side, he_width_px=side)
 
 
 def section_binning() -> None:
@@ -86,11 +88,11 @@ def section_binning() -> None:
     for fov in (False, True):
         df = transcripts(n, size_um, fov_order=fov)
         bin_transcripts(df.iloc[:1000], geometry, PANEL, MATRIX,
-                        xenium_pixel_size_um=XENIUM_MPP)  # compile / load cache
+                        xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM)  # compile / load cache
         for sparse in (False, True):
             wall, cpu = timed_cpu(lambda s=sparse: bin_transcripts(
-                df, geometry, PANEL, MATRIX, xenium_pixel_size_um=XENIUM_MPP, max_dense_bytes=0 if s else 1 << 40),
-                repeat=3)
+                df, geometry, PANEL, MATRIX, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM,
+                max_dense_bytes=0 if s else 1 << 40), repeat=3)
             print(f"  {'FOV' if fov else 'random'} order, {'sparse' if sparse else 'dense '} raster: "
                   f"{n / cpu / 1e6:6.1f} M transcripts per CPU-second ({n / wall / 1e6:5.1f} M/s wall, one thread)")
 
@@ -101,8 +103,8 @@ def sjoin_reference(df: pd.DataFrame, geometry: TileGeometry, rows: np.ndarray, 
     import shapely
 
     keep = (df["qv"].to_numpy() >= 20) & df["feature_name"].isin(CORE).to_numpy()
-    he = np.linalg.solve(MATRIX, np.vstack([df["x_location"].to_numpy()[keep] / XENIUM_MPP,
-                                            df["y_location"].to_numpy()[keep] / XENIUM_MPP,
+    he = np.linalg.solve(MATRIX, np.vstack([df["x_location"].to_numpy()[keep] / XENIUM_PIXEL_SIZE_UM,
+                                            df["y_location"].to_numpy()[keep] / XENIUM_PIXEL_SIZE_UM,
                                             np.ones(keep.sum())]))[:2].T
     tile_xy = geometry.he_px_to_tile_px(he)
     points = gpd.GeoDataFrame({"gene": df["feature_name"].to_numpy()[keep]},
@@ -129,7 +131,7 @@ def section_sjoin() -> None:
     rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
 
     def ours():
-        bins = bin_transcripts(df, geometry, PANEL, MATRIX, xenium_pixel_size_um=XENIUM_MPP)
+        bins = bin_transcripts(df, geometry, PANEL, MATRIX, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM)
         return bins.tokens.tile_tokens(geometry, rows, cols)
 
     ours()
@@ -149,7 +151,7 @@ def write_he(path: Path, size_um: float, scratch: Path) -> None:
     """A JPEG-tiled pyramidal OME-TIFF with stain-like texture (cheap to render, realistic to decode)."""
     from napari_morphomol.synthetic.writers import JPEG, write_pyramidal_ome_tiff
 
-    side = int(size_um / HE_MPP)
+    side = int(size_um / HE_PIXEL_SIZE_UM)
     rng = np.random.default_rng(2)
     noise = rng.integers(-25, 26, size=(1024, side + 1024, 1), dtype=np.int16)
     xx = np.arange(side)
@@ -163,7 +165,7 @@ def write_he(path: Path, size_um: float, scratch: Path) -> None:
         tex = np.roll(noise, -shift, axis=0)[:n_rows, shift:shift + side] if n_rows <= 1024 else 0
         return np.clip(base + (wave + tex) * tissue[..., None], 0, 255).astype(np.uint8)
 
-    write_pyramidal_ome_tiff(path, render, side, side, 3, np.uint8, HE_MPP, "HE", scratch, compression=JPEG)
+    write_pyramidal_ome_tiff(path, render, side, side, 3, np.uint8, HE_PIXEL_SIZE_UM, "HE", scratch, compression=JPEG)
 
 
 def section_he(workdir: Path) -> None:
@@ -178,7 +180,8 @@ def section_he(workdir: Path) -> None:
         write_he(path, size_um, workdir)
     with tifffile.TiffFile(path) as tif:
         level0 = zarr.open(tif.series[0].aszarr(level=0), mode="r")
-        geometry = TileGeometry(he_pixel_size_um=HE_MPP, he_height_px=level0.shape[0], he_width_px=level0.shape[1])
+        geometry = TileGeometry(he_pixel_size_um=HE_PIXEL_SIZE_UM, he_height_px=level0.shape[0],
+                                he_width_px=level0.shape[1])
         rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
         sampler = LevelSampler(geometry, [level0])
 
@@ -229,7 +232,8 @@ def memory_child(workdir: Path) -> None:
     ddf["feature_name"] = ddf["feature_name"].astype(pd.CategoricalDtype(list(FEATURES)))
     levels = read_pyramid(workdir / "he_1cm.ome.tif").levels
     start = time.perf_counter()
-    tiling = make_tiling(ddf, levels, he_pixel_size_um=HE_MPP, he_to_global=MATRIX, xenium_pixel_size_um=XENIUM_MPP,
+    tiling = make_tiling(ddf, levels, he_pixel_size_um=HE_PIXEL_SIZE_UM, he_to_global=MATRIX,
+                         xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM,
                          panel=PANEL)
     t_bin = time.perf_counter() - start
     after_bin = rss_mb()
@@ -257,7 +261,7 @@ def section_memory(workdir: Path) -> None:
     if not (workdir / "he_1cm.ome.tif").exists():
         write_he(workdir / "he_1cm.ome.tif", size_um + 100, workdir)
     print(f"[memory] 1 cm x 1 cm: {n / 1e6:.0f} M transcripts in 24 parquet files, H&E "
-          f"{int((size_um + 100) / HE_MPP)} px square (JPEG pyramid)")
+          f"{int((size_um + 100) / HE_PIXEL_SIZE_UM)} px square (JPEG pyramid)")
     subprocess.run([sys.executable, __file__, "--section", "memory-child", "--workdir", str(workdir)], check=True)
 
 

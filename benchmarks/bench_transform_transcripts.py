@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from napari_morphomol.registration import LandmarkPairs, fit_transform, transform_xy_columns
+from napari_morphomol.registration import FitOptions, LandmarkPairs, fit_transform, transform_xy_columns
 
 TRUTH = np.array([[1.2841, 0.0312, 812.25], [-0.0298, 1.2853, -431.5], [0.0, 0.0, 1.0]])
 
@@ -34,8 +34,8 @@ def main(n_points: int) -> None:
     he = rng.uniform(0, extent / 1.3, (36, 2))
     warp = 15.0 * np.sin(he / 3000.0)
     pairs = LandmarkPairs.from_arrays(he, he @ TRUTH[:2, :2].T + TRUTH[:2, 2] + warp)
-    affine = fit_transform(pairs, "affine", leave_one_out=False)
-    per_region = fit_transform(pairs, "per-region", leave_one_out=False)
+    affine = fit_transform(pairs, FitOptions("affine"), leave_one_out=False)
+    per_region = fit_transform(pairs, FitOptions("per-region"), leave_one_out=False)
     x32 = rng.uniform(0, extent, n_points).astype(np.float32)
     y32 = rng.uniform(0, extent, n_points).astype(np.float32)
     x64, y64 = x32.astype(np.float64), y32.astype(np.float64)

@@ -120,11 +120,11 @@ def test_napari_spatialdata_opens_the_zarr(exported, make_napari_viewer, qtbot):
 
 @pytest.mark.parametrize("model", ["affine", "per-region"])
 def test_landmarks_and_tile_shapes_follow_a_landmark_registration(results_store, synthetic_sample, tmp_path, model):
-    from napari_morphomol.registration import fit_transform, read_keypoints_csv, registration_record
+    from napari_morphomol.registration import FitOptions, fit_transform, read_keypoints_csv, registration_record
 
     results = open_results(results_store)
     pairs = read_keypoints_csv(synthetic_sample.keypoints_csv)
-    fitted = fit_transform(pairs, model, n_regions=2 if model == "per-region" else None)
+    fitted = fit_transform(pairs, FitOptions(model, n_regions=2 if model == "per-region" else None))
     results = dataclasses.replace(results, metadata={**results.metadata, "registration": registration_record(fitted)})
     written = write_landmarks_csv(results, tmp_path / "landmarks.csv")
     back = read_keypoints_csv(written)

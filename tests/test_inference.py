@@ -79,11 +79,12 @@ def by_tile(results):
 
 
 def test_results_equal_a_direct_forward_pass(reference_run, sample, checkpoint, panel):
-    from napari_morphomol.tiling import GenePanel, LevelSampler, he_levels_yxc, tile_sample
+    from napari_morphomol.tiling import GenePanel, LevelSampler, TilingOptions, he_levels_yxc, tile_sample
 
     results, _ = reference_run
     model, card = load_checkpoint(checkpoint)
-    tiling = tile_sample(sample, panel=GenePanel(core=card.core_genes, addon=card.addon_genes), min_transcripts=0)
+    tiling = tile_sample(sample, panel=GenePanel(core=card.core_genes, addon=card.addon_genes),
+                         options=TilingOptions(min_transcripts=0))
     assert sorted(results.tiles["tile_id"]) == sorted(tiling.tiles["tile_id"])
     assert len(results.tiles) >= 8 and results.metadata["n_chunks"] >= 2
     sampler = LevelSampler(tiling.geometry, he_levels_yxc(sample.images["he_image"]))

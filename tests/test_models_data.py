@@ -24,7 +24,7 @@ from napari_morphomol.models.data import (
     tile_sample_folder,
     tiles_stores_for,
 )
-from napari_morphomol.tiling import LevelSampler, read_tiles_zarr
+from napari_morphomol.tiling import LevelSampler, TilingOptions, read_tiles_zarr
 
 TINY_VIT = '{"depth": 1, "embed_dim": 48, "num_heads": 3}'
 
@@ -34,7 +34,8 @@ def stores(synthetic_sample, synthetic_sample_deformed, tmp_path_factory) -> dic
     """The two fixture samples tiled (min 0 transcripts: every tissue tile), named a and b."""
     root = tmp_path_factory.mktemp("tile_stores")
     return {
-        name: tile_sample_folder(sample.root, root / f"{name}.tiles.zarr", min_transcripts=0)
+        name: tile_sample_folder(sample.root, root / f"{name}.tiles.zarr",
+                                 options=TilingOptions(min_transcripts=0))
         for name, sample in (("a", synthetic_sample), ("b", synthetic_sample_deformed))
     }
 

@@ -12,6 +12,7 @@ from napari_morphomol.registration import (
     HE_X_PX,
     HE_Y_PX,
     REGISTRATION_ATTRS_KEY,
+    FitOptions,
     LandmarkPairs,
     fit_transform,
     read_registration_json,
@@ -28,7 +29,7 @@ def fitted_example(model: str, n: int = 18):
     rng = np.random.default_rng(2)
     he = rng.uniform(0, 20000, (n, 2))
     glob = he @ TRUTH[:2, :2].T + TRUTH[:2, 2] + rng.normal(0, 4.0, (n, 2))
-    return fit_transform(LandmarkPairs.from_arrays(he, glob), model, leave_one_out=False)
+    return fit_transform(LandmarkPairs.from_arrays(he, glob), FitOptions(model), leave_one_out=False)
 
 
 @pytest.mark.parametrize("model", ["affine", "per-region", "tps"])

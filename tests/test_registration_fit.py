@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.registration import LandmarkPairs, fit_transform
+from napari_morphomol.registration import FitOptions, LandmarkPairs, fit_transform
 
 PX_UM = 0.2125
 
@@ -44,7 +44,7 @@ def spread_points(n: int, seed: int = 0, size: float = 8000.0) -> np.ndarray:
 )
 def test_global_models_recover_exact_transform(model, truth):
     he = spread_points(8)
-    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(truth, he)), model)
+    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(truth, he)), FitOptions(model))
     np.testing.assert_allclose(fitted.matrix, truth, atol=1e-8)
     assert fitted.rmse_um < 1e-6
     assert np.nanmax(fitted.loo_um) < 1e-6
@@ -67,7 +67,7 @@ well_conditioned = st.fixed_dictionaries(
 def test_fit_of_applied_affine_recovers_it(params, seed):
     truth = affine_matrix(**params)
     he = spread_points(5, seed)
-    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(truth, he)), "affine", leave_one_out=False)
+    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(truth, he)), FitOptions("affine"), leave_one_out=False)
     np.testing.assert_allclose(fitted.matrix, truth, rtol=1e-7, atol=1e-6)
 
 
@@ -76,7 +76,8 @@ def test_fit_of_applied_affine_recovers_it(params, seed):
 def test_fit_of_applied_similarity_recovers_it(params, seed):
     truth = affine_matrix(**{**params, "shear": 0.0, "aniso": 1.0})
     he = spread_points(4, seed)
-    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(truth, he)), "similarity", leave_one_out=False)
+    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(truth, he)), FitOptions("similarity"),
+                           leave_one_out=False)
     np.testing.assert_allclose(fitted.matrix, truth, rtol=1e-7, atol=1e-6)
 
 
@@ -88,7 +89,7 @@ def test_inverse_composes_to_identity(model, params, seed):
     truth = affine_matrix(**params)
     he = spread_points(18, seed)
     glob = apply(truth, he) + rng.normal(0, 5.0, he.shape)
-    fitted = fit_transform(LandmarkPairs.from_arrays(he, glob), model, leave_one_out=False)
+    fitted = fit_transform(LandmarkPairs.from_arrays(he, glob), FitOptions(model), leave_one_out=False)
     pts = rng.uniform(-1000, 9000, (500, 2))
     np.testing.assert_allclose(fitted.inverse_apply_xy(fitted.apply_xy(pts)), pts, atol=1e-5)
     glob_pts = fitted.apply_xy(pts)
@@ -104,12 +105,12 @@ def test_residuals_and_leave_one_out_are_in_um_and_match_a_manual_refit():
     he = spread_points(7, 3)
     glob = apply(truth, he) + rng.normal(0, 2.0, he.shape)
     pairs = LandmarkPairs.from_arrays(he, glob)
-    fitted = fit_transform(pairs, "affine", xenium_pixel_size_um=PX_UM)
+    fitted = fit_transform(pairs, FitOptions("affine"), xenium_pixel_size_um=PX_UM)
     expected_res = np.linalg.norm(fitted.apply_xy(he) - glob, axis=1) * PX_UM
     np.testing.assert_allclose(fitted.residuals_um, expected_res)
     assert fitted.rmse_um == pytest.approx(np.sqrt(np.mean(expected_res**2)))
     keep = np.arange(7) != 2
-    refit = fit_transform(LandmarkPairs.from_arrays(he[keep], glob[keep]), "affine", leave_one_out=False)
+    refit = fit_transform(LandmarkPairs.from_arrays(he[keep], glob[keep]), FitOptions("affine"), leave_one_out=False)
     manual = np.linalg.norm(refit.apply_xy(he[2:3]) - glob[2:3]) * PX_UM
     assert fitted.loo_um[2] == pytest.approx(manual)
     assert np.all(fitted.loo_um >= fitted.residuals_um - 1e-9)
@@ -121,7 +122,7 @@ def test_inactive_pair_is_not_used_but_keeps_a_residual():
     glob = apply(truth, he)
     glob[4] += [400.0, 0.0]
     pairs = LandmarkPairs.from_arrays(he, glob, active=[True, True, True, True, False, True])
-    fitted = fit_transform(pairs, "affine")
+    fitted = fit_transform(pairs, FitOptions("affine"))
     np.testing.assert_allclose(fitted.matrix, truth, atol=1e-8)
     assert not fitted.used[4]
     assert fitted.residuals_um[4] == pytest.approx(400.0 * PX_UM)
@@ -133,9 +134,9 @@ def test_robust_fit_flags_the_outlier_by_name():
     he = spread_points(10, 5)
     glob = apply(truth, he) + np.random.default_rng(5).normal(0, 1.0, he.shape)
     glob[7] += [300.0, -200.0]
-    plain = fit_transform(LandmarkPairs.from_arrays(he, glob), "affine")
+    plain = fit_transform(LandmarkPairs.from_arrays(he, glob), FitOptions("affine"))
     assert any("Pt-7 disagrees" in w for w in plain.warnings)
-    robust = fit_transform(LandmarkPairs.from_arrays(he, glob), "affine", robust=True)
+    robust = fit_transform(LandmarkPairs.from_arrays(he, glob), FitOptions("affine", robust=True))
     assert robust.outliers.tolist() == [i == 7 for i in range(10)]
     assert any("Pt-7" in w and "robust" in w for w in robust.warnings)
     assert robust.rmse_um < 1.0 < plain.rmse_um
@@ -146,13 +147,13 @@ def test_too_few_pairs_says_how_many_the_model_needs(model, need):
     he = spread_points(need - 1) if need > 1 else np.empty((0, 2))
     pairs = LandmarkPairs.from_arrays(he, he)
     with pytest.raises(InputError, match=f"needs at least {need} active"):
-        fit_transform(pairs, model)
+        fit_transform(pairs, FitOptions(model))
 
 
 def test_unknown_model_and_mismatched_arrays_are_input_errors():
     he = spread_points(4)
     with pytest.raises(InputError, match="unknown registration model"):
-        fit_transform(LandmarkPairs.from_arrays(he, he), "projective")
+        fit_transform(LandmarkPairs.from_arrays(he, he), FitOptions("projective"))
     with pytest.raises(InputError, match="every landmark needs both"):
         LandmarkPairs.from_arrays(he, he[:3])
     with pytest.raises(InputError, match="NaN"):
@@ -162,14 +163,14 @@ def test_unknown_model_and_mismatched_arrays_are_input_errors():
 def test_collinear_landmarks_are_warned_about():
     t = np.linspace(0, 5000, 6)
     he = np.column_stack([t, 0.5 * t + np.array([0, 3, -2, 1, 0, -1])])
-    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(affine_matrix(), he)), "affine")
+    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(affine_matrix(), he)), FitOptions("affine"))
     assert any("one line" in w for w in fitted.warnings)
 
 
 def test_mirror_extreme_scale_and_shear_are_warned_about():
     he = spread_points(6)
     mirror = np.diag([-1.3, 1.3, 1.0])
-    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(mirror, he)), "affine")
+    fitted = fit_transform(LandmarkPairs.from_arrays(he, apply(mirror, he)), FitOptions("affine"))
     assert any("mirrors" in w for w in fitted.warnings)
     huge = np.diag([40.0, 40.0, 1.0])
     assert any("extreme" in w for w in fit_transform(LandmarkPairs.from_arrays(he, apply(huge, he))).warnings)
@@ -201,14 +202,14 @@ def test_per_region_beats_single_affine_on_a_piecewise_deformation():
     truth = piecewise_truth(test_pts)
     err = {}
     for model in ("affine", "per-region"):
-        fitted = fit_transform(pairs, model, n_regions=2 if model == "per-region" else None)
+        fitted = fit_transform(pairs, FitOptions(model, n_regions=2 if model == "per-region" else None))
         err[model] = np.median(np.linalg.norm(fitted.apply_xy(test_pts) - truth, axis=1))
     assert err["per-region"] * 2 < err["affine"]
 
 
 def test_per_region_blend_is_continuous_across_borders():
     he = spread_points(24, 11)
-    fitted = fit_transform(LandmarkPairs.from_arrays(he, piecewise_truth(he)), "per-region", n_regions=4)
+    fitted = fit_transform(LandmarkPairs.from_arrays(he, piecewise_truth(he)), FitOptions("per-region", n_regions=4))
     line = np.column_stack([np.linspace(0, 8000, 80001), np.full(80001, 4000.0)])
     steps = np.linalg.norm(np.diff(fitted.apply_xy(line), axis=0), axis=1)
     # 0.1 px apart in H&E: a smooth map moves neighbours by about scale * 0.1 px, never jumps
@@ -222,9 +223,8 @@ def test_per_region_with_polygons_uses_their_affines_inside_and_blends_between()
         np.array([[0, 0], [3950, 0], [3950, 8000], [0, 8000]], dtype=float),
         np.array([[3950, 0], [8000, 0], [8000, 8000], [3950, 8000]], dtype=float),
     ]
-    fitted = fit_transform(
-        LandmarkPairs.from_arrays(he, piecewise_truth(he)), "per-region", region_polygons_he_px=halves
-    )
+    fitted = fit_transform(LandmarkPairs.from_arrays(he, piecewise_truth(he)), FitOptions("per-region",
+                                                                                          region_polygons_he_px=halves))
     tr = fitted.transform
     probe = np.array([[500.0, 4000.0], [7500.0, 4000.0], [3950.0, 4000.0]])
     w = tr.weights(probe[:, 0], probe[:, 1])
@@ -242,17 +242,17 @@ def test_per_region_with_polygons_uses_their_affines_inside_and_blends_between()
 def test_too_many_automatic_regions_for_the_landmarks_is_an_input_error():
     he = spread_points(8)
     with pytest.raises(InputError, match="3 per region"):
-        fit_transform(LandmarkPairs.from_arrays(he, he), "per-region", n_regions=3)
+        fit_transform(LandmarkPairs.from_arrays(he, he), FitOptions("per-region", n_regions=3))
 
 
 def test_region_polygons_need_the_per_region_model():
     he = spread_points(8)
     square = np.array([[0, 0], [1, 0], [1, 1]], dtype=float)
     with pytest.raises(InputError, match="per-region"):
-        fit_transform(LandmarkPairs.from_arrays(he, he), "affine", region_polygons_he_px=[square])
+        fit_transform(LandmarkPairs.from_arrays(he, he), FitOptions("affine", region_polygons_he_px=[square]))
 
 
 def test_number_of_regions_needs_the_per_region_model():
     he = spread_points(8)
     with pytest.raises(InputError, match="only applies to the per-region"):
-        fit_transform(LandmarkPairs.from_arrays(he, he), "affine", n_regions=2)
+        fit_transform(LandmarkPairs.from_arrays(he, he), FitOptions("affine", n_regions=2))

@@ -10,6 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration import (
+    FitOptions,
     LandmarkPairs,
     check_direction,
     fit_transform,
@@ -63,13 +64,13 @@ def test_keypoints_writer_drops_inactive_pairs(tmp_path):
 @pytest.mark.parametrize("model", ["affine", "similarity", "per-region"])
 def test_files_read_back_to_the_same_transform(tmp_path, model):
     pairs = example_pairs(12)
-    fitted = fit_transform(pairs, model, leave_one_out=False)
+    fitted = fit_transform(pairs, FitOptions(model), leave_one_out=False)
     write_keypoints_csv(tmp_path / "k.csv", pairs)
     write_bigwarp_csv(tmp_path / "b.csv", pairs)
     write_alignment_csv(tmp_path / "m.csv", fitted.best_affine)
     probe = np.random.default_rng(1).uniform(0, 20000, (100, 2))
     for path in ("k.csv", "b.csv"):
-        again = fit_transform(read_landmarks(tmp_path / path), model, leave_one_out=False)
+        again = fit_transform(read_landmarks(tmp_path / path), FitOptions(model), leave_one_out=False)
         np.testing.assert_allclose(again.apply_xy(probe), fitted.apply_xy(probe), rtol=0, atol=1e-9)
     np.testing.assert_array_equal(read_alignment_csv(tmp_path / "m.csv"), fitted.best_affine)
 
@@ -164,6 +165,6 @@ def test_reversed_direction_is_detected_by_scale_and_footprint():
 
 def test_swapped_landmark_file_is_caught_through_its_fit():
     pairs = example_pairs(8)
-    swapped = fit_transform(pairs.swapped(), "affine", leave_one_out=False)
+    swapped = fit_transform(pairs.swapped(), FitOptions("affine"), leave_one_out=False)
     with pytest.raises(InputError, match="Swap the two sides"):
         check_direction(swapped.matrix, he_pixel_size_um=0.273)

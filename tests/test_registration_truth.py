@@ -9,6 +9,7 @@ import pytest
 from napari_morphomol.cli import main
 from napari_morphomol.io.sample import load_sample
 from napari_morphomol.registration import (
+    FitOptions,
     LandmarkPairs,
     fit_transform,
     read_alignment_csv,
@@ -47,7 +48,7 @@ def clicked_pairs(ground_truth, per_side: tuple[int, int], noise_px: float, seed
 
 def test_six_clicked_pairs_give_an_affine_within_1um(synthetic_sample):
     truth = load_ground_truth(synthetic_sample.ground_truth_json)
-    fitted = fit_transform(clicked_pairs(truth, (3, 2), noise_px=2.0, seed=0), "affine")
+    fitted = fit_transform(clicked_pairs(truth, (3, 2), noise_px=2.0, seed=0), FitOptions("affine"))
     error = displacement_um(fitted, synthetic_sample, truth)
     assert np.median(error) < 1.0
     assert fitted.warnings == ()
@@ -56,8 +57,8 @@ def test_six_clicked_pairs_give_an_affine_within_1um(synthetic_sample):
 def test_per_region_beats_a_single_affine_twice_on_the_deformed_sample(synthetic_sample_deformed):
     truth = load_ground_truth(synthetic_sample_deformed.ground_truth_json)
     pairs = clicked_pairs(truth, (6, 6), noise_px=2.0, seed=0)
-    single = np.median(displacement_um(fit_transform(pairs, "affine"), synthetic_sample_deformed, truth))
-    regions = fit_transform(pairs, "per-region")
+    single = np.median(displacement_um(fit_transform(pairs, FitOptions("affine")), synthetic_sample_deformed, truth))
+    regions = fit_transform(pairs, FitOptions("per-region"))
     per_region = np.median(displacement_um(regions, synthetic_sample_deformed, truth))
     assert per_region * 2 < single
     assert len(regions.transform.region_matrices) >= 4
@@ -68,7 +69,7 @@ def test_automatic_registration_lands_within_20um(request, which):
     sample = request.getfixturevalue(which)
     truth = load_ground_truth(sample.ground_truth_json)
     auto = propose_landmarks_for_sample(load_sample(sample.xenium_dir, sample.he_path))
-    fitted = fit_transform(auto.pairs, "affine")
+    fitted = fit_transform(auto.pairs, FitOptions("affine"))
     error = displacement_um(fitted, sample, truth)
     assert error.max() < 20.0
     assert len(auto.pairs) >= 3

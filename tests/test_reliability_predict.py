@@ -128,10 +128,10 @@ def test_mirrored_alignment_keeps_no_tile_and_tiles_says_why(tmp_path, synthetic
 
 
 def test_zero_kept_tiles_is_an_input_error_with_the_counts(sample):
-    from napari_morphomol.tiling import tile_sample
+    from napari_morphomol.tiling import TilingOptions, tile_sample
 
     with pytest.raises(InputError, match=r"no tile is kept: of \d+ grid tiles, \d+ are on tissue.*--min-transcripts"):
-        tile_sample(sample, panel=None, min_transcripts=10**9)
+        tile_sample(sample, panel=None, options=TilingOptions(min_transcripts=10**9))
 
 
 # -- 3. warnings: ours, one line, recorded -----------------------------------------------------

@@ -14,12 +14,13 @@ from napari_morphomol.registration.transforms import AffineXY
 from napari_morphomol.tiling import (
     GenePanel,
     TileGeometry,
+    TilingOptions,
     TokenMapping,
     bin_transcripts,
     make_tiling,
 )
 
-XENIUM_MPP = 0.2125
+XENIUM_PIXEL_SIZE_UM = 0.2125
 GENES = ["A", "B", "C", "D", "E"]
 CONTROLS = ["NegControlProbe_X", "BLANK_0001", "UnassignedCodeword_0007"]
 
@@ -75,7 +76,7 @@ def scenes(draw):
                               int(3.2 * tile_px * 0.5 / he_pixel_size_um)))
     geometry = TileGeometry(he_pixel_size_um=he_pixel_size_um, he_height_px=height, he_width_px=width, tile_px=tile_px,
                             stride_px=stride_px)
-    matrix = affine(he_pixel_size_um / XENIUM_MPP * draw(st.floats(0.9, 1.1)), draw(st.floats(-0.3, 0.3)),
+    matrix = affine(he_pixel_size_um / XENIUM_PIXEL_SIZE_UM * draw(st.floats(0.9, 1.1)), draw(st.floats(-0.3, 0.3)),
                     draw(st.floats(-200, 200)), draw(st.floats(-200, 200)))
     n = draw(st.integers(0, 400))
     seed = draw(st.integers(0, 2**32 - 1))
@@ -84,9 +85,9 @@ def scenes(draw):
     ex, ey = geometry.extent_tokens_xy
     q = rng.uniform(-2, [ex + 2, ey + 2], size=(n, 2))
     q[: n // 3] = np.round(q[: n // 3])
-    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP)
+    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_PIXEL_SIZE_UM)
     he = geometry.tokens_to_he_px(q)
-    um = mapping.transform.apply_xy(he) * XENIUM_MPP if n else np.zeros((0, 2))
+    um = mapping.transform.apply_xy(he) * XENIUM_PIXEL_SIZE_UM if n else np.zeros((0, 2))
     df = pd.DataFrame({
         "feature_name": pd.Categorical(rng.choice(GENES + CONTROLS, n), categories=GENES + CONTROLS),
         "x_location": um[:, 0], "y_location": um[:, 1],
@@ -107,11 +108,11 @@ def all_tiles(geometry):
 @given(scenes(), st.booleans())
 def test_binning_matches_per_tile_reference(scene, sparse):
     geometry, matrix, df = scene
-    bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_pixel_size_um=XENIUM_MPP,
+    bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM,
                            max_dense_bytes=0 if sparse else 1 << 30)
     assert bins.tokens.is_sparse == sparse
     rows, cols = all_tiles(geometry)
-    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP)
+    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_PIXEL_SIZE_UM)
     ref_tokens, ref_addon = reference_tiles(df, geometry, PANEL, mapping, 20.0, rows, cols)
     np.testing.assert_array_equal(bins.tokens.tile_tokens(geometry, rows, cols), ref_tokens)
     np.testing.assert_array_equal(bins.tile_addon_counts(rows, cols), ref_addon)
@@ -123,8 +124,8 @@ def test_binning_matches_per_tile_reference(scene, sparse):
 @given(scenes())
 def test_every_transcript_is_accounted_for(scene):
     geometry, matrix, df = scene
-    bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_pixel_size_um=XENIUM_MPP)
-    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP)
+    bins = bin_transcripts(df, geometry, PANEL, matrix, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM)
+    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_PIXEL_SIZE_UM)
     qx, qy = mapping.um_to_tokens_xy(df["x_location"], df["y_location"])
     ex, ey = geometry.extent_tokens_xy
     names = df["feature_name"].astype(str)
@@ -144,16 +145,16 @@ def test_every_transcript_is_accounted_for(scene):
 def test_region_transform_and_dask_partitions_match_reference():
     rng = np.random.default_rng(3)
     geometry = TileGeometry(he_pixel_size_um=0.2737, he_height_px=4000, he_width_px=5000)
-    base = 0.2737 / XENIUM_MPP
+    base = 0.2737 / XENIUM_PIXEL_SIZE_UM
     transform = TwoRegionTransform(affine(base, 0.02, 30, -10), affine(base * 1.01, -0.01, 45, 5), split_he_x=2500.0)
     he = rng.uniform(0, [5000, 4000], size=(20000, 2))
-    um = transform.apply_xy(he) * XENIUM_MPP
+    um = transform.apply_xy(he) * XENIUM_PIXEL_SIZE_UM
     df = pd.DataFrame({"feature_name": pd.Categorical(rng.choice(GENES, len(he))), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(he), 30.0, np.float32)})
     ddf = dd.from_pandas(df, npartitions=4)
-    bins = bin_transcripts(ddf, geometry, PANEL, transform, xenium_pixel_size_um=XENIUM_MPP)
+    bins = bin_transcripts(ddf, geometry, PANEL, transform, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM)
     rows, cols = all_tiles(geometry)
-    mapping = TokenMapping(geometry, transform, XENIUM_MPP)
+    mapping = TokenMapping(geometry, transform, XENIUM_PIXEL_SIZE_UM)
     ref_tokens, ref_addon = reference_tiles(df, geometry, PANEL, mapping, 20.0, rows, cols)
     np.testing.assert_array_equal(bins.tokens.tile_tokens(geometry, rows, cols), ref_tokens)
     np.testing.assert_array_equal(bins.tile_addon_counts(rows, cols), ref_addon)
@@ -164,11 +165,11 @@ def test_region_transform_and_dask_partitions_match_reference():
 
 def test_affine_mapping_is_the_composition():
     geometry = TileGeometry(he_pixel_size_um=0.3791, he_height_px=3000, he_width_px=3000)
-    matrix = affine(0.3791 / XENIUM_MPP, 0.1, 12.0, -7.0)
-    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP)
+    matrix = affine(0.3791 / XENIUM_PIXEL_SIZE_UM, 0.1, 12.0, -7.0)
+    mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_PIXEL_SIZE_UM)
     um = np.random.default_rng(0).uniform(0, 1000, size=(100, 2))
     q = np.stack(mapping.um_to_tokens_xy(um[:, 0], um[:, 1]), axis=1)
-    he = AffineXY(matrix).inverse_apply_xy(um / XENIUM_MPP)
+    he = AffineXY(matrix).inverse_apply_xy(um / XENIUM_PIXEL_SIZE_UM)
     np.testing.assert_allclose(q, he * 0.3791 / 0.5 * 14 / 512, rtol=1e-12, atol=1e-9)
 
 
@@ -180,10 +181,10 @@ def test_transcript_filter_reports_kept_and_dropped():
     um = rng.uniform(0, 256, size=(20000, 2))
     df = pd.DataFrame({"feature_name": pd.Categorical(rng.choice(GENES, len(um))), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(um), 35.0, np.float32)})
-    matrix = np.diag([he_pixel_size_um / XENIUM_MPP, he_pixel_size_um / XENIUM_MPP, 1.0])
+    matrix = np.diag([he_pixel_size_um / XENIUM_PIXEL_SIZE_UM, he_pixel_size_um / XENIUM_PIXEL_SIZE_UM, 1.0])
     tiling = make_tiling(df, [image], he_pixel_size_um=he_pixel_size_um, he_to_global=matrix,
-                         xenium_pixel_size_um=XENIUM_MPP, panel=PANEL,
-                         min_transcripts=1000)
+                         xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM, panel=PANEL,
+                         options=TilingOptions(min_transcripts=1000))
     report = tiling.report
     assert report["grid_tiles"] == 49 and report["tissue_tiles"] == 49
     assert report["transcript_filter"] == {"min_transcripts": 1000, "kept": 4, "dropped": 45}
@@ -199,7 +200,8 @@ def test_panel_genes_missing_from_sample_are_listed():
     image = np.zeros((1100, 1100, 3), np.uint8)
     panel = GenePanel(core=("A", "ZZZ1"), addon=("B", "QQQ2"))
     with pytest.raises(InputError, match="2 panel genes.*ZZZ1, QQQ2"):
-        make_tiling(df, [image], he_pixel_size_um=0.5, he_to_global=np.eye(3), xenium_pixel_size_um=XENIUM_MPP,
+        make_tiling(df, [image], he_pixel_size_um=0.5, he_to_global=np.eye(3),
+                    xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM,
                     panel=panel)
 
 
@@ -224,19 +226,19 @@ def test_tissue_mask_and_region_select_tiles():
     um = np.random.default_rng(2).uniform(0, 1536, size=(50000, 2))
     df = pd.DataFrame({"feature_name": pd.Categorical(np.full(len(um), "A"), categories=GENES), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
-    matrix = np.diag([he_pixel_size_um / XENIUM_MPP, he_pixel_size_um / XENIUM_MPP, 1.0])
-    common = dict(he_pixel_size_um=he_pixel_size_um, he_to_global=matrix, xenium_pixel_size_um=XENIUM_MPP,
-                  panel=PANEL, min_transcripts=0)
-    tiling = make_tiling(df, [image], **common)
+    matrix = np.diag([he_pixel_size_um / XENIUM_PIXEL_SIZE_UM, he_pixel_size_um / XENIUM_PIXEL_SIZE_UM, 1.0])
+    common = dict(he_pixel_size_um=he_pixel_size_um, he_to_global=matrix, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM,
+                  panel=PANEL)
+    tiling = make_tiling(df, [image], options=TilingOptions(min_transcripts=0), **common)
     boxes = tiling.tiles[["he_x0", "he_x1"]].to_numpy()
     # background fraction <= 0.3: tiles reaching at most 30 % into the glass
     assert (boxes[:, 1] <= 1536 + 0.3 * 512 + 1e-9).all()
     assert tiling.report["grid_tiles"] == 121 and tiling.report["tissue_tiles"] == 11 * 5
     region = np.array([[0, 0], [1100, 0], [1100, 3072], [0, 3072]], dtype=float)  # H&E px
-    inside = make_tiling(df, [image], region_he_px=region, **common)
+    inside = make_tiling(df, [image], options=TilingOptions(min_transcripts=0, region_he_px=region), **common)
     centres = (inside.tiles["he_x0"] + inside.tiles["he_x1"]) / 2
     assert inside.report["region_tiles"] == len(inside.tiles) == 11 * 4 and (centres < 1100).all()
-    assert (inside.tiles["global_x"] * XENIUM_MPP == inside.tiles["um_x"]).all()
+    assert (inside.tiles["global_x"] * XENIUM_PIXEL_SIZE_UM == inside.tiles["um_x"]).all()
     np.testing.assert_allclose(inside.tiles["um_x"], centres * he_pixel_size_um)
 
 
@@ -248,13 +250,13 @@ def test_sparse_raster_round_trips_through_the_store(tmp_path):
     um = rng.uniform(0, 1024, size=(30000, 2))
     df = pd.DataFrame({"feature_name": pd.Categorical(rng.choice(GENES, len(um))), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
-    matrix = np.diag([0.5 / XENIUM_MPP, 0.5 / XENIUM_MPP, 1.0])
-    dense = make_tiling(df, [image], he_pixel_size_um=0.5, he_to_global=matrix, xenium_pixel_size_um=XENIUM_MPP,
-                        panel=PANEL,
-                        min_transcripts=100)
-    sparse = make_tiling(df, [image], he_pixel_size_um=0.5, he_to_global=matrix, xenium_pixel_size_um=XENIUM_MPP,
-                         panel=PANEL,
-                         min_transcripts=100, max_dense_bytes=0)
+    matrix = np.diag([0.5 / XENIUM_PIXEL_SIZE_UM, 0.5 / XENIUM_PIXEL_SIZE_UM, 1.0])
+    dense = make_tiling(df, [image], he_pixel_size_um=0.5, he_to_global=matrix,
+                        xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM,
+                        panel=PANEL, options=TilingOptions(min_transcripts=100))
+    sparse = make_tiling(df, [image], he_pixel_size_um=0.5, he_to_global=matrix,
+                         xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM,
+                         panel=PANEL, options=TilingOptions(min_transcripts=100, max_dense_bytes=0))
     assert sparse.bins.tokens.is_sparse and not dense.bins.tokens.is_sparse
     out = write_tiles_zarr(sparse, tmp_path / "t.zarr")
     store = read_tiles_zarr(out)

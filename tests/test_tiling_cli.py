@@ -70,10 +70,10 @@ def test_existing_output_and_unknown_genes_are_refused(synthetic_sample, tiles_s
 
 
 def test_per_region_registration_is_used_as_fitted(synthetic_sample_deformed, tmp_path):
-    from napari_morphomol.registration import fit_transform, read_keypoints_csv, write_registration_json
+    from napari_morphomol.registration import FitOptions, fit_transform, read_keypoints_csv, write_registration_json
 
     sample = synthetic_sample_deformed
-    fitted = fit_transform(read_keypoints_csv(sample.keypoints_csv), "per-region", n_regions=2)
+    fitted = fit_transform(read_keypoints_csv(sample.keypoints_csv), FitOptions("per-region", n_regions=2))
     record = write_registration_json(tmp_path / "registration.json", fitted)
     out = tmp_path / "tiles.zarr"
     assert main(["tiles", str(sample.xenium_dir), "--he", str(sample.he_path), "--registration", str(record),
@@ -123,8 +123,9 @@ def test_stores_of_another_kind_or_format_are_refused_with_what_to_do(tmp_path, 
     zarr.open_group(plain, mode="w")
     with pytest.raises(InputError, match=f"is not a .*{re.escape(remedy)}"):
         read(plain)
-    newer = tmp_path / "newer.zarr"
-    zarr.open_group(newer, mode="w").attrs[key] = {"format_version": version + 1}
-    with pytest.raises(InputError, match=f"of format {version + 1}, and this version reads format {version}; .*"
-                                         f"{re.escape(remedy)}"):
-        read(newer)
+    for other in (version - 1, version + 1):  # written by an older (cell-named geometry) or a newer version
+        store = tmp_path / f"format{other}.zarr"
+        zarr.open_group(store, mode="w").attrs[key] = {"format_version": other}
+        with pytest.raises(InputError, match=f"of format {other}, and this version reads format {version}; .*"
+                                             f"{re.escape(remedy)}"):
+            read(store)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from napari_morphomol.registration.transforms import AffineXY
 from napari_morphomol.tiling import GenePanel, LevelSampler, TileGeometry, TokenMapping, bin_transcripts
 
-XENIUM_MPP = 0.2125
+XENIUM_PIXEL_SIZE_UM = 0.2125
 
 
 class CountingArray:
@@ -119,13 +119,13 @@ def test_image_pixels_and_tokens_share_one_grid(he_pixel_size_um, use_half_level
     if use_half_level:
         levels.append(image.reshape(shape[0] // 2, 2, shape[1] // 2, 2, 3).mean(axis=(1, 3)).astype(np.uint8))
     geometry = TileGeometry(he_pixel_size_um=he_pixel_size_um, he_height_px=shape[0], he_width_px=shape[1])
-    scale = he_pixel_size_um / XENIUM_MPP
+    scale = he_pixel_size_um / XENIUM_PIXEL_SIZE_UM
     matrix = np.array([[scale, 0.0, 17.0], [0.0, scale, -9.0], [0.0, 0.0, 1.0]])
-    um = AffineXY(matrix).apply_xy(corners + 1.0) * XENIUM_MPP  # dot centres
+    um = AffineXY(matrix).apply_xy(corners + 1.0) * XENIUM_PIXEL_SIZE_UM  # dot centres
     df = pd.DataFrame({"feature_name": pd.Categorical(["A"] * len(um)), "x_location": um[:, 0],
                        "y_location": um[:, 1], "qv": np.full(len(um), 30.0, np.float32)})
-    bins = bin_transcripts(df, geometry, GenePanel(core=("A",)), matrix, xenium_pixel_size_um=XENIUM_MPP)
-    qx, qy = TokenMapping(geometry, AffineXY(matrix), XENIUM_MPP).um_to_tokens_xy(um[:, 0], um[:, 1])
+    bins = bin_transcripts(df, geometry, GenePanel(core=("A",)), matrix, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM)
+    qx, qy = TokenMapping(geometry, AffineXY(matrix), XENIUM_PIXEL_SIZE_UM).um_to_tokens_xy(um[:, 0], um[:, 1])
     rows, cols = np.divmod(np.arange(int(np.prod(geometry.grid_shape))), geometry.grid_shape[1])
     sampler = LevelSampler(geometry, levels)
     assert sampler.level == (1 if use_half_level else 0)

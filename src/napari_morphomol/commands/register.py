@@ -22,6 +22,7 @@ from napari_morphomol.commands._sample_inputs import input_paths
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration import (
     REGISTRATION_MODELS,
+    FitOptions,
     LandmarkPairs,
     check_direction,
     fit_transform,
@@ -76,6 +77,7 @@ def _image_size_xy(sdata, key: str) -> tuple[float, float]:
 
 
 def run(args) -> int:
+    from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY
     from napari_morphomol.io.sample import sample_info
 
     if not args.landmarks and not args.auto:
@@ -105,19 +107,13 @@ def run(args) -> int:
         )
         parts.append(auto.pairs)
     pairs = parts[0] if len(parts) == 1 else _concatenate(parts)
-    fitted = fit_transform(
-        pairs,
-        args.model,
-        robust=args.robust,
-        xenium_pixel_size_um=info.xenium_pixel_size_um,
-        he_pixel_size_um=info.he_pixel_size_um,
-        outlier_threshold_um=args.outlier_um,
-        n_regions=args.regions,
-    )
+    options = FitOptions(args.model, robust=args.robust, outlier_threshold_um=args.outlier_um, n_regions=args.regions)
+    fitted = fit_transform(pairs, options, xenium_pixel_size_um=info.xenium_pixel_size_um,
+                           he_pixel_size_um=info.he_pixel_size_um)
     check_direction(
         fitted.best_affine,
-        he_size_xy=_image_size_xy(sdata, "he_image"),
-        global_size_xy=_image_size_xy(sdata, "morphology_focus"),
+        he_size_xy=_image_size_xy(sdata, HE_IMAGE),
+        global_size_xy=_image_size_xy(sdata, MORPHOLOGY),
         he_pixel_size_um=info.he_pixel_size_um,
         xenium_pixel_size_um=info.xenium_pixel_size_um,
         source=args.landmarks or "the automatic landmarks",

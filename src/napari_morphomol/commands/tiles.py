@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_morphomol._atomic import guard_output
     from napari_morphomol.io.sample import load_sample
     from napari_morphomol.registration import read_registration_json
-    from napari_morphomol.tiling import TILES_STORE, GenePanel, tile_sample, write_tiles_zarr
+    from napari_morphomol.tiling import TILES_STORE, GenePanel, TileSpec, TilingOptions, tile_sample, write_tiles_zarr
 
     alignment = alignment_path(Path(args.xenium_dir), args.alignment, args.registration)
     inputs = input_paths(args, alignment)
@@ -63,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"\rbinning transcripts: partition {done}/{total}", end="\n" if done == total else "", file=sys.stderr,
               flush=True)
 
-    tiling = tile_sample(
-        sdata, panel=panel, he_to_global=registration, tile_px=args.tile_px, stride_px=args.stride_px,
-        tile_pixel_size_um=args.tile_pixel_size_um,
+    options = TilingOptions(
+        spec=TileSpec(tile_px=args.tile_px, stride_px=args.stride_px, tile_pixel_size_um=args.tile_pixel_size_um),
         max_background=args.max_background, min_transcripts=args.min_transcripts, min_qv=args.min_qv,
-        region_he_px=region_polygon_he_px(args.region), progress=progress,
+        region_he_px=region_polygon_he_px(args.region),
     )
+    tiling = tile_sample(sdata, panel=panel, he_to_global=registration, options=options, progress=progress)
     provenance = {"xenium_dir": str(args.xenium_dir), "he": str(args.he), "alignment": alignment,
                   "registration": args.registration, "panel": args.panel}
     write_tiles_zarr(tiling, out, overwrite=args.overwrite, provenance=provenance, inputs=inputs)

@@ -343,17 +343,17 @@ def _start_store(partial: Path, inputs: _Inputs, options: PredictOptions, record
 def _tile(inputs: _Inputs, options: PredictOptions, record: _CallRecord):
     """The sample tiled with the card's tile geometry; a model whose transcripts miss the tiles is
     refused before the tiling's warnings are shown (they are moot then)."""
-    from napari_morphomol.tiling import GenePanel, tile_sample
+    from napari_morphomol.tiling import GenePanel, TilingOptions, tile_sample
 
-    g = inputs.card.tile_geometry
-    region = None if options.region_he_px is None else np.asarray(options.region_he_px, dtype=float)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tiling = tile_sample(inputs.sdata, panel=GenePanel(core=_core_genes(inputs),
                                                            addon=inputs.panel_match.addon_measured),
-                             he_to_global=options.he_to_global, tile_px=g.tile_px, stride_px=g.stride_px,
-                             tile_pixel_size_um=g.tile_pixel_size_um, min_transcripts=options.min_transcripts,
-                             max_background=options.max_background, region_he_px=region)
+                             he_to_global=options.he_to_global,
+                             options=TilingOptions(spec=inputs.card.tile_geometry,
+                                                   min_transcripts=options.min_transcripts,
+                                                   max_background=options.max_background,
+                                                   region_he_px=options.region_he_px))
     check_transcripts_meet_tiles(inputs.card, tiling)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

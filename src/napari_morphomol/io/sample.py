@@ -27,14 +27,12 @@ from spatialdata.models.pyramids_utils import dask_arrays_to_datatree
 from spatialdata.transformations import Affine, Identity, Scale, set_transformation
 
 from napari_morphomol.coords import GLOBAL, HE_PX
+from napari_morphomol.elements import CELL_TABLE, HE_IMAGE, MORPHOLOGY, TRANSCRIPTS
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.features import XeniumDataWarning, warn_non_finite_xy
 from napari_morphomol.io.he_image import read_pyramid, rgb_levels_cyx
 from napari_morphomol.registration.formats import read_alignment_csv
 
-HE_IMAGE = "he_image"
-MORPHOLOGY = "morphology_focus"
-TRANSCRIPTS = "transcripts"
 ATTRS_KEY = "morphomol"
 
 _VERSION_RE = re.compile(r"^xenium-(\d+)\.(\d+)\.(\d+)(\.\d+)*")
@@ -296,7 +294,35 @@ def load_sample(
 
     Elements: ``morphology_focus`` (multiscale, ``global``), ``transcripts`` (dask points, um
     columns, Scale to ``global``), ``he_image`` (multiscale RGB in ``he_px``, and in ``global``
-    when an alignment is given), and with ``cells`` the cell table and boundaries.
+    when an alignment is given), and with ``cells`` the cell table and boundaries. Nothing is
+    written into the bundle.
+
+    Parameters
+    ----------
+    xenium_dir
+        A Xenium output bundle (the folder holding ``experiment.xenium``).
+    he_path
+        An H&E pyramid (OME-TIFF, SVS or a tiled TIFF).
+    alignment_csv
+        H&E px -> Xenium ``global`` px, as Xenium's ``he_imagealignment.csv`` (needs both inputs).
+    he_pixel_size_um
+        The H&E pixel size when the file does not say it (or says it wrongly).
+    cells
+        Also read the cell table and the cell and nucleus boundaries.
+    cell_labels
+        Also read the cell label mask.
+
+    Returns
+    -------
+    spatialdata.SpatialData
+        Lazy elements ``HE_IMAGE``, ``MORPHOLOGY`` and ``TRANSCRIPTS`` (those the inputs give);
+        :func:`sample_info` describes it.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable inputs, an alignment without both images, or a bundle that is not
+        Xenium's, each saying what to give.
     """
     if xenium_dir is None and he_path is None:
         raise InputError("give a Xenium folder, an H&E image, or both.")
@@ -458,5 +484,5 @@ def summarize_sample(sdata: SpatialData) -> dict:
             "features": len(names),
         }
     if "table" in sdata.tables:
-        summary["cells"] = int(sdata.tables["table"].n_obs)
+        summary["cells"] = int(sdata.tables[CELL_TABLE].n_obs)
     return summary

@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from napari_morphomol._atomic import atomic_output, guard_output_folder, open_versioned_group, zarr_store_kind
 from napari_morphomol.errors import InputError
-from napari_morphomol.tiling import GenePanel, LevelSampler, TileSpec, TilesStore, read_tiles_zarr
+from napari_morphomol.tiling import GenePanel, LevelSampler, TileSpec, TilesStore, TilingOptions, read_tiles_zarr
 
 IMAGES_ATTRS_KEY = "morphomol_tile_images"
 IMAGES_FORMAT_VERSION = 1
@@ -271,7 +271,7 @@ def tile_sample_folder(
     *,
     panel: GenePanel | None = None,
     overwrite: bool = False,
-    **tiling_options,
+    options: TilingOptions = TilingOptions(),
 ) -> Path:
     """A sample folder (Xenium bundle with its aligned H&E, or ``xenium/`` + H&E files, as
     ``morphomol synth`` writes) -> a tiles store with its decoded tiles, as ``morphomol tiles``
@@ -298,7 +298,7 @@ def tile_sample_folder(
     inputs = (folder, parts.xenium_dir, parts.he_path, parts.alignment_csv)
     out = guard_output(out_path, TILES_STORE, inputs=inputs, overwrite=overwrite)
     sdata = load_sample(parts.xenium_dir, parts.he_path, parts.alignment_csv)
-    tiling = tile_sample(sdata, panel=panel, **tiling_options)
+    tiling = tile_sample(sdata, panel=panel, options=options)
     provenance = {"xenium_dir": str(parts.xenium_dir.absolute()), "he": str(parts.he_path.absolute()),
                   "alignment": str(parts.alignment_csv.absolute()), "panel": panel_source}
     write_tiles_zarr(tiling, out, overwrite=overwrite, provenance=provenance, inputs=inputs)
@@ -320,7 +320,7 @@ def tiles_stores_for(
     work_dir: str | Path,
     panel: GenePanel | None = None,
     progress: Callable[[str], None] | None = None,
-    **tiling_options,
+    options: TilingOptions = TilingOptions(),
 ) -> list[Path]:
     """Tiles stores for a mix of stores and sample folders: folders are tiled once into
     ``work_dir/NAME.tiles.zarr`` (reused when already there)."""
@@ -344,6 +344,6 @@ def tiles_stores_for(
         else:
             say(f"{path}: tiling into {store}")
             store.parent.mkdir(parents=True, exist_ok=True)
-            tile_sample_folder(path, store, panel=panel, **tiling_options)
+            tile_sample_folder(path, store, panel=panel, options=options)
         stores.append(store)
     return stores

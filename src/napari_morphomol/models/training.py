@@ -290,6 +290,36 @@ def train_model(
     Runs on whatever Lightning finds (``settings.accelerator/devices/num_nodes/strategy``, so
     DDP over GPUs or nodes when launched that way); only global rank 0 writes the checkpoint.
     The Min-MAE baseline is fitted in one pass instead.
+
+    Parameters
+    ----------
+    config
+        The architecture (a row of ``VARIANT_TABLE`` and its sizes).
+    train_dataset, val_dataset
+        Tile datasets (``TileDataset`` / ``CohortDataset``) giving image, tokens and target per tile.
+    core_genes, addon_genes
+        The panel, in the order of the model's inputs and outputs.
+    checkpoint_path
+        Where the .safetensors checkpoint goes (written atomically); None keeps it in memory only.
+    settings
+        Optimiser, schedule, batch size, early stopping, modality dropout and where to run.
+    backbone_weights
+        None (random init), "hub" or a local weights file for the ViT.
+    tile_geometry
+        How the tiles were cut (recorded in the card; ``predict`` cuts tiles the same way).
+    data_summary
+        Free-form description of the training data, kept in the card.
+
+    Returns
+    -------
+    TrainingResult
+        The model at its best validation epoch, its card (with metrics) and the checkpoint path.
+
+    Raises
+    ------
+    InputError
+        A config and settings that disagree (modality dropout, token heads without targets) or
+        datasets that do not fit the config.
     """
     card_without_results = ModelCard(config, tuple(core_genes), tuple(addon_genes), tile_geometry)
     if config.unimodal_inputs != (settings.modality_dropout > 0):

@@ -21,6 +21,7 @@ import pandas as pd
 
 from napari_morphomol._atomic import json_file_kind, write_text_atomic
 from napari_morphomol.coords import GLOBAL
+from napari_morphomol.elements import HE_IMAGE
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.fit import FitOptions, FittedTransform, fit_transform
 from napari_morphomol.registration.landmarks import LandmarkPairs
@@ -144,20 +145,7 @@ def fitted_from_record(record: dict) -> FittedTransform:
         raise InputError(f"not a napari-morphomol registration record (format {record.get('format')!r})")
     lm = record["landmarks"]
     pairs = LandmarkPairs.from_arrays(lm["he_px"], lm["global_px"], lm["names"], lm["active"])
-    options = FitOptions(**record["options"])
-    polygons = options.region_polygons_he_px
-    fitted = fit_transform(
-        pairs,
-        options.model,
-        robust=options.robust,
-        xenium_pixel_size_um=record["xenium_pixel_size_um"],
-        outlier_threshold_um=options.outlier_threshold_um,
-        n_regions=options.n_regions,
-        region_polygons_he_px=None if polygons is None else [np.asarray(p) for p in polygons],
-        blend_sigma_px=options.blend_sigma_px,
-        region_stiffness=options.region_stiffness,
-        seed=options.seed,
-    )
+    fitted = fit_transform(pairs, FitOptions(**record["options"]), xenium_pixel_size_um=record["xenium_pixel_size_um"])
     if not np.allclose(fitted.best_affine, record["best_affine"], rtol=1e-9, atol=1e-9):
         raise InputError("the registration record does not reproduce its own transform; it was edited or damaged")
     return fitted
@@ -180,7 +168,7 @@ def read_registration_json(path: str | Path) -> FittedTransform:
     return fitted_from_record(record)
 
 
-def set_he_registration(sdata, fitted: FittedTransform, image_key: str = "he_image") -> None:
+def set_he_registration(sdata, fitted: FittedTransform, image_key: str = HE_IMAGE) -> None:
     """Give the H&E element its transform to ``global`` and record the full model in attrs.
 
     The element gets ``best_affine``; ``attrs[REGISTRATION_ATTRS_KEY]`` gets the full record, and

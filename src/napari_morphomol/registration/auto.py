@@ -23,8 +23,9 @@ from skimage.registration import phase_cross_correlation
 from skimage.transform import rescale
 
 from napari_morphomol.coords import napari_affine
+from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY
 from napari_morphomol.errors import InputError
-from napari_morphomol.registration.fit import fit_transform
+from napari_morphomol.registration.fit import FitOptions, fit_transform
 from napari_morphomol.registration.landmarks import LandmarkPairs
 
 COARSE_MAX_SIDE_PX = 320
@@ -203,7 +204,7 @@ def propose_landmarks(
         pairs, match_scores = _refine_on_grid(
             start, he_levels_cyx, he_pixel_size_um, dapi_levels_cyx, xenium_pixel_size_um, fine_um, grid, patch_um
         )
-        start = fit_transform(pairs, "affine", leave_one_out=False).matrix
+        start = fit_transform(pairs, FitOptions("affine"), leave_one_out=False).matrix
     return AutoRegistration(
         pairs=pairs, coarse_matrix=coarse, angle_deg=best % 360.0, coarse_correlation=score,
         match_correlation=match_scores,
@@ -264,7 +265,7 @@ def _refine_on_grid(coarse, he_levels, he_px_um, dapi_levels, xen_px_um, fine_um
 
 
 def propose_landmarks_for_sample(
-    sdata, *, he_key: str = "he_image", morphology_key: str = "morphology_focus", **kwargs
+    sdata, *, he_key: str = HE_IMAGE, morphology_key: str = MORPHOLOGY, **kwargs
 ) -> AutoRegistration:
     """:func:`propose_landmarks` on a sample opened by ``napari_morphomol.io.load_sample``."""
     from napari_morphomol.io.sample import sample_info

@@ -64,16 +64,37 @@ LOO_OUTLIER_MIN_UM = 5.0
 
 @dataclass(frozen=True)
 class FitOptions:
-    """Settings of a fit (kept with the result so it can be redone or recorded)."""
+    """Settings of a fit (kept with the result so it can be redone or recorded). Checked when made:
+    an unknown model, or regions given to a model without regions, is an InputError."""
 
     model: str = "affine"
+    """A row of :data:`REGISTRATION_MODELS`."""
     robust: bool = False
+    """Run RANSAC first (with the model itself for global models, with an affine for per-region
+    and spline models) and drop the pairs missing by more than ``outlier_threshold_um``."""
     outlier_threshold_um: float = DEFAULT_OUTLIER_THRESHOLD_UM
     n_regions: int | None = None
+    """Per-region model: this many automatic regions (k-means of the landmarks)."""
     region_polygons_he_px: tuple[tuple[tuple[float, float], ...], ...] | None = None
+    """Per-region model: one polygon per region, in H&E px (instead of ``n_regions``)."""
     blend_sigma_px: float | None = None
     region_stiffness: float = DEFAULT_REGION_STIFFNESS
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in REGISTRATION_MODELS:
+            raise InputError(f"unknown registration model {self.model!r}; choose one of "
+                             f"{', '.join(REGISTRATION_MODELS)}")
+        takes_regions = REGISTRATION_MODELS[self.model].takes_regions
+        if self.n_regions is not None and not takes_regions:
+            raise InputError(f"a number of regions only applies to the per-region model, not {self.model}")
+        if self.region_polygons_he_px is not None:
+            if not takes_regions:
+                raise InputError("region polygons only apply to the per-region model; use model='per-region'")
+            polygons = tuple(tuple(map(tuple, as_points_xy(p).tolist())) for p in self.region_polygons_he_px)
+            object.__setattr__(self, "region_polygons_he_px", polygons)
+        object.__setattr__(self, "outlier_threshold_um", float(self.outlier_threshold_um))
+        object.__setattr__(self, "region_stiffness", float(self.region_stiffness))
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -145,49 +166,43 @@ class FittedTransform:
 
 def fit_transform(
     pairs: LandmarkPairs,
-    model: str = "affine",
+    options: FitOptions | None = None,
     *,
-    robust: bool = False,
     xenium_pixel_size_um: float = XENIUM_PIXEL_SIZE_UM,
     he_pixel_size_um: float | None = None,
-    outlier_threshold_um: float = DEFAULT_OUTLIER_THRESHOLD_UM,
-    n_regions: int | None = None,
-    region_polygons_he_px: list[np.ndarray] | None = None,
-    blend_sigma_px: float | None = None,
-    region_stiffness: float = DEFAULT_REGION_STIFFNESS,
     leave_one_out: bool = True,
-    seed: int = 0,
 ) -> FittedTransform:
-    """Fit ``model`` to the active pairs and measure residuals, RMSE and leave-one-out errors.
+    """Fit a registration model to the active pairs and measure residuals, RMSE and leave-one-out errors.
 
-    ``robust`` runs RANSAC first (with the model itself for global models, with an affine for
-    per-region and spline models), drops pairs missing by more than ``outlier_threshold_um``
-    and says which. ``he_pixel_size_um``, when known, lets the fit check its scale against the
-    pixel-size ratio. Per-region fits take ``region_polygons_he_px`` (one (M, 2) polygon per
-    region, in H&E px) or make ``n_regions`` automatic regions by k-means of the landmarks.
+    Parameters
+    ----------
+    pairs
+        Landmark pairs, H&E px -> Xenium ``global`` px.
+    options
+        The model and how it is fitted (:class:`FitOptions`): robust outlier removal, regions.
+        None: a plain affine fit.
+    xenium_pixel_size_um
+        Size of one ``global`` px (errors are reported in um).
+    he_pixel_size_um
+        The H&E pixel size when known: the fit checks its scale against the pixel-size ratio.
+    leave_one_out
+        Also refit without each used pair in turn (``loo_um``; skip it for speed).
+
+    Returns
+    -------
+    FittedTransform
+        The transform, which pairs were used or dropped, residuals and warnings.
+
+    Raises
+    ------
+    InputError
+        Too few active pairs for the model or its regions, or a non-positive pixel size.
     """
-    if model not in REGISTRATION_MODELS:
-        raise InputError(f"unknown registration model {model!r}; choose one of {', '.join(REGISTRATION_MODELS)}")
-    entry = REGISTRATION_MODELS[model]
     if not xenium_pixel_size_um > 0:
         raise InputError(f"the Xenium pixel size must be > 0 um, got {xenium_pixel_size_um}")
-    if n_regions is not None and not entry.takes_regions:
-        raise InputError(f"a number of regions only applies to the per-region model, not {model}")
-    polygons = None
-    if region_polygons_he_px is not None:
-        if not entry.takes_regions:
-            raise InputError("region polygons only apply to the per-region model; use model='per-region'")
-        polygons = tuple(tuple(map(tuple, as_points_xy(p).tolist())) for p in region_polygons_he_px)
-    options = FitOptions(
-        model=model,
-        robust=robust,
-        outlier_threshold_um=float(outlier_threshold_um),
-        n_regions=n_regions,
-        region_polygons_he_px=polygons,
-        blend_sigma_px=blend_sigma_px,
-        region_stiffness=float(region_stiffness),
-        seed=seed,
-    )
+    options = FitOptions() if options is None else options
+    model, n_regions, polygons = options.model, options.n_regions, options.region_polygons_he_px
+    entry = REGISTRATION_MODELS[model]
     _require_pairs(model, pairs.n_active)
     if entry.takes_regions and polygons is None and n_regions is not None:
         per_region = REGISTRATION_MODELS["affine"].min_pairs
@@ -198,7 +213,7 @@ def fit_transform(
                 "Add landmarks or ask for fewer regions."
             )
     outliers = np.zeros(len(pairs), dtype=bool)
-    if robust:
+    if options.robust:
         outliers = _ransac_outliers(pairs, options, xenium_pixel_size_um)
     used = pairs.active & ~outliers
     transform = _fit_model(pairs.he_px[used], pairs.global_px[used], options)

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_morphomol.coords import GLOBAL, apply_affine_xy, layer_affine_um, scale_matrix
+from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.apply import REGISTRATION_ATTRS_KEY, SAMPLE_ATTRS_KEY, set_he_registration
-from napari_morphomol.registration.fit import FittedTransform, fit_transform
+from napari_morphomol.registration.fit import FitOptions, FittedTransform, fit_transform
 from napari_morphomol.registration.formats import check_direction
 from napari_morphomol.registration.landmarks import LandmarkPairs
 
-HE_IMAGE_KEY = "he_image"
-MORPHOLOGY_KEY = "morphology_focus"
 SIDE_BY_SIDE_GAP = 0.05
 """Side by side, the H&E starts this fraction of the Xenium image's width right of it."""
 
@@ -35,7 +34,7 @@ class SampleGeometry:
     xenium_pixel_size_um: float
 
 
-def sample_geometry(sdata, he_key: str = HE_IMAGE_KEY, morphology_key: str = MORPHOLOGY_KEY) -> SampleGeometry:
+def sample_geometry(sdata, he_key: str = HE_IMAGE, morphology_key: str = MORPHOLOGY) -> SampleGeometry:
     """The geometry of a sample opened by ``napari_morphomol.io.load_sample`` (H&E and Xenium)."""
     from napari_morphomol.io.sample import sample_info
 
@@ -122,13 +121,8 @@ def fit_landmark_points(
     """Fit ``model`` to clicked points, refusing unequal counts, points off their image and a
     fit that maps the H&E the wrong way round (see ``check_direction``)."""
     pairs = landmark_pairs_from_points(he_px, global_px, names=names, active=active, geometry=geometry)
-    fitted = fit_transform(
-        pairs,
-        model,
-        robust=robust,
-        xenium_pixel_size_um=geometry.xenium_pixel_size_um,
-        he_pixel_size_um=geometry.he_pixel_size_um,
-    )
+    fitted = fit_transform(pairs, FitOptions(model, robust=robust), xenium_pixel_size_um=geometry.xenium_pixel_size_um,
+                           he_pixel_size_um=geometry.he_pixel_size_um)
     check_direction(
         fitted.best_affine,
         he_size_xy=geometry.he_size_xy,
@@ -183,7 +177,7 @@ class RegistrationHistory:
     loader's ``he_to_global`` and the registration record in ``sdata.attrs``.
     """
 
-    image_key: str = HE_IMAGE_KEY
+    image_key: str = HE_IMAGE
     _undo: list[_RegistrationState] = field(default_factory=list)
     _redo: list[_RegistrationState] = field(default_factory=list)
 

@@ -3,14 +3,22 @@
 Geometry: :mod:`napari_morphomol.tiling.geometry` (:class:`TileSpec`, how tiles and tokens are
 cut, and :class:`TileGeometry`, a spec over one H&E image: one token grid shared by tiles, tokens
 and resized image pixels). Entry points: :func:`tile_sample` (a loaded sample) and
-:func:`make_tiling` (plain arrays and dataframes); :class:`LevelSampler` cuts the H&E tiles;
+:func:`make_tiling` (plain arrays and dataframes), both with :class:`TilingOptions`;
+:class:`LevelSampler` cuts the H&E tiles;
 :func:`write_tiles_zarr` / :func:`read_tiles_zarr` store the result.
 """
 
 from napari_morphomol.tiling.geometry import TileGeometry, TileSpec, pick_pyramid_level
 from napari_morphomol.tiling.he_tiles import LevelSampler
 from napari_morphomol.tiling.panel import GenePanel, is_control_feature
-from napari_morphomol.tiling.pipeline import Tiling, compute_tissue_mask, he_levels_yxc, make_tiling, tile_sample
+from napari_morphomol.tiling.pipeline import (
+    Tiling,
+    TilingOptions,
+    compute_tissue_mask,
+    he_levels_yxc,
+    make_tiling,
+    tile_sample,
+)
 from napari_morphomol.tiling.store import TILES_STORE, TilesStore, read_tiles_zarr, write_tiles_zarr
 from napari_morphomol.tiling.transcripts import (
     HeGlobalTransform,
@@ -30,6 +38,7 @@ __all__ = [
     "TileSpec",
     "TilesStore",
     "Tiling",
+    "TilingOptions",
     "TokenRaster",
     "TranscriptBins",
     "bin_transcripts",

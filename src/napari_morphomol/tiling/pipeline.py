@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.tiling.geometry import TileGeometry
+from napari_morphomol.tiling.geometry import TileGeometry, TileSpec
 from napari_morphomol.tiling.panel import GenePanel
 from napari_morphomol.tiling.tissue import pick_mask_level, tile_background_fraction, tiles_in_region, tissue_mask
 from napari_morphomol.tiling.transcripts import (
@@ -99,6 +99,36 @@ def grid_tiles(geometry: TileGeometry, he_to_global: HeGlobalTransform, xenium_p
     })
 
 
+@dataclass(frozen=True)
+class TilingOptions:
+    """How a sample is tiled: the tile geometry and which tiles and transcripts are kept.
+
+    Checked when made (an out-of-range value is an InputError naming it).
+    """
+
+    spec: TileSpec = TileSpec()
+    """How tiles and tokens are cut (512 px at 0.5 um/px, stride 256, 224 px, 14 x 14 tokens)."""
+    max_background: float = 0.3
+    """Largest background fraction of a kept tile, 0 to 1."""
+    region_he_px: tuple[tuple[float, float], ...] | None = None
+    """A polygon of (x, y) H&E px: only tiles whose centre is inside it are kept (None: all)."""
+    min_transcripts: int = 1000
+    """Fewest core + add-on transcripts of a kept tile; 0 keeps all."""
+    min_qv: float = 20.0
+    """Lowest transcript quality value counted."""
+    max_dense_bytes: int = 2 * 1024**3
+    """Largest dense core-gene token raster; a larger one is held sparse (CSR)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_background <= 1.0:
+            raise InputError(f"max_background is a fraction in [0, 1], got {self.max_background}")
+        if self.min_transcripts < 0:
+            raise InputError(f"min_transcripts must be >= 0, got {self.min_transcripts}")
+        if self.region_he_px is not None:
+            polygon = np.asarray(self.region_he_px, dtype=float).tolist()
+            object.__setattr__(self, "region_he_px", tuple(tuple(point) for point in polygon))
+
+
 def make_tiling(
     transcripts,
     levels_yxc: Sequence,
@@ -107,35 +137,57 @@ def make_tiling(
     he_to_global: np.ndarray | HeGlobalTransform,
     xenium_pixel_size_um: float,
     panel: GenePanel | None,
-    tile_px: int = 512,
-    stride_px: int = 256,
-    tile_pixel_size_um: float = 0.5,
-    max_background: float = 0.3,
+    options: TilingOptions = TilingOptions(),
     mask: tuple[np.ndarray, tuple[float, float]] | None = None,
-    region_he_px: np.ndarray | None = None,
-    min_transcripts: int = 1000,
-    min_qv: float = 20.0,
     x_col: str = "x_location",
     y_col: str = "y_location",
-    max_dense_bytes: int = 2 * 1024**3,
     progress: Callable[[int, int], None] | None = None,
 ) -> Tiling:
-    """Tile an H&E image (levels ``(H, W, 3)``, full resolution first) with its transcripts (um).
+    """Tile an H&E image with its transcripts.
 
-    ``panel=None`` uses every measured gene as core and no add-on. Tiles are kept when their
-    background fraction is at most ``max_background`` (mask from the pyramid unless given), their
-    centre is in ``region_he_px`` (if given) and they hold at least ``min_transcripts`` core +
-    add-on transcripts (0 disables).
+    Tiles are kept when their background fraction is at most ``options.max_background``, their
+    centre lies in ``options.region_he_px`` (if given) and they hold at least
+    ``options.min_transcripts`` core + add-on transcripts.
+
+    Parameters
+    ----------
+    transcripts
+        pandas or dask dataframe of transcripts: ``x_col`` / ``y_col`` in um, ``feature_name``, ``qv``.
+    levels_yxc
+        H&E pyramid levels ``(H, W, 3)``, full resolution first.
+    he_pixel_size_um
+        Native H&E pixel size.
+    he_to_global
+        H&E px -> Xenium ``global`` px: a 3 x 3 matrix or a registration transform.
+    xenium_pixel_size_um
+        Size of one ``global`` px.
+    panel
+        Core and add-on genes; None uses every measured gene as core and no add-on.
+    options
+        Tile geometry and filters (:class:`TilingOptions`).
+    mask
+        A tissue mask and its pixel size in H&E px (x, y); None computes it from the pyramid.
+    x_col, y_col
+        Transcript coordinate columns.
+    progress
+        Called with (partitions done, partitions) while transcripts are binned.
+
+    Returns
+    -------
+    Tiling
+        The kept tiles, their counts and what every filter removed (``report``).
+
+    Raises
+    ------
+    InputError
+        When no tile is kept (saying which filter removed them) or the inputs do not fit.
     """
-    if not 0.0 <= max_background <= 1.0:
-        raise InputError(f"max_background is a fraction in [0, 1], got {max_background}")
-    if min_transcripts < 0:
-        raise InputError(f"min_transcripts must be >= 0, got {min_transcripts}")
+    spec, max_background = options.spec, options.max_background
+    region_he_px = None if options.region_he_px is None else np.asarray(options.region_he_px, dtype=float)
     transform = as_he_global_transform(he_to_global)
     full_h, full_w = (int(s) for s in levels_yxc[0].shape[:2])
-    geometry = TileGeometry(he_pixel_size_um=he_pixel_size_um, he_height_px=full_h, he_width_px=full_w,
-                            tile_pixel_size_um=tile_pixel_size_um,
-                            tile_px=tile_px, stride_px=stride_px)
+    geometry = TileGeometry(**spec.to_dict(), he_pixel_size_um=he_pixel_size_um, he_height_px=full_h,
+                            he_width_px=full_w)
     features = feature_names(transcripts)
     panel = GenePanel.all_genes(features) if panel is None else panel.validated(features)
 
@@ -154,8 +206,8 @@ def make_tiling(
         raise InputError(f"no tile is kept: {why_no_tiles(report, max_background)}")
 
     bins = bin_transcripts(transcripts, geometry, panel, transform, xenium_pixel_size_um=xenium_pixel_size_um,
-                           min_qv=min_qv,
-                           x_col=x_col, y_col=y_col, max_dense_bytes=max_dense_bytes, progress=progress)
+                           min_qv=options.min_qv, x_col=x_col, y_col=y_col, max_dense_bytes=options.max_dense_bytes,
+                           progress=progress)
     report["transcripts"] = bins.counts.to_dict()
     report["transcripts_on_tissue_tiles"] = _on_tiles(bins, tissue_rows, tissue_cols)
     _warn_if_few_on_tissue(report)
@@ -163,8 +215,8 @@ def make_tiling(
     tiles["n_core"] = bins.tile_core_totals(rows, cols)
     tiles["n_addon"] = bins.tile_addon_counts(rows, cols).sum(axis=1)
     tiles["n_transcripts"] = tiles["n_core"] + tiles["n_addon"]
-    enough = tiles["n_transcripts"] >= min_transcripts
-    report["transcript_filter"] = {"min_transcripts": int(min_transcripts), "kept": int(enough.sum()),
+    enough = tiles["n_transcripts"] >= options.min_transcripts
+    report["transcript_filter"] = {"min_transcripts": int(options.min_transcripts), "kept": int(enough.sum()),
                                    "dropped": int((~enough).sum())}
     report["token_raster"] = {"sparse": bins.tokens.is_sparse, "nbytes": int(bins.tokens.nbytes)}
     tiles = tiles[enough].reset_index(drop=True)
@@ -233,12 +285,26 @@ def he_levels_yxc(element) -> list:
 
 
 def tile_sample(sdata, *, panel: GenePanel | None, he_to_global: np.ndarray | HeGlobalTransform | None = None,
-                **options) -> Tiling:
+                options: TilingOptions = TilingOptions(), progress: Callable[[int, int], None] | None = None
+                ) -> Tiling:
     """:func:`make_tiling` on a sample opened by :func:`napari_morphomol.io.load_sample`.
 
     The registration is, in order: ``he_to_global``; the full model recorded on the sample by
     :func:`napari_morphomol.registration.set_he_registration` (per-region fits stay per-region);
     the alignment matrix the sample was loaded with.
+
+    Parameters
+    ----------
+    sdata
+        The sample (H&E image and Xenium transcripts).
+    panel, options, progress
+        As for :func:`make_tiling`.
+    he_to_global
+        A registration to use instead of the sample's.
+
+    Returns
+    -------
+    Tiling
     """
     from napari_morphomol.io.sample import HE_IMAGE, TRANSCRIPTS, sample_info
     from napari_morphomol.registration import REGISTRATION_ATTRS_KEY, fitted_from_record
@@ -258,6 +324,6 @@ def tile_sample(sdata, *, panel: GenePanel | None, he_to_global: np.ndarray | He
         )
     return make_tiling(
         sdata.points[TRANSCRIPTS], he_levels_yxc(sdata.images[HE_IMAGE]), he_pixel_size_um=info.he_pixel_size_um,
-        he_to_global=transform, xenium_pixel_size_um=info.xenium_pixel_size_um, panel=panel, x_col="x", y_col="y",
-        **options,
+        he_to_global=transform, xenium_pixel_size_um=info.xenium_pixel_size_um, panel=panel, options=options,
+        x_col="x", y_col="y", progress=progress,
     )
