@@ -280,19 +280,30 @@ def atomic_output(path: str | Path, kind: OutputKind, *, inputs: Iterable[str | 
     renames and the old copy is deleted only once the new one is in place.
     """
     path = guard_output(path, kind, inputs=inputs, overwrite=overwrite)
+    try:
+        with replaced_atomically(path) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise InputError(os_error_message(path, exc)) from exc
+
+
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (not created yet); on success it takes ``path``'s
+    place (:func:`replace_path`), on any error it is deleted. No guard: callers check ``path``
+    first (:func:`atomic_output` does both)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
-        _replace(tmp, path)
-    except OSError as exc:
-        _remove(tmp)
-        raise InputError(os_error_message(path, exc)) from exc
+        replace_path(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
 
 
-def _replace(tmp: Path, path: Path) -> None:
+def replace_path(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path``; an existing folder there is renamed aside first and deleted only
+    once the new one is in place (two renames, never a moment without a complete copy)."""
     if path.is_dir() and not path.is_symlink():
         trash = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, trash)

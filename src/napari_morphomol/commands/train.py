@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from napari_morphomol._atomic import guard_output, guard_output_folder, json_file_kind, write_text_atomic
 from napari_morphomol.commands._arguments import fraction, real_number, whole_number
@@ -140,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(
                 f"{out} already holds {', '.join(v + '.safetensors' for v in clash)}; choose another --out"
             )
+    if len({Path(p).absolute() for p in args.data}) < 2:  # each path is one sample: refused before tiling into --out
+        raise InputError(f"{len(args.data)} sample cannot be split into train and validation without sharing a "
+                         "tissue section; give at least two samples (tiles stores or sample folders) in DATA")
     panel = GenePanel.from_json(args.panel) if args.panel else None
 
     def say(message: str) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from napari_morphomol._atomic import open_versioned_group, zarr_store_kind
+from napari_morphomol._atomic import open_versioned_group, replace_path, zarr_store_kind
 from napari_morphomol.errors import InputError
 
 FORMAT_VERSION = 2
@@ -294,13 +294,7 @@ def finalise_store(partial: Path, final: Path, attrs_update: dict) -> Path:
         del root["inputs"]
     (partial / CANCEL_MARKER).unlink(missing_ok=True)
     root.attrs[ATTRS_KEY] = {**dict(root.attrs[ATTRS_KEY]), **attrs_update, "status": "complete"}
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(partial, final)
-        shutil.rmtree(trash)
-    else:
-        os.replace(partial, final)
+    replace_path(partial, final)
     return final
 
 

@@ -9,7 +9,7 @@ element keys of a sample are :data:`HE_IMAGE`, :data:`MORPHOLOGY` and :data:`TRA
 The synthetic sample generator is :mod:`napari_morphomol.synthetic`.
 """
 
-import importlib
+from napari_morphomol._lazy import lazy_attributes
 
 #: Public names and the submodule defining each. They load on first use, so that importing
 #: ``napari_morphomol.io`` (or one light submodule) does not import spatialdata, dask or tifffile.
@@ -21,17 +21,7 @@ _SOURCES = {
                "summarize_sample"),
     "transcript_density": ("TranscriptDensity", "build_transcript_density", "transcripts_in_box_um"),
 }
-_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
-
-
-def __getattr__(name):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_morphomol.io' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"napari_morphomol.io.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_attributes("napari_morphomol.io", _SOURCES)
 
 __all__ = [
     "HE_IMAGE",

@@ -8,7 +8,7 @@ score it; :func:`save_checkpoint` / :func:`load_checkpoint` keep it with its :cl
 :func:`convert_reference_checkpoint` reads the paper's reference code's weights.
 """
 
-import importlib
+from napari_morphomol._lazy import lazy_attributes
 
 #: Public names and the submodule defining each. They load on first use, so that reading a
 #: model card, the variant names or the CLI's --help does not import torch, timm or Lightning.
@@ -25,17 +25,7 @@ _SOURCES = {
     "training": ("Evaluation", "SampleSplit", "TrainingResult", "TrainingSettings", "evaluate_model",
                  "split_by_sample", "train_model"),
 }
-_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
-
-
-def __getattr__(name):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_morphomol.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"napari_morphomol.models.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_attributes("napari_morphomol.models", _SOURCES)
 
 __all__ = [
     "DEFAULT_BACKBONE",

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from napari_morphomol import __version__
+from napari_morphomol._atomic import replaced_atomically
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.baseline import MinMAEBaseline
 from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, MAX_PARAMETERS, ModelConfig, tile_spec_from_dict
@@ -171,15 +170,8 @@ def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path
     }
     card = ModelCard(card.model, card.core_genes, card.addon_genes, card.tile_geometry, card.training, provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(temporary, 0o644)  # mkstemp makes 0600: readable outputs, like files open() creates
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={CARD_METADATA_KEY: card.to_json()})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as temporary:
+        save_file(tensors, str(temporary), metadata={CARD_METADATA_KEY: card.to_json()})
     return path
 
 

@@ -17,7 +17,7 @@ tables and metadata), :mod:`.images` (DAPI, masks, H&E), :mod:`.writers` (stream
 10x HDF5), :mod:`.truth` (ground truth), :mod:`.sample` (the folder, written atomically).
 """
 
-import importlib
+from napari_morphomol._lazy import lazy_attributes
 
 #: Public names and the submodule defining each. They load on first use, so that importing the
 #: package (a command's --help, Open Sample's menu entry) does not load numba, pyarrow or zarr.
@@ -26,17 +26,7 @@ _SOURCES = {
     "truth": ("GENERATOR_VERSION", "GroundTruth", "load_ground_truth", "true_global_to_he_px",
               "true_he_to_global_px"),
 }
-_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
-
-
-def __getattr__(name):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_morphomol.synthetic' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"napari_morphomol.synthetic.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_attributes("napari_morphomol.synthetic", _SOURCES)
 
 __all__ = [
     "GENERATOR_VERSION",
