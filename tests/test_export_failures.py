@@ -39,7 +39,7 @@ from napari_morphomol import _atomic
 def pause_instead_of_replace(tmp, path):
     pathlib.Path(sys.argv[3]).write_text(str(tmp))
     time.sleep(600)
-_atomic._replace = pause_instead_of_replace
+_atomic.replace_path = pause_instead_of_replace
 from napari_morphomol.export import export_results
 export_results(sys.argv[1], h5ad=sys.argv[2], overwrite=True, clusters=False)
 """

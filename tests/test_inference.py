@@ -79,7 +79,8 @@ def by_tile(results):
 
 
 def test_results_equal_a_direct_forward_pass(reference_run, sample, checkpoint, panel):
-    from napari_morphomol.tiling import GenePanel, LevelSampler, TilingOptions, he_levels_yxc, tile_sample
+    from napari_morphomol.elements import element_levels_cyx, levels_yxc
+    from napari_morphomol.tiling import GenePanel, LevelSampler, TilingOptions, tile_sample
 
     results, _ = reference_run
     model, card = load_checkpoint(checkpoint)
@@ -87,7 +88,7 @@ def test_results_equal_a_direct_forward_pass(reference_run, sample, checkpoint, 
                          options=TilingOptions(min_transcripts=0))
     assert sorted(results.tiles["tile_id"]) == sorted(tiling.tiles["tile_id"])
     assert len(results.tiles) >= 8 and results.metadata["n_chunks"] >= 2
-    sampler = LevelSampler(tiling.geometry, he_levels_yxc(sample.images["he_image"]))
+    sampler = LevelSampler(tiling.geometry, levels_yxc(element_levels_cyx(sample.images["he_image"])))
     expected = {}
     for positions, images in sampler.iter_tiles(tiling.tiles["row"], tiling.tiles["col"], batch_size=64):
         tokens = tiling.tokens(positions).reshape(len(positions), 196, -1).astype(np.float32)

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from spatialdata.transformations import get_transformation
 
 from napari_morphomol.coords import GLOBAL, apply_affine_xy, layer_affine_um, napari_affine, scale_matrix
+from napari_morphomol.elements import sample_info
 from napari_morphomol.errors import InputError
-from napari_morphomol.io.sample import load_sample, sample_info
+from napari_morphomol.io.sample import load_sample
 from napari_morphomol.registration import REGISTRATION_ATTRS_KEY, read_alignment_csv, read_keypoints_csv
 from napari_morphomol.registration.interactive import (
     RegistrationHistory,

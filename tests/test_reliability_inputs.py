@@ -22,9 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from napari_morphomol.elements import MORPHOLOGY, SAMPLE_ATTRS_KEY, TRANSCRIPTS, sample_info
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.features import XeniumDataWarning
-from napari_morphomol.io.sample import ATTRS_KEY, MORPHOLOGY, TRANSCRIPTS, load_sample, sample_info, summarize_sample
+from napari_morphomol.io.sample import load_sample, summarize_sample
 from napari_morphomol.io.transcript_density import build_transcript_density
 
 N_NAN_X, N_INF_Y = 100, 50
@@ -179,8 +180,8 @@ def test_known_versions_do_not_warn_and_old_attrs_still_load(synthetic_sample, t
         warnings.simplefilter("error", XeniumDataWarning)
         sdata = load_sample(root / "xenium")
     assert sample_info(sdata).warnings == []
-    old = {k: v for k, v in sdata.attrs[ATTRS_KEY].items() if k != "warnings"}  # attrs written before the field
-    sdata.attrs[ATTRS_KEY] = old
+    old = {k: v for k, v in sdata.attrs[SAMPLE_ATTRS_KEY].items() if k != "warnings"}  # attrs written before the field
+    sdata.attrs[SAMPLE_ATTRS_KEY] = old
     assert sample_info(sdata).warnings == []
 
 

@@ -8,17 +8,9 @@ from spatialdata.transformations import get_transformation
 
 from napari_morphomol.cli import main
 from napari_morphomol.coords import GLOBAL, HE_PX
+from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, TRANSCRIPTS, sample_info
 from napari_morphomol.errors import InputError
-from napari_morphomol.io.sample import (
-    HE_IMAGE,
-    MORPHOLOGY,
-    TRANSCRIPTS,
-    find_sample_parts,
-    load_sample,
-    open_sample,
-    sample_info,
-    summarize_sample,
-)
+from napari_morphomol.io.sample import find_sample_parts, load_sample, open_sample, summarize_sample
 from napari_morphomol.registration.formats import read_alignment_csv
 
 

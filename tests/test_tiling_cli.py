@@ -12,7 +12,7 @@ import pytest
 from napari_morphomol.cli import main
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.he_image import read_pyramid
-from napari_morphomol.io.sample import read_alignment_csv
+from napari_morphomol.registration.formats import read_alignment_csv
 from napari_morphomol.tiling import GenePanel, LevelSampler, make_tiling, read_tiles_zarr
 
 

@@ -11,7 +11,7 @@ from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
 
 from napari_morphomol.coords import HE_PX, layer_affine_um, scale_matrix
-from napari_morphomol.io.sample import HE_IMAGE, MORPHOLOGY, TRANSCRIPTS, sample_info
+from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, TRANSCRIPTS, sample_info
 from napari_morphomol.io.transcript_density import TranscriptDensity, build_transcript_density
 
 HE_LAYER = "H&E"

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from napari_morphomol._layers import sample_layers
-from napari_morphomol.io.sample import ATTRS_KEY, find_sample_parts, open_sample
+from napari_morphomol.elements import SAMPLE_ATTRS_KEY
+from napari_morphomol.io.sample import find_sample_parts, open_sample
 
 
 def _is_our_zarr(path: Path) -> bool:
-    return path.suffix == ".zarr" and path.is_dir() and ATTRS_KEY in (path / "zarr.json").read_text(errors="ignore")
+    if path.suffix != ".zarr" or not path.is_dir():
+        return False
+    return SAMPLE_ATTRS_KEY in (path / "zarr.json").read_text(errors="ignore")
 
 
 def get_reader(path):

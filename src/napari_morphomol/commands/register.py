@@ -77,8 +77,7 @@ def _image_size_xy(sdata, key: str) -> tuple[float, float]:
 
 
 def run(args) -> int:
-    from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY
-    from napari_morphomol.io.sample import sample_info
+    from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, sample_info
 
     if not args.landmarks and not args.auto:
         raise InputError("give landmark pairs (--landmarks FILE), ask for automatic ones (--auto), or both")

@@ -31,10 +31,11 @@ from spatialdata.transformations import Affine, Identity, set_transformation
 
 from napari_morphomol.analysis import StrideGrid
 from napari_morphomol.coords import GLOBAL, scale_matrix
+from napari_morphomol.elements import HE_IMAGE, SAMPLE_ATTRS_KEY
 from napari_morphomol.errors import InputError
 from napari_morphomol.export.registration import RunRegistration, run_registration
 from napari_morphomol.inference.store import Results
-from napari_morphomol.io.sample import ATTRS_KEY, HE_IMAGE, load_sample
+from napari_morphomol.io.sample import load_sample
 from napari_morphomol.registration import REGISTRATION_ATTRS_KEY
 
 TILES = "tiles"
@@ -111,8 +112,8 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
     table = TableModel.parse(table, region=TILES, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
     attrs = {**sample.attrs, REGISTRATION_ATTRS_KEY: registration.record,
              EXPORT_ATTRS_KEY: {"format_version": EXPORT_FORMAT_VERSION, "results": str(results.path)}}
-    if isinstance(attrs.get(ATTRS_KEY), dict):
-        attrs[ATTRS_KEY] = {**attrs[ATTRS_KEY], "he_to_global": registration.best_affine.tolist()}
+    if isinstance(attrs.get(SAMPLE_ATTRS_KEY), dict):
+        attrs[SAMPLE_ATTRS_KEY] = {**attrs[SAMPLE_ATTRS_KEY], "he_to_global": registration.best_affine.tolist()}
     return SpatialData(images=images, labels=dict(sample.labels), points=dict(sample.points),
                        shapes={**sample.shapes, TILES: tile_shapes(results, registration)},
                        tables={**sample.tables, TILE_TABLE: table}, attrs=attrs)

@@ -41,7 +41,7 @@ def check_options(options) -> None:
 
 def check_sample(sdata, info) -> None:
     """A sample predict can run on: an H&E image read from a file (workers reopen it) and transcripts."""
-    from napari_morphomol.io.sample import HE_IMAGE, TRANSCRIPTS
+    from napari_morphomol.elements import HE_IMAGE, TRANSCRIPTS
 
     if HE_IMAGE not in sdata.images or TRANSCRIPTS not in sdata.points or info.he_path is None:
         raise InputError("prediction needs a sample with an H&E image file and Xenium transcripts")
@@ -49,10 +49,10 @@ def check_sample(sdata, info) -> None:
 
 def sample_geometry(sdata, info, card):
     """The model's tile geometry over the sample's H&E image (checks the memory it implies)."""
-    from napari_morphomol.io.sample import HE_IMAGE
-    from napari_morphomol.tiling import TileGeometry, he_levels_yxc
+    from napari_morphomol.elements import HE_IMAGE, element_levels_cyx
+    from napari_morphomol.tiling import TileGeometry
 
-    height, width = he_levels_yxc(sdata.images[HE_IMAGE])[0].shape[:2]
+    height, width = element_levels_cyx(sdata.images[HE_IMAGE])[0].shape[1:]
     return TileGeometry(**card.tile_geometry.to_dict(), he_pixel_size_um=info.he_pixel_size_um,
                         he_height_px=int(height), he_width_px=int(width))
 

@@ -227,7 +227,8 @@ def predict(sample, options: PredictOptions, *, progress: ProgressCallback | Non
 
 def _checked_inputs(sample, options: PredictOptions, record: _CallRecord) -> _Inputs:
     """Open and check the checkpoint, the sample, the device and the memory; fingerprint them."""
-    from napari_morphomol.io.sample import TRANSCRIPTS, open_sample, sample_info
+    from napari_morphomol.elements import TRANSCRIPTS, sample_info
+    from napari_morphomol.io.sample import open_sample
     from napari_morphomol.models import match_gene_panel, read_model_card
     from napari_morphomol.tiling import feature_names
 
@@ -365,7 +366,7 @@ def _tile(inputs: _Inputs, options: PredictOptions, record: _CallRecord):
 def _core_genes(inputs: _Inputs) -> tuple[str, ...]:
     """The core panel to bin: the card's, or for a model that reads no tokens one present gene (so
     the tiling has a core panel)."""
-    from napari_morphomol.io.sample import TRANSCRIPTS
+    from napari_morphomol.elements import TRANSCRIPTS
     from napari_morphomol.tiling import feature_names, is_control_feature
 
     card, addon_measured = inputs.card, inputs.panel_match.addon_measured
@@ -408,7 +409,7 @@ def _store_attrs(inputs: _Inputs, tiling, tile_columns: list[str], record: _Call
 
 def _sample_warnings(sdata) -> list[dict]:
     """The warnings the sample recorded when it was loaded (``attrs['morphomol']['warnings']``)."""
-    from napari_morphomol.io.sample import ATTRS_KEY as SAMPLE_ATTRS_KEY
+    from napari_morphomol.elements import SAMPLE_ATTRS_KEY
 
     recorded = (sdata.attrs.get(SAMPLE_ATTRS_KEY) or {}).get("warnings", []) or []
     return [{"source": "sample", **(w if isinstance(w, dict) else {"message": str(w)})} for w in recorded]

@@ -2,10 +2,10 @@
 transcript density built from it. Nothing here ever writes into a bundle.
 
 Entry points: :func:`load_sample` (bundle + H&E + alignment) and :func:`open_sample` (a sample
-folder, found by :func:`find_sample_parts`) give the sample; :func:`sample_info` and
-:func:`summarize_sample` describe it; :func:`read_pyramid` / :func:`open_he_image` read an H&E
-pyramid level by level; :func:`build_transcript_density` bins its transcripts per gene. The
-element keys of a sample are :data:`HE_IMAGE`, :data:`MORPHOLOGY` and :data:`TRANSCRIPTS`.
+folder, found by :func:`find_sample_parts`) give the sample; :func:`summarize_sample` describes
+it; :func:`read_pyramid` / :func:`open_he_image` read an H&E pyramid level by level;
+:func:`build_transcript_density` bins its transcripts per gene. A sample's element keys, its
+provenance record (``sample_info``) and its image levels are in :mod:`napari_morphomol.elements`.
 The synthetic sample generator is :mod:`napari_morphomol.synthetic`.
 """
 
@@ -16,19 +16,14 @@ from napari_morphomol._lazy import lazy_attributes
 _SOURCES = {
     "features": ("XeniumDataWarning", "is_control_feature"),
     "he_image": ("PyramidImage", "read_pyramid", "rgb_levels_cyx"),
-    "sample": ("HE_IMAGE", "MORPHOLOGY", "TRANSCRIPTS", "SampleInfo", "SampleParts", "find_sample_parts",
-               "load_sample", "open_he_image", "open_sample", "read_experiment", "sample_info",
+    "sample": ("SampleParts", "find_sample_parts", "load_sample", "open_he_image", "open_sample", "read_experiment",
                "summarize_sample"),
     "transcript_density": ("TranscriptDensity", "build_transcript_density", "transcripts_in_box_um"),
 }
 __getattr__ = lazy_attributes("napari_morphomol.io", _SOURCES)
 
 __all__ = [
-    "HE_IMAGE",
-    "MORPHOLOGY",
-    "TRANSCRIPTS",
     "PyramidImage",
-    "SampleInfo",
     "SampleParts",
     "TranscriptDensity",
     "XeniumDataWarning",
@@ -41,7 +36,6 @@ __all__ = [
     "read_experiment",
     "read_pyramid",
     "rgb_levels_cyx",
-    "sample_info",
     "summarize_sample",
     "transcripts_in_box_um",
 ]

@@ -125,3 +125,4 @@ def rgb_levels_cyx(image: PyramidImage) -> list[da.Array]:
         out.append(arr)
     _check_readable(out[0], image.path)
     return out
+

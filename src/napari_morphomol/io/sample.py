@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dask
@@ -27,13 +27,19 @@ from spatialdata.models.pyramids_utils import dask_arrays_to_datatree
 from spatialdata.transformations import Affine, Identity, Scale, set_transformation
 
 from napari_morphomol.coords import GLOBAL, HE_PX
-from napari_morphomol.elements import CELL_TABLE, HE_IMAGE, MORPHOLOGY, TRANSCRIPTS
+from napari_morphomol.elements import (
+    CELL_TABLE,
+    HE_IMAGE,
+    MORPHOLOGY,
+    SAMPLE_ATTRS_KEY,
+    TRANSCRIPTS,
+    SampleInfo,
+    sample_info,
+)
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.features import XeniumDataWarning, warn_non_finite_xy
 from napari_morphomol.io.he_image import read_pyramid, rgb_levels_cyx
 from napari_morphomol.registration.formats import read_alignment_csv
-
-ATTRS_KEY = "morphomol"
 
 _VERSION_RE = re.compile(r"^xenium-(\d+)\.(\d+)\.(\d+)(\.\d+)*")
 KNOWN_XENIUM_MAJOR_VERSIONS = range(1, 5)
@@ -60,35 +66,6 @@ _TRANSCRIPT_COLUMN_TYPES = {  # column: (accepts the arrow type, what it should 
 }
 _ROWS_PER_PARTITION = 2_000_000
 _MORPHOLOGY_CHANNELS_4 = ["DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin"]
-
-
-@dataclass(frozen=True)
-class SampleInfo:
-    """What a sample was made of; kept in ``sdata.attrs['morphomol']`` (plain JSON types)."""
-
-    xenium_dir: str | None
-    he_path: str | None
-    alignment_csv: str | None
-    xenium_pixel_size_um: float | None
-    he_pixel_size_um: float | None
-    analysis_sw_version: str | None
-    he_to_global: list[list[float]] | None
-    warnings: list[str] = field(default_factory=list)
-    """What loading warned about (unfamiliar software versions), for the metadata of runs on it;
-    absent from the attrs of samples opened before it existed."""
-
-    @property
-    def input_paths(self) -> tuple[str, ...]:
-        """The files and folders the sample was read from: no output may touch them."""
-        return tuple(p for p in (self.xenium_dir, self.he_path, self.alignment_csv) if p is not None)
-
-
-def sample_info(sdata: SpatialData) -> SampleInfo:
-    """The provenance and pixel sizes of a sample opened by :func:`open_sample`."""
-    attrs = sdata.attrs.get(ATTRS_KEY)
-    if attrs is None:
-        raise InputError("this SpatialData object was not opened by napari-morphomol (no attrs['morphomol']).")
-    return SampleInfo(**attrs)
 
 
 def read_experiment(xenium_dir: str | Path) -> dict:
@@ -359,7 +336,7 @@ def load_sample(
     )
     if he_to_global is not None:
         _warn_if_scale_disagrees(info)
-    sdata.attrs[ATTRS_KEY] = asdict(info)
+    sdata.attrs[SAMPLE_ATTRS_KEY] = asdict(info)
     return sdata
 
 

@@ -61,9 +61,10 @@ def he_path_of_store(store: TilesStore) -> Path:
 
 def he_levels_yxc_of_file(he_path: str | Path) -> list:
     """The RGB levels (y, x, 3) of an H&E pyramid file, lazily."""
+    from napari_morphomol.elements import levels_yxc
     from napari_morphomol.io.he_image import read_pyramid, rgb_levels_cyx
 
-    return [level.transpose(1, 2, 0) for level in rgb_levels_cyx(read_pyramid(he_path))]
+    return levels_yxc(rgb_levels_cyx(read_pyramid(he_path)))
 
 
 def write_tile_images(

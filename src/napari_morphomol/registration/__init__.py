@@ -38,7 +38,7 @@ from napari_morphomol.registration.formats import (
     write_keypoints_csv,
 )
 from napari_morphomol.registration.landmarks import LandmarkPairs
-from napari_morphomol.registration.transforms import AffineXY, PerRegionAffine, ThinPlateSplineXY
+from napari_morphomol.registration.transforms import AffineXY, HeGlobalTransform, PerRegionAffine, ThinPlateSplineXY
 
 __all__ = [
     "HE_X_PX",
@@ -49,6 +49,7 @@ __all__ = [
     "AutoRegistration",
     "FitOptions",
     "FittedTransform",
+    "HeGlobalTransform",
     "LandmarkPairs",
     "PerRegionAffine",
     "RegistrationModel",

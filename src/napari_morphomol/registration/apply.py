@@ -21,7 +21,7 @@ import pandas as pd
 
 from napari_morphomol._atomic import json_file_kind, write_text_atomic
 from napari_morphomol.coords import GLOBAL
-from napari_morphomol.elements import HE_IMAGE
+from napari_morphomol.elements import HE_IMAGE, SAMPLE_ATTRS_KEY
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.fit import FitOptions, FittedTransform, fit_transform
 from napari_morphomol.registration.landmarks import LandmarkPairs
@@ -33,8 +33,9 @@ BLENDED_CHUNK_POINTS = 1 << 14
 Newton steps) then stays in cache, which is several times faster than 1 M-point chunks."""
 
 REGISTRATION_ATTRS_KEY = "morphomol_registration"
-SAMPLE_ATTRS_KEY = "morphomol"
-"""The loader's sample record (``napari_morphomol.io.sample``); its ``he_to_global`` is kept current."""
+"""Where a sample keeps the record of the registration applied to it (``sdata.attrs``); the
+sample's own record (:data:`napari_morphomol.elements.SAMPLE_ATTRS_KEY`) keeps its best affine
+current in ``he_to_global``."""
 RECORD_FORMAT = "napari-morphomol.registration/1"
 REGISTRATION_JSON = json_file_kind("registration record", "format", RECORD_FORMAT)
 HE_X_PX = "he_x_px"

@@ -23,7 +23,7 @@ from skimage.registration import phase_cross_correlation
 from skimage.transform import rescale
 
 from napari_morphomol.coords import napari_affine
-from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY
+from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, element_levels_cyx, sample_info
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.fit import FitOptions, fit_transform
 from napari_morphomol.registration.landmarks import LandmarkPairs
@@ -268,8 +268,6 @@ def propose_landmarks_for_sample(
     sdata, *, he_key: str = HE_IMAGE, morphology_key: str = MORPHOLOGY, **kwargs
 ) -> AutoRegistration:
     """:func:`propose_landmarks` on a sample opened by ``napari_morphomol.io.load_sample``."""
-    from napari_morphomol.io.sample import sample_info
-
     info = sample_info(sdata)
     for key in (he_key, morphology_key):
         if key not in sdata.images:
@@ -277,10 +275,5 @@ def propose_landmarks_for_sample(
     if info.he_pixel_size_um is None or info.xenium_pixel_size_um is None:
         raise InputError("automatic registration needs both pixel sizes; load the sample with the H&E pixel size")
 
-    def levels(key):
-        tree = sdata.images[key]
-        return [tree[name]["image"].data for name in sorted(tree.children, key=lambda n: int(n.removeprefix("scale")))]
-
-    return propose_landmarks(
-        levels(he_key), info.he_pixel_size_um, levels(morphology_key), info.xenium_pixel_size_um, **kwargs
-    )
+    return propose_landmarks(element_levels_cyx(sdata.images[he_key]), info.he_pixel_size_um,
+                             element_levels_cyx(sdata.images[morphology_key]), info.xenium_pixel_size_um, **kwargs)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_morphomol.coords import GLOBAL, apply_affine_xy, layer_affine_um, scale_matrix
-from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY
+from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, SAMPLE_ATTRS_KEY, sample_info
 from napari_morphomol.errors import InputError
-from napari_morphomol.registration.apply import REGISTRATION_ATTRS_KEY, SAMPLE_ATTRS_KEY, set_he_registration
+from napari_morphomol.registration.apply import REGISTRATION_ATTRS_KEY, set_he_registration
 from napari_morphomol.registration.fit import FitOptions, FittedTransform, fit_transform
 from napari_morphomol.registration.formats import check_direction
 from napari_morphomol.registration.landmarks import LandmarkPairs
@@ -36,8 +36,6 @@ class SampleGeometry:
 
 def sample_geometry(sdata, he_key: str = HE_IMAGE, morphology_key: str = MORPHOLOGY) -> SampleGeometry:
     """The geometry of a sample opened by ``napari_morphomol.io.load_sample`` (H&E and Xenium)."""
-    from napari_morphomol.io.sample import sample_info
-
     for key in (he_key, morphology_key):
         if key not in sdata.images:
             raise InputError(f"registration needs the image {key!r}; the sample has {list(sdata.images)}. "

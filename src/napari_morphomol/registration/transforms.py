@@ -31,6 +31,7 @@ SpatialData element or a 3 x 3 CSV can carry when the model itself is not one af
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from scipy import ndimage
@@ -261,3 +262,22 @@ class ThinPlateSplineXY(_NewtonInverted):
 
     def linear_parts(self) -> np.ndarray:
         return self.best_affine[None, :2, :2]
+
+
+@runtime_checkable
+class HeGlobalTransform(Protocol):
+    """The interface every transform here has, as the rest of the package uses it: H&E px ->
+    ``global`` px and back, vectorised on (N, 2) (x, y) points; per-region transforms included."""
+
+    def apply_xy(self, points_he_px: np.ndarray) -> np.ndarray: ...
+
+    def inverse_apply_xy(self, points_global_px: np.ndarray) -> np.ndarray: ...
+
+
+def as_he_global_transform(transform: np.ndarray | HeGlobalTransform) -> HeGlobalTransform:
+    """Accept a 3 x 3 H&E px -> global px matrix, a registration transform or a fitted one."""
+    if isinstance(transform, HeGlobalTransform):
+        return transform
+    if isinstance(getattr(transform, "transform", None), HeGlobalTransform):  # registration.FittedTransform
+        return transform.transform
+    return AffineXY(np.asarray(transform, dtype=np.float64))

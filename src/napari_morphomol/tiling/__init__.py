@@ -15,13 +15,11 @@ from napari_morphomol.tiling.pipeline import (
     Tiling,
     TilingOptions,
     compute_tissue_mask,
-    he_levels_yxc,
     make_tiling,
     tile_sample,
 )
 from napari_morphomol.tiling.store import TILES_STORE, TilesStore, read_tiles_zarr, write_tiles_zarr
 from napari_morphomol.tiling.transcripts import (
-    HeGlobalTransform,
     TokenMapping,
     TokenRaster,
     TranscriptBins,
@@ -32,7 +30,6 @@ from napari_morphomol.tiling.transcripts import (
 __all__ = [
     "TokenMapping",
     "GenePanel",
-    "HeGlobalTransform",
     "LevelSampler",
     "TileGeometry",
     "TileSpec",
@@ -45,7 +42,6 @@ __all__ = [
     "TILES_STORE",
     "compute_tissue_mask",
     "feature_names",
-    "he_levels_yxc",
     "is_control_feature",
     "make_tiling",
     "pick_pyramid_level",

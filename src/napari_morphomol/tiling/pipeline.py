@@ -11,16 +11,11 @@ import numpy as np
 import pandas as pd
 
 from napari_morphomol.errors import InputError
+from napari_morphomol.registration.transforms import HeGlobalTransform, as_he_global_transform
 from napari_morphomol.tiling.geometry import TileGeometry, TileSpec
 from napari_morphomol.tiling.panel import GenePanel
 from napari_morphomol.tiling.tissue import pick_mask_level, tile_background_fraction, tiles_in_region, tissue_mask
-from napari_morphomol.tiling.transcripts import (
-    HeGlobalTransform,
-    TranscriptBins,
-    as_he_global_transform,
-    bin_transcripts,
-    feature_names,
-)
+from napari_morphomol.tiling.transcripts import TranscriptBins, bin_transcripts, feature_names
 
 FEW_TRANSCRIPTS_SHARE = 0.25
 """Below this share of the sample's panel transcripts on its tissue tiles, tiling warns that the
@@ -276,14 +271,6 @@ def why_no_tiles(report: dict, max_background: float) -> str:
             f"{REGISTRATION_HINT}, or lower --min-transcripts")
 
 
-def he_levels_yxc(element) -> list:
-    """The (y, x, c) levels of a SpatialData image element (multiscale or single scale)."""
-    if hasattr(element, "children") and element.children:
-        names = sorted(element.children, key=lambda name: int(name.removeprefix("scale")))
-        return [element[name]["image"].data.transpose(1, 2, 0) for name in names]
-    return [element.data.transpose(1, 2, 0)]
-
-
 def tile_sample(sdata, *, panel: GenePanel | None, he_to_global: np.ndarray | HeGlobalTransform | None = None,
                 options: TilingOptions = TilingOptions(), progress: Callable[[int, int], None] | None = None
                 ) -> Tiling:
@@ -306,7 +293,7 @@ def tile_sample(sdata, *, panel: GenePanel | None, he_to_global: np.ndarray | He
     -------
     Tiling
     """
-    from napari_morphomol.io.sample import HE_IMAGE, TRANSCRIPTS, sample_info
+    from napari_morphomol.elements import HE_IMAGE, TRANSCRIPTS, element_levels_cyx, levels_yxc, sample_info
     from napari_morphomol.registration import REGISTRATION_ATTRS_KEY, fitted_from_record
 
     info = sample_info(sdata)
@@ -322,8 +309,9 @@ def tile_sample(sdata, *, panel: GenePanel | None, he_to_global: np.ndarray | He
             "the H&E image is not registered to the Xenium run: give an alignment CSV "
             "(Xenium's he_imagealignment.csv or one exported by the registration widget)"
         )
+    he_levels = levels_yxc(element_levels_cyx(sdata.images[HE_IMAGE]))
     return make_tiling(
-        sdata.points[TRANSCRIPTS], he_levels_yxc(sdata.images[HE_IMAGE]), he_pixel_size_um=info.he_pixel_size_um,
-        he_to_global=transform, xenium_pixel_size_um=info.xenium_pixel_size_um, panel=panel, options=options,
-        x_col="x", y_col="y", progress=progress,
+        sdata.points[TRANSCRIPTS], he_levels, he_pixel_size_um=info.he_pixel_size_um, he_to_global=transform,
+        xenium_pixel_size_um=info.xenium_pixel_size_um, panel=panel, options=options, x_col="x", y_col="y",
+        progress=progress,
     )

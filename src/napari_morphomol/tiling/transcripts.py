@@ -1,18 +1,17 @@
 """Transcripts -> one token raster of core-gene counts and one stride raster of add-on counts.
 
 Each transcript is filtered (finite x/y, qv, controls, panel), mapped from um through ``global``
-px and the registration into H&E px, then into cell coordinates (see :mod:`.geometry`), and
+px and the registration into H&E px, then into token coordinates (see :mod:`.geometry`), and
 counted once.
 Work goes partition by partition of a (dask) dataframe; the only memory that grows with the slide
 is the output. The core raster is dense ``(rows, cols, genes)`` uint32 while it fits in
-``max_dense_bytes``, otherwise a CSR matrix (cells x genes) built from per-partition sorted keys.
+``max_dense_bytes``, otherwise a CSR matrix (tokens x genes) built from per-partition sorted keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import numba
 import numpy as np
@@ -21,7 +20,7 @@ import scipy.sparse as sp
 
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.features import warn_non_finite_xy
-from napari_morphomol.registration.transforms import AffineXY
+from napari_morphomol.registration.transforms import AffineXY, HeGlobalTransform, as_he_global_transform
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.panel import GenePanel, is_control_feature
 
@@ -29,28 +28,9 @@ _SLOT_OTHER = -1  # a gene outside the panel
 _SLOT_CONTROL = -2  # a control probe / codeword
 
 
-@runtime_checkable
-class HeGlobalTransform(Protocol):
-    """The registration interface (see :mod:`napari_morphomol.registration.transforms`): H&E px ->
-    ``global`` px and back, vectorised on (N, 2) (x, y) points; per-region transforms included."""
-
-    def apply_xy(self, points_he_px: np.ndarray) -> np.ndarray: ...
-
-    def inverse_apply_xy(self, points_global_px: np.ndarray) -> np.ndarray: ...
-
-
-def as_he_global_transform(transform: np.ndarray | HeGlobalTransform) -> HeGlobalTransform:
-    """Accept a 3 x 3 H&E px -> global px matrix, a registration transform or a fitted one."""
-    if isinstance(transform, HeGlobalTransform):
-        return transform
-    if isinstance(getattr(transform, "transform", None), HeGlobalTransform):  # registration.FittedTransform
-        return transform.transform
-    return AffineXY(np.asarray(transform, dtype=np.float64))
-
-
 @dataclass(frozen=True)
 class TokenMapping:
-    """um -> cell coordinates. Affine registrations fuse into one 2 x 3 matrix used by the kernel."""
+    """um -> token coordinates. Affine registrations fuse into one 2 x 3 matrix used by the kernel."""
 
     geometry: TileGeometry
     transform: HeGlobalTransform

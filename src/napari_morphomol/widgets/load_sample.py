@@ -17,7 +17,8 @@ from qtpy.QtCore import QTimer
 
 from napari_morphomol._layers import UNITS_UM, density_layer, sample_layers, transcript_density
 from napari_morphomol.coords import xy_to_napari
-from napari_morphomol.io.sample import TRANSCRIPTS, load_sample
+from napari_morphomol.elements import TRANSCRIPTS
+from napari_morphomol.io.sample import load_sample
 from napari_morphomol.io.transcript_density import transcripts_in_box_um
 from napari_morphomol.widgets._errors import chosen_path, report_error
 

@@ -14,9 +14,9 @@ from napari.utils.notifications import show_info
 from napari_morphomol._layers import he_pixel_to_global
 from napari_morphomol.analysis import explore_results, explore_run, partial_results
 from napari_morphomol.coords import apply_affine_xy, napari_to_xy
+from napari_morphomol.elements import sample_info
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference import InferenceCancelled, PredictOptions, default_checkpoint_path, predict
-from napari_morphomol.io.sample import sample_info
 from napari_morphomol.widgets._errors import report_error
 
 WHOLE_SLIDE = "whole slide"

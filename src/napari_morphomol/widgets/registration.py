@@ -31,8 +31,8 @@ from qtpy.QtWidgets import QAbstractItemView, QMessageBox
 
 from napari_morphomol._layers import DAPI_LAYER, UNITS_UM, display_pixel_size_um, he_pixel_to_global
 from napari_morphomol.coords import HE_PX, napari_to_xy, xy_to_napari
+from napari_morphomol.elements import HE_IMAGE, sample_info
 from napari_morphomol.errors import InputError
-from napari_morphomol.io.sample import HE_IMAGE, sample_info
 from napari_morphomol.registration import (
     REGISTRATION_MODELS,
     check_direction,
