@@ -9,8 +9,8 @@ import pytest
 from npe2 import PluginManager
 
 from napari_morphomol import _sample_data
-from napari_morphomol._layers import DAPI_LAYER, DENSITY_LAYER, HE_LAYER
 from napari_morphomol._reader import get_reader
+from napari_morphomol.layers.sample import DAPI_LAYER, DENSITY_LAYER, HE_LAYER
 
 
 def test_manifest_is_valid():

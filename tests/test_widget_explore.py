@@ -6,7 +6,7 @@ from matplotlib.backend_bases import MouseEvent
 from qtpy.QtCore import Qt
 from vispy.app.canvas import MouseEvent as VispyMouseEvent
 
-from napari_morphomol._layers_explore import CLUSTERS_LAYER, MEASURED_LAYER, PREDICTED_LAYER, SELECTION_LAYER
+from napari_morphomol.layers.run import CLUSTERS_LAYER, MEASURED_LAYER, PREDICTED_LAYER, SELECTION_LAYER
 from napari_morphomol.widgets.explore import SELECT_SHAPES_LAYER, ExploreWidget
 
 

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from skimage.color import rgb2hed
 
-from napari_morphomol._layers import DAPI_LAYER, DENSITY_LAYER, HE_LAYER
 from napari_morphomol.coords import xy_to_napari
+from napari_morphomol.layers.sample import DAPI_LAYER, DENSITY_LAYER, HE_LAYER
 from napari_morphomol.widgets.load_sample import LoadSampleWidget
 
 

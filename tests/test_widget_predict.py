@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_morphomol._layers import sample_layers
-from napari_morphomol._layers_explore import PREDICTED_LAYER
 from napari_morphomol.inference import open_results
 from napari_morphomol.io.sample import load_sample
+from napari_morphomol.layers.run import PREDICTED_LAYER
+from napari_morphomol.layers.sample import sample_layers
 from napari_morphomol.widgets.predict import WHOLE_SLIDE, PredictWidget
 
 

@@ -8,9 +8,9 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QMessageBox
 from spatialdata.transformations import get_transformation
 
-from napari_morphomol._layers import DAPI_LAYER, HE_LAYER, sample_layers
 from napari_morphomol.coords import GLOBAL, layer_affine_um, napari_to_xy, xy_to_napari
 from napari_morphomol.io.sample import load_sample
+from napari_morphomol.layers.sample import DAPI_LAYER, HE_LAYER, sample_layers
 from napari_morphomol.registration import read_alignment_csv, read_keypoints_csv
 from napari_morphomol.widgets.registration import (
     ALIGNMENT,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from napari_morphomol._layers import sample_layers
 from napari_morphomol.elements import SAMPLE_ATTRS_KEY
 from napari_morphomol.io.sample import find_sample_parts, open_sample
+from napari_morphomol.layers.sample import sample_layers
 
 
 def _is_our_zarr(path: Path) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from napari_morphomol._layers import sample_layers
 from napari_morphomol.io.sample import open_sample
+from napari_morphomol.layers.sample import sample_layers
 from napari_morphomol.synthetic import GENERATOR_VERSION, write_synthetic_sample
 
 DEMO_SIZE_MM = (1.0, 1.0)

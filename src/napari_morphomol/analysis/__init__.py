@@ -11,7 +11,8 @@ from napari_morphomol.analysis.clusters import (
     cluster_colors,
     leiden_key,
 )
-from napari_morphomol.analysis.explore import (
+from napari_morphomol.analysis.gene_maps import StrideGrid, TokenGrid, results_he_to_global
+from napari_morphomol.analysis.run_explorer import (
     EXPRESSION_UNITS,
     MAP_KINDS,
     RunExplorer,
@@ -19,7 +20,6 @@ from napari_morphomol.analysis.explore import (
     explore_run,
     partial_results,
 )
-from napari_morphomol.analysis.gene_maps import StrideGrid, TokenGrid, results_he_to_global
 from napari_morphomol.analysis.tiles_anndata import gene_metrics, measured_matrix, tiles_anndata
 
 __all__ = [

@@ -24,8 +24,6 @@ from napari_morphomol.registration import (
     REGISTRATION_MODELS,
     FitOptions,
     LandmarkPairs,
-    check_direction,
-    fit_transform,
     read_landmarks,
     write_alignment_csv,
     write_bigwarp_csv,
@@ -71,13 +69,8 @@ def open_images(xenium_dir: str, he_path: str, he_pixel_size_um: float | None):
     return load_sample(xenium_dir, he_path, he_pixel_size_um=he_pixel_size_um)
 
 
-def _image_size_xy(sdata, key: str) -> tuple[float, float]:
-    height, width = sdata.images[key]["scale0"]["image"].shape[-2:]
-    return float(width), float(height)
-
-
 def run(args) -> int:
-    from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, sample_info
+    from napari_morphomol.registration.manual import fit_checked, sample_geometry
 
     if not args.landmarks and not args.auto:
         raise InputError("give landmark pairs (--landmarks FILE), ask for automatic ones (--auto), or both")
@@ -94,7 +87,6 @@ def run(args) -> int:
     for path, kind in targets:
         guard_output(path, kind, inputs=inputs, overwrite=args.overwrite)
     sdata = open_images(args.xenium_dir, args.he, args.he_pixel_size_um)
-    info = sample_info(sdata)
     parts = []
     if args.landmarks:
         parts.append(read_landmarks(args.landmarks))
@@ -107,16 +99,7 @@ def run(args) -> int:
         parts.append(auto.pairs)
     pairs = parts[0] if len(parts) == 1 else _concatenate(parts)
     options = FitOptions(args.model, robust=args.robust, outlier_threshold_um=args.outlier_um, n_regions=args.regions)
-    fitted = fit_transform(pairs, options, xenium_pixel_size_um=info.xenium_pixel_size_um,
-                           he_pixel_size_um=info.he_pixel_size_um)
-    check_direction(
-        fitted.best_affine,
-        he_size_xy=_image_size_xy(sdata, HE_IMAGE),
-        global_size_xy=_image_size_xy(sdata, MORPHOLOGY),
-        he_pixel_size_um=info.he_pixel_size_um,
-        xenium_pixel_size_um=info.xenium_pixel_size_um,
-        source=args.landmarks or "the automatic landmarks",
-    )
+    fitted = fit_checked(pairs, options, sample_geometry(sdata), source=args.landmarks or "the automatic landmarks")
     table = fitted.quality_table()[["name", "used", "residual_um", "loo_um"]]
     print(table.to_string(index=False, float_format=lambda v: f"{v:8.2f}", na_rep="     n/a"))
     finite = np.isfinite(fitted.loo_um)

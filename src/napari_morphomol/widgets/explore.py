@@ -26,7 +26,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_morphomol._layers_explore import (
+from napari_morphomol.analysis import EXPRESSION_UNITS, PAPER_N_PCS, RunExplorer, explore_run
+from napari_morphomol.coords import napari_to_xy
+from napari_morphomol.errors import InputError
+from napari_morphomol.layers.run import (
     CLUSTERS_LAYER,
     PCA_LAYER,
     SELECTION_LAYER,
@@ -39,8 +42,7 @@ from napari_morphomol._layers_explore import (
     selection_layer,
     selection_mask,
 )
-from napari_morphomol.analysis import EXPRESSION_UNITS, PAPER_N_PCS, RunExplorer, explore_run
-from napari_morphomol.errors import InputError
+from napari_morphomol.layers.view import event_xy_um, is_click
 from napari_morphomol.widgets._errors import report_error
 from napari_morphomol.widgets.umap_dock import UmapDock
 
@@ -289,13 +291,13 @@ class ExploreWidget(QWidget):
 
     # tile inspector ----------------------------------------------------------------------------
     def _on_viewer_click(self, viewer, event):
-        start = np.asarray(event.position)
+        press = event.position
         yield
         while event.type == "mouse_move":
             yield
-        if self.explorer is None or np.abs(np.asarray(event.position) - start).max() * viewer.scene.camera.zoom > 3:
+        if self.explorer is None or not is_click(press, event.position, viewer.scene.camera.zoom):
             return
-        self.inspect_at_um(float(event.position[-1]), float(event.position[-2]))
+        self.inspect_at_um(*event_xy_um(event.position))
 
     def inspect_at_um(self, x_um: float, y_um: float) -> int:
         """Fill the inspector with the tile under (x, y) um; returns its results row or -1."""
@@ -422,7 +424,7 @@ class ExploreWidget(QWidget):
         shapes = self.viewer.layers[SELECT_SHAPES_LAYER]
         if getattr(event, "action", "added") not in ("added", "removed", "changed"):
             return
-        tiles = [self.explorer.tiles_in_polygon_um(np.asarray(polygon)[:, ::-1]) for polygon in shapes.data]
+        tiles = [self.explorer.tiles_in_polygon_um(napari_to_xy(polygon)) for polygon in shapes.data]
         self.select_tiles(np.unique(np.concatenate(tiles)) if tiles else np.zeros(0, np.int64), source="map")
 
     def select_tiles(self, tiles: np.ndarray, source: str = "map"):

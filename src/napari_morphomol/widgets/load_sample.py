@@ -15,11 +15,12 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer
 
-from napari_morphomol._layers import UNITS_UM, density_layer, sample_layers, transcript_density
 from napari_morphomol.coords import xy_to_napari
 from napari_morphomol.elements import TRANSCRIPTS
 from napari_morphomol.io.sample import load_sample
 from napari_morphomol.io.transcript_density import transcripts_in_box_um
+from napari_morphomol.layers.sample import UNITS_UM, density_layer, sample_layers, transcript_density
+from napari_morphomol.layers.view import camera_box_xy_um
 from napari_morphomol.widgets._errors import chosen_path, report_error
 
 POINTS_FIELD_OF_VIEW_UM = 800.0
@@ -161,11 +162,9 @@ class LoadSampleWidget(Container):
     def _view_box_um(self):
         """The (x, y) ranges in um currently in view."""
         camera = self.viewer.scene.camera
-        cy, cx = camera.center[-2:]
-        height_px, width_px = self.viewer.canvas.size
-        half_w = width_px / camera.zoom / 2
-        half_h = height_px / camera.zoom / 2
-        return (cx - half_w, cx + half_w), (cy - half_h, cy + half_h)
+        corners = camera_box_xy_um(camera.center, camera.zoom, self.viewer.canvas.size)
+        (x0, y0), (x1, y1) = corners[0], corners[2]
+        return (x0, x1), (y0, y1)
 
     def _points_if_zoomed_in(self):
         if self.sdata is None or not self.selected_genes():

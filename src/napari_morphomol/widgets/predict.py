@@ -11,12 +11,12 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, S
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 
-from napari_morphomol._layers import he_pixel_to_global
 from napari_morphomol.analysis import explore_results, explore_run, partial_results
-from napari_morphomol.coords import apply_affine_xy, napari_to_xy
-from napari_morphomol.elements import sample_info
+from napari_morphomol.coords import napari_to_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference import InferenceCancelled, PredictOptions, default_checkpoint_path, predict
+from napari_morphomol.layers.sample import um_to_he_px
+from napari_morphomol.layers.view import camera_box_xy_um
 from napari_morphomol.widgets._errors import report_error
 
 WHOLE_SLIDE = "whole slide"
@@ -68,11 +68,6 @@ class PredictWidget(Container):
                 return sdata
         raise InputError("no sample in the viewer: open one with the Load sample widget first")
 
-    def _um_to_he_px(self, sdata, points_xy_um: np.ndarray) -> np.ndarray:
-        info = sample_info(sdata)
-        pixel_um = info.xenium_pixel_size_um or info.he_pixel_size_um
-        return apply_affine_xy(np.linalg.inv(he_pixel_to_global(sdata)), np.asarray(points_xy_um) / pixel_um)
-
     def region_he_px(self, sdata) -> np.ndarray | None:
         """The chosen region as an (x, y) polygon in H&E px, or None for the whole slide."""
         choice = self.region.value
@@ -80,17 +75,13 @@ class PredictWidget(Container):
             return None
         if choice == IN_VIEW:
             camera = self.viewer.scene.camera
-            cy, cx = camera.center[-2:]
-            height_px, width_px = self.viewer.canvas.size
-            hw, hh = width_px / camera.zoom / 2, height_px / camera.zoom / 2
-            box_um = np.array([[cx - hw, cy - hh], [cx + hw, cy - hh], [cx + hw, cy + hh], [cx - hw, cy + hh]])
-            return self._um_to_he_px(sdata, box_um)
+            return um_to_he_px(sdata, camera_box_xy_um(camera.center, camera.zoom, self.viewer.canvas.size))
         layer = self.viewer.layers[choice]
         if not len(layer.data):
             raise InputError(f"Shapes layer {choice!r} has no shape: draw the region first")
         vertices_rc = np.asarray(layer.data[0])[:, -2:]
         world_rc = np.array([layer.data_to_world(v) for v in vertices_rc])[:, -2:]
-        return self._um_to_he_px(sdata, napari_to_xy(world_rc))
+        return um_to_he_px(sdata, napari_to_xy(world_rc))
 
     def run(self, *_):
         try:

@@ -29,10 +29,10 @@ from napari.utils.notifications import show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QAbstractItemView, QMessageBox
 
-from napari_morphomol._layers import DAPI_LAYER, UNITS_UM, display_pixel_size_um, he_pixel_to_global
 from napari_morphomol.coords import HE_PX, napari_to_xy, xy_to_napari
 from napari_morphomol.elements import HE_IMAGE, sample_info
 from napari_morphomol.errors import InputError
+from napari_morphomol.layers.sample import DAPI_LAYER, UNITS_UM, display_pixel_size_um, he_pixel_to_global
 from napari_morphomol.registration import (
     REGISTRATION_MODELS,
     check_direction,
@@ -44,7 +44,7 @@ from napari_morphomol.registration import (
     write_bigwarp_csv,
     write_keypoints_csv,
 )
-from napari_morphomol.registration.interactive import (
+from napari_morphomol.registration.manual import (
     RegistrationHistory,
     fit_landmark_points,
     landmark_pairs_from_points,

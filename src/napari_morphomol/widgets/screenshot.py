@@ -8,7 +8,7 @@ from pathlib import Path
 import napari
 from qtpy.QtWidgets import QApplication
 
-from napari_morphomol._layers import sample_layers
+from napari_morphomol.layers.sample import sample_layers
 
 
 def settle(seconds: float = 1.0) -> None:

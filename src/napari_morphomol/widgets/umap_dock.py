@@ -12,6 +12,9 @@ from matplotlib.path import Path as PolygonPath
 from matplotlib.widgets import LassoSelector
 from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
+from napari_morphomol.layers.run import MAP_PERCENTILES
+from napari_morphomol.layers.view import percentile_limits
+
 SELECTED_EDGE = "#ffff00"
 UNSELECTED_ALPHA = 0.35
 
@@ -62,9 +65,7 @@ class UmapDock(QWidget):
         from matplotlib.colors import Normalize
 
         values = np.asarray(values, dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        low, high = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
-        norm = Normalize(vmin=low, vmax=high if high > low else low + 1)
+        norm = Normalize(*percentile_limits(values, MAP_PERCENTILES))
         self._base_rgba = colormaps[cmap](norm(values))
         self._set_colorbar((norm, cmap, units))
         self.axes.set_title(title, color="#d0d0d0", fontsize=9)

@@ -13,7 +13,7 @@ from napari_morphomol.elements import sample_info
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.sample import load_sample
 from napari_morphomol.registration import REGISTRATION_ATTRS_KEY, read_alignment_csv, read_keypoints_csv
-from napari_morphomol.registration.interactive import (
+from napari_morphomol.registration.manual import (
     RegistrationHistory,
     SampleGeometry,
     fit_landmark_points,

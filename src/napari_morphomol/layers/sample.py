@@ -1,7 +1,10 @@
-"""napari layer data for a sample: every layer placed in micrometres so they all overlay.
+"""napari layer data for a sample (H&E, DAPI, transcript density), placed in micrometres.
 
-Layer data tuples are plain data (no napari import), shared by the reader, the sample-data
-entry and the widgets. Each layer's metadata carries the SpatialData sample it came from.
+The invariant: every layer's world coordinates are um in the sample's ``global`` frame (the
+Xenium frame; the H&E's own when there is no Xenium run), so all layers of a sample, and of runs
+on it (:mod:`.run`), overlay. :func:`he_pixel_to_global` and :func:`display_pixel_size_um` are
+that placement; :func:`um_to_he_px` is its inverse for regions drawn in the viewer. Layer data
+tuples are plain data (no napari import); each layer's metadata carries its SpatialData sample.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ import numpy as np
 from spatialdata import SpatialData
 from spatialdata.transformations import get_transformation
 
-from napari_morphomol.coords import HE_PX, layer_affine_um, scale_matrix
-from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, TRANSCRIPTS, sample_info
+from napari_morphomol.coords import HE_PX, apply_affine_xy, layer_affine_um, scale_matrix
+from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, TRANSCRIPTS, element_levels_cyx, levels_yxc, sample_info
 from napari_morphomol.io.transcript_density import TranscriptDensity, build_transcript_density
+from napari_morphomol.layers.view import percentile_limits
 
 HE_LAYER = "H&E"
 DAPI_LAYER = "DAPI"
@@ -23,19 +27,6 @@ DENSITY_COLORMAP = {
     "colors": [[0.0, 0.0, 0.0, 0.0], [0.0, 0.75, 0.3, 0.7], [0.85, 1.0, 0.1, 1.0]],
 }
 """Transparent where there are no transcripts, so a density map reads on top of the H&E."""
-
-
-def _levels(element, channel: int | None = None) -> list:
-    """Multiscale dask levels as napari wants them: (y, x, c) for RGB, (y, x) for one channel."""
-    arrays = [element[name]["image"].data for name in element.children]
-    if channel is None:
-        return [a.transpose(1, 2, 0) for a in arrays]
-    return [a[channel] for a in arrays]
-
-
-def _contrast_limits(level) -> tuple[float, float]:
-    low, high = np.percentile(np.asarray(level), [1.0, 99.8])
-    return float(low), float(max(high, low + 1))
 
 
 def he_pixel_to_global(sdata: SpatialData) -> np.ndarray:
@@ -53,12 +44,18 @@ def display_pixel_size_um(sdata: SpatialData) -> float:
     return info.xenium_pixel_size_um or info.he_pixel_size_um
 
 
+def um_to_he_px(sdata: SpatialData, points_xy_um: np.ndarray) -> np.ndarray:
+    """(x, y) points in the viewer's um (e.g. a drawn region) -> H&E px of the sample."""
+    points_global_px = np.asarray(points_xy_um, dtype=np.float64) / display_pixel_size_um(sdata)
+    return apply_affine_xy(np.linalg.inv(he_pixel_to_global(sdata)), points_global_px)
+
+
 def he_layer(sdata: SpatialData) -> tuple:
     element = sdata.images[HE_IMAGE]
     assert get_transformation(element, HE_PX) is not None
     affine = layer_affine_um(he_pixel_to_global(sdata), display_pixel_size_um(sdata))
     return (
-        _levels(element),
+        levels_yxc(element_levels_cyx(element)),
         {"name": HE_LAYER, "rgb": True, "units": UNITS_UM, "multiscale": True, "affine": affine,
          "metadata": {"sdata": sdata, "element": HE_IMAGE}},
         "image",
@@ -67,12 +64,12 @@ def he_layer(sdata: SpatialData) -> tuple:
 
 def dapi_layer(sdata: SpatialData) -> tuple:
     element = sdata.images[MORPHOLOGY]
-    levels = _levels(element, channel=0)
+    levels = [level[0] for level in element_levels_cyx(element)]  # DAPI
     pixel_um = display_pixel_size_um(sdata)
     return (
         levels,
         {"name": DAPI_LAYER, "units": UNITS_UM, "multiscale": True, "scale": (pixel_um, pixel_um), "colormap": "cyan",
-         "blending": "additive", "opacity": 0.6, "contrast_limits": _contrast_limits(levels[-1]),
+         "blending": "additive", "opacity": 0.6, "contrast_limits": percentile_limits(levels[-1], (1.0, 99.8)),
          "metadata": {"sdata": sdata, "element": MORPHOLOGY}},
         "image",
     )
@@ -93,7 +90,7 @@ def density_layer(density: TranscriptDensity, sdata: SpatialData, genes: list[st
     levels = density.pyramid(raster)
     b = density.bin_um
     name = DENSITY_LAYER if genes is None else f"density: {', '.join(genes)}"
-    high = float(np.percentile(raster[raster > 0], 99.5)) if (raster > 0).any() else 1.0
+    high = percentile_limits(raster[raster > 0], (0.0, 99.5))[1]
     return (
         levels if len(levels) > 1 else levels[0],
         {"name": name, "units": UNITS_UM, "multiscale": len(levels) > 1, "scale": (b, b), "translate": (b / 2, b / 2),

@@ -117,18 +117,36 @@ def fit_landmark_points(
     robust: bool = False,
 ) -> FittedTransform:
     """Fit ``model`` to clicked points, refusing unequal counts, points off their image and a
-    fit that maps the H&E the wrong way round (see ``check_direction``)."""
+    fit that maps the H&E the wrong way round (see :func:`fit_checked`)."""
     pairs = landmark_pairs_from_points(he_px, global_px, names=names, active=active, geometry=geometry)
-    fitted = fit_transform(pairs, FitOptions(model, robust=robust), xenium_pixel_size_um=geometry.xenium_pixel_size_um,
+    return fit_checked(pairs, FitOptions(model, robust=robust), geometry, source="the landmark pairs")
+
+
+def fit_checked(pairs: LandmarkPairs, options: FitOptions, geometry: SampleGeometry, *, source: str) -> FittedTransform:
+    """:func:`~napari_morphomol.registration.fit_transform` on a sample's pixel sizes, refusing a
+    fit that maps the H&E the wrong way round (``check_direction``; ``source`` names the pairs in
+    its message). The Register dock and ``morphomol register`` both fit through here.
+
+    Parameters
+    ----------
+    pairs
+        Landmark pairs (H&E px, ``global`` px), clicked, read from a file or proposed.
+    options
+        The model and its settings.
+    geometry
+        The sample's image sizes and pixel sizes (:func:`sample_geometry`).
+    source
+        What the pairs came from, e.g. a file name, for the error message.
+
+    Returns
+    -------
+    FittedTransform
+    """
+    fitted = fit_transform(pairs, options, xenium_pixel_size_um=geometry.xenium_pixel_size_um,
                            he_pixel_size_um=geometry.he_pixel_size_um)
-    check_direction(
-        fitted.best_affine,
-        he_size_xy=geometry.he_size_xy,
-        global_size_xy=geometry.global_size_xy,
-        he_pixel_size_um=geometry.he_pixel_size_um,
-        xenium_pixel_size_um=geometry.xenium_pixel_size_um,
-        source="the landmark pairs",
-    )
+    check_direction(fitted.best_affine, he_size_xy=geometry.he_size_xy, global_size_xy=geometry.global_size_xy,
+                    he_pixel_size_um=geometry.he_pixel_size_um, xenium_pixel_size_um=geometry.xenium_pixel_size_um,
+                    source=source)
     return fitted
 
 

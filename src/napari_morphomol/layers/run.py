@@ -1,6 +1,6 @@
 """napari layer data for a prediction run (gene maps, clusters, PCA, tile selection), in um.
 
-Plain layer data tuples (no napari import), like :mod:`napari_morphomol._layers`. Each raster is
+Plain layer data tuples (no napari import), like :mod:`.sample`. Each raster is
 placed with ``layer_affine_um`` through the run's H&E -> ``global`` map, so it overlays the H&E,
 DAPI and transcript layers of the same sample.
 """
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_morphomol._layers import UNITS_UM
 from napari_morphomol.analysis import EXPRESSION_UNITS, RunExplorer
 from napari_morphomol.coords import layer_affine_um
 from napari_morphomol.inference.store import RESULTS_LAYER_KEY
+from napari_morphomol.layers.sample import UNITS_UM
+from napari_morphomol.layers.view import percentile_limits
 
 PREDICTED_LAYER = "predicted expression"
 MEASURED_LAYER = "measured expression"
@@ -25,17 +26,13 @@ MAP_LAYER_NAMES = {"predicted": PREDICTED_LAYER, "measured": MEASURED_LAYER, "re
 SELECTION_COLOR = (1.0, 1.0, 0.0, 1.0)
 
 
-def map_contrast_limits(raster: np.ndarray, kind: str, percentiles=(1.0, 99.0)) -> tuple[float, float]:
-    """Contrast from percentiles of the covered cells; symmetric about 0 for residuals."""
-    values = raster[np.isfinite(raster)]
-    if values.size == 0:
-        return (0.0, 1.0)
-    if kind == "residual":
-        high = float(np.percentile(np.abs(values), percentiles[1]))
-        high = high if high > 0 else 1.0
-        return (-high, high)
-    low, high = (float(v) for v in np.percentile(values, percentiles))
-    return (low, high if high > low else low + 1.0)
+MAP_PERCENTILES = (1.0, 99.0)
+"""The contrast of every gene map: 1st-99th percentile of the covered stride squares."""
+
+
+def map_contrast_limits(raster: np.ndarray, kind: str) -> tuple[float, float]:
+    """Contrast of one gene map (:data:`MAP_PERCENTILES`); symmetric about 0 for residuals."""
+    return percentile_limits(raster, MAP_PERCENTILES, symmetric=kind == "residual")
 
 
 def stride_affine_um(explorer: RunExplorer) -> np.ndarray:
@@ -90,7 +87,7 @@ def pca_rgb(explorer: RunExplorer) -> np.ndarray:
     pcs = np.asarray(explorer.adata.obsm["X_pca"][:, :3], dtype=np.float32)
     if pcs.shape[1] < 3:
         pcs = np.pad(pcs, ((0, 0), (0, 3 - pcs.shape[1])))
-    low, high = np.percentile(pcs, [1.0, 99.0], axis=0)
+    low, high = np.percentile(pcs, MAP_PERCENTILES, axis=0)
     scaled = np.clip((pcs - low) / np.where(high > low, high - low, 1.0), 0.0, 1.0)
     rgba = np.concatenate([scaled, np.ones((len(scaled), 1), np.float32)], axis=1)
     return explorer.grid.tile_raster(rgba.astype(np.float32), fill=0.0)
