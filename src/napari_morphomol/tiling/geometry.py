@@ -145,12 +145,12 @@ class TileGeometry(TileSpec):
     # -- extents -------------------------------------------------------------------------------
     @property
     def extent_tokens_xy(self) -> tuple[float, float]:
-        """Image width and height in cell coordinates (where transcripts stop being inside)."""
+        """Image width and height in token coordinates (where transcripts stop being inside)."""
         return self.he_width_px * self.tokens_per_he_px, self.he_height_px * self.tokens_per_he_px
 
     @property
     def raster_shape(self) -> tuple[int, int]:
-        """(rows, cols) of the token raster: every cell that touches the image."""
+        """(rows, cols) of the token raster: every token that touches the image."""
         wx, wy = self.extent_tokens_xy
         return math.ceil(wy), math.ceil(wx)
 
@@ -176,7 +176,7 @@ class TileGeometry(TileSpec):
 
     # -- mappings -------------------------------------------------------------------------------
     def he_px_to_tokens(self, points_he_px: np.ndarray) -> np.ndarray:
-        """(x, y) native H&E px -> (x, y) cell coordinates (floats; floor gives the cell)."""
+        """(x, y) native H&E px -> (x, y) token coordinates (floats; floor gives the token)."""
         return np.asarray(points_he_px, dtype=np.float64) * self.tokens_per_he_px
 
     def tokens_to_he_px(self, points_tokens: np.ndarray) -> np.ndarray:
@@ -293,7 +293,7 @@ def pick_pyramid_level(level_shapes_yx: list[tuple[int, int]], he_pixel_size_um:
     full_h, full_w = level_shapes_yx[0]
     best = 0
     for index, (h, w) in enumerate(level_shapes_yx):
-        level_mpp = he_pixel_size_um * max(full_w / w, full_h / h)
-        if level_mpp <= tile_pixel_size_um * (1 + 1e-6):
+        level_pixel_size_um = he_pixel_size_um * max(full_w / w, full_h / h)
+        if level_pixel_size_um <= tile_pixel_size_um * (1 + 1e-6):
             best = index
     return best

@@ -1,12 +1,12 @@
 """H&E tiles for the model: 512 px at 0.5 um/px resized to 224 px by area averaging, uint8.
 
 Tiles overlap 4x, so instead of decoding a window per tile we resample the image once onto the
-global grid of resized pixels (16 per cell, see :mod:`.geometry`): each stored chunk of the chosen
+global grid of resized pixels (16 per token, see :mod:`.geometry`): each stored chunk of the chosen
 pyramid level is decoded once and area-averaged straight from its native pixels into that grid,
 and tile ``(i, j)`` is a plain slice of it. Rows of the grid are kept only until the last tile
 that needs them has been cut, so memory is a few tile rows, whatever the slide size.
 
-Output pixel ``k`` covers cells ``[k / 16, (k + 1) / 16)``; its value is the exact area average
+Output pixel ``k`` covers tokens ``[k / 16, (k + 1) / 16)``; its value is the exact area average
 of the level pixels it overlaps (fractional overlaps weighted), rounded to uint8 once.
 """
 

@@ -45,7 +45,7 @@ class TokenMapping:
         return (to_cells @ np.linalg.inv(self.transform.matrix) @ to_global)[:2]
 
     def um_to_tokens_xy(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cell coordinates of points, with exactly the float operations of the binning kernel.
+        """Token coordinates of points, with exactly the float operations of the binning kernel.
 
         Points with a NaN or infinite coordinate map to NaN (a non-affine inverse is never asked
         about them: its Newton steps would not converge)."""
@@ -98,7 +98,7 @@ class TranscriptCounts:
 def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, extent_y, stride_tokens,
                 core_dense, core_keys, core_totals, addon, counters):
     """One pass over a partition. Dense mode increments ``core_dense``; sparse mode (``core_dense``
-    of size 0) writes linear keys (cell * n_core + gene) into ``core_keys`` and returns their count."""
+    of size 0) writes linear keys (token * n_core + gene) into ``core_keys`` and returns their count."""
     n_rows, n_cols = core_totals.shape
     n_srows, n_scols = addon.shape[0], addon.shape[1]
     dense = core_dense.size > 0
@@ -157,7 +157,7 @@ def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, exte
 
 
 class TokenRaster:
-    """Core-gene counts per cell, ``(rows, cols, genes)``, dense or CSR (cells x genes)."""
+    """Core-gene counts per token, ``(rows, cols, genes)``, dense or CSR (tokens x genes)."""
 
     def __init__(self, shape: tuple[int, int, int], dense: np.ndarray | None = None,
                  csr: sp.csr_array | None = None) -> None:
@@ -178,13 +178,13 @@ class TokenRaster:
         return self.csr.data.nbytes + self.csr.indices.nbytes + self.csr.indptr.nbytes
 
     def window(self, row0: int, col0: int, n_rows: int, n_cols: int) -> np.ndarray:
-        """Dense counts of cells [row0, row0 + n_rows) x [col0, col0 + n_cols) (clipped to the raster)."""
+        """Dense counts of tokens [row0, row0 + n_rows) x [col0, col0 + n_cols) (clipped to the raster)."""
         rows, cols, genes = self.shape
         r1, c1 = min(row0 + n_rows, rows), min(col0 + n_cols, cols)
         if self.dense is not None:
             return self.dense[row0:r1, col0:c1]
-        cells = (np.arange(row0, r1)[:, None] * cols + np.arange(col0, c1)[None, :]).ravel()
-        return self.csr[cells].toarray().astype(np.uint32).reshape(r1 - row0, c1 - col0, genes)
+        tokens = (np.arange(row0, r1)[:, None] * cols + np.arange(col0, c1)[None, :]).ravel()
+        return self.csr[tokens].toarray().astype(np.uint32).reshape(r1 - row0, c1 - col0, genes)
 
     def tile_tokens(self, geometry: TileGeometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """``(B, t, t, genes)`` token counts of tiles (row, col): ``raster[s*i:s*i+t, s*j:s*j+t]``."""
@@ -205,7 +205,7 @@ class TranscriptBins:
     panel: GenePanel
     tokens: TokenRaster
     core_totals: np.ndarray
-    """(rows, cols) core transcripts per cell."""
+    """(rows, cols) core transcripts per token."""
     addon_stride: np.ndarray
     """(stride rows, stride cols, add-on genes) add-on counts per stride square."""
     counts: TranscriptCounts = field(default_factory=TranscriptCounts)
@@ -297,7 +297,7 @@ def bin_transcripts(
     """Count transcripts (um columns) into the token and stride rasters of ``geometry``.
 
     Kept: finite x and y, ``qv >= min_qv`` (no ``qv`` column: all kept), panel genes, inside the
-    H&E image (cell coordinates in ``[0, extent)``). Everything else is counted in
+    H&E image (token coordinates in ``[0, extent)``). Everything else is counted in
     ``TranscriptBins.counts``; non-finite positions are also warned about (XeniumDataWarning).
     """
     for col in (x_col, y_col, feature_col) + ((qv_col,) if qv_col else ()):
