@@ -10,6 +10,7 @@ import pytest
 
 from napari_morphomol.cli import main
 from napari_morphomol.coords import apply_affine_xy
+from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, TRANSCRIPTS
 from napari_morphomol.errors import InputError
 from napari_morphomol.export import (
     MEASURED_IMAGE,
@@ -73,8 +74,8 @@ def test_zarr_table_annotates_tile_shapes_in_global(exported, results_store):
 
     results = open_results(results_store)
     sdata = sd.read_zarr(exported[1])
-    assert {"he_image", "morphology_focus", PREDICTED_IMAGE, MEASURED_IMAGE} <= set(sdata.images)
-    assert "transcripts" in sdata.points
+    assert {HE_IMAGE, MORPHOLOGY, PREDICTED_IMAGE, MEASURED_IMAGE} <= set(sdata.images)
+    assert TRANSCRIPTS in sdata.points
     assert sd.get_element_annotators(sdata, TILES) == {TILE_TABLE}
     table = sdata.tables[TILE_TABLE]
     attrs = table.uns["spatialdata_attrs"]
@@ -99,7 +100,7 @@ def test_zarr_table_annotates_tile_shapes_in_global(exported, results_store):
     values = np.asarray(image.data)
     for k, r, c in alone:
         np.testing.assert_allclose(values[:, r, c], results.predictions[k], rtol=1e-6)
-    he = get_transformation(sdata.images["he_image"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
+    he = get_transformation(sdata.images[HE_IMAGE], "global").to_affine_matrix(("x", "y"), ("x", "y"))
     np.testing.assert_allclose(he, results.metadata["registration"]["matrix"])
 
 

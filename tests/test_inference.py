@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from napari_morphomol.elements import HE_IMAGE
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference import (
     DeviceFallbackWarning,
@@ -88,7 +89,7 @@ def test_results_equal_a_direct_forward_pass(reference_run, sample, checkpoint, 
                          options=TilingOptions(min_transcripts=0))
     assert sorted(results.tiles["tile_id"]) == sorted(tiling.tiles["tile_id"])
     assert len(results.tiles) >= 8 and results.metadata["n_chunks"] >= 2
-    sampler = LevelSampler(tiling.geometry, levels_yxc(element_levels_cyx(sample.images["he_image"])))
+    sampler = LevelSampler(tiling.geometry, levels_yxc(element_levels_cyx(sample.images[HE_IMAGE])))
     expected = {}
     for positions, images in sampler.iter_tiles(tiling.tiles["row"], tiling.tiles["col"], batch_size=64):
         tokens = tiling.tokens(positions).reshape(len(positions), 196, -1).astype(np.float32)

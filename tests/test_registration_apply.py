@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_morphomol.elements import HE_IMAGE
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration import (
     HE_X_PX,
@@ -101,10 +102,10 @@ def test_he_element_gets_the_affine_to_global_and_the_record():
     from spatialdata.transformations import get_transformation
 
     image = Image2DModel.parse(np.zeros((3, 40, 50), dtype=np.uint8), dims=("c", "y", "x"))
-    sdata = SpatialData(images={"he_image": image})
+    sdata = SpatialData(images={HE_IMAGE: image})
     fitted = fitted_example("per-region")
     set_he_registration(sdata, fitted)
-    transform = get_transformation(sdata.images["he_image"], to_coordinate_system="global")
+    transform = get_transformation(sdata.images[HE_IMAGE], to_coordinate_system="global")
     matrix = transform.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
     np.testing.assert_allclose(matrix, fitted.best_affine)
     assert sdata.attrs[REGISTRATION_ATTRS_KEY]["model"] == "per-region"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from spatialdata.transformations import get_transformation
 
 from napari_morphomol.coords import GLOBAL, apply_affine_xy, layer_affine_um, napari_affine, scale_matrix
-from napari_morphomol.elements import sample_info
+from napari_morphomol.elements import HE_IMAGE, sample_info
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.sample import load_sample
 from napari_morphomol.registration import REGISTRATION_ATTRS_KEY, read_alignment_csv, read_keypoints_csv
@@ -99,7 +99,7 @@ def test_history_applies_undoes_and_redoes(synthetic_sample):
     sdata = load_sample(synthetic_sample.xenium_dir, synthetic_sample.he_path)
     geometry = sample_geometry(sdata)
     assert geometry.xenium_pixel_size_um == pytest.approx(0.2125)
-    element = sdata.images["he_image"]
+    element = sdata.images[HE_IMAGE]
     assert GLOBAL not in get_transformation(element, get_all=True)
     pairs = read_keypoints_csv(synthetic_sample.keypoints_csv)
     fitted = fit_landmark_points(pairs.he_px, pairs.global_px, "similarity", geometry)

@@ -8,7 +8,7 @@ from spatialdata.transformations import get_transformation
 
 from napari_morphomol.cli import main
 from napari_morphomol.coords import GLOBAL, HE_PX
-from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, TRANSCRIPTS, sample_info
+from napari_morphomol.elements import CELL_TABLE, HE_IMAGE, MORPHOLOGY, TRANSCRIPTS, sample_info
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.sample import find_sample_parts, load_sample, open_sample, summarize_sample
 from napari_morphomol.registration.formats import read_alignment_csv
@@ -65,7 +65,7 @@ def test_open_sample_recognises_folders_and_h_and_e_alone(synthetic_sample):
 
 def test_cells_on_request(synthetic_sample):
     with_cells = load_sample(synthetic_sample.xenium_dir, cells=True)
-    table = with_cells.tables["table"]
+    table = with_cells.tables[CELL_TABLE]
     assert table.n_obs > 100 and "cell_boundaries" in with_cells.shapes
 
 

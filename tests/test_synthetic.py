@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from scipy import sparse
 
 from napari_morphomol.cli import main
+from napari_morphomol.elements import MORPHOLOGY
 from napari_morphomol.errors import InputError
 from napari_morphomol.synthetic import (
     load_ground_truth,
@@ -45,7 +46,7 @@ def test_spatialdata_io_reads_bundle_unchanged(synthetic_sample):
     sdata = spatialdata_io.xenium(synthetic_sample.xenium_dir)
     truth = load_ground_truth(synthetic_sample.ground_truth_json)
     h, w = truth.morphology_shape
-    assert sdata["morphology_focus"]["scale0"]["image"].shape == (1, h, w)
+    assert sdata[MORPHOLOGY]["scale0"]["image"].shape == (1, h, w)
     assert sdata["cell_labels"]["scale0"]["image"].shape == (h, w)
     assert sdata["nucleus_labels"]["scale0"]["image"].shape == (h, w)
     cells = pd.read_parquet(synthetic_sample.ground_truth_cells)

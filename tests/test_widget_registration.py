@@ -9,6 +9,7 @@ from qtpy.QtWidgets import QMessageBox
 from spatialdata.transformations import get_transformation
 
 from napari_morphomol.coords import GLOBAL, layer_affine_um, napari_to_xy, xy_to_napari
+from napari_morphomol.elements import HE_IMAGE
 from napari_morphomol.io.sample import load_sample
 from napari_morphomol.layers.sample import DAPI_LAYER, HE_LAYER, sample_layers
 from napari_morphomol.registration import read_alignment_csv, read_keypoints_csv
@@ -91,7 +92,7 @@ def test_click_fit_apply_undo_redo(opened, synthetic_sample, qtbot):
     np.testing.assert_allclose(widget.he_points.affine.affine_matrix, expected, atol=1e-9)
     np.testing.assert_allclose(he_image.translate, 0.0, atol=1e-9)
     np.testing.assert_allclose(
-        get_transformation(sdata.images["he_image"], GLOBAL).to_affine_matrix(("x", "y"), ("x", "y")), applied
+        get_transformation(sdata.images[HE_IMAGE], GLOBAL).to_affine_matrix(("x", "y"), ("x", "y")), applied
     )
     # the H&E now lies on the Xenium image: held-out landmarks land within a few um of the truth
     held_out = pairs.he_px[6:]
@@ -103,7 +104,7 @@ def test_click_fit_apply_undo_redo(opened, synthetic_sample, qtbot):
     widget.undo_button.clicked.emit()
     before = layer_affine_um(np.diag([0.2737 / PIXEL_UM, 0.2737 / PIXEL_UM, 1.0]), PIXEL_UM)
     assert np.abs(he_image.affine.affine_matrix - before).max() < 1e-3
-    assert GLOBAL not in get_transformation(sdata.images["he_image"], get_all=True)
+    assert GLOBAL not in get_transformation(sdata.images[HE_IMAGE], get_all=True)
     assert not widget.undo_button.enabled and widget.redo_button.enabled
     widget.redo_button.clicked.emit()
     np.testing.assert_allclose(he_image.affine.affine_matrix, expected, atol=1e-9)
