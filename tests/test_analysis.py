@@ -87,10 +87,9 @@ def test_cluster_colors_are_distinct_hex():
     assert len(set(cluster_colors(102))) == 102
 
 
-def test_add_clusters_on_a_large_run_uses_approximate_neighbours():
-    """Above EXACT_KNN_MAX_TILES scanpy switches to pynndescent; its graph must still be readable."""
-    from napari_morphomol.analysis.clusters import EXACT_KNN_MAX_TILES
-
-    adata = add_clusters(blobs_anndata(n_per_blob=EXACT_KNN_MAX_TILES // 3 + 1, dim=16), resolutions=(0.5,))
+def test_add_clusters_on_a_large_run_uses_exact_neighbours():
+    """Above 8,192 tiles scanpy would switch to pynndescent (and its graph type); ours stays exact."""
+    adata = add_clusters(blobs_anndata(n_per_blob=2731, dim=16), resolutions=(0.5,))
+    assert adata.n_obs > 8192 and adata.uns["morphomol_clusters"]["neighbours"] == "exact (scikit-learn)"
     table = pd.crosstab(adata.obs["blob"], adata.obs["leiden_0.5"])
     assert ((table > 0).sum(axis=0) == 1).all(), f"no cluster may mix blobs:\n{table}"

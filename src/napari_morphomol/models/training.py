@@ -322,6 +322,38 @@ def train_model(
         datasets that do not fit the config.
     """
     card_without_results = ModelCard(config, tuple(core_genes), tuple(addon_genes), tile_geometry)
+    _check_training_inputs(config, settings, train_dataset, val_dataset)
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    if config.variant_spec.neural:
+        fitted = _fit_with_lightning(config, settings, train_dataset, val_dataset, backbone_weights)
+    else:
+        fitted = _FittedModel(
+            fit_min_mae_baseline(config, _loader(train_dataset, settings, shuffle=False)),
+            {"method": "Min-MAE: per add-on gene, the core gene with the lowest training MAE (log1p tile totals)"})
+    model, history, target_mean = fitted.model, fitted.history, fitted.target_mean
+    device, bf16 = fitted.device, fitted.bf16
+    validation = evaluate_model(
+        model, val_dataset, addon_genes=addon_genes, batch_size=min(settings.batch_size, 64), device=device, bf16=bf16
+    )
+    model.cpu()
+    training = {
+        "how": {**fitted.how, "settings": dataclasses.asdict(settings)},
+        "data": {"n_train_tiles": len(train_dataset), "n_val_tiles": len(val_dataset),
+                 **({"train_target_mean": target_mean} if target_mean is not None else {}), **(data_summary or {})},
+        "validation_metrics": validation.means,
+        "validation_gene_metrics": validation.gene_metrics.reset_index().to_dict(orient="list"),
+        "history": history,
+    }
+    card = dataclasses.replace(card_without_results, training=training)
+    written = None
+    if checkpoint_path is not None and fitted.is_writer:
+        written = save_checkpoint(model, card, checkpoint_path)
+    return TrainingResult(model, card, written, history, validation)
+
+
+def _check_training_inputs(config: ModelConfig, settings: TrainingSettings, train_dataset: Dataset,
+                           val_dataset: Dataset) -> None:
+    """Refuse a config and settings that disagree, or datasets that do not fit the config."""
     if config.unimodal_inputs != (settings.modality_dropout > 0):
         raise InputError(
             "A model accepts one modality at inference only if trained so: set both unimodal_inputs=True "
@@ -334,68 +366,60 @@ def train_model(
         )
     check_tile_dataset(train_dataset, config, "training")
     check_tile_dataset(val_dataset, config, "validation")
-    L.seed_everything(settings.seed, workers=True, verbose=False)
-    history: list[dict[str, float]] = []
+
+
+@dataclasses.dataclass
+class _FittedModel:
+    """What a fit hands back to :func:`train_model`: the model at its best epoch and how it got there."""
+
+    model: nn.Module
+    how: dict[str, Any]
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     target_mean: list[float] | None = None
-    is_writer, device, bf16 = is_primary_process(), torch.device("cpu"), False
-    if not config.variant_spec.neural:
-        model = fit_min_mae_baseline(config, _loader(train_dataset, settings, shuffle=False))
-        how = {"method": "Min-MAE: per add-on gene, the core gene with the lowest training MAE (log1p tile totals)"}
-    else:
-        model = build_model(config, backbone_weights)
-        target_mean = start_at_mean_target(model, train_dataset).tolist()
-        module = FusionTrainingModule(model, settings)
-        best = BestWeights()
-        deterministic_before = torch.are_deterministic_algorithms_enabled()
-        trainer = L.Trainer(
-            accelerator=settings.accelerator,
-            devices=settings.devices,
-            num_nodes=settings.num_nodes,
-            strategy=settings.strategy,
-            precision=settings.resolved_precision(),
-            max_epochs=settings.max_epochs,
-            accumulate_grad_batches=settings.accumulate_grad_batches,
-            gradient_clip_val=settings.gradient_clip,
-            callbacks=[EarlyStopping(VALIDATION_METRIC, patience=settings.patience, mode="min"), best],
-            deterministic=True,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=settings.progress_bar,
-            num_sanity_val_steps=0,
-        )
-        try:
-            trainer.fit(module, _loader(train_dataset, settings, True), _loader(val_dataset, settings, False))
-        finally:
-            torch.use_deterministic_algorithms(deterministic_before)
-        model.load_state_dict(best.state)
-        device, bf16 = module.device, settings.resolved_precision().startswith("bf16")
-        history = best.history
-        is_writer = trainer.is_global_zero
-        how = {
-            "method": "Lightning fit, best validation epoch kept",
-            "best_epoch": best.best_epoch,
-            "epochs_run": trainer.current_epoch,
-            "backbone_weights": None if backbone_weights is None else Path(backbone_weights).name,
-            "precision": settings.resolved_precision(),
-        }
-    validation = evaluate_model(
-        model, val_dataset, addon_genes=addon_genes, batch_size=min(settings.batch_size, 64), device=device, bf16=bf16
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    bf16: bool = False
+    is_writer: bool = dataclasses.field(default_factory=is_primary_process)
+
+
+def _fit_with_lightning(config: ModelConfig, settings: TrainingSettings, train_dataset: Dataset, val_dataset: Dataset,
+                        backbone_weights: str | Path | None) -> _FittedModel:
+    """Fit a neural variant with Lightning, early-stopped on validation; the best epoch's weights."""
+    model = build_model(config, backbone_weights)
+    target_mean = start_at_mean_target(model, train_dataset).tolist()
+    module = FusionTrainingModule(model, settings)
+    best = BestWeights()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    trainer = L.Trainer(
+        accelerator=settings.accelerator,
+        devices=settings.devices,
+        num_nodes=settings.num_nodes,
+        strategy=settings.strategy,
+        precision=settings.resolved_precision(),
+        max_epochs=settings.max_epochs,
+        accumulate_grad_batches=settings.accumulate_grad_batches,
+        gradient_clip_val=settings.gradient_clip,
+        callbacks=[EarlyStopping(VALIDATION_METRIC, patience=settings.patience, mode="min"), best],
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=settings.progress_bar,
+        num_sanity_val_steps=0,
     )
-    model.cpu()
-    training = {
-        "how": {**how, "settings": dataclasses.asdict(settings)},
-        "data": {"n_train_tiles": len(train_dataset), "n_val_tiles": len(val_dataset),
-                 **({"train_target_mean": target_mean} if target_mean is not None else {}), **(data_summary or {})},
-        "validation_metrics": validation.means,
-        "validation_gene_metrics": validation.gene_metrics.reset_index().to_dict(orient="list"),
-        "history": history,
+    try:
+        trainer.fit(module, _loader(train_dataset, settings, True), _loader(val_dataset, settings, False))
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+    model.load_state_dict(best.state)
+    how = {
+        "method": "Lightning fit, best validation epoch kept",
+        "best_epoch": best.best_epoch,
+        "epochs_run": trainer.current_epoch,
+        "backbone_weights": None if backbone_weights is None else Path(backbone_weights).name,
+        "precision": settings.resolved_precision(),
     }
-    card = dataclasses.replace(card_without_results, training=training)
-    written = None
-    if checkpoint_path is not None and is_writer:
-        written = save_checkpoint(model, card, checkpoint_path)
-    return TrainingResult(model, card, written, history, validation)
+    return _FittedModel(model, how, best.history, target_mean, module.device,
+                        settings.resolved_precision().startswith("bf16"), trainer.is_global_zero)
 
 
 def evaluate_model(

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_morphomol.analysis import EXPRESSION_UNITS, PAPER_N_PCS, RunExplorer, explore_run
+from napari_morphomol.analysis import EXPRESSION_UNITS, MAP_KINDS, PAPER_N_PCS, RunExplorer, explore_run
 from napari_morphomol.coords import napari_to_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.layers.run import (
@@ -191,7 +191,7 @@ class ExploreWidget(QWidget):
         self.explorer = explorer
         self._all_genes = explorer.genes
         first = explorer.metrics.index[0] if len(explorer.metrics) else explorer.genes[0]
-        kinds = ("predicted", "measured", "residual") if explorer.results.measured_genes else ("predicted",)
+        kinds = MAP_KINDS if explorer.results.measured_genes else ("predicted",)
         for kind in kinds:
             data, kwargs, _ = gene_map_layer(explorer, first, kind)
             name = kwargs["name"]
