@@ -113,7 +113,7 @@ def test_a_per_token_output_is_stored_as_its_own_array(tmp_path, sample, panel, 
     torch.manual_seed(0)
     plain = build_model(ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]),
                                     backbone_kwargs=TINY_VIT))
-    config = dataclasses.replace(plain.config, token_heads={"addon_tokens": 3})
+    config = dataclasses.replace(plain.config, token_heads={"density": 3})
     model = build_model(config)
     model.load_state_dict(plain.state_dict(), strict=False)
     path = save_checkpoint(model, ModelCard(config, tuple(panel["core"]), tuple(panel["addon"])),
@@ -121,14 +121,14 @@ def test_a_per_token_output_is_stored_as_its_own_array(tmp_path, sample, panel, 
     out = predict(sample, PredictOptions(checkpoint=path, store=tmp_path / "tokens.zarr", **RUN))
     results = open_results(out)
     assert [(s.name, s.level, s.width) for s in results.output_specs] == [
-        ("predictions", "tile", len(panel["addon"])), ("embeddings", "tile", 192), ("addon_tokens", "token", 3)]
-    tokens = results.output("addon_tokens")
+        ("predictions", "tile", len(panel["addon"])), ("embeddings", "tile", 192), ("density", "token", 3)]
+    tokens = results.output("density")
     assert tokens.shape == (len(results.tiles), 196, 3) and np.isfinite(tokens).all()
     ids, predictions, _ = by_tile(results)
     reference_ids, reference_predictions, _ = by_tile(reference_run[0])
     np.testing.assert_array_equal(ids, reference_ids)
     np.testing.assert_allclose(predictions, reference_predictions, atol=1e-4)
-    with pytest.raises(InputError, match="holds no output 'variance'.*addon_tokens"):
+    with pytest.raises(InputError, match="holds no output 'variance'.*density"):
         results.output("variance")
 
 

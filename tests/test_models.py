@@ -145,10 +145,12 @@ def test_token_heads_are_refused_where_there_are_no_tokens_or_no_targets(tmp_pat
             tiny_config("early_fusion_add", token_heads={name: 2})
     with pytest.raises(InputError, match="width must be a positive integer"):
         tiny_config("early_fusion_add", token_heads={"addon_tokens": 0})
+    with pytest.raises(InputError, match="its width must be n_addon_genes"):
+        tiny_config("early_fusion_add", token_heads={"addon_tokens": N_ADDON + 1})
     from napari_morphomol.models import train_model
 
-    with pytest.raises(InputError, match="no per-token targets"):
-        train_model(tiny_config("early_fusion_add", token_heads={"addon_tokens": N_ADDON}), None, None,
+    with pytest.raises(InputError, match="token heads without targets \\(density\\)"):
+        train_model(tiny_config("early_fusion_add", token_heads={"addon_tokens": N_ADDON, "density": 1}), None, None,
                     core_genes=CORE_GENES, addon_genes=ADDON_GENES, checkpoint_path=tmp_path / "m.safetensors")
 
 

@@ -63,6 +63,10 @@ def test_items_match_store_and_he_reader(stores, synthetic_sample):
         counts = store.addon_counts[position]
         np.testing.assert_allclose(item["target"].numpy(), np.log1p(counts), rtol=1e-6)
         assert counts.sum() == store.tiles.loc[position, "n_addon"]
+        # per-token targets: the tile's add-on raster window, summing exactly to its tile counts
+        assert item["token_target"].dtype == torch.float32 and item["token_target"].shape == (196, n_addon)
+        np.testing.assert_array_equal(item["token_target"].numpy(), store.tile_addon_tokens(position).reshape(196, -1))
+        np.testing.assert_array_equal(item["token_target"].numpy().sum(axis=0), counts)
 
 
 def test_gene_order_follows_the_panel_asked_for(stores):
@@ -72,6 +76,7 @@ def test_gene_order_follows_the_panel_asked_for(stores):
     item = dataset[1]
     np.testing.assert_array_equal(item["tokens"].numpy(), store.tile_tokens(1).reshape(196, -1)[:, ::-1][:, :7])
     np.testing.assert_allclose(item["target"].numpy(), store.targets_log1p[1][2:5])
+    np.testing.assert_array_equal(item["token_target"].numpy(), store.tile_addon_tokens(1).reshape(196, -1)[:, 2:5])
     with pytest.raises(InputError, match="lacks 1 core genes.*NOT_A_GENE"):
         TileDataset.from_store(stores["a"], core_genes=["NOT_A_GENE"])
 

@@ -44,12 +44,14 @@ class TinyTiles(Dataset):
         rates = torch.rand(n_tiles, 1, N_CORE, generator=generator) * 3
         self.tokens = torch.poisson(rates.expand(n_tiles, 196, N_CORE).contiguous(), generator=generator)
         self.targets = torch.log1p(self.tokens.sum(dim=1)[:, COPIED_CORE])
+        self.token_targets = self.tokens[:, :, COPIED_CORE].contiguous()
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        return {"image": self.images[index], "tokens": self.tokens[index], "target": self.targets[index]}
+        return {"image": self.images[index], "tokens": self.tokens[index], "target": self.targets[index],
+                "token_target": self.token_targets[index]}
 
 
 def tiny_config(variant: str, **overrides) -> ModelConfig:

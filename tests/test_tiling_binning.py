@@ -47,8 +47,8 @@ def affine(scale: float, angle: float, tx: float, ty: float) -> np.ndarray:
 
 
 def reference_tiles(df, geometry, panel, mapping, min_qv, rows, cols):
-    """Per tile: select transcripts whose cell coordinates lie in the tile's half-open box, count
-    core genes per token at floor(q - tile origin) and add-on genes per tile."""
+    """Per tile: select transcripts whose token coordinates lie in the tile's half-open box, count
+    core and add-on genes per token at floor(q - tile origin), and add-on genes per tile."""
     keep = (df["qv"].to_numpy() >= min_qv) & ~df["feature_name"].astype(str).str.startswith(
         ("NegControl", "BLANK_", "Unassigned")).to_numpy()
     qx, qy = mapping.um_to_tokens_xy(df["x_location"].to_numpy(), df["y_location"].to_numpy())
@@ -56,14 +56,17 @@ def reference_tiles(df, geometry, panel, mapping, min_qv, rows, cols):
     s, t = geometry.stride_tokens, geometry.tokens_per_side
     tokens = np.zeros((len(rows), t, t, len(panel.core)), dtype=np.int64)
     addon = np.zeros((len(rows), len(panel.addon)), dtype=np.int64)
+    addon_tokens = np.zeros((len(rows), t, t, len(panel.addon)), dtype=np.int64)
     for k, (i, j) in enumerate(zip(rows, cols, strict=True)):
         inside = keep & (qx >= s * j) & (qx < s * j + t) & (qy >= s * i) & (qy < s * i + t)
         for n in np.flatnonzero(inside):
+            ty, tx = int(np.floor(qy[n] - s * i)), int(np.floor(qx[n] - s * j))
             if names[n] in panel.core:
-                tokens[k, int(np.floor(qy[n] - s * i)), int(np.floor(qx[n] - s * j)), panel.core.index(names[n])] += 1
+                tokens[k, ty, tx, panel.core.index(names[n])] += 1
             elif names[n] in panel.addon:
                 addon[k, panel.addon.index(names[n])] += 1
-    return tokens, addon
+                addon_tokens[k, ty, tx, panel.addon.index(names[n])] += 1
+    return tokens, addon, addon_tokens
 
 
 @st.composite
@@ -81,7 +84,7 @@ def scenes(draw):
     n = draw(st.integers(0, 400))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    # points in cell coordinates: a third exactly on cell edges, some beyond the image
+    # points in token coordinates: a third exactly on token edges, some beyond the image
     ex, ey = geometry.extent_tokens_xy
     q = rng.uniform(-2, [ex + 2, ey + 2], size=(n, 2))
     q[: n // 3] = np.round(q[: n // 3])
@@ -113,9 +116,14 @@ def test_binning_matches_per_tile_reference(scene, sparse):
     assert bins.tokens.is_sparse == sparse
     rows, cols = all_tiles(geometry)
     mapping = TokenMapping(geometry, AffineXY(matrix), XENIUM_PIXEL_SIZE_UM)
-    ref_tokens, ref_addon = reference_tiles(df, geometry, PANEL, mapping, 20.0, rows, cols)
+    ref_tokens, ref_addon, ref_addon_tokens = reference_tiles(df, geometry, PANEL, mapping, 20.0, rows, cols)
     np.testing.assert_array_equal(bins.tokens.tile_tokens(geometry, rows, cols), ref_tokens)
     np.testing.assert_array_equal(bins.tile_addon_counts(rows, cols), ref_addon)
+    assert bins.addon_tokens.is_sparse == sparse
+    addon_tokens = bins.addon_tokens.tile_tokens(geometry, rows, cols)
+    np.testing.assert_array_equal(addon_tokens, ref_addon_tokens)
+    # per-token targets sum to the tile targets exactly
+    np.testing.assert_array_equal(addon_tokens.sum(axis=(1, 2), dtype=np.int64), bins.tile_addon_counts(rows, cols))
     # a tile's tokens sum to the core transcripts inside it
     np.testing.assert_array_equal(bins.tile_core_totals(rows, cols), ref_tokens.sum(axis=(1, 2, 3)))
 
@@ -155,9 +163,13 @@ def test_region_transform_and_dask_partitions_match_reference():
     bins = bin_transcripts(ddf, geometry, PANEL, transform, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM)
     rows, cols = all_tiles(geometry)
     mapping = TokenMapping(geometry, transform, XENIUM_PIXEL_SIZE_UM)
-    ref_tokens, ref_addon = reference_tiles(df, geometry, PANEL, mapping, 20.0, rows, cols)
+    ref_tokens, ref_addon, ref_addon_tokens = reference_tiles(df, geometry, PANEL, mapping, 20.0, rows, cols)
     np.testing.assert_array_equal(bins.tokens.tile_tokens(geometry, rows, cols), ref_tokens)
     np.testing.assert_array_equal(bins.tile_addon_counts(rows, cols), ref_addon)
+    addon_tokens = bins.addon_tokens.tile_tokens(geometry, rows, cols)
+    np.testing.assert_array_equal(addon_tokens, ref_addon_tokens)
+    # per-token targets sum to the tile targets exactly
+    np.testing.assert_array_equal(addon_tokens.sum(axis=(1, 2), dtype=np.int64), bins.tile_addon_counts(rows, cols))
     # the composed mapping is the registration followed by the geometry
     q = np.stack(mapping.um_to_tokens_xy(um[:, 0], um[:, 1]), axis=1)
     np.testing.assert_allclose(geometry.tokens_to_he_px(q), he, atol=1e-6)
@@ -261,7 +273,10 @@ def test_sparse_raster_round_trips_through_the_store(tmp_path):
     out = write_tiles_zarr(sparse, tmp_path / "t.zarr")
     store = read_tiles_zarr(out)
     np.testing.assert_array_equal(store.tokens[:], dense.bins.tokens.dense)
+    np.testing.assert_array_equal(store.addon_tokens[:], dense.bins.addon_tokens.dense)
     for position in range(len(store.tiles)):
         np.testing.assert_array_equal(store.tile_tokens(position), dense.tokens([position])[0])
+        np.testing.assert_array_equal(store.tile_addon_tokens(position), dense.addon_tokens([position])[0])
+        np.testing.assert_array_equal(store.tile_addon_tokens(position).sum(axis=(0, 1)), store.addon_counts[position])
     assert store.report == sparse.report
     assert [p.name for p in tmp_path.iterdir()] == ["t.zarr"]  # no temporary left behind

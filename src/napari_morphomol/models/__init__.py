@@ -16,22 +16,24 @@ _SOURCES = {
     "baseline": ("MinMAEBaseline", "fit_min_mae_baseline"),
     "checkpoint": ("ModelCard", "PanelMatch", "build_model", "check_tile_geometry", "load_checkpoint",
                    "match_gene_panel", "read_model_card", "save_checkpoint"),
-    "config": ("DEFAULT_BACKBONE", "DEFAULT_VARIANT", "VARIANT_TABLE", "VARIANTS", "ModelConfig",
+    "config": ("ADDON_TOKEN_HEAD", "DEFAULT_BACKBONE", "DEFAULT_VARIANT", "VARIANT_TABLE", "VARIANTS", "ModelConfig",
                "OutputSpec", "Variant"),
     "fusion": ("Features", "FusionModel", "ModelOutput"),
     "metrics": ("mean_metrics", "per_gene_metrics", "table_markdown", "variant_table", "write_variant_table"),
     "shipped": ("shipped_model_path",),
     "reference": ("convert_reference_checkpoint", "load_reference_checkpoint", "read_reference_state_dict"),
-    "training": ("Evaluation", "SampleSplit", "TrainingResult", "TrainingSettings", "evaluate_model",
+    "training": ("TOKEN_LOSSES", "Evaluation", "SampleSplit", "TrainingResult", "TrainingSettings", "evaluate_model",
                  "split_by_sample", "train_model"),
 }
 __getattr__ = lazy_attributes("napari_morphomol.models", _SOURCES)
 
 __all__ = [
+    "ADDON_TOKEN_HEAD",
     "DEFAULT_BACKBONE",
     "DEFAULT_VARIANT",
     "VARIANTS",
     "VARIANT_TABLE",
+    "TOKEN_LOSSES",
     "Evaluation",
     "Features",
     "FusionModel",

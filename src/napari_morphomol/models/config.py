@@ -129,6 +129,10 @@ ARCHITECTURE_LIMITS: dict[str, tuple[float, float]] = {
 OUTPUT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 RESERVED_OUTPUT_NAMES = frozenset({"predictions", "embeddings", "tiles", "measured_counts", "done", "chunk_seconds",
                                    "inputs"})
+ADDON_TOKEN_HEAD = "addon_tokens"
+"""The token head that predicts the add-on panel per token (width ``n_addon_genes``), trained on
+the tiles store's per-token add-on counts. Its output is a log rate per token and gene: the
+expected log1p count of a token is ``softplus(output)`` = log1p(exp(output)) whatever the loss."""
 #: Tokens per tile, (img_size / patch_px) squared: 196 in the paper, 1369 for a ViT/14 at 518 px.
 MAX_TOKENS_PER_TILE = 4096
 #: Parameters of the whole model: ViT-L/16 has 0.3e9, ViT-g/14 1.0e9 (8 GB of float32).
@@ -251,6 +255,9 @@ class ModelConfig:
             if not isinstance(width, int) or isinstance(width, bool) or width < 1:
                 raise InputError(f"Model config token head {name!r} width must be a positive integer, got {width!r}.")
             _check_limits("n_addon_genes", width)
+            if name == ADDON_TOKEN_HEAD and width != self.n_addon_genes:
+                raise InputError(f"Model config token head {ADDON_TOKEN_HEAD!r} predicts the add-on panel per token: "
+                                 f"its width must be n_addon_genes ({self.n_addon_genes}), got {width}.")
 
     def _check_backbone(self) -> None:
         """A local timm architecture, with only the kwargs that shape it, within the limits."""

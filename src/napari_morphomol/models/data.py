@@ -119,7 +119,9 @@ def open_tile_images(store: TilesStore, path: str | Path) -> zarr.Array:
 
 class TileDataset(Dataset):
     """The tiles of one store as the models' items: ``image`` uint8 (3, 224, 224), ``tokens``
-    float32 (196, G_core) raw counts, ``target`` float32 (G_add,) log1p tile sums, ``sample_id``.
+    float32 (196, G_core) raw counts, ``target`` float32 (G_add,) log1p tile sums,
+    ``token_target`` float32 (196, G_add) raw add-on counts per token (they sum to the tile's
+    counts), ``sample_id``.
 
     ``core_genes`` / ``addon_genes`` reorder (or select) the store's genes, e.g. to a model's
     panel; every named gene must be in the store.
@@ -143,8 +145,9 @@ class TileDataset(Dataset):
         self._core_index = _gene_index(store.core_genes, self.core_genes, "core", store.path)
         self._addon_index = _gene_index(store.addon_genes, self.addon_genes, "add-on", store.path)
         self._images = images[...] if images.nbytes <= _IMAGES_IN_MEMORY_BYTES else images
-        tokens = store.tokens
+        tokens, addon_tokens = store.tokens, store.addon_tokens
         self._tokens = tokens[...] if tokens.nbytes <= _TOKENS_IN_MEMORY_BYTES else tokens
+        self._addon_tokens = addon_tokens[...] if addon_tokens.nbytes <= _TOKENS_IN_MEMORY_BYTES else addon_tokens
         self._targets = np.asarray(store.targets_log1p[...])[:, self._addon_index]
         geometry = store.geometry
         self._stride, self._side = geometry.stride_tokens, geometry.tokens_per_side
@@ -177,21 +180,28 @@ class TileDataset(Dataset):
 
     def tile_tokens(self, position: int) -> np.ndarray:
         """(14, 14, G_core) uint32 counts of the tile at table ``position``, in this dataset's gene order."""
+        return self._window(self._tokens, position)[..., self._core_index]
+
+    def tile_addon_tokens(self, position: int) -> np.ndarray:
+        """(14, 14, G_add) uint32 per-token add-on counts of the tile, in this dataset's gene order."""
+        return self._window(self._addon_tokens, position)[..., self._addon_index]
+
+    def _window(self, raster, position: int) -> np.ndarray:
         s, t = self._stride, self._side
         i, j = int(self._rows[position]), int(self._cols[position])
-        window = np.asarray(self._tokens[s * i:s * i + t, s * j:s * j + t])
-        return window[..., self._core_index]
+        return np.asarray(raster[s * i:s * i + t, s * j:s * j + t])
 
     def __getitem__(self, position: int) -> dict:
         if not -len(self) <= position < len(self):
             raise IndexError(f"tile {position} of {len(self)}")
         position = position % len(self)
         image = np.asarray(self._images[position])
-        tokens = self.tile_tokens(position)
+        n_tokens = self._side * self._side
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "tokens": torch.from_numpy(tokens.reshape(self._side * self._side, -1).astype(np.float32)),
+            "tokens": torch.from_numpy(self.tile_tokens(position).reshape(n_tokens, -1).astype(np.float32)),
             "target": torch.from_numpy(self._targets[position].copy()),
+            "token_target": torch.from_numpy(self.tile_addon_tokens(position).reshape(n_tokens, -1).astype(np.float32)),
             "sample_id": self.sample_id,
         }
 

@@ -38,11 +38,14 @@ from torch.utils.data import DataLoader, Dataset
 from napari_morphomol.errors import InputError
 from napari_morphomol.models.baseline import fit_min_mae_baseline
 from napari_morphomol.models.checkpoint import ModelCard, build_model, save_checkpoint
-from napari_morphomol.models.config import ModelConfig
+from napari_morphomol.models.config import ADDON_TOKEN_HEAD, ModelConfig
 from napari_morphomol.models.metrics import mean_metrics, per_gene_metrics
 from napari_morphomol.tiling.geometry import TileSpec
 
 VALIDATION_METRIC = "val/mse"
+TOKEN_LOSSES = ("poisson", "mse_log1p")
+"""Per-token losses of the add-on token head: Poisson likelihood of the counts on its log rate, or
+MSE of ``softplus(output)`` on log1p counts."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class TrainingSettings:
     num_workers: int = 0
     modality_dropout: float = 0.0
     progress_bar: bool = False
+    token_loss: str = "poisson"
+    """Loss of the add-on token head (:data:`TOKEN_LOSSES`), added to the tile MSE."""
+    token_loss_weight: float = 1.0
 
     def resolved_precision(self) -> str:
         """bf16 mixed precision on a GPU, fp32 on the CPU unless set."""
@@ -131,6 +137,8 @@ def check_tile_dataset(dataset: Dataset, config: ModelConfig, what: str) -> None
         "tokens": ((n_tokens, config.n_core_genes), None),
         "target": ((config.n_addon_genes,), None),
     }
+    if ADDON_TOKEN_HEAD in config.token_heads:
+        expected["token_target"] = ((n_tokens, config.n_addon_genes), None)
     for key, (shape, dtype) in expected.items():
         value = item.get(key) if isinstance(item, dict) else None
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or (dtype and value.dtype != dtype):
@@ -167,18 +175,29 @@ class FusionTrainingModule(L.LightningModule):
                 tokens = None
         return images, tokens
 
-    def _loss(self, batch: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
-        predictions = self.model(*self._inputs(batch, training)).predictions
-        return F.mse_loss(predictions.float(), batch["target"].float())
+    def _losses(self, batch: dict[str, torch.Tensor], training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The paper's tile MSE, and the per-token loss when the model has the add-on token head."""
+        output = self.model(*self._inputs(batch, training))
+        tile = F.mse_loss(output.predictions.float(), batch["target"].float())
+        if ADDON_TOKEN_HEAD not in output.token_outputs:
+            return tile, None
+        return tile, token_loss(output.token_outputs[ADDON_TOKEN_HEAD], batch["token_target"], self.settings.token_loss)
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch, training=True)
-        self.log("train/mse", loss, on_step=False, on_epoch=True, batch_size=len(batch["target"]), sync_dist=True)
-        return loss
+        tile, token = self._losses(batch, training=True)
+        n = len(batch["target"])
+        self.log("train/mse", tile, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        if token is None:
+            return tile
+        self.log("train/token_loss", token, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        return tile + self.settings.token_loss_weight * token
 
     def validation_step(self, batch, batch_idx):
-        loss = self._loss(batch, training=False)
-        self.log(VALIDATION_METRIC, loss, on_step=False, on_epoch=True, batch_size=len(batch["target"]), sync_dist=True)
+        tile, token = self._losses(batch, training=False)
+        n = len(batch["target"])
+        self.log(VALIDATION_METRIC, tile, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        if token is not None:
+            self.log("val/token_loss", token, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self):
         settings = self.settings
@@ -202,6 +221,23 @@ class FusionTrainingModule(L.LightningModule):
         else:
             schedule = cosine
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+
+def token_loss(log_rate: torch.Tensor, counts: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean per-token loss of the add-on token head (``log_rate``: (B, tokens, genes)) on raw counts.
+
+    ``"poisson"``: the Poisson negative log likelihood of the counts at rate ``exp(log_rate)``
+    (constant terms dropped); ``"mse_log1p"``: MSE of ``softplus(log_rate)`` on ``log1p(counts)``.
+    """
+    log_rate, counts = log_rate.float(), counts.float()
+    if kind == "poisson":
+        return F.poisson_nll_loss(log_rate, counts, log_input=True, full=False)
+    return F.mse_loss(F.softplus(log_rate), torch.log1p(counts))
+
+
+def token_log1p(log_rate: torch.Tensor) -> torch.Tensor:
+    """The add-on token head's expected log1p count per token: ``log1p(exp(log_rate))``."""
+    return F.softplus(log_rate.float())
 
 
 class BestWeights(Callback):
@@ -237,6 +273,11 @@ class Evaluation:
     embeddings: np.ndarray
     gene_metrics: pd.DataFrame
     means: dict[str, float]
+    token_gene_metrics: pd.DataFrame | None = None
+    """With the add-on token head: per gene over every token of every tile (log1p counts)."""
+    token_means: dict[str, float] | None = None
+    token_sum_means: dict[str, float] | None = None
+    """The tile scored by the sum of its token predictions instead of the tile head."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +310,9 @@ def start_at_mean_target(model: nn.Module, dataset: Dataset) -> torch.Tensor:
     mean = targets.mean(dim=0)
     with torch.no_grad():
         model.head.bias.copy_(mean)
+        if ADDON_TOKEN_HEAD in model.token_heads:  # the mean count per token, as a log rate
+            per_token = torch.stack([dataset[i]["token_target"].float().mean(dim=0) for i in range(len(dataset))])
+            model.token_heads[ADDON_TOKEN_HEAD].bias.copy_(per_token.mean(dim=0).clamp_min(1e-3).log())
     return mean
 
 
@@ -342,6 +386,7 @@ def train_model(
                  **({"train_target_mean": target_mean} if target_mean is not None else {}), **(data_summary or {})},
         "validation_metrics": validation.means,
         "validation_gene_metrics": validation.gene_metrics.reset_index().to_dict(orient="list"),
+        **_token_summary(validation),
         "history": history,
     }
     card = dataclasses.replace(card_without_results, training=training)
@@ -349,6 +394,19 @@ def train_model(
     if checkpoint_path is not None and fitted.is_writer:
         written = save_checkpoint(model, card, checkpoint_path)
     return TrainingResult(model, card, written, history, validation)
+
+
+def _token_summary(validation: Evaluation) -> dict[str, Any]:
+    """The card's per-token validation figures, and which tile estimate scored better."""
+    if validation.token_means is None:
+        return {}
+    head, summed = validation.means["spearman"], validation.token_sum_means["spearman"]
+    return {
+        "validation_token_metrics": validation.token_means,
+        "validation_token_gene_metrics": validation.token_gene_metrics.reset_index().to_dict(orient="list"),
+        "validation_metrics_token_sum": validation.token_sum_means,
+        "better_tile_estimate": "token sum" if summed > head else "tile head",
+    }
 
 
 def _check_training_inputs(config: ModelConfig, settings: TrainingSettings, train_dataset: Dataset,
@@ -359,11 +417,16 @@ def _check_training_inputs(config: ModelConfig, settings: TrainingSettings, trai
             "A model accepts one modality at inference only if trained so: set both unimodal_inputs=True "
             "and modality_dropout > 0 (e.g. 0.2), or neither."
         )
-    if config.token_heads:
+    untrained = sorted(set(config.token_heads) - {ADDON_TOKEN_HEAD})
+    if untrained:
         raise InputError(
-            f"The model config has token heads ({', '.join(config.token_heads)}), but the tiles store holds no "
-            "per-token targets to train them on; train without token_heads."
+            f"The model config has token heads without targets ({', '.join(untrained)}): the tiles store holds "
+            f"per-token targets for the add-on panel only; name that head {ADDON_TOKEN_HEAD!r} or remove the others."
         )
+    if settings.token_loss not in TOKEN_LOSSES:
+        raise InputError(f"token_loss must be one of {', '.join(TOKEN_LOSSES)}, got {settings.token_loss!r}.")
+    if not settings.token_loss_weight >= 0:
+        raise InputError(f"token_loss_weight must be 0 or more, got {settings.token_loss_weight!r}.")
     check_tile_dataset(train_dataset, config, "training")
     check_tile_dataset(val_dataset, config, "validation")
 
@@ -436,7 +499,8 @@ def evaluate_model(
     check_tile_dataset(dataset, config, "evaluation")
     device = torch.device(device)
     model = model.to(device).eval()
-    predictions, targets, embeddings = [], [], []
+    predictions, targets, embeddings, token_predictions, token_targets = [], [], [], [], []
+    with_tokens = ADDON_TOKEN_HEAD in config.token_heads
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for batch in loader:
@@ -446,6 +510,19 @@ def evaluate_model(
             predictions.append(output.predictions.float().cpu().numpy())
             embeddings.append(output.embeddings.float().cpu().numpy())
             targets.append(batch["target"].float().numpy())
+            if with_tokens:
+                token_predictions.append(token_log1p(output.token_outputs[ADDON_TOKEN_HEAD]).cpu().numpy())
+                token_targets.append(batch["token_target"].float().numpy())
     predicted, measured = np.concatenate(predictions), np.concatenate(targets)
     gene_metrics = per_gene_metrics(predicted, measured, addon_genes)
-    return Evaluation(predicted, measured, np.concatenate(embeddings), gene_metrics, mean_metrics(gene_metrics))
+    evaluation = Evaluation(predicted, measured, np.concatenate(embeddings), gene_metrics, mean_metrics(gene_metrics))
+    if not with_tokens:
+        return evaluation
+    token_predicted, token_counts = np.concatenate(token_predictions), np.concatenate(token_targets)
+    n_genes = token_predicted.shape[-1]
+    token_metrics = per_gene_metrics(token_predicted.reshape(-1, n_genes), np.log1p(token_counts).reshape(-1, n_genes),
+                                     addon_genes)
+    token_sum = np.log1p(np.expm1(token_predicted).sum(axis=1))  # the tile's expected count from its tokens
+    token_sum_metrics = mean_metrics(per_gene_metrics(token_sum, measured, addon_genes))
+    return dataclasses.replace(evaluation, token_gene_metrics=token_metrics, token_means=mean_metrics(token_metrics),
+                               token_sum_means=token_sum_metrics)

@@ -49,6 +49,12 @@ class Tiling:
         sel = self.tiles.iloc[np.atleast_1d(positions)]
         return self.bins.tokens.tile_tokens(self.geometry, sel["row"].to_numpy(), sel["col"].to_numpy())
 
+    def addon_tokens(self, positions: np.ndarray) -> np.ndarray:
+        """(B, 14, 14, add-on genes) uint32 per-token add-on counts of tiles at table positions
+        (they sum to the tile's add-on counts)."""
+        sel = self.tiles.iloc[np.atleast_1d(positions)]
+        return self.bins.addon_tokens.tile_tokens(self.geometry, sel["row"].to_numpy(), sel["col"].to_numpy())
+
     def targets_log1p(self) -> np.ndarray:
         """(tiles, add-on genes) float32 log1p of add-on counts summed over each tile."""
         counts = self.bins.tile_addon_counts(self.tiles["row"].to_numpy(), self.tiles["col"].to_numpy())

@@ -7,13 +7,15 @@ Layout (zarr v3 group):
   background fraction, transcript counts), one 1-D array per column.
 - ``tokens`` (token rows, token cols, core genes) uint32: tile (i, j) is
   ``tokens[s*i:s*i+14, s*j:s*j+14]`` with ``s = geometry["stride_tokens"]``. Empty chunks are not stored.
+- ``addon_tokens`` (token rows, token cols, add-on genes) uint32, laid out as ``tokens``: the
+  per-token targets; a tile's per-token counts sum to its row of ``addon_counts``.
 - ``core_totals`` (token rows, token cols) uint32; ``addon_stride`` (stride rows, stride cols, add-on
   genes) uint32: add-on counts per stride square (tile (i, j) = stride squares [i, i+2) x [j, j+2)).
 - ``addon_counts`` (tiles, add-on genes) uint32 and ``targets_log1p`` float32, rows in table order.
 
-Format 2 (this one) names the geometry by tokens and pixel sizes (``stride_tokens``,
-``tile_pixel_size_um``, dimensions ``token_y`` / ``token_x``); a store of format 1 (``cell`` and
-``mpp`` names) is refused with "tile the sample again".
+Format 3 (this one) adds ``addon_tokens``; format 2 named the geometry by tokens and pixel sizes
+(``stride_tokens``, ``tile_pixel_size_um``, dimensions ``token_y`` / ``token_x``). A store of an
+earlier format (format 1 used ``cell`` and ``mpp`` names) is refused with "tile the sample again".
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from napari_morphomol.registration.transforms import AffineXY
 from napari_morphomol.tiling.geometry import TileGeometry
 from napari_morphomol.tiling.pipeline import Tiling
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ATTRS_KEY = "morphomol_tiles"
-_BAND_CELLS = 28
+_BAND_TOKENS = 28
+"""Token rows written at a time (two chunks of 14 x 14-token tiles at stride 7)."""
 
 
 TILES_STORE = zarr_store_kind("tiles store", ATTRS_KEY)
@@ -68,12 +71,8 @@ def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
     for column in tiling.tiles.columns:
         values = tiling.tiles[column].to_numpy()
         table.create_array(column, data=values, chunks=(max(1, min(len(values), 65536)),))
-    rows, cols, genes = bins.tokens.shape
-    tokens = root.create_array("tokens", shape=(rows, cols, genes), dtype=np.uint32,
-                               chunks=(_BAND_CELLS, _BAND_CELLS, max(genes, 1)), fill_value=0,
-                               dimension_names=("token_y", "token_x", "core_gene"))
-    for r0 in range(0, rows, _BAND_CELLS):
-        tokens[r0:r0 + _BAND_CELLS] = bins.tokens.window(r0, 0, _BAND_CELLS, cols)
+    _write_token_raster(root, "tokens", bins.tokens, "core_gene")
+    _write_token_raster(root, "addon_tokens", bins.addon_tokens, "addon_gene")
     root.create_array("core_totals", data=bins.core_totals, chunks=(256, 256),
                       dimension_names=("token_y", "token_x"))
     root.create_array("addon_stride", data=bins.addon_stride,
@@ -88,6 +87,16 @@ def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
                       dimension_names=("tile", "addon_gene"))
 
 
+def _write_token_raster(root: zarr.Group, name: str, raster, gene_dimension: str) -> None:
+    """One token raster, band by band (a sparse raster is never made dense whole)."""
+    rows, cols, genes = raster.shape
+    array = root.create_array(name, shape=(rows, cols, genes), dtype=np.uint32,
+                              chunks=(_BAND_TOKENS, _BAND_TOKENS, max(genes, 1)), fill_value=0,
+                              dimension_names=("token_y", "token_x", gene_dimension))
+    for r0 in range(0, rows, _BAND_TOKENS):
+        array[r0:r0 + _BAND_TOKENS] = raster.window(r0, 0, _BAND_TOKENS, cols)
+
+
 @dataclass
 class TilesStore:
     """A written tiles store, read lazily (token arrays stay on disk)."""
@@ -99,6 +108,7 @@ class TilesStore:
     addon_genes: list[str]
     report: dict
     tokens: zarr.Array
+    addon_tokens: zarr.Array
     addon_counts: zarr.Array
     targets_log1p: zarr.Array
     attrs: dict
@@ -108,6 +118,12 @@ class TilesStore:
         s, t = self.geometry.stride_tokens, self.geometry.tokens_per_side
         i, j = int(self.tiles["row"].iloc[position]), int(self.tiles["col"].iloc[position])
         return self.tokens[s * i:s * i + t, s * j:s * j + t]
+
+    def tile_addon_tokens(self, position: int) -> np.ndarray:
+        """(14, 14, add-on genes) per-token add-on counts of the tile at table ``position``."""
+        s, t = self.geometry.stride_tokens, self.geometry.tokens_per_side
+        i, j = int(self.tiles["row"].iloc[position]), int(self.tiles["col"].iloc[position])
+        return self.addon_tokens[s * i:s * i + t, s * j:s * j + t]
 
 
 def read_tiles_zarr(path: str | Path) -> TilesStore:
@@ -119,4 +135,4 @@ def read_tiles_zarr(path: str | Path) -> TilesStore:
     table = root["tiles"]
     tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
     return TilesStore(path, geometry, tiles, attrs["core_genes"], attrs["addon_genes"], attrs["report"],
-                      root["tokens"], root["addon_counts"], root["targets_log1p"], attrs)
+                      root["tokens"], root["addon_tokens"], root["addon_counts"], root["targets_log1p"], attrs)

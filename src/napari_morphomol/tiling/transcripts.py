@@ -1,11 +1,14 @@
-"""Transcripts -> one token raster of core-gene counts and one stride raster of add-on counts.
+"""Transcripts -> token rasters of core-gene and add-on counts, and a stride raster of add-on counts.
 
 Each transcript is filtered (finite x/y, qv, controls, panel), mapped from um through ``global``
 px and the registration into H&E px, then into token coordinates (see :mod:`.geometry`), and
 counted once.
 Work goes partition by partition of a (dask) dataframe; the only memory that grows with the slide
-is the output. The core raster is dense ``(rows, cols, genes)`` uint32 while it fits in
-``max_dense_bytes``, otherwise a CSR matrix (tokens x genes) built from per-partition sorted keys.
+is the output. The panel raster (core and add-on genes of every token) is dense ``(rows, cols,
+genes)`` uint32 while it fits in ``max_dense_bytes``, otherwise a CSR matrix (tokens x genes) built
+from per-partition sorted keys; it is split into the core and add-on :class:`TokenRaster`.
+Invariant: an add-on transcript is counted in its token exactly when it is counted in its stride
+square, so a tile's per-token add-on counts sum to its tile target.
 """
 
 from __future__ import annotations
@@ -95,13 +98,14 @@ class TranscriptCounts:
 
 
 @numba.njit(cache=True, nogil=True)
-def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, extent_y, stride_tokens,
-                core_dense, core_keys, core_totals, addon, counters):
-    """One pass over a partition. Dense mode increments ``core_dense``; sparse mode (``core_dense``
-    of size 0) writes linear keys (token * n_core + gene) into ``core_keys`` and returns their count."""
+def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, n_panel, a, extent_x, extent_y, stride_tokens,
+                panel_dense, panel_keys, core_totals, addon, counters):
+    """One pass over a partition. Dense mode increments ``panel_dense`` (rows, cols, core + add-on
+    genes); sparse mode (``panel_dense`` of size 0) writes linear keys (token * n_panel + slot)
+    into ``panel_keys`` and returns their count."""
     n_rows, n_cols = core_totals.shape
     n_srows, n_scols = addon.shape[0], addon.shape[1]
-    dense = core_dense.size > 0
+    dense = panel_dense.size > 0
     use_qv = qv.size > 0
     n_keys = 0
     low_qv = control = other = outside = core_n = addon_n = addon_out = non_finite = 0
@@ -132,11 +136,6 @@ def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, exte
         if slot < n_core:
             core_totals[cy, cx] += 1
             core_n += 1
-            if dense:
-                core_dense[cy, cx, slot] += 1
-            else:
-                core_keys[n_keys] = (np.int64(cy) * n_cols + cx) * n_core + slot
-                n_keys += 1
         else:
             sx = cx // stride_tokens
             sy = cy // stride_tokens
@@ -145,6 +144,12 @@ def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, exte
                 addon_n += 1
             else:
                 addon_out += 1
+                continue
+        if dense:
+            panel_dense[cy, cx, slot] += 1
+        else:
+            panel_keys[n_keys] = (np.int64(cy) * n_cols + cx) * n_panel + slot
+            n_keys += 1
     counters[0] += low_qv
     counters[1] += control
     counters[2] += other
@@ -157,7 +162,8 @@ def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, a, extent_x, exte
 
 
 class TokenRaster:
-    """Core-gene counts per token, ``(rows, cols, genes)``, dense or CSR (tokens x genes)."""
+    """Counts per token of some genes (the core or the add-on panel), ``(rows, cols, genes)``,
+    dense or CSR (tokens x genes)."""
 
     def __init__(self, shape: tuple[int, int, int], dense: np.ndarray | None = None,
                  csr: sp.csr_array | None = None) -> None:
@@ -204,6 +210,9 @@ class TranscriptBins:
     geometry: TileGeometry
     panel: GenePanel
     tokens: TokenRaster
+    """Core-gene counts per token (the model's transcript input)."""
+    addon_tokens: TokenRaster
+    """Add-on counts per token (per-token targets)."""
     core_totals: np.ndarray
     """(rows, cols) core transcripts per token."""
     addon_stride: np.ndarray
@@ -313,9 +322,10 @@ def bin_transcripts(
     rows, cols = geometry.raster_shape
     n_core, n_addon = len(panel.core), len(panel.addon)
     slot_of_gene = {g: i for i, g in enumerate(panel.core + panel.addon)}
-    dense_bytes = rows * cols * n_core * 4
+    n_panel = n_core + n_addon
+    dense_bytes = rows * cols * n_panel * 4
     sparse = dense_bytes > max_dense_bytes
-    core_dense = np.zeros((0, 0, 0) if sparse else (rows, cols, n_core), dtype=np.uint32)
+    panel_dense = np.zeros((0, 0, 0) if sparse else (rows, cols, n_panel), dtype=np.uint32)
     core_totals = np.zeros((rows, cols), dtype=np.uint32)
     addon = np.zeros((*geometry.stride_raster_shape, n_addon), dtype=np.uint32)
     counts = TranscriptCounts()
@@ -336,8 +346,8 @@ def bin_transcripts(
             a = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         keys = np.empty(len(part) if sparse else 0, dtype=np.int64)
         n_keys = _bin_kernel(np.ascontiguousarray(x), np.ascontiguousarray(y), qv, float(min_qv), codes, slots,
-                             n_core, a, extent_x, extent_y, geometry.stride_tokens,
-                             core_dense, keys, core_totals, addon, counters)
+                             n_core, n_panel, a, extent_x, extent_y, geometry.stride_tokens,
+                             panel_dense, keys, core_totals, addon, counters)
         if sparse and n_keys:
             unique, per_key = np.unique(keys[:n_keys], return_counts=True)
             key_parts.append((unique, per_key))
@@ -352,9 +362,11 @@ def bin_transcripts(
     if sparse:
         keys, per_key = _merge_keys(key_parts) if key_parts else (np.zeros(0, np.int64), np.zeros(0, np.int64))
         csr = sp.csr_array(
-            (per_key.astype(np.uint32), (keys // n_core, keys % n_core)), shape=(rows * cols, n_core)
+            (per_key.astype(np.uint32), (keys // n_panel, keys % n_panel)), shape=(rows * cols, n_panel)
         )
-        tokens = TokenRaster((rows, cols, n_core), csr=csr)
+        tokens = TokenRaster((rows, cols, n_core), csr=csr[:, :n_core])
+        addon_tokens = TokenRaster((rows, cols, n_addon), csr=csr[:, n_core:])
     else:
-        tokens = TokenRaster((rows, cols, n_core), dense=core_dense)
-    return TranscriptBins(geometry, panel, tokens, core_totals, addon, counts)
+        tokens = TokenRaster((rows, cols, n_core), dense=panel_dense[..., :n_core])
+        addon_tokens = TokenRaster((rows, cols, n_addon), dense=panel_dense[..., n_core:])
+    return TranscriptBins(geometry, panel, tokens, addon_tokens, core_totals, addon, counts)
