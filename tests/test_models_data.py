@@ -138,6 +138,25 @@ def test_cli_train_and_evaluate_end_to_end(stores, synthetic_sample, tmp_path, c
     assert stem.with_suffix(".md").read_text().startswith("| Variant |")
 
 
+def test_cli_trains_the_token_head_where_a_variant_has_tokens(stores, tmp_path, capsys):
+    out = tmp_path / "token-models"
+    code = main([
+        "train", str(stores["a"]), str(stores["b"]), "--out", str(out), "--val", "b",
+        "--variants", "early_fusion_add", "late_fusion_add_tile", "--backbone-kwargs", TINY_VIT, "--token-head",
+        "poisson", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--accumulate", "1",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "late_fusion_add_tile: no token sequence, trained without the token head" in printed
+    assert "early_fusion_add: per token pearson" in printed and "better tile estimate" in printed
+    _, card = load_checkpoint(out / "early_fusion_add.safetensors")
+    assert card.model.token_heads == {"addon_tokens": len(card.addon_genes)}
+    assert card.training["how"]["settings"]["token_loss"] == "poisson"
+    assert card.training["validation_token_metrics"]["n_genes"] == len(card.addon_genes)
+    _, tile_only = load_checkpoint(out / "late_fusion_add_tile.safetensors")
+    assert tile_only.model.token_heads == {} and "validation_token_metrics" not in tile_only.training
+
+
 def test_cli_train_with_ddp_on_two_processes(stores, tmp_path):
     """Lightning's DDP reruns the command in a second process; only the first writes and reports.
     Two CPU processes (gloo) stand in for two GPUs."""

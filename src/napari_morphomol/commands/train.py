@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backbone-weights", metavar="FILE",
                        help='pretrained backbone (.safetensors/.pth/.npz, or "hub"); default random init')
     model.add_argument("--learnable-gate", action="store_true", help="tanh(alpha) gate on the added expression")
+    model.add_argument("--token-head", choices=("poisson", "mse_log1p"), metavar="LOSS",
+                       help="also predict the add-on panel per token (18 um for the paper's tiles), trained on the "
+                            "per-token counts with this loss (poisson or mse_log1p) beside the tile loss; variants "
+                            "without a token sequence are trained without it")
+    model.add_argument("--token-loss-weight", type=real_number(0.0, 1e3), default=1.0,
+                       help="weight of the per-token loss against the tile MSE (default 1)")
     fit = parser.add_argument_group("training (defaults: the paper's)")
     fit.add_argument("--epochs", type=whole_number(1), default=35)
     fit.add_argument("--warmup-epochs", type=whole_number(0), default=5)
@@ -126,7 +132,7 @@ def _split(sample_ids, args):
 def run(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
-    from napari_morphomol.models import ModelConfig, TrainingSettings, train_model
+    from napari_morphomol.models import ADDON_TOKEN_HEAD, VARIANT_TABLE, ModelConfig, TrainingSettings, train_model
     from napari_morphomol.models.data import open_cohort, tiles_stores_for
     from napari_morphomol.models.training import is_primary_process
     from napari_morphomol.tiling import GenePanel
@@ -171,13 +177,17 @@ def run(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, accumulate_grad_batches=args.accumulate,
         patience=args.patience, seed=args.seed, precision=args.precision, num_workers=args.workers,
         progress_bar=args.progress, accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
-        strategy=args.strategy,
+        strategy=args.strategy, token_loss=args.token_head or "poisson", token_loss_weight=args.token_loss_weight,
     )
     for variant in args.variants:
+        token_head = args.token_head is not None and VARIANT_TABLE[variant].has_token_sequence
+        if args.token_head is not None and not token_head:
+            report(f"{variant}: no token sequence, trained without the token head")
         config = ModelConfig(
             n_core_genes=len(cohort.core_genes), n_addon_genes=len(cohort.addon_genes), variant=variant,
             backbone=args.backbone, backbone_kwargs=args.backbone_kwargs,
             learnable_gate=args.learnable_gate and config_allows_gate(variant),
+            token_heads={ADDON_TOKEN_HEAD: len(cohort.addon_genes)} if token_head else {},
         )
         result = train_model(
             config, Subset(cohort, index["train"]), Subset(cohort, index["val"]),
@@ -189,6 +199,11 @@ def run(args: argparse.Namespace) -> int:
         means = result.validation.means
         report(f"{variant}: validation pearson {means['pearson']:.3f} spearman {means['spearman']:.3f} "
               f"mse {means['mse']:.4f} -> {result.checkpoint_path}")
+        if result.validation.token_means is not None:
+            tokens, summed = result.validation.token_means, result.validation.token_sum_means
+            report(f"{variant}: per token pearson {tokens['pearson']:.3f} spearman {tokens['spearman']:.3f}; "
+                   f"tile from the token sum spearman {summed['spearman']:.3f} "
+                   f"(better tile estimate: {result.card.training['better_tile_estimate']})")
     return 0
 
 
