@@ -93,6 +93,47 @@ def test_token_map_is_the_mean_of_the_tile_tokens_on_each_raster_token(case, see
         grid.token_map(values[:, :100])
 
 
+@settings(max_examples=25, deadline=None)
+@given(tile_sets(), st.floats(-5, 5, allow_nan=False))
+def test_a_constant_field_stitches_to_that_constant(case, value):
+    from napari_morphomol.tiling import TileGeometry
+
+    rows, cols, shape, _ = case
+    geometry = TileGeometry(he_pixel_size_um=0.5, he_height_px=256 * shape[0], he_width_px=256 * shape[1])
+    grid = TokenGrid.from_tiles(rows, cols, geometry, IDENTITY)
+    raster = grid.token_map(np.full((len(rows), 196), value, np.float32))
+    np.testing.assert_allclose(raster[grid.covered], np.float32(value), rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.8, 1.25), st.floats(-np.pi, np.pi), st.floats(0.05, 0.95), st.floats(0.05, 0.95))
+def test_a_point_source_lands_in_its_token_through_a_rotated_scaled_registration(scale, angle, fx, fy):
+    """One add-on transcript, binned through the registration, lights one token; the token map
+    places that token's centre within half a token of the transcript in ``global``."""
+    import pandas as pd
+
+    from napari_morphomol.tiling import GenePanel, TileGeometry, bin_transcripts
+
+    xenium_pixel_size_um = 0.2125
+    geometry = TileGeometry(he_pixel_size_um=0.5, he_height_px=1024, he_width_px=1024)
+    c, s_ = np.cos(angle) * scale, np.sin(angle) * scale
+    he_to_global = np.array([[c, -s_, 3000.0], [s_, c, 3000.0], [0.0, 0.0, 1.0]])
+    point_he = np.array([[fx * 1024, fy * 1024]])
+    point_global = apply_affine_xy(he_to_global, point_he)
+    um = point_global * xenium_pixel_size_um
+    transcripts = pd.DataFrame({"feature_name": pd.Categorical(["ADD"]), "x_location": um[:, 0],
+                                "y_location": um[:, 1], "qv": np.float32([40.0])})
+    bins = bin_transcripts(transcripts, geometry, GenePanel(core=("CORE",), addon=("ADD",)), he_to_global,
+                           xenium_pixel_size_um=xenium_pixel_size_um)
+    lit = np.argwhere(bins.addon_tokens.dense[..., 0] > 0)
+    assert len(lit) == 1 and bins.addon_tokens.dense.sum() == 1
+    (r, col), = lit
+    grid = TokenGrid.from_tiles([0], [0], geometry, he_to_global)
+    centre = apply_affine_xy(grid.token_pixel_to_global(), [[float(col), float(r)]])
+    half_token_global_px = 0.5 * np.sqrt(2) * grid.token_he_px * scale
+    assert np.linalg.norm(centre - point_global) <= half_token_global_px + 1e-6
+
+
 def test_explorer_maps_metrics_and_inspector(results_store):
     explorer = explore_run(results_store)
     results = explorer.results

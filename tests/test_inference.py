@@ -132,6 +132,48 @@ def test_a_per_token_output_is_stored_as_its_own_array(tmp_path, sample, panel, 
         results.output("variance")
 
 
+def test_a_token_head_run_gives_token_maps_beside_the_measured_ones(tmp_path, sample, panel):
+    """A model with the add-on token head: its run holds per-token predictions and the sample's
+    measured counts per token; the explorer stitches both into token-resolution maps."""
+    from napari_morphomol.analysis import explore_run
+    from napari_morphomol.models import ADDON_TOKEN_HEAD
+
+    torch.manual_seed(0)
+    config = ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]), backbone_kwargs=TINY_VIT,
+                         token_heads={ADDON_TOKEN_HEAD: len(panel["addon"])})
+    path = save_checkpoint(build_model(config), ModelCard(config, tuple(panel["core"]), tuple(panel["addon"])),
+                           tmp_path / "addon-tokens.safetensors")
+    explorer = explore_run(predict(sample, PredictOptions(checkpoint=path, store=tmp_path / "t.zarr", **RUN)))
+    results, grid = explorer.results, explorer.token_grid
+    assert explorer.has_token_maps and results.measured_token_counts is not None
+    gene = results.measured_genes[0]
+    column, measured_column = results.addon_genes.index(gene), results.measured_genes.index(gene)
+    predicted = explorer.token_map(gene)
+    log_rate = results.output(ADDON_TOKEN_HEAD)[:, :, column]
+    np.testing.assert_allclose(predicted, grid.token_map(np.log1p(np.exp(log_rate))), rtol=1e-5)
+    assert predicted.shape == grid.shape and np.isfinite(predicted).sum() == grid.covered.sum()
+    # measured tokens: a tile's window of the raster sums to the tile's measured counts
+    counts = results.measured_token_counts[...]
+    for row in range(0, len(results.tiles), 7):
+        i, j = int(results.tiles["row"].iloc[row]), int(results.tiles["col"].iloc[row])
+        window = counts[7 * i:7 * i + 14, 7 * j:7 * j + 14, measured_column]
+        assert int(window.sum()) == int(results.measured_counts[row, measured_column])
+    measured, residual = explorer.token_map(gene, "measured"), explorer.token_map(gene, "residual")
+    covered = grid.covered
+    np.testing.assert_allclose(measured[covered], np.log1p(counts[..., measured_column][covered]), rtol=1e-6)
+    np.testing.assert_allclose(residual[covered], measured[covered] - predicted[covered], atol=1e-5)
+    assert np.isnan(measured[~covered]).all()
+
+
+def test_a_tile_model_run_says_how_to_get_token_maps(reference_run):
+    from napari_morphomol.analysis import explore_results
+
+    explorer = explore_results(reference_run[0])
+    assert not explorer.has_token_maps
+    with pytest.raises(InputError, match="predicts per tile only.*--token-head"):
+        explorer.token_map(explorer.results.addon_genes[0])
+
+
 def test_store_metadata_records_the_run(reference_run, checkpoint):
     results, _ = reference_run
     meta = results.metadata

@@ -15,6 +15,7 @@ from napari_morphomol.analysis.gene_maps import StrideGrid, TokenGrid, results_h
 from napari_morphomol.analysis.run_explorer import (
     EXPRESSION_UNITS,
     MAP_KINDS,
+    TOKEN_EXPRESSION_UNITS,
     RunExplorer,
     explore_results,
     explore_run,
@@ -25,6 +26,7 @@ from napari_morphomol.analysis.tiles_anndata import gene_metrics, measured_matri
 __all__ = [
     "EXPRESSION_UNITS",
     "MAP_KINDS",
+    "TOKEN_EXPRESSION_UNITS",
     "RunExplorer",
     "StrideGrid",
     "TokenGrid",

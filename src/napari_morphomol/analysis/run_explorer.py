@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.path import Path as PolygonPath
 
 from napari_morphomol.analysis.clusters import PAPER_N_PCS, PAPER_RESOLUTIONS, add_clusters, leiden_key
-from napari_morphomol.analysis.gene_maps import StrideGrid
+from napari_morphomol.analysis.gene_maps import StrideGrid, TokenGrid
 from napari_morphomol.analysis.tiles_anndata import gene_metrics, tiles_anndata
 from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM
 from napari_morphomol.errors import InputError
@@ -19,6 +19,7 @@ from napari_morphomol.inference import Results, open_results
 
 MAP_KINDS = ("predicted", "measured", "residual")
 EXPRESSION_UNITS = "log1p counts per tile"
+TOKEN_EXPRESSION_UNITS = "log1p counts per token"
 
 
 @dataclass
@@ -32,6 +33,70 @@ class RunExplorer:
     """Per measured gene: spearman, pearson, mse (empty when nothing was measured)."""
     xenium_pixel_size_um: float
     _maps: dict = field(default_factory=dict, repr=False)
+    _token_grid: TokenGrid | None = field(default=None, repr=False)
+
+    @property
+    def has_token_maps(self) -> bool:
+        """Whether the run's model predicted the add-on panel per token (``addon_tokens``)."""
+        from napari_morphomol.models.config import ADDON_TOKEN_HEAD
+
+        return ADDON_TOKEN_HEAD in self.results.outputs
+
+    @property
+    def token_grid(self) -> TokenGrid:
+        """Where the run's tiles lie on the token raster (built on first use)."""
+        if self._token_grid is None:
+            self._token_grid = TokenGrid.from_results(self.results)
+        return self._token_grid
+
+    def token_map(self, gene: str, kind: str = "predicted") -> np.ndarray:
+        """(token rows, token cols) float32 map of ``gene`` at token resolution, log1p counts per
+        token (NaN where no tile is): predicted (the mean over the up to four tiles covering each
+        token of ``softplus`` of the token head), measured, or residual; cached per gene and kind.
+
+        Parameters
+        ----------
+        gene
+            An add-on gene of the run's model.
+        kind
+            One of :data:`MAP_KINDS`.
+
+        Returns
+        -------
+        numpy.ndarray
+            Placed in ``global`` by ``token_grid.token_pixel_to_global()``.
+        """
+        from napari_morphomol.models.config import ADDON_TOKEN_HEAD
+
+        if kind not in MAP_KINDS:
+            raise InputError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
+        if not self.has_token_maps:
+            raise InputError(f"the model of {self.results.path} predicts per tile only (no {ADDON_TOKEN_HEAD!r} "
+                             "output): train one with `morphomol train --token-head poisson` for token maps")
+        key = ("token", gene, kind)
+        if key not in self._maps:
+            column = self._column(gene)
+            if kind == "predicted":
+                log_rate = self.results.output(ADDON_TOKEN_HEAD)[:, :, column]
+                self._maps[key] = self.token_grid.token_map(np.logaddexp(0.0, log_rate))  # softplus
+            elif kind == "measured":
+                self._maps[key] = self._measured_token_map(gene)
+            else:
+                self._maps[key] = self.token_map(gene, "measured") - self.token_map(gene, "predicted")
+        return self._maps[key]
+
+    def _measured_token_map(self, gene: str) -> np.ndarray:
+        if not self.is_measured(gene):
+            raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
+        counts = self.results.measured_token_counts
+        if counts is None:
+            raise InputError(f"{self.results.path} holds no measured counts per token (it was made before they were "
+                             "stored); run `morphomol predict` again for measured token maps")
+        grid = self.token_grid
+        raster = np.log1p(np.asarray(counts[:, :, self.results.measured_genes.index(gene)], dtype=np.float32))
+        raster = raster[:grid.shape[0], :grid.shape[1]]
+        raster[~grid.covered] = np.nan
+        return raster
 
     @property
     def genes(self) -> list[str]:

@@ -337,7 +337,8 @@ def _start_store(partial: Path, inputs: _Inputs, options: PredictOptions, record
     attrs = _store_attrs(inputs, tiling, list(tiles.columns), record)
     with atomic_output(partial, RESULTS_STORE, inputs=inputs.paths, overwrite=options.overwrite) as tmp:
         create_partial_store(tmp, tiles=tiles, tiles_per_chunk=k, measured_counts=measured,
-                             token_raster=tiling.bins.tokens, attrs=attrs)
+                             token_raster=tiling.bins.tokens, attrs=attrs,
+                             measured_token_raster=tiling.bins.addon_tokens if measured is not None else None)
     return read_attrs(partial)
 
 

@@ -13,7 +13,10 @@ Layout (zarr v3 group; ``K`` = tiles per chunk):
   genes; log1p expression) and ``embeddings`` (tiles, d). Zarr chunks are ``(K, ...)``: each task
   writes exactly one zarr chunk per output, so tasks never write the same file and a killed task
   leaves either the old or the new file (zarr writes files atomically).
-- ``measured_counts`` (tiles, measured add-on genes) uint32, when the sample measured add-on genes.
+- ``measured_counts`` (tiles, measured add-on genes) uint32, when the sample measured add-on genes;
+  then also ``measured_token_counts`` (token rows, token cols, measured add-on genes) uint32, the
+  sample's add-on counts per token of the token raster (a tile's window sums to its row of
+  ``measured_counts``; absent from runs made before it existed).
 - ``done`` (chunks,) bool, one zarr chunk per element: set after the chunk's rows are written.
 - ``chunk_seconds`` (chunks,) float64: wall time of each chunk's task.
 
@@ -58,9 +61,9 @@ RESULTS_STORE = zarr_store_kind("results store", ATTRS_KEY)
 RESULTS_LAYER_KEY = "morphomol_results"
 """napari layer metadata key holding the path of the results store the layer shows."""
 CANCEL_MARKER = ".cancel"
-_TOKEN_BAND = 28
 """Token rows (and columns) per zarr chunk of ``inputs/tokens``."""
-_STORE_ENTRIES = {"zarr.json", "tiles", "measured_counts", "done", "chunk_seconds", "inputs", CANCEL_MARKER}
+_STORE_ENTRIES = {"zarr.json", "tiles", "measured_counts", "measured_token_counts", "done", "chunk_seconds", "inputs",
+                  CANCEL_MARKER}
 """Every name a results store of ours holds at its top level besides its outputs (no output takes one)."""
 
 
@@ -214,9 +217,13 @@ def output_shape(record: dict, n_tiles: int, n_tokens: int) -> tuple[int, ...]:
 
 
 def create_partial_store(path: Path, *, tiles: pd.DataFrame, tiles_per_chunk: int, measured_counts: np.ndarray | None,
-                         token_raster, attrs: dict) -> zarr.Group:
+                         token_raster, attrs: dict, measured_token_raster=None) -> zarr.Group:
     """A fresh run store at ``path`` (the partial folder); ``tiles`` already in chunk order, ``attrs``
-    holding the ``outputs`` records (:func:`output_records`) and ``tokens_per_tile``."""
+    holding the ``outputs`` records (:func:`output_records`) and ``tokens_per_tile``;
+    ``measured_token_raster`` (a ``tiling.TokenRaster`` of the measured add-on genes) with
+    ``measured_counts``."""
+    from napari_morphomol.tiling.store import write_token_raster
+
     if path.exists():
         shutil.rmtree(path)
     n_tiles = len(tiles)
@@ -236,23 +243,14 @@ def create_partial_store(path: Path, *, tiles: pd.DataFrame, tiles_per_chunk: in
         root.create_array("measured_counts", data=measured_counts.astype(np.uint32),
                           chunks=(max(1, min(n_tiles, 8192)), max(measured_counts.shape[1], 1)),
                           dimension_names=("tile", "measured_gene"))
+    if measured_token_raster is not None:
+        write_token_raster(root, "measured_token_counts", measured_token_raster, "measured_gene")
     root.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False)
     root.create_array("chunk_seconds", shape=(n_chunks,), dtype=np.float64, chunks=(1,), fill_value=np.nan)
-    _write_token_raster(root, token_raster)
+    write_token_raster(root.require_group("inputs"), "tokens", token_raster, "core_gene")
     root.attrs[ATTRS_KEY] = {**attrs, "format_version": FORMAT_VERSION, "status": "running",
                              "n_tiles": n_tiles, "n_chunks": n_chunks, "tiles_per_chunk": tiles_per_chunk}
     return root
-
-
-def _write_token_raster(root: zarr.Group, token_raster) -> None:
-    """``inputs/tokens``: the core-gene token raster the tasks read, written band by band."""
-    rows, cols, genes = token_raster.shape
-    tokens = root.require_group("inputs").create_array(
-        "tokens", shape=(rows, cols, genes), dtype=np.uint32,
-        chunks=(_TOKEN_BAND, _TOKEN_BAND, max(genes, 1)), fill_value=0,
-        dimension_names=("token_y", "token_x", "core_gene"))
-    for r0 in range(0, rows, _TOKEN_BAND):
-        tokens[r0:r0 + _TOKEN_BAND] = token_raster.window(r0, 0, _TOKEN_BAND, cols)
 
 
 def read_attrs(path: Path) -> dict:
@@ -314,6 +312,9 @@ class Results:
     measured_counts: np.ndarray | None
     """(tiles, measured genes) uint32 measured add-on counts per tile, or None."""
     metadata: dict
+    measured_token_counts: zarr.Array | None = None
+    """(token rows, token cols, measured genes) uint32 measured add-on counts per token, read lazily;
+    None when nothing was measured (or for runs made before it was stored)."""
 
     def output(self, name: str) -> np.ndarray:
         """The array of the output ``name``; InputError naming the outputs this run holds."""
@@ -357,7 +358,9 @@ def results_from_group(path: Path, root: zarr.Group, attrs: dict) -> Results:
     tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
     outputs = {record["name"]: root[record["name"]][:] for record in attrs["outputs"]}
     measured = root["measured_counts"][:] if "measured_counts" in root else None
-    return Results(path, tiles, list(attrs["addon_genes"]), outputs, list(attrs["measured_genes"]), measured, attrs)
+    measured_tokens = root["measured_token_counts"] if "measured_token_counts" in root else None
+    return Results(path, tiles, list(attrs["addon_genes"]), outputs, list(attrs["measured_genes"]), measured, attrs,
+                   measured_tokens)
 
 
 def open_results(path: str | Path) -> Results:

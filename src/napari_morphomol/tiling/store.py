@@ -71,8 +71,8 @@ def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
     for column in tiling.tiles.columns:
         values = tiling.tiles[column].to_numpy()
         table.create_array(column, data=values, chunks=(max(1, min(len(values), 65536)),))
-    _write_token_raster(root, "tokens", bins.tokens, "core_gene")
-    _write_token_raster(root, "addon_tokens", bins.addon_tokens, "addon_gene")
+    write_token_raster(root, "tokens", bins.tokens, "core_gene")
+    write_token_raster(root, "addon_tokens", bins.addon_tokens, "addon_gene")
     root.create_array("core_totals", data=bins.core_totals, chunks=(256, 256),
                       dimension_names=("token_y", "token_x"))
     root.create_array("addon_stride", data=bins.addon_stride,
@@ -87,10 +87,11 @@ def _write(tiling: Tiling, path: Path, *, provenance: dict) -> None:
                       dimension_names=("tile", "addon_gene"))
 
 
-def _write_token_raster(root: zarr.Group, name: str, raster, gene_dimension: str) -> None:
-    """One token raster, band by band (a sparse raster is never made dense whole)."""
+def write_token_raster(group: zarr.Group, name: str, raster, gene_dimension: str) -> None:
+    """A :class:`~napari_morphomol.tiling.TokenRaster` as the uint32 array ``name`` of ``group``
+    (token_y, token_x, ``gene_dimension``), band by band: a sparse raster is never made dense whole."""
     rows, cols, genes = raster.shape
-    array = root.create_array(name, shape=(rows, cols, genes), dtype=np.uint32,
+    array = group.create_array(name, shape=(rows, cols, genes), dtype=np.uint32,
                               chunks=(_BAND_TOKENS, _BAND_TOKENS, max(genes, 1)), fill_value=0,
                               dimension_names=("token_y", "token_x", gene_dimension))
     for r0 in range(0, rows, _BAND_TOKENS):
