@@ -56,3 +56,28 @@ def results_store(tmp_path_factory, synthetic_sample, tiny_checkpoint):
     predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv),
             PredictOptions(checkpoint=tiny_checkpoint, store=out, batch_size=8, device="cpu", dtype="float32"))
     return out
+
+
+@pytest.fixture(scope="session")
+def token_results_store(tmp_path_factory, synthetic_sample):
+    """A finished run of a randomly initialised early-fusion model with the add-on token head."""
+    import json
+
+    import torch
+
+    from napari_morphomol.inference import PredictOptions, predict
+    from napari_morphomol.io.sample import load_sample
+    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelCard, ModelConfig, build_model, save_checkpoint
+
+    s = synthetic_sample
+    panel = json.loads(s.panel_json.read_text())
+    torch.manual_seed(0)
+    config = ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]), backbone_kwargs=TINY_VIT,
+                         token_heads={ADDON_TOKEN_HEAD: len(panel["addon"])})
+    card = ModelCard(config, tuple(panel["core"]), tuple(panel["addon"]))
+    folder = tmp_path_factory.mktemp("checkpoint")
+    checkpoint = save_checkpoint(build_model(config), card, folder / "tokens.safetensors")
+    out = tmp_path_factory.mktemp("results") / "tokens.zarr"
+    predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv),
+            PredictOptions(checkpoint=checkpoint, store=out, batch_size=8, device="cpu", dtype="float32"))
+    return out

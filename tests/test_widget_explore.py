@@ -6,7 +6,7 @@ from matplotlib.backend_bases import MouseEvent
 from qtpy.QtCore import Qt
 from vispy.app.canvas import MouseEvent as VispyMouseEvent
 
-from napari_morphomol.layers.run import CLUSTERS_LAYER, MEASURED_LAYER, PREDICTED_LAYER, SELECTION_LAYER
+from napari_morphomol.layers.run import CLUSTERS_LAYER, MEASURED_LAYER, PREDICTED_LAYER, SELECTION_LAYER, map_affine_um
 from napari_morphomol.widgets.explore import SELECT_SHAPES_LAYER, ExploreWidget
 
 
@@ -199,3 +199,41 @@ def test_a_folder_that_is_no_results_store_is_a_message_not_a_traceback(make_nap
     qtbot.mouseClick(widget.open_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: widget.status.text().startswith("error:"), timeout=60_000)
     assert "run `morphomol predict` again" in widget.status.text() and widget.explorer is None
+
+
+def test_token_resolution_re_places_the_same_map_layers(make_napari_viewer, qtbot, token_results_store):
+    viewer = make_napari_viewer()
+    widget = ExploreWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Explore predictions")
+    widget.results_path.value = token_results_store
+    qtbot.mouseClick(widget.open_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.explorer is not None, timeout=60_000)
+    explorer, predicted = widget.explorer, viewer.layers[PREDICTED_LAYER]
+    gene = explorer.results.measured_genes[0]
+    widget.show_gene(gene)
+    tile_shape = predicted.data.shape
+    widget.resolution.setCurrentIndex(widget.resolution.findData("token"))  # what choosing it in the box does
+    assert widget.shown_resolution == "token" and viewer.layers[PREDICTED_LAYER] is predicted
+    np.testing.assert_array_equal(predicted.data, explorer.token_map(gene, "predicted"))
+    assert predicted.data.shape != tile_shape and predicted.data.shape == explorer.token_grid.shape
+    np.testing.assert_allclose(predicted.affine.affine_matrix, map_affine_um(explorer, "token"))
+    assert "per token" in viewer.canvas.overlays.text.text and "per token" in widget.colour_note.text()
+    measured = viewer.layers[MEASURED_LAYER]
+    measured.visible = True
+    np.testing.assert_array_equal(measured.data, explorer.token_map(gene, "measured"))
+    other = explorer.genes[5]
+    widget.show_gene(other)
+    np.testing.assert_array_equal(predicted.data, explorer.token_map(other, "predicted"))
+    widget.resolution.setCurrentIndex(widget.resolution.findData("tile"))
+    np.testing.assert_array_equal(predicted.data, explorer.gene_map(other, "predicted"))
+    np.testing.assert_allclose(predicted.affine.affine_matrix, map_affine_um(explorer, "tile"))
+
+
+def test_a_tile_only_run_offers_no_token_maps_and_says_why(opened, monkeypatch):
+    viewer, widget = opened
+    token_item = widget.resolution.model().item(widget.resolution.findData("token"))
+    assert not token_item.isEnabled() and "--token-head" in token_item.toolTip()
+    shown = []
+    monkeypatch.setattr("napari_morphomol.widgets.explore.show_info", shown.append)
+    widget.set_resolution("token")
+    assert widget.shown_resolution == "tile" and shown and "--token-head" in shown[0]

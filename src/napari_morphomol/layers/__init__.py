@@ -16,9 +16,10 @@ _SOURCES = {
     "sample": ("DAPI_LAYER", "DENSITY_LAYER", "HE_LAYER", "UNITS_UM", "dapi_layer", "density_layer",
                "display_pixel_size_um", "he_layer", "he_pixel_to_global", "sample_layers", "transcript_density",
                "um_to_he_px"),
-    "run": ("CLUSTERS_LAYER", "MEASURED_LAYER", "PCA_LAYER", "PREDICTED_LAYER", "RESIDUAL_LAYER", "SELECTION_LAYER",
-            "cluster_label_colors", "cluster_labels", "clusters_layer", "gene_map_layer", "map_contrast_limits",
-            "pca_layer", "selection_layer", "selection_mask"),
+    "run": ("CLUSTERS_LAYER", "MAP_UNITS", "MEASURED_LAYER", "PCA_LAYER", "PREDICTED_LAYER", "RESIDUAL_LAYER",
+            "RESOLUTIONS", "SELECTION_LAYER", "cluster_label_colors", "cluster_labels", "clusters_layer",
+            "gene_map_layer", "map_affine_um", "map_contrast_limits", "map_raster", "pca_layer", "selection_layer",
+            "selection_mask"),
     "view": ("camera_box_xy_um", "event_xy_um", "is_click", "percentile_limits"),
 }
 __getattr__ = lazy_attributes("napari_morphomol.layers", _SOURCES)

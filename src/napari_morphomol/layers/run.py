@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_morphomol.analysis import EXPRESSION_UNITS, RunExplorer
+from napari_morphomol.analysis import EXPRESSION_UNITS, TOKEN_EXPRESSION_UNITS, RunExplorer
 from napari_morphomol.coords import layer_affine_um
 from napari_morphomol.inference.store import RESULTS_LAYER_KEY
 from napari_morphomol.layers.sample import UNITS_UM
@@ -33,6 +33,28 @@ MAP_PERCENTILES = (1.0, 99.0)
 def map_contrast_limits(raster: np.ndarray, kind: str) -> tuple[float, float]:
     """Contrast of one gene map (:data:`MAP_PERCENTILES`); symmetric about 0 for residuals."""
     return percentile_limits(raster, MAP_PERCENTILES, symmetric=kind == "residual")
+
+
+RESOLUTIONS = {"tile": "tile (stride squares of 128 um)", "token": "token (18 um)"}
+"""The resolutions a run's maps come in: key -> what the Explore dock offers. Token maps need a
+model with the add-on token head (``RunExplorer.has_token_maps``)."""
+MAP_UNITS = {"tile": EXPRESSION_UNITS, "token": TOKEN_EXPRESSION_UNITS}
+
+
+def map_raster(explorer: RunExplorer, gene: str, kind: str, resolution: str = "tile") -> np.ndarray:
+    """The raster of one gene map at ``resolution`` (see :data:`RESOLUTIONS`): NaN everywhere when
+    ``gene`` was not measured and ``kind`` needs it."""
+    predicted = explorer.gene_map if resolution == "tile" else explorer.token_map
+    if kind != "predicted" and not explorer.is_measured(gene):
+        return np.full(predicted(gene, "predicted").shape, np.nan, dtype=np.float32)
+    return predicted(gene, kind)
+
+
+def map_affine_um(explorer: RunExplorer, resolution: str = "tile") -> np.ndarray:
+    """Where a map raster of ``resolution`` lies, as a napari affine in um."""
+    if resolution == "token":
+        return layer_affine_um(explorer.token_grid.token_pixel_to_global(), explorer.xenium_pixel_size_um)
+    return stride_affine_um(explorer)
 
 
 def stride_affine_um(explorer: RunExplorer) -> np.ndarray:

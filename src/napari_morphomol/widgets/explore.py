@@ -31,13 +31,17 @@ from napari_morphomol.coords import napari_to_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.layers.run import (
     CLUSTERS_LAYER,
+    MAP_UNITS,
     PCA_LAYER,
+    RESOLUTIONS,
     SELECTION_LAYER,
     cluster_label_colors,
     cluster_labels,
     clusters_layer,
     gene_map_layer,
+    map_affine_um,
     map_contrast_limits,
+    map_raster,
     pca_layer,
     selection_layer,
     selection_mask,
@@ -93,7 +97,10 @@ class ExploreWidget(QWidget):
         self.gene_search.setPlaceholderText("find gene")
         self.gene_list = QListWidget()
         self.gene_list.setMaximumHeight(140)
-        self.colour_note = QLabel(f"colour bar: {EXPRESSION_UNITS}; contrast 1st-99th percentile")
+        self.resolution = QComboBox()
+        for key, text in RESOLUTIONS.items():
+            self.resolution.addItem(text, key)
+        self.colour_note = QLabel(f"colour bar: {MAP_UNITS['tile']}; contrast 1st-99th percentile")
 
         self.metrics_table = QTableWidget(0, 4)
         self.metrics_table.setHorizontalHeaderLabels(["gene", "spearman", "pearson", "mse"])
@@ -129,8 +136,8 @@ class ExploreWidget(QWidget):
         layout.addWidget(self.status)
         genes_box = QGroupBox("gene maps")
         genes_layout = QVBoxLayout(genes_box)
-        for widget in (self.gene_search, self.gene_list, self.colour_note, QLabel("per-gene metrics (click to show)"),
-                       self.metrics_table):
+        for widget in (self.gene_search, self.gene_list, self.resolution, self.colour_note,
+                       QLabel("per-gene metrics (click to show)"), self.metrics_table):
             genes_layout.addWidget(widget)
         layout.addWidget(genes_box)
         inspector_box = QGroupBox("tile inspector")
@@ -152,6 +159,7 @@ class ExploreWidget(QWidget):
         self.open_button.clicked.connect(self.open)
         self.gene_search.textChanged.connect(self._filter_genes)
         self.gene_list.currentTextChanged.connect(self._on_gene_list)
+        self.resolution.currentIndexChanged.connect(lambda _: self.set_resolution(self.resolution.currentData()))
         self.metrics_table.cellClicked.connect(self._on_metrics_click)
         self.cluster_button.clicked.connect(self.compute_clusters)
         self.clustering_choice.currentTextChanged.connect(self.show_clustering)
@@ -166,8 +174,13 @@ class ExploreWidget(QWidget):
 
     def _set_enabled(self, enabled: bool):
         for widget in (self.gene_search, self.gene_list, self.metrics_table, self.cluster_button, self.resolutions,
-                       self.n_pcs):
+                       self.n_pcs, self.resolution):
             widget.setEnabled(enabled)
+        token_item = self.resolution.model().item(self.resolution.findData("token"))
+        has_tokens = enabled and self.explorer is not None and self.explorer.has_token_maps
+        token_item.setEnabled(has_tokens)
+        token_item.setToolTip("" if has_tokens else "this run's model predicts per tile only: train one with "
+                              "`morphomol train --token-head poisson` for token maps")
 
     # opening -----------------------------------------------------------------------------------
     def open(self, *_):
@@ -191,6 +204,10 @@ class ExploreWidget(QWidget):
         self.explorer = explorer
         self._all_genes = explorer.genes
         first = explorer.metrics.index[0] if len(explorer.metrics) else explorer.genes[0]
+        self.resolution.blockSignals(True)
+        self.resolution.setCurrentIndex(self.resolution.findData("tile"))
+        self.resolution.blockSignals(False)
+        self.colour_note.setText(f"colour bar: {MAP_UNITS['tile']}; contrast 1st-99th percentile")
         kinds = MAP_KINDS if explorer.results.measured_genes else ("predicted",)
         for kind in kinds:
             data, kwargs, _ = gene_map_layer(explorer, first, kind)
@@ -248,19 +265,44 @@ class ExploreWidget(QWidget):
                 self._update_map_layer(kind)
         measured = "measured" if self.explorer.is_measured(gene) else "not measured in this sample"
         overlay = self.viewer.canvas.overlays.text
-        overlay.text = f"{gene} ({measured}); {EXPRESSION_UNITS}"
+        overlay.text = f"{gene} ({measured}); {MAP_UNITS[self.shown_resolution]}"
         overlay.visible = True
         self._colour_umap()
 
+    @property
+    def shown_resolution(self) -> str:
+        """The resolution of the shown maps: a key of ``layers.run.RESOLUTIONS``."""
+        return self.resolution.currentData()
+
+    def set_resolution(self, resolution: str):
+        """Show the maps at ``resolution`` ("tile" or "token"); the same layers, re-placed."""
+        if self.explorer is None or resolution is None:
+            return
+        if resolution == "token" and not self.explorer.has_token_maps:
+            show_info(self.resolution.model().item(self.resolution.findData("token")).toolTip())
+            self.resolution.setCurrentIndex(self.resolution.findData("tile"))
+            return
+        if self.resolution.currentData() != resolution:
+            self.resolution.setCurrentIndex(self.resolution.findData(resolution))  # comes back here
+            return
+        self.colour_note.setText(f"colour bar: {MAP_UNITS[resolution]}; contrast 1st-99th percentile")
+        for layer in self.map_layers.values():
+            layer.metadata["gene"] = None
+        if self.gene is not None:
+            self.show_gene(self.gene)
+
     def _update_map_layer(self, kind: str):
-        layer, gene, explorer = self.map_layers[kind], self.gene, self.explorer
+        layer, gene, explorer, resolution = self.map_layers[kind], self.gene, self.explorer, self.shown_resolution
         if gene is None or layer.metadata.get("gene", "") == gene:
             return
-        if kind != "predicted" and not explorer.is_measured(gene):
-            layer.data = np.full(explorer.grid.shape, np.nan, dtype=np.float32)
-        else:
-            raster = explorer.gene_map(gene, kind)
+        raster = map_raster(explorer, gene, kind, resolution)
+        if layer.metadata.get("resolution", "tile") != resolution:
             layer.data = raster
+            layer.affine = map_affine_um(explorer, resolution)
+            layer.metadata["resolution"] = resolution
+        else:
+            layer.data = raster
+        if np.isfinite(raster).any():
             layer.contrast_limits = map_contrast_limits(raster, kind)
         layer.metadata["gene"] = gene
 
