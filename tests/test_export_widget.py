@@ -37,6 +37,22 @@ def test_widget_takes_the_run_from_the_layers_and_writes_beside_it(widget, resul
     assert widget.export_button.enabled
 
 
+def test_widget_writes_the_cells_anndata_of_a_token_head_run(make_napari_viewer, token_results_store, tmp_path,
+                                                             qtbot):
+    import anndata
+
+    widget = ExportWidget(make_napari_viewer())
+    widget.results_path.value = token_results_store
+    assert widget.cells_path.value == token_results_store.with_name("tokens.cells.h5ad")
+    widget.cells_path.value = tmp_path / "cells.h5ad"
+    widget.write_h5ad.value = widget.write_spatialdata.value = False
+    widget.write_cells.value = True
+    widget.export_button.clicked.emit()
+    qtbot.waitUntil(lambda: widget.status.value.startswith(("written", "error")), timeout=300_000)
+    assert widget.status.value == f"written\ncells_h5ad: {tmp_path / 'cells.h5ad'}"
+    assert anndata.read_h5ad(tmp_path / "cells.h5ad").obs_names.name == "cell_id"
+
+
 def test_widget_asks_for_what_is_missing(make_napari_viewer, qtbot):
     widget = ExportWidget(make_napari_viewer())
     widget.export_button.clicked.emit()

@@ -1,9 +1,12 @@
-"""Analysis of a prediction run (no Qt): tiles as AnnData, PCA / Leiden / UMAP, stride-grid gene maps.
+"""Analysis of a prediction run (no Qt): tiles and cells as AnnData, PCA / Leiden / UMAP, maps.
 
 Entry points: :func:`tiles_anndata` (results -> AnnData), :func:`add_clusters` (the paper's
-PCA 31 + Leiden 0.5 / 1.0 + UMAP on the tile embeddings). See docs/explore.md.
+PCA 31 + Leiden 0.5 / 1.0 + UMAP on the tile embeddings), :func:`explore_run` (a
+:class:`RunExplorer`: maps on the stride grid and, for a token-head model, on the token raster)
+and :func:`cells_anndata` (predictions per Xenium cell from the token map). See docs/explore.md.
 """
 
+from napari_morphomol.analysis.cells import CELL_UNITS, cells_anndata, read_xenium_cells
 from napari_morphomol.analysis.clusters import (
     PAPER_N_PCS,
     PAPER_RESOLUTIONS,
@@ -24,14 +27,17 @@ from napari_morphomol.analysis.run_explorer import (
 from napari_morphomol.analysis.tiles_anndata import gene_metrics, measured_matrix, tiles_anndata
 
 __all__ = [
+    "CELL_UNITS",
     "EXPRESSION_UNITS",
     "MAP_KINDS",
     "TOKEN_EXPRESSION_UNITS",
     "RunExplorer",
     "StrideGrid",
     "TokenGrid",
+    "cells_anndata",
     "explore_results",
     "explore_run",
+    "read_xenium_cells",
     "results_he_to_global",
     "PAPER_N_PCS",
     "PAPER_RESOLUTIONS",

@@ -9,6 +9,11 @@ registration in uns. Reads straight into scanpy.
 above, and the predicted / measured gene maps as images (one channel per gene), all placed in
 the 'global' coordinate system. Opens with spatialdata.read_zarr and napari-spatialdata.
 
+--cells-h5ad: the Xenium cells as observations (obs indexed by cell_id, cell_area), the
+predicted add-on expression per cell from the token map (log1p, area-scaled) as X, measured
+counts (log1p) in layers['measured'], centroids (um) in obsm['spatial']; needs a model trained
+with --token-head and a run with cell segmentation (cells.parquet).
+
 --landmarks: the landmark pairs of the run's registration (Xenium Explorer keypoints CSV, or
 BigWarp CSV with --landmark-format bigwarp).
 
@@ -32,6 +37,8 @@ def add_arguments(parser):
     parser.add_argument("--h5ad", metavar="OUT.h5ad", help="write an AnnData file here")
     parser.add_argument("--spatialdata", metavar="OUT.zarr", help="write a SpatialData store here")
     parser.add_argument("--landmarks", metavar="OUT.csv", help="write the registration's landmark pairs here")
+    parser.add_argument("--cells-h5ad", metavar="CELLS.h5ad",
+                        help="write the predictions per Xenium cell here (a model trained with --token-head)")
     parser.add_argument("--landmark-format", choices=LANDMARK_FORMATS, default="xenium",
                         help="landmark CSV flavour (default: xenium, Xenium Explorer keypoints)")
     parser.add_argument("--no-clusters", dest="clusters", action="store_false",
@@ -43,10 +50,12 @@ def add_arguments(parser):
 def run(args) -> int:
     from napari_morphomol.export import export_results
 
-    if not (args.h5ad or args.spatialdata or args.landmarks):
-        raise InputError("nothing to export: give --h5ad OUT.h5ad, --spatialdata OUT.zarr and/or --landmarks OUT.csv")
+    if not (args.h5ad or args.spatialdata or args.landmarks or args.cells_h5ad):
+        raise InputError("nothing to export: give --h5ad OUT.h5ad, --spatialdata OUT.zarr, --landmarks OUT.csv "
+                         "and/or --cells-h5ad CELLS.h5ad")
     written = export_results(args.results, h5ad=args.h5ad, spatialdata=args.spatialdata, landmarks=args.landmarks,
-                             landmark_format=args.landmark_format, overwrite=args.overwrite, clusters=args.clusters)
+                             landmark_format=args.landmark_format, overwrite=args.overwrite, clusters=args.clusters,
+                             cells_h5ad=args.cells_h5ad)
     for kind, path in written.items():
         print(f"{kind}: {path.resolve()}")
     return 0

@@ -99,7 +99,7 @@ def _run_inputs(results: Results) -> list[Path]:
 def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
                    spatialdata: str | Path | None = None, landmarks: str | Path | None = None,
                    landmark_format: str = "xenium", overwrite: bool = False, clusters: bool = True,
-                   sample: SpatialData | None = None) -> dict[str, Path]:
+                   sample: SpatialData | None = None, cells_h5ad: str | Path | None = None) -> dict[str, Path]:
     """Write the requested files for the run in ``results_path``.
 
     All targets are checked before any work, so a refused target never leaves the others half
@@ -124,11 +124,15 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
         Compute PCA, Leiden and UMAP on the embeddings for the AnnData (scanpy).
     sample
         The sample to export with, replacing the one the run recorded (e.g. when it was moved).
+    cells_h5ad
+        Where to write the cells AnnData (``.h5ad``: predictions per Xenium cell from the token
+        map, ``analysis.cells_anndata``), or None; needs a run of a model with the token head.
 
     Returns
     -------
     dict of str to Path
-        ``{kind: path}`` for each file written (``"h5ad"``, ``"spatialdata"``, ``"landmarks"``).
+        ``{kind: path}`` for each file written (``"h5ad"``, ``"spatialdata"``, ``"landmarks"``,
+        ``"cells_h5ad"``).
 
     Raises
     ------
@@ -136,19 +140,26 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
         When nothing is asked for, two targets are the same path, or a target is refused by the
         output guard; nothing is written then.
     """
-    targets = {kind: Path(p) for kind, p in (("h5ad", h5ad), ("spatialdata", spatialdata), ("landmarks", landmarks))
-               if p is not None}
+    targets = {kind: Path(p) for kind, p in (("h5ad", h5ad), ("spatialdata", spatialdata), ("landmarks", landmarks),
+                                            ("cells_h5ad", cells_h5ad)) if p is not None}
     if not targets:
-        raise InputError("nothing to export: give an .h5ad path, a SpatialData .zarr path and/or a landmarks CSV path")
+        raise InputError("nothing to export: give an .h5ad path, a SpatialData .zarr path, a landmarks CSV path and/or "
+                         "a cells .h5ad path")
     results = open_results(results_path)
     inputs = _run_inputs(results)
-    kinds = {"h5ad": H5AD_EXPORT, "spatialdata": SPATIALDATA_EXPORT,
+    kinds = {"h5ad": H5AD_EXPORT, "spatialdata": SPATIALDATA_EXPORT, "cells_h5ad": H5AD_EXPORT,
              "landmarks": KEYPOINTS_CSV if landmark_format == "xenium" else BIGWARP_CSV}
     if len(set(t.resolve() for t in targets.values())) < len(targets):
         raise InputError(f"two exports name the same path ({', '.join(map(str, targets.values()))}); give each its own")
     for kind, target in targets.items():
         guard_output(target, kinds[kind], inputs=inputs, overwrite=overwrite, inputs_of="the run")
     written: dict[str, Path] = {}
+    if "cells_h5ad" in targets:  # first: its refusals (a tile-only model, no segmentation) cost no other work
+        from napari_morphomol.analysis import cells_anndata, explore_results
+
+        cells = cells_anndata(explore_results(results))
+        cells.uns["morphomol"] = {"export": "cells", "results": str(results.path)}
+        written["cells_h5ad"] = write_h5ad(cells, targets["cells_h5ad"], overwrite=overwrite, inputs=inputs)
     if "landmarks" in targets:
         written["landmarks"] = write_landmarks_csv(results, targets["landmarks"], landmark_format=landmark_format,
                                                    overwrite=overwrite, inputs=inputs)

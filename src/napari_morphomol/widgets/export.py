@@ -25,6 +25,7 @@ def default_outputs(results_path: Path) -> dict[str, Path]:
         "h5ad": results_path.with_name(f"{stem}.h5ad"),
         "spatialdata": results_path.with_name(f"{stem}.spatialdata.zarr"),
         "landmarks": results_path.with_name(f"{stem}.landmarks.csv"),
+        "cells_h5ad": results_path.with_name(f"{stem}.cells.h5ad"),
     }
 
 
@@ -39,13 +40,16 @@ class ExportWidget(Container):
         self.write_landmarks = CheckBox(value=False, text="landmarks (CSV)")
         self.landmarks_path = FileEdit(mode="w", label="landmarks file", filter="*.csv")
         self.landmark_format = ComboBox(choices=LANDMARK_FORMATS, value="xenium", label="landmark format")
+        self.write_cells = CheckBox(value=False, text="cells AnnData (.h5ad; a token-head model)")
+        self.cells_path = FileEdit(mode="w", label="cells h5ad file", filter="*.h5ad")
         self.clusters = CheckBox(value=True, text="clusters and UMAP of the embeddings")
         self.overwrite = CheckBox(value=False, text="replace existing files")
         self.export_button = PushButton(text="Export")
         self.status = Label(value="")
         super().__init__(widgets=[
             self.results_path, self.write_h5ad, self.h5ad_path, self.write_spatialdata, self.spatialdata_path,
-            self.write_landmarks, self.landmarks_path, self.landmark_format, self.clusters, self.overwrite,
+            self.write_landmarks, self.landmarks_path, self.landmark_format, self.write_cells, self.cells_path,
+            self.clusters, self.overwrite,
             self.export_button, self.status,
         ])
         self.results_path.changed.connect(self._fill_outputs)
@@ -70,12 +74,14 @@ class ExportWidget(Container):
         self.h5ad_path.value = outputs["h5ad"]
         self.spatialdata_path.value = outputs["spatialdata"]
         self.landmarks_path.value = outputs["landmarks"]
+        self.cells_path.value = outputs["cells_h5ad"]
 
     def export(self):
         """Write the ticked outputs in a worker thread."""
         ticked = {"h5ad": (self.write_h5ad, self.h5ad_path),
                   "spatialdata": (self.write_spatialdata, self.spatialdata_path),
-                  "landmarks": (self.write_landmarks, self.landmarks_path)}
+                  "landmarks": (self.write_landmarks, self.landmarks_path),
+                  "cells_h5ad": (self.write_cells, self.cells_path)}
         targets = {kind: chosen_path(edit) for kind, (box, edit) in ticked.items() if box.value}
         results = chosen_path(self.results_path)
         options = {"landmark_format": self.landmark_format.value, "overwrite": self.overwrite.value,

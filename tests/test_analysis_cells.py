@@ -1,0 +1,89 @@
+"""Predictions per Xenium cell from a run's token map."""
+
+from __future__ import annotations
+
+import shutil
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from napari_morphomol.analysis import cells_anndata, explore_run, read_xenium_cells
+from napari_morphomol.coords import apply_affine_xy
+from napari_morphomol.errors import InputError
+from napari_morphomol.models import ADDON_TOKEN_HEAD
+from napari_morphomol.registration import read_alignment_csv
+
+
+@pytest.fixture(scope="module")
+def cells(token_results_store):
+    explorer = explore_run(token_results_store)
+    return explorer, cells_anndata(explorer)
+
+
+def test_per_cell_values_equal_a_slow_reference(cells, synthetic_sample):
+    explorer, adata = cells
+    results = explorer.results
+    table = read_xenium_cells(synthetic_sample.xenium_dir).set_index("cell_id")
+    he_to_global = read_alignment_csv(synthetic_sample.alignment_csv)
+    geometry = results.metadata["geometry_args"]
+    token_he_px = 256 / 7 * 0.5 / geometry["he_pixel_size_um"]  # 18.3 um tokens of the paper's tiles
+    token_area_um2 = (256 / 7 * 0.5) ** 2
+    log_rate = results.output(ADDON_TOKEN_HEAD)
+    rows, cols = results.tiles["row"].to_numpy(), results.tiles["col"].to_numpy()
+    for cell_id in adata.obs_names[:: max(1, adata.n_obs // 40)]:
+        x_um, y_um, area = table.loc[cell_id, ["x_centroid", "y_centroid", "cell_area"]]
+        he = apply_affine_xy(np.linalg.inv(he_to_global), [[x_um / 0.2125, y_um / 0.2125]])[0]
+        c, r = int(np.floor(he[0] / token_he_px)), int(np.floor(he[1] / token_he_px))
+        over = [(k, (r - 7 * i) * 14 + (c - 7 * j)) for k, (i, j) in enumerate(zip(rows, cols, strict=True))
+                if 0 <= r - 7 * i < 14 and 0 <= c - 7 * j < 14]
+        assert over, f"cell {cell_id} is kept but no tile covers it"
+        token = np.mean([np.log1p(np.exp(log_rate[k, t])) for k, t in over], axis=0)
+        expected = np.log1p(np.expm1(token) * area / token_area_um2)
+        np.testing.assert_allclose(adata[cell_id].X.ravel(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cells_anndata_is_valid_and_scanpy_runs_on_it(cells, synthetic_sample, tmp_path):
+    import scanpy as sc
+
+    explorer, adata = cells
+    n_cells = len(read_xenium_cells(synthetic_sample.xenium_dir))
+    meta = adata.uns["morphomol_cells"]
+    assert adata.n_obs + meta["n_cells_off_tiles"] == n_cells and adata.n_obs > 100
+    assert adata.obs_names.is_unique and adata.obs_names.name == "cell_id"
+    assert adata.obsm["spatial"].shape == (adata.n_obs, 2) and np.isfinite(adata.X).all()
+    assert list(adata.var_names) == explorer.results.addon_genes
+    measured = adata.var["measured"].to_numpy()
+    assert measured.sum() == len(explorer.results.measured_genes)
+    assert np.isfinite(adata.layers["measured"][:, measured]).all()
+    assert np.isnan(adata.layers["measured"][:, ~measured]).all()
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    back = ad.read_h5ad(tmp_path / "cells.h5ad")
+    assert back.shape == adata.shape and back.uns["morphomol_cells"]["method"] == meta["method"]
+    sc.pp.pca(back, n_comps=10)
+    sc.pp.neighbors(back, n_neighbors=10)
+    sc.tl.leiden(back, flavor="igraph", n_iterations=2, directed=False)
+    assert back.obs["leiden"].nunique() >= 1
+
+
+def test_no_cell_segmentation_or_a_tile_model_is_a_clear_message(tmp_path, synthetic_sample, results_store):
+    bare = tmp_path / "xenium"
+    shutil.copytree(synthetic_sample.xenium_dir, bare, ignore=shutil.ignore_patterns("cells.parquet", "*.zarr.zip"))
+    with pytest.raises(InputError, match="no cells.parquet: this run has no cell segmentation.*token maps work"):
+        read_xenium_cells(bare)
+    with pytest.raises(InputError, match="predicts per tile only.*no cell view.*--token-head"):
+        cells_anndata(explore_run(results_store))
+
+
+def test_export_writes_the_cells_anndata(token_results_store, results_store, tmp_path, capsys):
+    from napari_morphomol.cli import main
+
+    out = tmp_path / "cells.h5ad"
+    assert main(["export", str(token_results_store), "--cells-h5ad", str(out)]) == 0
+    assert f"cells_h5ad: {out.resolve()}" in capsys.readouterr().out
+    written = ad.read_h5ad(out)
+    assert written.obs_names.name == "cell_id" and written.uns["morphomol"]["export"] == "cells"
+    assert main(["export", str(token_results_store), "--cells-h5ad", str(out), "--overwrite"]) == 0  # ours: replaced
+    refused = tmp_path / "refused.h5ad"
+    assert main(["export", str(results_store), "--cells-h5ad", str(refused)]) == 2
+    assert "predicts per tile only" in capsys.readouterr().err and not refused.exists()
