@@ -1,0 +1,194 @@
+"""Fine maps (issue 14): the add-on panel predicted per token and per cell, against the tile map.
+
+Builds (or reuses) the synthetic cohort of bench_variants.py, trains each variant with the add-on
+token head (the paper's tile MSE plus the per-token loss, see docs/models.md), predicts the
+held-out test sample with ``morphomol predict``'s core and scores, per variant and token loss:
+
+- at 18, 37, 73, 128 and 256 um (squares of 1, 2, 4, 7 and 14 tokens, wholly covered by tiles):
+  mean Spearman and Pearson over the measured add-on genes of log1p(predicted count) against
+  log1p(measured count) per square, for the token head (``token``) and for today's baseline
+  (``tile``: each tile's predicted count spread evenly over its 196 tokens, averaged where tiles
+  overlap), and the tile head itself on its tiles (``tile head @ tiles``);
+- per Xenium cell: the same for ``analysis.cells_anndata`` (token at the centroid, scaled by cell
+  area) against the cell-feature matrix, and for the baseline spread the same way.
+
+The generator's noise-free per-cell expectation (the ceiling the issue asks for) is not scored
+yet. Usage:
+
+    python benchmarks/bench_fine_maps.py [--workdir DIR] [--seeds 101 102 103 104 105] [--size-mm 2]
+        [--variants early_fusion_add expr_only_token] [--token-losses poisson mse_log1p] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_variants  # noqa: E402  (the cohort, splits and training settings of Table A.1)
+
+SCALES_UM = {18: 1, 37: 2, 73: 4, 128: 7, 256: 14}
+"""Square side in um -> tokens per side (18.3 um tokens of the paper's tiles)."""
+
+
+def block_log1p(counts: np.ndarray, covered: np.ndarray, k: int) -> np.ndarray:
+    """(squares, genes) log1p of the counts summed over each k x k square wholly covered by tiles."""
+    rows, cols, genes = counts.shape
+    r, c = rows // k * k, cols // k * k
+    blocks = counts[:r, :c].reshape(r // k, k, c // k, k, genes).sum(axis=(1, 3))
+    whole = covered[:r, :c].reshape(r // k, k, c // k, k).all(axis=(1, 3))
+    return np.log1p(blocks[whole])
+
+
+def scores(predicted_log1p: np.ndarray, measured_log1p: np.ndarray, genes: list[str]) -> dict[str, float]:
+    from napari_morphomol.models import mean_metrics, per_gene_metrics
+
+    return mean_metrics(per_gene_metrics(predicted_log1p, measured_log1p, genes))
+
+
+def token_count_maps(explorer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, genes) expected counts per token from the token head and from the tile head
+    spread over its tokens, and the measured counts, for the measured genes."""
+    from napari_morphomol.models import ADDON_TOKEN_HEAD
+
+    results, grid = explorer.results, explorer.token_grid
+    columns = [results.addon_genes.index(g) for g in results.measured_genes]
+    head = np.logaddexp(0.0, results.output(ADDON_TOKEN_HEAD)[:, :, columns])  # (tiles, tokens, genes) log1p
+    tokens_per_tile = head.shape[1]
+    spread = np.repeat((np.expm1(results.predictions[:, columns]) / tokens_per_tile)[:, None, :], tokens_per_tile, 1)
+    rows, cols = grid.shape
+    token = np.expm1(grid.token_mean @ head.reshape(-1, len(columns))).reshape(rows, cols, -1)
+    baseline = (grid.token_mean @ spread.reshape(-1, len(columns))).reshape(rows, cols, -1)
+    measured = np.asarray(results.measured_token_counts[...], dtype=np.float64)[:rows, :cols]
+    return token, baseline, measured
+
+
+def cell_scores(explorer, token: np.ndarray, baseline: np.ndarray) -> dict[str, dict[str, float]]:
+    from napari_morphomol.analysis import cells_anndata
+
+    adata = cells_anndata(explorer)
+    genes = explorer.results.measured_genes
+    measured = adata.layers["measured"][:, adata.var["measured"].to_numpy()]
+    scale = adata.obs["cell_area"].to_numpy() / adata.uns["morphomol_cells"]["token_area_um2"]
+    index = adata.obs["token"].to_numpy()
+    out = {}
+    for name, counts in (("token", token), ("tile", baseline)):
+        per_token = counts.reshape(-1, counts.shape[-1])[index]
+        out[name] = scores(np.log1p(per_token * scale[:, None]), measured, genes)
+    return out
+
+
+def score_run(results_path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """{scale: {"token" | "tile": metrics}} for one run, plus "tile head @ tiles" and "cell"."""
+    from napari_morphomol.analysis import explore_run
+
+    explorer = explore_run(results_path)
+    results = explorer.results
+    token, baseline, measured = token_count_maps(explorer)
+    covered, genes = explorer.token_grid.covered, results.measured_genes
+    table = {}
+    for side_um, k in SCALES_UM.items():
+        truth = block_log1p(measured, covered, k)
+        table[f"{side_um} um"] = {name: scores(block_log1p(counts, covered, k), truth, genes)
+                                  for name, counts in (("token", token), ("tile", baseline))}
+    table["tile head @ tiles"] = {"tile": scores(results.predictions[:, [results.addon_genes.index(g) for g in genes]],
+                                                 results.measured_log1p, genes)}
+    table["cell"] = cell_scores(explorer, token, baseline)
+    return table
+
+
+def train_predict_score(job) -> tuple[str, dict, str]:
+    """One variant and token loss, in its own process: train with the token head, predict the test
+    sample, score its maps."""
+    import torch
+
+    from napari_morphomol.inference import PredictOptions, predict
+    from napari_morphomol.io import open_sample
+    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelConfig, train_model
+
+    variant, loss, args, stores = job
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    cohort, subsets, ids = bench_variants.cohort_splits(stores, args.seeds)
+    config = ModelConfig(n_core_genes=len(cohort.core_genes), n_addon_genes=len(cohort.addon_genes), variant=variant,
+                         backbone_kwargs=args.vit, token_heads={ADDON_TOKEN_HEAD: len(cohort.addon_genes)})
+    settings = dataclasses.replace(bench_variants.settings_for(variant, args, args.seed), token_loss=loss)
+    name = f"{variant}-{loss}"
+    checkpoint = args.workdir / "fine-maps" / f"{name}.safetensors"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    result = train_model(config, subsets["train"], subsets["val"], core_genes=cohort.core_genes,
+                         addon_genes=cohort.addon_genes, settings=settings, checkpoint_path=checkpoint)
+    trained_s = time.perf_counter() - start
+    test_folder = args.workdir / ids["test"][0]
+    store = checkpoint.with_suffix(".results.zarr")
+    predict(open_sample(test_folder), PredictOptions(checkpoint=checkpoint, store=store, device="cpu", dtype="float32",
+                                                     overwrite=True))
+    table = score_run(store)
+    better = result.card.training["better_tile_estimate"]
+    line = (f"{name}: trained in {trained_s:.0f} s (best epoch {result.card.training['how'].get('best_epoch')}), "
+            f"validation per token spearman {result.validation.token_means['spearman']:.3f}; better tile estimate on "
+            f"validation: {better}; total {time.perf_counter() - start:.0f} s")
+    return name, table, line
+
+
+def markdown(tables: dict[str, dict]) -> str:
+    lines = ["| model | level | token head Spearman | baseline Spearman | gain | token head Pearson "
+             "| baseline Pearson |", "|---|---|---|---|---|---|---|"]
+    for name, table in tables.items():
+        for level, entry in table.items():
+            token, tile = entry.get("token"), entry["tile"]
+            if token is None:
+                lines.append(f"| {name} | {level} | | {tile['spearman']:.3f} | | | {tile['pearson']:.3f} |")
+                continue
+            lines.append(f"| {name} | {level} | {token['spearman']:.3f} | {tile['spearman']:.3f} | "
+                         f"{token['spearman'] - tile['spearman']:+.3f} | {token['pearson']:.3f} | "
+                         f"{tile['pearson']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/morphomol-bench-variants"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103, 104, 105])
+    parser.add_argument("--size-mm", type=float, default=2.0)
+    parser.add_argument("--variants", nargs="+", default=["early_fusion_add", "expr_only_token"])
+    parser.add_argument("--token-losses", nargs="+", default=["poisson", "mse_log1p"], choices=["poisson", "mse_log1p"])
+    parser.add_argument("--image-epochs", type=int, default=bench_variants.IMAGE_EPOCHS)
+    parser.add_argument("--expression-epochs", type=int, default=60)
+    parser.add_argument("--vit", type=json.loads, default=bench_variants.BENCH_VIT)
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument("--out", type=Path, help="write fine_maps.json and fine_maps.md here")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    stores = bench_variants.make_cohort(args.workdir, args.seeds, args.size_mm)
+    jobs = [(variant, loss, args, stores) for variant in args.variants for loss in args.token_losses]
+    tables = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for name, table, line in pool.map(train_predict_score, jobs):
+            print(line, flush=True)
+            tables[name] = table
+    text = markdown(tables)
+    print(f"\nheld-out sample seed {args.seeds[-1]}, measured add-on genes; squares wholly covered by tiles "
+          f"({time.perf_counter() - start:.0f} s in all)\n")
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fine_maps.json").write_text(json.dumps(tables, indent=1))
+        (args.out / "fine_maps.md").write_text(text + "\n")
+    print(pd.Timestamp.now().isoformat(timespec="seconds"))
+
+
+if __name__ == "__main__":
+    main()
