@@ -10,15 +10,20 @@ from napari_morphomol.layers.run import CLUSTERS_LAYER, MEASURED_LAYER, PREDICTE
 from napari_morphomol.widgets.explore import SELECT_SHAPES_LAYER, ExploreWidget
 
 
+def open_run(viewer, qtbot, store):
+    """The Explore dock in ``viewer``, with ``store`` chosen and opened as a user would."""
+    widget = ExploreWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Explore predictions")
+    widget.results_path.value = store
+    qtbot.mouseClick(widget.open_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.explorer is not None, timeout=60_000)
+    return widget
+
+
 @pytest.fixture
 def opened(make_napari_viewer, qtbot, results_store):
     viewer = make_napari_viewer()
-    widget = ExploreWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Explore predictions")
-    widget.results_path.value = results_store
-    qtbot.mouseClick(widget.open_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: widget.explorer is not None, timeout=60_000)
-    return viewer, widget
+    return viewer, open_run(viewer, qtbot, results_store)
 
 
 def test_gene_search_switches_the_one_map_layer(opened, qtbot):
@@ -203,11 +208,7 @@ def test_a_folder_that_is_no_results_store_is_a_message_not_a_traceback(make_nap
 
 def test_token_resolution_re_places_the_same_map_layers(make_napari_viewer, qtbot, token_results_store):
     viewer = make_napari_viewer()
-    widget = ExploreWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Explore predictions")
-    widget.results_path.value = token_results_store
-    qtbot.mouseClick(widget.open_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: widget.explorer is not None, timeout=60_000)
+    widget = open_run(viewer, qtbot, token_results_store)
     explorer, predicted = widget.explorer, viewer.layers[PREDICTED_LAYER]
     gene = explorer.results.measured_genes[0]
     widget.show_gene(gene)
