@@ -64,3 +64,18 @@ def test_token_head_training_needs_per_token_targets_and_a_known_loss(tmp_path):
     with pytest.raises(InputError, match="token_loss must be one of poisson, mse_log1p"):
         train_model(config, TinyTiles(8, 1), TinyTiles(4, 2), core_genes=CORE_GENES, addon_genes=ADDON_GENES,
                     settings=TrainingSettings(token_loss="l1"))
+
+
+def test_min_mae_copies_its_core_gene_per_token_too():
+    config = tiny_config("min_mae", token_heads={ADDON_TOKEN_HEAD: N_ADDON})
+    result = train_model(config, TinyTiles(24, seed=1), TinyTiles(8, seed=2), core_genes=CORE_GENES,
+                         addon_genes=ADDON_GENES, settings=FAST)
+    item = TinyTiles(1, seed=3)[0]
+    with torch.no_grad():
+        output = result.model(None, item["tokens"][None])
+    copied = item["tokens"][:, result.model.source_gene_index]
+    np.testing.assert_allclose(token_log1p(output.token_outputs[ADDON_TOKEN_HEAD])[0].numpy(),
+                               np.log1p(copied.numpy()), atol=1e-6)
+    assert [spec.name for spec in result.model.output_specs()] == ["predictions", "embeddings", ADDON_TOKEN_HEAD]
+    # the add-on genes copy core genes token by token, so the per-token copy is exact
+    assert result.card.training["validation_token_metrics"]["spearman"] == pytest.approx(1.0)

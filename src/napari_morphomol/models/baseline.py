@@ -1,19 +1,26 @@
 """The paper's Min-MAE baseline: each add-on gene copies the one core gene closest to it.
 
 "Closest" = lowest mean absolute error between log1p tile totals over the training tiles. It
-sets the bar a learned model has to clear: what a single measured gene already tells.
+sets the bar a learned model has to clear: what a single measured gene already tells. With the
+add-on token head in its config it also copies per token: the token output is the log of the
+copied gene's count in that token, so its expected log1p count (``softplus``) is exactly
+``log1p(count)``, the per-token form of the same copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
 from napari_morphomol.errors import InputError
-from napari_morphomol.models.config import ModelConfig, OutputSpec
+from napari_morphomol.models.config import ADDON_TOKEN_HEAD, ModelConfig, OutputSpec
 from napari_morphomol.models.fusion import ModelOutput
+
+_ZERO_COUNT = 1e-12
+"""A token without the copied gene predicts this count (log -27.6, softplus 1e-12)."""
 
 
 class MinMAEBaseline(nn.Module):
@@ -33,10 +40,16 @@ class MinMAEBaseline(nn.Module):
         index = torch.zeros(config.n_addon_genes, dtype=torch.int64) if source_gene_index is None else source_gene_index
         self.register_buffer("source_gene_index", index.to(torch.int64).clone())
 
+    @property
+    def token_heads(self) -> dict[str, int]:
+        """The per-token copy (``ADDON_TOKEN_HEAD``) when the config asks for it; it has no weights."""
+        return dict(self.config.token_heads)
+
     def output_specs(self) -> tuple[OutputSpec, ...]:
-        """The tile predictions and the tile embedding (the core-gene totals); no per-token outputs."""
-        return (OutputSpec("predictions", "tile", self.config.n_addon_genes),
+        """The tile predictions and the tile embedding (the core-gene totals), then the per-token copy."""
+        tile = (OutputSpec("predictions", "tile", self.config.n_addon_genes),
                 OutputSpec("embeddings", "tile", self.embedding_dim))
+        return tile + tuple(OutputSpec(name, "token", width) for name, width in self.token_heads.items())
 
     def forward(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> ModelOutput:
         if token_counts is None:
@@ -47,7 +60,11 @@ class MinMAEBaseline(nn.Module):
                 f"got {tuple(token_counts.shape)}."
             )
         core_totals = torch.log1p(token_counts.float().sum(dim=1))
-        return ModelOutput(core_totals[:, self.source_gene_index], core_totals)
+        token_outputs = {}
+        if ADDON_TOKEN_HEAD in self.config.token_heads:  # log(count): softplus gives log1p(count) exactly
+            copied = token_counts.float()[:, :, self.source_gene_index]
+            token_outputs[ADDON_TOKEN_HEAD] = torch.log(copied.clamp_min(_ZERO_COUNT))
+        return ModelOutput(core_totals[:, self.source_gene_index], core_totals, MappingProxyType(token_outputs))
 
 
 def fit_min_mae_baseline(config: ModelConfig, batches: Iterable[Mapping[str, torch.Tensor]]) -> MinMAEBaseline:

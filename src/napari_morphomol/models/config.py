@@ -240,8 +240,10 @@ class ModelConfig:
         self._check_token_heads()
 
     def _check_token_heads(self) -> None:
-        """Token heads only on a variant with a token sequence, each with a free name and a width."""
-        if self.token_heads and not self.variant_spec.has_token_sequence:
+        """Token heads only on a variant with a token sequence, each with a free name and a width;
+        Min-MAE has its per-token form of the add-on head (the copied core gene's token counts)."""
+        min_mae_per_token = self.variant == "min_mae" and set(self.token_heads) <= {ADDON_TOKEN_HEAD}
+        if self.token_heads and not self.variant_spec.has_token_sequence and not min_mae_per_token:
             raise InputError(
                 f"Model variant {self.variant} averages its transcripts over the tile and has no per-token features, "
                 "so it cannot have token heads; remove token_heads or pick a token-level variant."
