@@ -17,6 +17,7 @@ yet. Usage:
 
     python benchmarks/bench_fine_maps.py [--workdir DIR] [--seeds 101 102 103 104 105] [--size-mm 2]
         [--variants early_fusion_add expr_only_token] [--token-losses poisson mse_log1p] [--jobs 2]
+        [--out DIR] [--ship FILE]
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def train_predict_score(job) -> tuple[str, dict, str]:
 
     from napari_morphomol.inference import PredictOptions, predict
     from napari_morphomol.io import open_sample
-    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelConfig, train_model
+    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelConfig, evaluate_model, train_model
 
     variant, loss, args, stores = job
     torch.set_num_threads(args.threads)
@@ -134,6 +135,10 @@ def train_predict_score(job) -> tuple[str, dict, str]:
     predict(open_sample(test_folder), PredictOptions(checkpoint=checkpoint, store=store, device="cpu", dtype="float32",
                                                      overwrite=True))
     table = score_run(store)
+    if args.ship and (variant, loss) == ("early_fusion_add", "poisson"):
+        evaluation = evaluate_model(result.model, subsets["test"], addon_genes=cohort.addon_genes)
+        bench_variants.ship(result, evaluation, args, ids["test"][0], fine_maps=table,
+                            token_metrics=evaluation.token_means, token_sum_metrics=evaluation.token_sum_means)
     better = result.card.training["better_tile_estimate"]
     line = (f"{name}: trained in {trained_s:.0f} s (best epoch {result.card.training['how'].get('best_epoch')}), "
             f"validation per token spearman {result.validation.token_means['spearman']:.3f}; better tile estimate on "
@@ -170,6 +175,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--out", type=Path, help="write fine_maps.json and fine_maps.md here")
+    parser.add_argument("--ship", type=Path, metavar="FILE",
+                        help="save the early_fusion_add model with the Poisson token head here, its card holding this "
+                             "command and its test figures per scale (the shipped model)")
     args = parser.parse_args()
     start = time.perf_counter()
     stores = bench_variants.make_cohort(args.workdir, args.seeds, args.size_mm)

@@ -97,18 +97,20 @@ def make_cohort(workdir: Path, seeds: list[int], size_mm: float) -> list[Path]:
     return stores
 
 
-def ship(result, evaluation, args, test_id: str) -> None:
-    """Save the model with a card saying how to rebuild it and how it scored on the test sample."""
+def ship(result, evaluation, args, test_id: str, **test_extras) -> None:
+    """Save the model with a card saying how to rebuild it (this script's command line) and how it
+    scored on the test sample (``test_extras``: more figures of that sample, e.g. per scale)."""
     from napari_morphomol.synthetic import GENERATOR_VERSION
 
     card = result.card
     training = {**card.training, "test": {"sample": test_id, "metrics": evaluation.means,
-                                          "gene_metrics": evaluation.gene_metrics.reset_index().to_dict(orient="list")}}
+                                          "gene_metrics": evaluation.gene_metrics.reset_index().to_dict(orient="list"),
+                                          **test_extras}}
     provenance = {
         **card.provenance,
         "trained_on": f"synthetic samples (napari_morphomol.synthetic, generator version {GENERATOR_VERSION}), "
                       f"seeds {args.seeds}, {args.size_mm} x {args.size_mm} mm; not real tissue",
-        "retrain_command": "python benchmarks/bench_variants.py " + shlex.join(sys.argv[1:]),
+        "retrain_command": f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:]),
     }
     path = save_checkpoint(result.model, dataclasses.replace(card, training=training, provenance=provenance), args.ship)
     print(f"shipped model written: {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -16,9 +16,13 @@ def test_shipped_model_is_small_and_documented():
     assert path.stat().st_size <= 15 * 1024**2
     _, card = load_checkpoint(path)
     assert card.model.variant == "early_fusion_add"
-    assert card.provenance["retrain_command"].startswith("python benchmarks/bench_variants.py")
+    assert card.model.token_heads == {"addon_tokens": len(card.addon_genes)}  # the fine maps' token head
+    assert card.provenance["retrain_command"].startswith("python benchmarks/bench_fine_maps.py")
     assert "--ship" in card.provenance["retrain_command"]
-    assert set(card.training["test"]["metrics"]) >= {"pearson", "spearman", "mse"}
+    test = card.training["test"]
+    assert set(test["metrics"]) >= {"pearson", "spearman", "mse"}
+    assert set(test["fine_maps"]) >= {"18 um", "37 um", "73 um", "128 um", "256 um", "cell"}
+    assert test["fine_maps"]["18 um"]["token"]["spearman"] > test["fine_maps"]["18 um"]["tile"]["spearman"]
 
 
 def test_shipped_model_predicts_the_fixture_sample(synthetic_sample, tmp_path):

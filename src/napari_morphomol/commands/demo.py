@@ -1,6 +1,7 @@
 """The whole path on the embedded default: a synthetic Xenium + H&E sample, loaded as one
 SpatialData sample, the shipped early-fusion model run over it tile by tile, clusters of the
-tile embeddings, export to AnnData and SpatialData, and a screenshot of the sample in napari.
+tile embeddings, export to AnnData (tiles and, with a token-head model, cells) and SpatialData,
+a screenshot of the sample in napari and one of MKI67 at tile and token resolution.
 
 Everything goes into --out; running it again reuses the sample and the finished prediction and
 rewrites the exported files."""
@@ -12,6 +13,8 @@ import time
 
 from napari_morphomol.commands._arguments import real_number, whole_number
 
+DEMO_GENE = "MKI67"
+"""A gene no core gene shows (proliferation, read from the H&E): its token map is the model's own."""
 NAME = "demo"
 HELP = "run the whole path on a synthetic sample: load, predict, cluster, export, screenshot"
 
@@ -59,14 +62,22 @@ def run(args) -> int:
     start = _step("predicted", start)
 
     print("4. clusters (PCA, Leiden 0.5 / 1.0, UMAP) and export")
+    from napari_morphomol.analysis import explore_run
+
+    explorer = explore_run(results)
+    cells = out / "cells.h5ad" if explorer.has_token_maps else None
     written = export_results(results, h5ad=out / "tiles.h5ad", spatialdata=out / "sample.zarr",
-                             overwrite=True, clusters=True, sample=sdata)
+                             overwrite=True, clusters=True, sample=sdata, cells_h5ad=cells)
     for kind, path in written.items():
         print(f"  {kind}: {path}")
     start = _step("exported", start)
 
-    from napari_morphomol.widgets.screenshot import screenshot_sample
+    from napari_morphomol.widgets.screenshot import screenshot_maps, screenshot_sample
 
     shot = screenshot_sample(sdata, out / "screenshot.png")
-    _step(f"screenshot of the sample in napari: {shot}", start)
+    start = _step(f"screenshot of the sample in napari: {shot}", start)
+    if explorer.has_token_maps:
+        gene = DEMO_GENE if DEMO_GENE in explorer.genes else explorer.genes[0]
+        maps = screenshot_maps(explorer, gene, out / "token_maps.png")
+        _step(f"{gene} at tile and token resolution in napari: {maps}", start)
     return 0

@@ -65,15 +65,16 @@ def tile_affine_um(explorer: RunExplorer) -> np.ndarray:
     return layer_affine_um(explorer.grid.tile_pixel_to_global(), explorer.xenium_pixel_size_um)
 
 
-def gene_map_layer(explorer: RunExplorer, gene: str, kind: str = "predicted") -> tuple:
-    """One stride-grid map; the widget swaps ``data`` (and contrast) of this one layer to change gene."""
-    raster = explorer.gene_map(gene, kind)
+def gene_map_layer(explorer: RunExplorer, gene: str, kind: str = "predicted", resolution: str = "tile") -> tuple:
+    """One map of ``gene`` at ``resolution``; the Explore dock swaps ``data`` (and contrast) of this
+    one layer to change gene, and its affine too to change resolution."""
+    raster = map_raster(explorer, gene, kind, resolution)
     return (
         raster,
-        {"name": MAP_LAYER_NAMES[kind], "units": UNITS_UM, "affine": stride_affine_um(explorer),
+        {"name": MAP_LAYER_NAMES[kind], "units": UNITS_UM, "affine": map_affine_um(explorer, resolution),
          "colormap": MAP_COLORMAPS[kind], "contrast_limits": map_contrast_limits(raster, kind),
          "opacity": 0.8, "blending": "translucent",
-         "metadata": {"gene": gene, "kind": kind, "units": EXPRESSION_UNITS,
+         "metadata": {"gene": gene, "kind": kind, "units": MAP_UNITS[resolution], "resolution": resolution,
                       RESULTS_LAYER_KEY: str(explorer.results.path)}},
         "image",
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import napari
 from qtpy.QtWidgets import QApplication
 
+from napari_morphomol.layers.run import gene_map_layer
 from napari_morphomol.layers.sample import sample_layers
 
 
@@ -31,6 +32,35 @@ def screenshot_sample(sdata, path: str | Path, *, size_px: tuple[int, int] = (10
         for data, kwargs, kind in sample_layers(sdata):
             getattr(viewer, f"add_{kind}")(data, **kwargs)
         viewer.canvas.overlays.scale_bar.visible = True
+        viewer.window._qt_window.resize(size_px[1], size_px[0])
+        viewer.reset_view()
+        settle()
+        viewer.window.screenshot(str(path), flash=False)
+    finally:
+        viewer.close()
+    return path
+
+
+def screenshot_maps(explorer, gene: str, path: str | Path, *, size_px: tuple[int, int] = (900, 1800)) -> Path:
+    """One gene's maps of a run side by side (napari grid mode), left to right: predicted at tile
+    resolution, predicted at token resolution, measured at token resolution (the last only when
+    the sample measured the gene); saved as PNG. Needs a run of a token-head model.
+    """
+    path = Path(path)
+    kinds = [("predicted", "tile"), ("predicted", "token")]
+    if explorer.is_measured(gene):
+        kinds.append(("measured", "token"))
+    viewer = napari.Viewer(show=True)
+    try:
+        for kind, resolution in kinds:  # napari's grid puts the first layer added on the left
+            data, kwargs, _ = gene_map_layer(explorer, gene, kind, resolution)
+            kwargs["name"] = f"{gene} {kind}, {resolution}"
+            viewer.add_image(data, **kwargs)
+        viewer.grid.enabled = True
+        viewer.grid.shape = (1, len(kinds))
+        viewer.canvas.overlays.scale_bar.visible = True
+        viewer.canvas.overlays.text.text = f"{gene}: " + " | ".join(f"{k}, {r}" for k, r in kinds)
+        viewer.canvas.overlays.text.visible = True
         viewer.window._qt_window.resize(size_px[1], size_px[0])
         viewer.reset_view()
         settle()
