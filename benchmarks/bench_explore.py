@@ -6,11 +6,14 @@ paper's model (100 add-on genes, 384-d embeddings with cluster structure):
 - ``switch``: wall time of ``ExploreWidget.show_gene`` (stride map, contrast, the data of the
   predicted / measured / residual layers, the viewer redraw) on a 3,000-tile run, first view of a
   gene (map computed) and again (cached); target under 100 ms. Ratio against the bare
-  ``layer.data = raster`` update of one layer measured in the same run.
+  ``layer.data = raster`` update of one layer measured in the same run. ``--resolution token``
+  does the same at token resolution (18 um) for a run of a model with the add-on token head;
+  about 1,000 tiles is a 16 mm^2 sample.
 - ``clusters``: ``add_clusters`` (PCA 31, neighbours, Leiden 0.5 and 1.0, UMAP) on 20,000 tiles,
   numba and BLAS limited to 2 threads; ratio against PCA alone in the same run.
 
-Run: ``xvfb-run -a python benchmarks/bench_explore.py [--section switch|clusters] [--tiles N]``
+Run: ``xvfb-run -a python benchmarks/bench_explore.py [--section switch|clusters] [--switch-tiles N]
+[--resolution tile|token]``
 (``switch`` needs a display; ``clusters`` does not).
 """
 
@@ -37,8 +40,9 @@ N_GENES = 100
 EMBEDDING_DIM = 384
 
 
-def synthetic_results(n_tiles: int, seed: int = 0, n_states: int = 8) -> Results:
-    """A square-ish tissue of ``n_tiles`` tiles on a 0.5 um/px H&E, hidden states driving genes and embeddings."""
+def synthetic_results(n_tiles: int, seed: int = 0, n_states: int = 8, token_head: bool = False) -> Results:
+    """A square-ish tissue of ``n_tiles`` tiles on a 0.5 um/px H&E, hidden states driving genes and
+    embeddings; with ``token_head`` also per-token predictions and measured counts per token."""
     rng = np.random.default_rng(seed)
     side = math.ceil(math.sqrt(n_tiles))
     geometry = TileGeometry(he_pixel_size_um=0.5, he_height_px=256 * (side + 1), he_width_px=256 * (side + 1))
@@ -65,21 +69,29 @@ def synthetic_results(n_tiles: int, seed: int = 0, n_states: int = 8) -> Results
                 "outputs": [{"name": "predictions", "level": "tile", "width": N_GENES},
                             {"name": "embeddings", "level": "tile", "width": EMBEDDING_DIM}]}
     outputs = {"predictions": predictions, "embeddings": embeddings}
-    return Results(Path(f"synthetic-{n_tiles}.zarr"), tiles, genes, outputs, genes, measured, metadata)
+    measured_tokens = None
+    if token_head:
+        token_rates = np.repeat(np.log(gene_means[state] * 20 / 196)[:, None, :], 196, axis=1)
+        outputs["addon_tokens"] = (token_rates + rng.normal(scale=0.5, size=token_rates.shape)).astype(np.float32)
+        metadata["outputs"].append({"name": "addon_tokens", "level": "token", "width": N_GENES})
+        measured_tokens = rng.poisson(0.1, size=(*geometry.raster_shape, N_GENES)).astype(np.uint32)
+    return Results(Path(f"synthetic-{n_tiles}.zarr"), tiles, genes, outputs, genes, measured, metadata,
+                   measured_tokens)
 
 
-def bench_switch(n_tiles: int, repeats: int = 20) -> None:
+def bench_switch(n_tiles: int, repeats: int = 20, resolution: str = "tile") -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
     from napari_morphomol.analysis import explore_results
     from napari_morphomol.widgets.explore import ExploreWidget
 
-    explorer = explore_results(synthetic_results(n_tiles))
+    explorer = explore_results(synthetic_results(n_tiles, token_head=resolution == "token"))
     viewer = napari.Viewer(show=True)
     widget = ExploreWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.set_explorer(explorer)
+    widget.set_resolution(resolution)
     app = QApplication.instance()
     app.processEvents()
 
@@ -95,7 +107,8 @@ def bench_switch(n_tiles: int, repeats: int = 20) -> None:
     first = [timed(g, "first") for g in explorer.genes[1:1 + repeats]]
     again = [timed(g, "again") for g in explorer.genes[1:1 + repeats]]
     layer = widget.map_layers["predicted"]
-    rasters = [explorer.gene_map(g) for g in explorer.genes[1:1 + repeats]]
+    map_of = explorer.gene_map if resolution == "tile" else explorer.token_map
+    rasters = [map_of(g) for g in explorer.genes[1:1 + repeats]]
     bare = []
     for raster in rasters:
         start = time.perf_counter()
@@ -103,7 +116,8 @@ def bench_switch(n_tiles: int, repeats: int = 20) -> None:
         app.processEvents()
         bare.append(time.perf_counter() - start)
     med = {name: float(np.median(v)) * 1000 for name, v in (("first", first), ("again", again), ("bare", bare))}
-    print(f"switch: {n_tiles} tiles, stride map {explorer.grid.shape}, 3 map layers")
+    shape = explorer.grid.shape if resolution == "tile" else explorer.token_grid.shape
+    print(f"switch: {n_tiles} tiles, {resolution} map {shape}, 3 map layers")
     print(f"  show_gene first view  median {med['first']:.1f} ms (max {max(first) * 1000:.1f}); target < 100 ms")
     print(f"  show_gene cached      median {med['again']:.1f} ms")
     print(f"  process CPU per switch (first, cached): {np.median(cpu['first']) * 1000:.1f}, "
@@ -147,10 +161,11 @@ def main() -> None:
     parser.add_argument("--section", choices=["switch", "clusters"], action="append")
     parser.add_argument("--switch-tiles", type=int, default=3000)
     parser.add_argument("--cluster-tiles", type=int, default=20000)
+    parser.add_argument("--resolution", choices=["tile", "token"], default="tile", help="maps of the switch section")
     args = parser.parse_args()
     sections = args.section or ["switch", "clusters"]
     if "switch" in sections:
-        bench_switch(args.switch_tiles)
+        bench_switch(args.switch_tiles, resolution=args.resolution)
     if "clusters" in sections:
         bench_clusters(args.cluster_tiles)
 
