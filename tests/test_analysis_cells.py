@@ -87,3 +87,23 @@ def test_export_writes_the_cells_anndata(token_results_store, results_store, tmp
     refused = tmp_path / "refused.h5ad"
     assert main(["export", str(results_store), "--cells-h5ad", str(refused)]) == 2
     assert "predicts per tile only" in capsys.readouterr().err and not refused.exists()
+
+
+def test_spatialdata_export_holds_the_token_maps(token_results_store, tmp_path):
+    import spatialdata as sd
+    from spatialdata.transformations import get_transformation
+
+    from napari_morphomol.export import MEASURED_TOKEN_IMAGE, PREDICTED_TOKEN_IMAGE, export_results
+
+    out = export_results(token_results_store, spatialdata=tmp_path / "run.zarr", clusters=False)["spatialdata"]
+    sdata = sd.read_zarr(out)
+    explorer = explore_run(token_results_store)
+    gene = explorer.results.measured_genes[0]
+    for name, kind in ((PREDICTED_TOKEN_IMAGE, "predicted"), (MEASURED_TOKEN_IMAGE, "measured")):
+        image = sdata.images[name]
+        image = image["scale0"]["image"] if hasattr(image, "children") and image.children else image
+        plane = np.asarray(image.sel(c=gene))
+        np.testing.assert_allclose(plane, explorer.token_map(gene, kind), rtol=1e-5, equal_nan=True)
+        placed = get_transformation(sdata.images[name], "global").to_affine_matrix(("x", "y"), ("x", "y"))
+        grid = explorer.token_grid
+        np.testing.assert_allclose(placed, grid.he_to_global @ np.diag([grid.token_he_px, grid.token_he_px, 1.0]))

@@ -188,6 +188,17 @@ class TokenGrid:
         raster[~self.covered] = np.nan
         return raster
 
+    def token_stack(self, token_values: np.ndarray) -> np.ndarray:
+        """(tiles, tokens, width) values -> (rows, cols, width) float32 maps, one per column, as
+        :meth:`token_map` makes each (NaN where no tile is)."""
+        values = np.asarray(token_values, dtype=np.float32)
+        if values.ndim != 3 or values.shape[0] * values.shape[1] != self.token_mean.shape[1]:
+            raise InputError(f"expected (tiles, tokens, width) with {self.n_tiles} tiles, got shape {values.shape}")
+        stack = np.asarray(self.token_mean @ values.reshape(-1, values.shape[2]), dtype=np.float32)
+        stack = stack.reshape(*self.shape, values.shape[2])
+        stack[~self.covered] = np.nan
+        return stack
+
     def token_pixel_to_global(self) -> np.ndarray:
         """Token raster pixel (x, y) -> ``global``: the pixel's centre is its token's centre."""
         s = self.token_he_px

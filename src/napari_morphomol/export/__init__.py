@@ -3,7 +3,8 @@
 One call writes whatever is asked for, atomically::
 
     from napari_morphomol.export import export_results
-    export_results("RESULTS.zarr", h5ad="run.h5ad", spatialdata="run.zarr", overwrite=False, clusters=True)
+    export_results("RESULTS.zarr", h5ad="run.h5ad", spatialdata="run.zarr", overwrite=False, clusters=True,
+                   cells_h5ad=None)
 
 The pieces (``results_to_anndata``, ``results_to_spatialdata``, the ``write_*`` functions) are
 public for callers that already hold the objects. Schemas: docs/export.md.
@@ -12,12 +13,15 @@ public for callers that already hold the objects. Schemas: docs/export.md.
 from napari_morphomol.export.anndata import results_to_anndata
 from napari_morphomol.export.spatialdata import (
     MEASURED_IMAGE,
+    MEASURED_TOKEN_IMAGE,
     PREDICTED_IMAGE,
+    PREDICTED_TOKEN_IMAGE,
     TILE_TABLE,
     TILES,
     gene_map_image,
     results_to_spatialdata,
     tile_shapes,
+    token_map_image,
 )
 from napari_morphomol.export.writers import (
     LANDMARK_FORMATS,
@@ -31,7 +35,9 @@ from napari_morphomol.inference.store import RESULTS_LAYER_KEY
 __all__ = [
     "LANDMARK_FORMATS",
     "MEASURED_IMAGE",
+    "MEASURED_TOKEN_IMAGE",
     "PREDICTED_IMAGE",
+    "PREDICTED_TOKEN_IMAGE",
     "RESULTS_LAYER_KEY",
     "TILES",
     "TILE_TABLE",
@@ -40,6 +46,7 @@ __all__ = [
     "results_to_spatialdata",
     "gene_map_image",
     "tile_shapes",
+    "token_map_image",
     "write_h5ad",
     "write_landmarks_csv",
     "write_spatialdata_zarr",

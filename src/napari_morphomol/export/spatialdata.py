@@ -29,7 +29,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Affine, Identity, set_transformation
 
-from napari_morphomol.analysis import StrideGrid
+from napari_morphomol.analysis import StrideGrid, TokenGrid
 from napari_morphomol.coords import GLOBAL, scale_matrix
 from napari_morphomol.elements import HE_IMAGE, SAMPLE_ATTRS_KEY
 from napari_morphomol.errors import InputError
@@ -42,6 +42,11 @@ TILES = "tiles"
 TILE_TABLE = "tile_table"
 PREDICTED_IMAGE = "predicted_expression"
 MEASURED_IMAGE = "measured_expression"
+PREDICTED_TOKEN_IMAGE = "predicted_expression_tokens"
+"""The token head's map (log1p counts per token, 18.3 um pixels), for runs of a token-head model."""
+MEASURED_TOKEN_IMAGE = "measured_expression_tokens"
+TOKEN_IMAGE_CHUNK = 256
+"""Token-map chunks: one gene, 256 x 256 tokens (4.7 mm square)."""
 REGION_KEY = "region"
 INSTANCE_KEY = "tile_id"
 EXPORT_ATTRS_KEY = "morphomol_export"
@@ -58,6 +63,23 @@ def open_run_sample(results: Results) -> SpatialData:
         raise InputError(f"the sample of {results.path} is no longer where the run found it (missing: "
                          f"{', '.join(map(str, missing))}); move it back, or pass the sample to the export")
     return load_sample(xenium_dir, he_path)
+
+
+def _token_map_images(results: Results) -> dict:
+    """The predicted (and measured) token maps of a token-head run, or nothing."""
+    from napari_morphomol.models.config import ADDON_TOKEN_HEAD
+
+    if ADDON_TOKEN_HEAD not in results.outputs:
+        return {}
+    grid = TokenGrid.from_results(results)
+    images = {PREDICTED_TOKEN_IMAGE: token_map_image(
+        grid.token_stack(np.logaddexp(0.0, results.output(ADDON_TOKEN_HEAD))), results.addon_genes, grid)}
+    if results.measured_token_counts is not None:
+        rows, cols = grid.shape
+        measured = np.log1p(np.asarray(results.measured_token_counts[:rows, :cols], dtype=np.float32))
+        measured[~grid.covered] = np.nan
+        images[MEASURED_TOKEN_IMAGE] = token_map_image(measured, results.measured_genes, grid)
+    return images
 
 
 def tile_shapes(results: Results, registration: RunRegistration) -> gpd.GeoDataFrame:
@@ -86,6 +108,20 @@ def gene_map_image(values: np.ndarray, genes: list[str], grid: StrideGrid):
     return Image2DModel.parse(stack, dims=("c", "y", "x"), c_coords=list(genes), transformations={GLOBAL: affine})
 
 
+def token_map_image(stack: np.ndarray, genes: list[str], grid: TokenGrid):
+    """(rows, cols, genes) token maps -> a (genes, rows, cols) multiscale image placed in ``global``
+    (pixel ``i`` covers tokens ``[i, i + 1)``, as :func:`gene_map_image`), chunked per gene."""
+    factors, side = [], min(grid.shape)
+    while side >= 256:  # halve down to about 128 tokens a side
+        factors.append(2)
+        side //= 2
+    to_global = grid.he_to_global @ scale_matrix(grid.token_he_px)
+    affine = Affine(to_global, input_axes=("x", "y"), output_axes=("x", "y"))
+    return Image2DModel.parse(np.moveaxis(stack, -1, 0), dims=("c", "y", "x"), c_coords=list(genes),
+                              transformations={GLOBAL: affine}, scale_factors=factors or None,
+                              chunks=(1, TOKEN_IMAGE_CHUNK, TOKEN_IMAGE_CHUNK))
+
+
 def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialData | None = None) -> SpatialData:
     """The sample's elements (lazy) plus tiles, the table annotating them and the gene maps.
 
@@ -93,7 +129,7 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
     """
     registration = run_registration(results.metadata)
     sample = open_run_sample(results) if sample is None else sample
-    ours = {TILES, TILE_TABLE, PREDICTED_IMAGE, MEASURED_IMAGE}
+    ours = {TILES, TILE_TABLE, PREDICTED_IMAGE, MEASURED_IMAGE, PREDICTED_TOKEN_IMAGE, MEASURED_TOKEN_IMAGE}
     clash = ours & {name for _, name, _ in sample.gen_elements()}
     if clash:
         raise InputError(f"the sample already has elements named {sorted(clash)}; rename them before exporting")
@@ -106,6 +142,7 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
     images[PREDICTED_IMAGE] = gene_map_image(results.predictions, results.addon_genes, grid)
     if results.measured_counts is not None:
         images[MEASURED_IMAGE] = gene_map_image(results.measured_log1p, results.measured_genes, grid)
+    images.update(_token_map_images(results))
     table = adata.copy()
     table.obs[REGION_KEY] = pd.Categorical([TILES] * table.n_obs)
     table.obs[INSTANCE_KEY] = results.tiles["tile_id"].to_numpy(dtype=np.int64)
