@@ -230,6 +230,26 @@ def test_token_resolution_re_places_the_same_map_layers(make_napari_viewer, qtbo
     np.testing.assert_allclose(predicted.affine.affine_matrix, map_affine_um(explorer, "tile"))
 
 
+def test_the_tile_inspector_shows_the_tiles_token_map_of_the_shown_gene(make_napari_viewer, qtbot,
+                                                                        token_results_store):
+    viewer = make_napari_viewer()
+    widget = open_run(viewer, qtbot, token_results_store)
+    explorer = widget.explorer
+    gene = explorer.genes[3]
+    widget.show_gene(gene)
+    centre = explorer.results.tiles[["um_x", "um_y"]].to_numpy()[2]
+    tile = widget.inspect_at_um(*centre)
+    assert tile == 2 and not widget.inspector_tokens.pixmap().isNull()
+    assert widget.inspector_tokens.pixmap().width() == 168 and gene in widget.inspector_tokens.toolTip()
+    from napari_morphomol.models import ADDON_TOKEN_HEAD
+
+    column = explorer.genes.index(gene)
+    np.testing.assert_allclose(explorer.tile_token_map(tile, gene).ravel(),
+                               np.log1p(np.exp(explorer.results.output(ADDON_TOKEN_HEAD)[tile, :, column])), rtol=1e-5)
+    widget.show_gene(explorer.genes[4])  # the inspected tile follows the gene
+    assert explorer.genes[4] in widget.inspector_tokens.toolTip()
+
+
 def test_a_tile_only_run_offers_no_token_maps_and_says_why(opened, monkeypatch):
     viewer, widget = opened
     token_item = widget.resolution.model().item(widget.resolution.findData("token"))
@@ -238,3 +258,5 @@ def test_a_tile_only_run_offers_no_token_maps_and_says_why(opened, monkeypatch):
     monkeypatch.setattr("napari_morphomol.widgets.explore.show_info", shown.append)
     widget.set_resolution("token")
     assert widget.shown_resolution == "tile" and shown and "--token-head" in shown[0]
+    centre = widget.explorer.results.tiles[["um_x", "um_y"]].to_numpy()[0]
+    assert widget.inspect_at_um(*centre) == 0 and widget.inspector_tokens.pixmap().isNull()

@@ -85,6 +85,20 @@ class RunExplorer:
                 self._maps[key] = self.token_map(gene, "measured") - self.token_map(gene, "predicted")
         return self._maps[key]
 
+    def tile_token_map(self, tile: int, gene: str) -> np.ndarray:
+        """(14, 14) float32: the token head's expected log1p count of ``gene`` in each token of one
+        tile (results row ``tile``), rows of tokens top to bottom as in the H&E tile."""
+        from napari_morphomol.models.config import ADDON_TOKEN_HEAD
+
+        if not self.has_token_maps:
+            raise InputError(f"the model of {self.results.path} predicts per tile only (no {ADDON_TOKEN_HEAD!r} "
+                             "output): train one with `morphomol train --token-head poisson` for token maps")
+        if not 0 <= tile < self.adata.n_obs:
+            raise InputError(f"tile {tile} is not in this run (0..{self.adata.n_obs - 1})")
+        values = np.logaddexp(0.0, self.results.output(ADDON_TOKEN_HEAD)[tile, :, self._column(gene)])
+        side = int(round(np.sqrt(values.size)))
+        return values.reshape(side, side).astype(np.float32)
+
     def _measured_token_map(self, gene: str) -> np.ndarray:
         if not self.is_measured(gene):
             raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import FileEdit
+from matplotlib import colormaps
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
+from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -26,7 +28,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_morphomol.analysis import EXPRESSION_UNITS, MAP_KINDS, PAPER_N_PCS, RunExplorer, explore_run
+from napari_morphomol.analysis import (
+    EXPRESSION_UNITS,
+    MAP_KINDS,
+    PAPER_N_PCS,
+    TOKEN_EXPRESSION_UNITS,
+    RunExplorer,
+    explore_run,
+)
 from napari_morphomol.coords import napari_to_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.layers.run import (
@@ -46,11 +55,13 @@ from napari_morphomol.layers.run import (
     selection_layer,
     selection_mask,
 )
-from napari_morphomol.layers.view import event_xy_um, is_click
+from napari_morphomol.layers.view import event_xy_um, is_click, percentile_limits
 from napari_morphomol.widgets._errors import report_error
 from napari_morphomol.widgets.umap_dock import UmapDock
 
 SELECT_SHAPES_LAYER = "draw to select tiles"
+TOKEN_PREVIEW_PX = 168
+"""Side of the tile inspector's token map (14 x 14 tokens, 12 screen px each)."""
 TOP_GENES = 10
 
 
@@ -85,6 +96,7 @@ class ExploreWidget(QWidget):
         self.umap_dock: UmapDock | None = None
         self._umap_dock_widget = None
         self.selected_tiles = np.zeros(0, dtype=np.int64)
+        self.inspected_tile = -1
         self.cluster_worker = self.open_worker = None
         self._all_genes: list[str] = []
 
@@ -117,6 +129,9 @@ class ExploreWidget(QWidget):
         self.inspector_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.inspector_table.verticalHeader().setVisible(False)
         self.inspector_table.setMaximumHeight(180)
+        self.inspector_tokens = QLabel()
+        self.inspector_tokens_caption = QLabel("")
+        self.inspector_tokens_caption.setWordWrap(True)
 
         self.resolutions = QLineEdit("0.5, 1.0")
         self.n_pcs = QSpinBox()
@@ -144,6 +159,8 @@ class ExploreWidget(QWidget):
         inspector_layout = QVBoxLayout(inspector_box)
         inspector_layout.addWidget(self.inspector_label)
         inspector_layout.addWidget(self.inspector_table)
+        inspector_layout.addWidget(self.inspector_tokens_caption)
+        inspector_layout.addWidget(self.inspector_tokens)
         layout.addWidget(inspector_box)
         clusters_box = QGroupBox("embeddings")
         clusters_form = QFormLayout(clusters_box)
@@ -203,6 +220,7 @@ class ExploreWidget(QWidget):
         """Show a run: the map layers (one per kind), the gene list and the metrics table."""
         self.explorer = explorer
         self._all_genes = explorer.genes
+        self.inspected_tile = -1
         first = explorer.metrics.index[0] if len(explorer.metrics) else explorer.genes[0]
         self.resolution.blockSignals(True)
         self.resolution.setCurrentIndex(self.resolution.findData("tile"))
@@ -267,6 +285,8 @@ class ExploreWidget(QWidget):
         overlay = self.viewer.canvas.overlays.text
         overlay.text = f"{gene} ({measured}); {MAP_UNITS[self.shown_resolution]}"
         overlay.visible = True
+        if self.inspected_tile >= 0:
+            self._show_tile_tokens(self.inspected_tile)
         self._colour_umap()
 
     @property
@@ -344,9 +364,12 @@ class ExploreWidget(QWidget):
     def inspect_at_um(self, x_um: float, y_um: float) -> int:
         """Fill the inspector with the tile under (x, y) um; returns its results row or -1."""
         tile = int(self.explorer.tiles_at_um(np.array([[x_um, y_um]]))[0])
+        self.inspected_tile = tile
         if tile < 0:
             self.inspector_label.setText(f"no tile at ({x_um:.0f}, {y_um:.0f}) um")
             self.inspector_table.setRowCount(0)
+            self.inspector_tokens.clear()
+            self.inspector_tokens_caption.setText("")
             return tile
         info = self.explorer.tile_summary(tile)
         self.inspector_label.setText(
@@ -360,7 +383,25 @@ class ExploreWidget(QWidget):
             for j, text in enumerate((str(gene), f"{row['predicted']:.2f}", measured)):
                 self.inspector_table.setItem(i, j, QTableWidgetItem(text))
         self.inspector_table.resizeColumnsToContents()
+        self._show_tile_tokens(tile)
         return tile
+
+    def _show_tile_tokens(self, tile: int):
+        """The shown gene's 14 x 14 token map of the tile, when the run's model has the token head."""
+        self.inspector_tokens.clear()
+        self.inspector_tokens_caption.setText("")
+        if not self.explorer.has_token_maps or self.gene is None:
+            return
+        values = self.explorer.tile_token_map(tile, self.gene)
+        low, high = percentile_limits(values, (0.0, 100.0))
+        rgba = (colormaps["magma"](np.clip((values - low) / (high - low), 0, 1)) * 255).astype(np.uint8)
+        height, width = values.shape
+        image = QImage(np.ascontiguousarray(rgba).data, width, height, 4 * width, QImage.Format_RGBA8888).copy()
+        self.inspector_tokens.setPixmap(QPixmap.fromImage(image).scaled(TOKEN_PREVIEW_PX, TOKEN_PREVIEW_PX))
+        caption = (f"{self.gene} predicted per token in this tile ({TOKEN_EXPRESSION_UNITS}): "
+                   f"{low:.2f} (dark) to {high:.2f} (light)")
+        self.inspector_tokens_caption.setText(caption)
+        self.inspector_tokens.setToolTip(caption)
 
     # clusters ----------------------------------------------------------------------------------
     def compute_clusters(self, *_):
