@@ -21,16 +21,11 @@ def settle(seconds: float = 1.0) -> None:
         time.sleep(0.02)
 
 
-def screenshot_sample(sdata, path: str | Path, *, size_px: tuple[int, int] = (1000, 1400)) -> Path:
-    """Open the sample's layers in a viewer window and save the window as PNG.
-
-    The window is shown (an unshown canvas renders black): run under a display or ``xvfb-run``.
-    """
-    path = Path(path)
-    viewer = napari.Viewer(show=True)
+def _save_window(viewer, add_layers, path: Path, size_px: tuple[int, int]) -> Path:
+    """Add layers to the shown ``viewer`` (``add_layers(viewer)``), draw it with a scale bar at
+    ``size_px`` (height, width), save the window as PNG and close the viewer."""
     try:
-        for data, kwargs, kind in sample_layers(sdata):
-            getattr(viewer, f"add_{kind}")(data, **kwargs)
+        add_layers(viewer)
         viewer.canvas.overlays.scale_bar.visible = True
         viewer.window._qt_window.resize(size_px[1], size_px[0])
         viewer.reset_view()
@@ -39,6 +34,18 @@ def screenshot_sample(sdata, path: str | Path, *, size_px: tuple[int, int] = (10
     finally:
         viewer.close()
     return path
+
+
+def screenshot_sample(sdata, path: str | Path, *, size_px: tuple[int, int] = (1000, 1400)) -> Path:
+    """Open the sample's layers in a viewer window and save the window as PNG.
+
+    The window is shown (an unshown canvas renders black): run under a display or ``xvfb-run``.
+    """
+    def add_layers(viewer):
+        for data, kwargs, kind in sample_layers(sdata):
+            getattr(viewer, f"add_{kind}")(data, **kwargs)
+
+    return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
 
 
 def screenshot_maps(explorer, gene: str, path: str | Path, *, size_px: tuple[int, int] = (900, 1800)) -> Path:
@@ -46,25 +53,18 @@ def screenshot_maps(explorer, gene: str, path: str | Path, *, size_px: tuple[int
     resolution, predicted at token resolution, measured at token resolution (the last only when
     the sample measured the gene); saved as PNG. Needs a run of a token-head model.
     """
-    path = Path(path)
     kinds = [("predicted", "tile"), ("predicted", "token")]
     if explorer.is_measured(gene):
         kinds.append(("measured", "token"))
-    viewer = napari.Viewer(show=True)
-    try:
+
+    def add_layers(viewer):
         for kind, resolution in kinds:  # napari's grid puts the first layer added on the left
             data, kwargs, _ = gene_map_layer(explorer, gene, kind, resolution)
             kwargs["name"] = f"{gene} {kind}, {resolution}"
             viewer.add_image(data, **kwargs)
         viewer.grid.enabled = True
         viewer.grid.shape = (1, len(kinds))
-        viewer.canvas.overlays.scale_bar.visible = True
         viewer.canvas.overlays.text.text = f"{gene}: " + " | ".join(f"{k}, {r}" for k, r in kinds)
         viewer.canvas.overlays.text.visible = True
-        viewer.window._qt_window.resize(size_px[1], size_px[0])
-        viewer.reset_view()
-        settle()
-        viewer.window.screenshot(str(path), flash=False)
-    finally:
-        viewer.close()
-    return path
+
+    return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
