@@ -12,12 +12,17 @@ held-out test sample with ``morphomol predict``'s core and scores, per variant a
 - per Xenium cell: the same for ``analysis.cells_anndata`` (token at the centroid, scaled by cell
   area) against the cell-feature matrix, and for the baseline spread the same way.
 
+``--compare-stitching RESULTS.zarr`` scores an existing run's token map stitched three ways:
+the plain mean of the up to four tiles covering a token (what the product does) and means
+weighted toward tile centres (``sin`` and ``sin^2`` windows over the 14 tokens of a tile side).
+
 The generator's noise-free per-cell expectation (the ceiling the issue asks for) is not scored
 yet. Usage:
 
     python benchmarks/bench_fine_maps.py [--workdir DIR] [--seeds 101 102 103 104 105] [--size-mm 2]
         [--variants early_fusion_add expr_only_token] [--token-losses poisson mse_log1p] [--jobs 2]
         [--out DIR] [--ship FILE]
+    python benchmarks/bench_fine_maps.py --compare-stitching RESULTS.zarr
 """
 
 from __future__ import annotations
@@ -57,18 +62,26 @@ def scores(predicted_log1p: np.ndarray, measured_log1p: np.ndarray, genes: list[
     return mean_metrics(per_gene_metrics(predicted_log1p, measured_log1p, genes))
 
 
-def token_count_maps(explorer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, cols, genes) expected counts per token from the token head and from the tile head
-    spread over its tokens, and the measured counts, for the measured genes."""
+def token_head_log1p(results) -> np.ndarray:
+    """(tiles, tokens, measured genes) expected log1p counts of the token head."""
     from napari_morphomol.models import ADDON_TOKEN_HEAD
 
-    results, grid = explorer.results, explorer.token_grid
     columns = [results.addon_genes.index(g) for g in results.measured_genes]
-    head = np.logaddexp(0.0, results.output(ADDON_TOKEN_HEAD)[:, :, columns])  # (tiles, tokens, genes) log1p
+    return np.logaddexp(0.0, results.output(ADDON_TOKEN_HEAD)[:, :, columns])
+
+
+def token_count_maps(explorer, token_mean=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, genes) expected counts per token from the token head and from the tile head
+    spread over its tokens, and the measured counts, for the measured genes; ``token_mean``
+    replaces the grid's stitching matrix."""
+    results, grid = explorer.results, explorer.token_grid
+    token_mean = grid.token_mean if token_mean is None else token_mean
+    columns = [results.addon_genes.index(g) for g in results.measured_genes]
+    head = token_head_log1p(results)
     tokens_per_tile = head.shape[1]
     spread = np.repeat((np.expm1(results.predictions[:, columns]) / tokens_per_tile)[:, None, :], tokens_per_tile, 1)
     rows, cols = grid.shape
-    token = np.expm1(grid.token_mean @ head.reshape(-1, len(columns))).reshape(rows, cols, -1)
+    token = np.expm1(token_mean @ head.reshape(-1, len(columns))).reshape(rows, cols, -1)
     baseline = (grid.token_mean @ spread.reshape(-1, len(columns))).reshape(rows, cols, -1)
     measured = np.asarray(results.measured_token_counts[...], dtype=np.float64)[:rows, :cols]
     return token, baseline, measured
@@ -106,6 +119,32 @@ def score_run(results_path: Path) -> dict[str, dict[str, dict[str, float]]]:
                                                  results.measured_log1p, genes)}
     table["cell"] = cell_scores(explorer, token, baseline)
     return table
+
+
+def compare_stitching(results_path: Path) -> None:
+    """Spearman per scale of one run's token map, stitched with and without tile-centre weights."""
+    import scipy.sparse as sp
+
+    from napari_morphomol.analysis import explore_run
+
+    explorer = explore_run(results_path)
+    grid, n_tiles = explorer.token_grid, len(explorer.results.tiles)
+    cover = grid.token_mean.copy()
+    cover.data[:] = 1.0
+    side = np.arange(int(round(np.sqrt(cover.shape[1] // n_tiles))))
+    window = np.sin(np.pi * (side + 0.5) / len(side))
+    print(f"stitching of {results_path}: mean Spearman over measured genes per square side")
+    for name, per_side in (("mean", np.ones_like(window)), ("sin", window), ("sin^2", window**2)):
+        weighted = cover @ sp.diags(np.tile(np.outer(per_side, per_side).ravel(), n_tiles))
+        total = np.asarray(weighted.sum(axis=1)).ravel()
+        token_mean = sp.diags(np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)) @ weighted
+        token, _, measured = token_count_maps(explorer, token_mean)
+        figures = []
+        for side_um, k in SCALES_UM.items():
+            truth = block_log1p(measured, grid.covered, k)
+            spearman = scores(block_log1p(token, grid.covered, k), truth, explorer.results.measured_genes)["spearman"]
+            figures.append(f"{side_um} um {spearman:.4f}")
+        print(f"  {name:6s} " + "; ".join(figures))
 
 
 def train_predict_score(job) -> tuple[str, dict, str]:
@@ -175,10 +214,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--out", type=Path, help="write fine_maps.json and fine_maps.md here")
+    parser.add_argument("--compare-stitching", type=Path, metavar="RESULTS.zarr",
+                        help="only score this run's token map stitched with and without tile-centre weights")
     parser.add_argument("--ship", type=Path, metavar="FILE",
                         help="save the early_fusion_add model with the Poisson token head here, its card holding this "
                              "command and its test figures per scale (the shipped model)")
     args = parser.parse_args()
+    if args.compare_stitching:
+        compare_stitching(args.compare_stitching)
+        return
     start = time.perf_counter()
     stores = bench_variants.make_cohort(args.workdir, args.seeds, args.size_mm)
     jobs = [(variant, loss, args, stores) for variant in args.variants for loss in args.token_losses]
