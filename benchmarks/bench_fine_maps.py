@@ -14,7 +14,9 @@ held-out test sample with ``morphomol predict``'s core and scores, per variant a
 
 ``--compare-stitching RESULTS.zarr`` scores an existing run's token map stitched three ways:
 the plain mean of the up to four tiles covering a token (what the product does) and means
-weighted toward tile centres (``sin`` and ``sin^2`` windows over the 14 tokens of a tile side).
+weighted toward tile centres (``sin`` and ``sin^2`` windows over the 14 tokens of a tile side),
+and its cells two ways: the token at the centroid (what the product does) and the mean over 17
+points of the cell's disc (its area as a circle), an approximation of area weighting.
 
 The generator's noise-free per-cell expectation (the ceiling the issue asks for) is not scored
 yet. Usage:
@@ -145,6 +147,33 @@ def compare_stitching(results_path: Path) -> None:
             spearman = scores(block_log1p(token, grid.covered, k), truth, explorer.results.measured_genes)["spearman"]
             figures.append(f"{side_um} um {spearman:.4f}")
         print(f"  {name:6s} " + "; ".join(figures))
+    compare_cell_sampling(explorer)
+
+
+def compare_cell_sampling(explorer) -> None:
+    """Per-cell Spearman with the centroid's token and with the mean over points of the cell's disc."""
+    from napari_morphomol.analysis import cells_anndata
+    from napari_morphomol.analysis.cells import cell_tokens
+
+    token, _, _ = token_count_maps(explorer)
+    per_token = token.reshape(-1, token.shape[-1])
+    adata = cells_anndata(explorer)
+    measured = adata.layers["measured"][:, adata.var["measured"].to_numpy()]
+    scale = adata.obs["cell_area"].to_numpy() / adata.uns["morphomol_cells"]["token_area_um2"]
+    radius = np.sqrt(adata.obs["cell_area"].to_numpy() / np.pi)
+    angles = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+    offsets = [(0.0, 0.0)] + [(f * np.cos(a), f * np.sin(a)) for f in (0.5, 0.9) for a in angles]
+    total, n = np.zeros((adata.n_obs, per_token.shape[1])), np.zeros(adata.n_obs)
+    for dx, dy in offsets:
+        index = cell_tokens(explorer, adata.obsm["spatial"] + np.stack([dx * radius, dy * radius], axis=1))
+        ok = index >= 0
+        total[ok] += per_token[index[ok]]
+        n[ok] += 1
+    genes = explorer.results.measured_genes
+    centroid = scores(np.log1p(per_token[adata.obs["token"].to_numpy()] * scale[:, None]), measured, genes)
+    disc = scores(np.log1p(total / np.maximum(n, 1)[:, None] * scale[:, None]), measured, genes)
+    print(f"cells ({adata.n_obs}): Spearman centroid {centroid['spearman']:.4f}, disc of 17 points "
+          f"{disc['spearman']:.4f}")
 
 
 def train_predict_score(job) -> tuple[str, dict, str]:
