@@ -10,6 +10,9 @@ Sections (``--section``, default all):
   each stored chunk once (ours) vs decoding each tile's window.
 - ``memory``: peak RSS of a child process tiling a 1 cm x 1 cm sample end to end (120 M transcripts
   from parquet via dask, H&E pyramid read lazily, every tile image cut), against the RSS after imports.
+- ``refusal``: wall time of ``morphomol tiles`` refusing a ``--tile-pixel-size-um`` that implies
+  terabytes (it must refuse before any pass over the data) against a normal ``morphomol tiles``
+  of the same 1 mm^2 synthetic sample, both as the user runs them (a fresh process each).
 
 Run: ``python benchmarks/bench_tiling.py [--section NAME] [--workdir DIR]``.
 """
@@ -265,10 +268,30 @@ def section_memory(workdir: Path) -> None:
     subprocess.run([sys.executable, __file__, "--section", "memory-child", "--workdir", str(workdir)], check=True)
 
 
+def section_refusal(workdir: Path) -> None:
+    from napari_morphomol.synthetic import write_synthetic_sample
+
+    sample = write_synthetic_sample(workdir / "refusal-sample", size_mm=(1.0, 1.0), seed=0)
+    base = [sys.executable, "-m", "napari_morphomol.cli", "tiles", str(sample.xenium_dir), "--he",
+            str(sample.he_path), "--alignment", str(sample.alignment_csv)]
+
+    def wall(extra: list[str], out: Path) -> tuple[float, int]:
+        start = time.perf_counter()
+        code = subprocess.run([*base, "--out", str(out), *extra], capture_output=True).returncode
+        return time.perf_counter() - start, code
+
+    refused_s, refused_code = wall(["--tile-pixel-size-um", "1e-4"], workdir / "refused.tiles.zarr")
+    normal_s, normal_code = wall([], workdir / "normal.tiles.zarr")
+    print(f"[refusal] 1 mm^2 sample: refused (exit {refused_code}) in {refused_s:.1f} s, normal tiling "
+          f"(exit {normal_code}) {normal_s:.1f} s; ratio {refused_s / normal_s:.2f} (the refusal pays for the "
+          f"imports and the sample's opening only); output of the refusal written: "
+          f"{(workdir / 'refused.tiles.zarr').exists()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--section", default="all",
-                        choices=["all", "binning", "sjoin", "he", "memory", "memory-child"])
+                        choices=["all", "binning", "sjoin", "he", "memory", "memory-child", "refusal"])
     parser.add_argument("--workdir", type=Path, help="where test data are written (default: a temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -284,6 +307,8 @@ def main() -> None:
             section_he(workdir)
         if args.section in ("all", "memory"):
             section_memory(workdir)
+        if args.section in ("all", "refusal"):
+            section_refusal(workdir)
 
 
 if __name__ == "__main__":

@@ -188,12 +188,12 @@ def _limit_memory():  # so a run that would exhaust memory fails fast instead of
 def test_a_tile_pixel_size_that_implies_terabytes_is_refused_before_work(tmp_path, synthetic_sample):
     s = synthetic_sample
     out = tmp_path / "tiny.tiles.zarr"
-    started = time.perf_counter()
     proc = run([sys.executable, "-m", "napari_morphomol.cli", "tiles", str(s.xenium_dir), "--he", str(s.he_path),
                 "--alignment", str(s.alignment_csv), "--out", str(out), "--tile-pixel-size-um", "1e-4"],
                timeout=300, preexec_fn=_limit_memory)
     one_line_error(proc, "--tile-pixel-size-um", "token raster", "TB", "limit")
-    assert time.perf_counter() - started < 120 and not out.exists()
+    # how fast it refuses is a benchmark figure (benchmarks/bench_tiling.py --section refusal)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_a_batch_that_cannot_be_held_is_refused_naming_the_option():
