@@ -64,22 +64,16 @@ def scores(predicted_log1p: np.ndarray, measured_log1p: np.ndarray, genes: list[
     return mean_metrics(per_gene_metrics(predicted_log1p, measured_log1p, genes))
 
 
-def token_head_log1p(results) -> np.ndarray:
-    """(tiles, tokens, measured genes) expected log1p counts of the token head."""
-    from napari_morphomol.models import ADDON_TOKEN_HEAD
-
-    columns = [results.addon_genes.index(g) for g in results.measured_genes]
-    return np.logaddexp(0.0, results.output(ADDON_TOKEN_HEAD)[:, :, columns])
-
-
 def token_count_maps(explorer, token_mean=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, cols, genes) expected counts per token from the token head and from the tile head
     spread over its tokens, and the measured counts, for the measured genes; ``token_mean``
     replaces the grid's stitching matrix."""
+    from napari_morphomol.analysis.gene_maps import token_head_log1p
+
     results, grid = explorer.results, explorer.token_grid
     token_mean = grid.token_mean if token_mean is None else token_mean
     columns = [results.addon_genes.index(g) for g in results.measured_genes]
-    head = token_head_log1p(results)
+    head = token_head_log1p(results, columns)
     tokens_per_tile = head.shape[1]
     spread = np.repeat((np.expm1(results.predictions[:, columns]) / tokens_per_tile)[:, None, :], tokens_per_tile, 1)
     rows, cols = grid.shape

@@ -20,6 +20,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from napari_morphomol.analysis.gene_maps import require_token_head, token_head_log1p
 from napari_morphomol.analysis.run_explorer import RunExplorer
 from napari_morphomol.coords import apply_affine_xy
 from napari_morphomol.errors import InputError
@@ -113,12 +114,8 @@ def cells_anndata(explorer: RunExplorer, cells: pd.DataFrame | None = None) -> a
         layers['measured'] log1p of the measured counts (NaN for genes the sample did not
         measure) and var['measured'], when the bundle has its cell-feature matrix.
     """
-    from napari_morphomol.models.config import ADDON_TOKEN_HEAD
-
-    if not explorer.has_token_maps:
-        raise InputError(f"the model of {explorer.results.path} predicts per tile only (no {ADDON_TOKEN_HEAD!r} "
-                         "output), so there is no cell view: train one with `morphomol train --token-head poisson`")
     results = explorer.results
+    require_token_head(results, "cell view")
     xenium_dir = (results.metadata.get("sample") or {}).get("xenium_dir")
     if cells is None:
         if xenium_dir is None:
@@ -128,7 +125,7 @@ def cells_anndata(explorer: RunExplorer, cells: pd.DataFrame | None = None) -> a
     tokens = cell_tokens(explorer, centroids)
     kept = tokens >= 0
     grid = explorer.token_grid
-    expected_log1p = np.logaddexp(0.0, results.output(ADDON_TOKEN_HEAD))  # (tiles, tokens, genes)
+    expected_log1p = token_head_log1p(results)  # (tiles, tokens, genes)
     token_log1p = grid.token_mean[tokens[kept]] @ expected_log1p.reshape(-1, expected_log1p.shape[-1])
     he_pixel_size_um = float(results.metadata["geometry_args"]["he_pixel_size_um"])
     token_area_um2 = (grid.token_he_px * he_pixel_size_um) ** 2

@@ -203,3 +203,34 @@ class TokenGrid:
         """Token raster pixel (x, y) -> ``global``: the pixel's centre is its token's centre."""
         s = self.token_he_px
         return self.he_to_global @ np.array([[s, 0.0, s / 2], [0.0, s, s / 2], [0.0, 0.0, 1.0]])
+
+
+def require_token_head(results: Results, what: str) -> None:
+    """Refuse ``what`` (e.g. "token maps") for a run whose model predicts per tile only."""
+    from napari_morphomol.models.config import ADDON_TOKEN_HEAD
+
+    if ADDON_TOKEN_HEAD not in results.outputs:
+        raise InputError(f"the model of {results.path} predicts per tile only (no {ADDON_TOKEN_HEAD!r} output), so "
+                         f"it has no {what}: train one with `morphomol train --token-head poisson`")
+
+
+def token_head_log1p(results: Results, genes=slice(None)) -> np.ndarray:
+    """The add-on token head's expected log1p counts, ``softplus`` of its log rate: (tiles, tokens,
+    genes) for a slice or list of add-on gene columns, (tiles, tokens) for one column."""
+    from napari_morphomol.models.config import ADDON_TOKEN_HEAD
+
+    require_token_head(results, "token maps")
+    return np.logaddexp(0.0, results.output(ADDON_TOKEN_HEAD)[:, :, genes])
+
+
+def measured_token_log1p(results: Results, grid: TokenGrid, genes=slice(None)) -> np.ndarray:
+    """log1p of the sample's measured counts per token on ``grid``'s raster, NaN where no tile is:
+    (rows, cols, genes) for a slice or list of measured gene columns, (rows, cols) for one."""
+    counts = results.measured_token_counts
+    if counts is None:
+        raise InputError(f"{results.path} holds no measured counts per token (it was made before they were "
+                         "stored); run `morphomol predict` again for measured token maps")
+    rows, cols = grid.shape
+    raster = np.log1p(np.asarray(counts[:rows, :cols, genes], dtype=np.float32))
+    raster[~grid.covered] = np.nan
+    return raster

@@ -11,7 +11,13 @@ import pandas as pd
 from matplotlib.path import Path as PolygonPath
 
 from napari_morphomol.analysis.clusters import PAPER_N_PCS, PAPER_RESOLUTIONS, add_clusters, leiden_key
-from napari_morphomol.analysis.gene_maps import StrideGrid, TokenGrid
+from napari_morphomol.analysis.gene_maps import (
+    StrideGrid,
+    TokenGrid,
+    measured_token_log1p,
+    require_token_head,
+    token_head_log1p,
+)
 from napari_morphomol.analysis.tiles_anndata import gene_metrics, tiles_anndata
 from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM
 from napari_morphomol.errors import InputError
@@ -66,21 +72,18 @@ class RunExplorer:
         numpy.ndarray
             Placed in ``global`` by ``token_grid.token_pixel_to_global()``.
         """
-        from napari_morphomol.models.config import ADDON_TOKEN_HEAD
-
         if kind not in MAP_KINDS:
             raise InputError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
-        if not self.has_token_maps:
-            raise InputError(f"the model of {self.results.path} predicts per tile only (no {ADDON_TOKEN_HEAD!r} "
-                             "output): train one with `morphomol train --token-head poisson` for token maps")
+        require_token_head(self.results, "token maps")
         key = ("token", gene, kind)
         if key not in self._maps:
-            column = self._column(gene)
             if kind == "predicted":
-                log_rate = self.results.output(ADDON_TOKEN_HEAD)[:, :, column]
-                self._maps[key] = self.token_grid.token_map(np.logaddexp(0.0, log_rate))  # softplus
+                self._maps[key] = self.token_grid.token_map(token_head_log1p(self.results, self._column(gene)))
             elif kind == "measured":
-                self._maps[key] = self._measured_token_map(gene)
+                if not self.is_measured(gene):
+                    raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
+                self._maps[key] = measured_token_log1p(self.results, self.token_grid,
+                                                       self.results.measured_genes.index(gene))
             else:
                 self._maps[key] = self.token_map(gene, "measured") - self.token_map(gene, "predicted")
         return self._maps[key]
@@ -88,29 +91,11 @@ class RunExplorer:
     def tile_token_map(self, tile: int, gene: str) -> np.ndarray:
         """(14, 14) float32: the token head's expected log1p count of ``gene`` in each token of one
         tile (results row ``tile``), rows of tokens top to bottom as in the H&E tile."""
-        from napari_morphomol.models.config import ADDON_TOKEN_HEAD
-
-        if not self.has_token_maps:
-            raise InputError(f"the model of {self.results.path} predicts per tile only (no {ADDON_TOKEN_HEAD!r} "
-                             "output): train one with `morphomol train --token-head poisson` for token maps")
         if not 0 <= tile < self.adata.n_obs:
             raise InputError(f"tile {tile} is not in this run (0..{self.adata.n_obs - 1})")
-        values = np.logaddexp(0.0, self.results.output(ADDON_TOKEN_HEAD)[tile, :, self._column(gene)])
+        values = token_head_log1p(self.results, self._column(gene))[tile]
         side = int(round(np.sqrt(values.size)))
         return values.reshape(side, side).astype(np.float32)
-
-    def _measured_token_map(self, gene: str) -> np.ndarray:
-        if not self.is_measured(gene):
-            raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
-        counts = self.results.measured_token_counts
-        if counts is None:
-            raise InputError(f"{self.results.path} holds no measured counts per token (it was made before they were "
-                             "stored); run `morphomol predict` again for measured token maps")
-        grid = self.token_grid
-        raster = np.log1p(np.asarray(counts[:, :, self.results.measured_genes.index(gene)], dtype=np.float32))
-        raster = raster[:grid.shape[0], :grid.shape[1]]
-        raster[~grid.covered] = np.nan
-        return raster
 
     @property
     def genes(self) -> list[str]:

@@ -30,6 +30,7 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Affine, Identity, set_transformation
 
 from napari_morphomol.analysis import StrideGrid, TokenGrid
+from napari_morphomol.analysis.gene_maps import measured_token_log1p, token_head_log1p
 from napari_morphomol.coords import GLOBAL, scale_matrix
 from napari_morphomol.elements import HE_IMAGE, SAMPLE_ATTRS_KEY
 from napari_morphomol.errors import InputError
@@ -72,13 +73,11 @@ def _token_map_images(results: Results) -> dict:
     if ADDON_TOKEN_HEAD not in results.outputs:
         return {}
     grid = TokenGrid.from_results(results)
-    images = {PREDICTED_TOKEN_IMAGE: token_map_image(
-        grid.token_stack(np.logaddexp(0.0, results.output(ADDON_TOKEN_HEAD))), results.addon_genes, grid)}
+    images = {PREDICTED_TOKEN_IMAGE: token_map_image(grid.token_stack(token_head_log1p(results)), results.addon_genes,
+                                                     grid)}
     if results.measured_token_counts is not None:
-        rows, cols = grid.shape
-        measured = np.log1p(np.asarray(results.measured_token_counts[:rows, :cols], dtype=np.float32))
-        measured[~grid.covered] = np.nan
-        images[MEASURED_TOKEN_IMAGE] = token_map_image(measured, results.measured_genes, grid)
+        images[MEASURED_TOKEN_IMAGE] = token_map_image(measured_token_log1p(results, grid), results.measured_genes,
+                                                       grid)
     return images
 
 
