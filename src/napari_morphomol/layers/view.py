@@ -82,3 +82,13 @@ def is_click(press_rc_um: Sequence[float], release_rc_um: Sequence[float], zoom:
     """Whether a press and a release (world positions, um) are one click rather than a drag."""
     moved_um = np.abs(np.asarray(release_rc_um, dtype=np.float64) - np.asarray(press_rc_um, dtype=np.float64)).max()
     return bool(moved_um * zoom <= CLICK_TOLERANCE_SCREEN_PX)
+
+
+def rgba_image(values: np.ndarray, limits: tuple[float, float], colormap: str) -> np.ndarray:
+    """(h, w) values -> (h, w, 4) contiguous uint8 RGBA through a matplotlib colormap between
+    ``limits`` (clipped), e.g. for a small picture a dock draws itself."""
+    from matplotlib import colormaps
+
+    low, high = limits
+    scaled = np.clip((np.asarray(values, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    return np.ascontiguousarray((colormaps[colormap](scaled) * 255).astype(np.uint8))

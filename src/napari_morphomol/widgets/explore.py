@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import FileEdit
-from matplotlib import colormaps
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
@@ -36,10 +35,12 @@ from napari_morphomol.analysis import (
     RunExplorer,
     explore_run,
 )
+from napari_morphomol.analysis.gene_maps import require_token_head
 from napari_morphomol.coords import napari_to_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.layers.run import (
     CLUSTERS_LAYER,
+    MAP_COLORMAPS,
     MAP_UNITS,
     PCA_LAYER,
     RESOLUTIONS,
@@ -55,7 +56,7 @@ from napari_morphomol.layers.run import (
     selection_layer,
     selection_mask,
 )
-from napari_morphomol.layers.view import event_xy_um, is_click, percentile_limits
+from napari_morphomol.layers.view import event_xy_um, is_click, percentile_limits, rgba_image
 from napari_morphomol.widgets._errors import report_error
 from napari_morphomol.widgets.umap_dock import UmapDock
 
@@ -63,6 +64,19 @@ SELECT_SHAPES_LAYER = "draw to select tiles"
 TOKEN_PREVIEW_PX = 168
 """Side of the tile inspector's token map (14 x 14 tokens, 12 screen px each)."""
 TOP_GENES = 10
+
+
+def _no_token_maps(explorer: RunExplorer) -> str:
+    """Why a run has no token maps, in the words of the core's refusal."""
+    try:
+        require_token_head(explorer.results, "token maps")
+    except InputError as exc:
+        return str(exc)
+    return ""
+
+
+def _colour_note(resolution: str) -> str:
+    return f"colour bar: {MAP_UNITS[resolution]}; contrast 1st-99th percentile"
 
 
 class _NumericItem(QTableWidgetItem):
@@ -112,7 +126,7 @@ class ExploreWidget(QWidget):
         self.resolution = QComboBox()
         for key, text in RESOLUTIONS.items():
             self.resolution.addItem(text, key)
-        self.colour_note = QLabel(f"colour bar: {MAP_UNITS['tile']}; contrast 1st-99th percentile")
+        self.colour_note = QLabel(_colour_note("tile"))
 
         self.metrics_table = QTableWidget(0, 4)
         self.metrics_table.setHorizontalHeaderLabels(["gene", "spearman", "pearson", "mse"])
@@ -196,8 +210,7 @@ class ExploreWidget(QWidget):
         token_item = self.resolution.model().item(self.resolution.findData("token"))
         has_tokens = enabled and self.explorer is not None and self.explorer.has_token_maps
         token_item.setEnabled(has_tokens)
-        token_item.setToolTip("" if has_tokens else "this run's model predicts per tile only: train one with "
-                              "`morphomol train --token-head poisson` for token maps")
+        token_item.setToolTip("" if has_tokens or self.explorer is None else _no_token_maps(self.explorer))
 
     # opening -----------------------------------------------------------------------------------
     def open(self, *_):
@@ -225,7 +238,7 @@ class ExploreWidget(QWidget):
         self.resolution.blockSignals(True)
         self.resolution.setCurrentIndex(self.resolution.findData("tile"))
         self.resolution.blockSignals(False)
-        self.colour_note.setText(f"colour bar: {MAP_UNITS['tile']}; contrast 1st-99th percentile")
+        self.colour_note.setText(_colour_note("tile"))
         kinds = MAP_KINDS if explorer.results.measured_genes else ("predicted",)
         for kind in kinds:
             data, kwargs, _ = gene_map_layer(explorer, first, kind)
@@ -305,7 +318,7 @@ class ExploreWidget(QWidget):
         if self.resolution.currentData() != resolution:
             self.resolution.setCurrentIndex(self.resolution.findData(resolution))  # comes back here
             return
-        self.colour_note.setText(f"colour bar: {MAP_UNITS[resolution]}; contrast 1st-99th percentile")
+        self.colour_note.setText(_colour_note(resolution))
         for layer in self.map_layers.values():
             layer.metadata["gene"] = None
         if self.gene is not None:
@@ -316,12 +329,10 @@ class ExploreWidget(QWidget):
         if gene is None or layer.metadata.get("gene", "") == gene:
             return
         raster = map_raster(explorer, gene, kind, resolution)
+        layer.data = raster
         if layer.metadata.get("resolution", "tile") != resolution:
-            layer.data = raster
             layer.affine = map_affine_um(explorer, resolution)
             layer.metadata["resolution"] = resolution
-        else:
-            layer.data = raster
         if np.isfinite(raster).any():
             layer.contrast_limits = map_contrast_limits(raster, kind)
         layer.metadata["gene"] = gene
@@ -394,9 +405,9 @@ class ExploreWidget(QWidget):
             return
         values = self.explorer.tile_token_map(tile, self.gene)
         low, high = percentile_limits(values, (0.0, 100.0))
-        rgba = (colormaps["magma"](np.clip((values - low) / (high - low), 0, 1)) * 255).astype(np.uint8)
+        rgba = rgba_image(values, (low, high), MAP_COLORMAPS["predicted"])
         height, width = values.shape
-        image = QImage(np.ascontiguousarray(rgba).data, width, height, 4 * width, QImage.Format_RGBA8888).copy()
+        image = QImage(rgba.data, width, height, 4 * width, QImage.Format_RGBA8888).copy()
         self.inspector_tokens.setPixmap(QPixmap.fromImage(image).scaled(TOKEN_PREVIEW_PX, TOKEN_PREVIEW_PX))
         caption = (f"{self.gene} predicted per token in this tile ({TOKEN_EXPRESSION_UNITS}): "
                    f"{low:.2f} (dark) to {high:.2f} (light)")
