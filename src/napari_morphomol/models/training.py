@@ -310,9 +310,10 @@ def start_at_mean_target(model: nn.Module, dataset: Dataset) -> torch.Tensor:
     mean = targets.mean(dim=0)
     with torch.no_grad():
         model.head.bias.copy_(mean)
-        if ADDON_TOKEN_HEAD in model.token_heads:  # the mean count per token, as a log rate
-            per_token = torch.stack([dataset[i]["token_target"].float().mean(dim=0) for i in range(len(dataset))])
-            model.token_heads[ADDON_TOKEN_HEAD].bias.copy_(per_token.mean(dim=0).clamp_min(1e-3).log())
+        if ADDON_TOKEN_HEAD in model.token_heads:  # the mean count per token, as a log rate: a tile's
+            # per-token counts sum to its count, so that is the mean tile count over the tokens of a tile
+            per_token = torch.expm1(targets).mean(dim=0) / model.n_tokens
+            model.token_heads[ADDON_TOKEN_HEAD].bias.copy_(per_token.clamp_min(1e-3).log())
     return mean
 
 
