@@ -107,3 +107,25 @@ def test_spatialdata_export_holds_the_token_maps(token_results_store, tmp_path):
         placed = get_transformation(sdata.images[name], "global").to_affine_matrix(("x", "y"), ("x", "y"))
         grid = explorer.token_grid
         np.testing.assert_allclose(placed, grid.he_to_global @ np.diag([grid.token_he_px, grid.token_he_px, 1.0]))
+
+
+def test_a_moved_bundle_a_foreign_cells_table_and_an_old_run_are_clear_messages(tmp_path, token_results_store):
+    import pandas as pd
+    import zarr
+
+    with pytest.raises(InputError, match="is not there \\(moved or renamed\\?\\).*move it back"):
+        read_xenium_cells(tmp_path / "gone")
+    (tmp_path / "other").mkdir()
+    pd.DataFrame({"cell_id": ["a"], "x": [1.0]}).to_parquet(tmp_path / "other" / "cells.parquet")
+    with pytest.raises(InputError, match="lacks the columns.*not a Xenium cells table"):
+        read_xenium_cells(tmp_path / "other")
+    old = tmp_path / "old.zarr"
+    shutil.copytree(token_results_store, old)
+    shutil.rmtree(old / "measured_token_counts")  # a run made before measured counts per token were kept
+    group = zarr.open_group(old, mode="r")
+    assert "measured_token_counts" not in group
+    explorer = explore_run(old)
+    gene = explorer.results.measured_genes[0]
+    assert np.isfinite(explorer.token_map(gene, "predicted")).any()
+    with pytest.raises(InputError, match="holds no measured counts per token.*predict` again"):
+        explorer.token_map(gene, "measured")

@@ -44,6 +44,9 @@ def read_xenium_cells(xenium_dir: str | Path) -> pd.DataFrame:
         One row per cell, columns :data:`CELL_COLUMNS`, ``cell_id`` as strings.
     """
     path = Path(xenium_dir) / "cells.parquet"
+    if not Path(xenium_dir).is_dir():
+        raise InputError(f"the Xenium folder {Path(xenium_dir)} is not there (moved or renamed?); its cells are read "
+                         "from it: move it back, or pass the cells table")
     if not path.is_file():
         raise InputError(f"{Path(xenium_dir)} has no cells.parquet: this run has no cell segmentation, so there is "
                          "no cell view; the tile and token maps work without it (segment the run with Xenium "
