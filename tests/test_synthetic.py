@@ -21,6 +21,7 @@ from napari_morphomol.cli import main
 from napari_morphomol.elements import MORPHOLOGY
 from napari_morphomol.errors import InputError
 from napari_morphomol.synthetic import (
+    expected_cell_counts,
     load_ground_truth,
     true_global_to_he_px,
     true_he_to_global_px,
@@ -365,3 +366,24 @@ def test_owning_cell_is_nearest_centre_within_its_radius(small_cells, points):
     # exact ties between two centres are measure-zero; allow them anyway
     tie = np.sort(d2, axis=1)[:, :2]
     np.testing.assert_array_equal(owner[~np.isclose(tie[:, 0], tie[:, 1])], expected[~np.isclose(tie[:, 0], tie[:, 1])])
+
+
+def test_expected_cell_counts_are_what_the_counts_were_drawn_from(synthetic_sample):
+    """The noise-free expectation (the fine-maps benchmark's ceiling) is recomputed from the ground
+    truth alone: the measured counts scatter around it as Poisson draws thinned by quality and by
+    transcripts landing outside their cell."""
+    truth = load_ground_truth(synthetic_sample.ground_truth_json)
+    expected = expected_cell_counts(synthetic_sample.root)
+    assert list(expected.columns) == truth.addon_genes
+    counts, names, barcodes = _h5_counts(synthetic_sample.xenium_dir / "cell_feature_matrix.h5")
+    assert list(expected.index) == barcodes
+    measured = counts.toarray()[:, [names.index(g) for g in truth.addon_genes]]
+    kept = measured.sum() / expected.to_numpy().sum()
+    assert 0.6 < kept <= 1.0  # qv < 20 and transcripts outside their cell are not counted
+    # the tissue's most variable genes: the expectation explains their counts as Poisson noise allows
+    variable = np.argsort(-expected.to_numpy().std(axis=0))[:10]
+    for g in variable:
+        r = np.corrcoef(np.log1p(expected.to_numpy()[:, g]), np.log1p(measured[:, g]))[0, 1]
+        assert r > 0.5, truth.addon_genes[g]
+    with pytest.raises(InputError, match="no genes"):
+        expected_cell_counts(synthetic_sample.root, ["NOT_A_GENE"])

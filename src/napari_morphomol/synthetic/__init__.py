@@ -4,7 +4,8 @@ the shipped model's training data and every test fixture (no Qt).
 Entry points: :func:`write_synthetic_sample` writes a sample folder (a :class:`SyntheticSample`):
 a genuine Xenium bundle (spatialdata-io reads it unchanged), an H&E pyramidal OME-TIFF placed by
 a known affine plus a smooth warp, Xenium's alignment CSV, Xenium Explorer keypoints and the
-ground truth; :func:`load_ground_truth` reads the truth back, and :func:`true_he_to_global_px` /
+ground truth; :func:`load_ground_truth` reads the truth back, :func:`expected_cell_counts` gives
+each cell's expected counts without counting noise, and :func:`true_he_to_global_px` /
 :func:`true_global_to_he_px` apply the exact map. Add-on genes depend on cell type (seen by H&E
 and core genes), on hidden states (seen only by core genes) and on morphology states (seen only
 by H&E), so neither modality alone explains the add-on panel. Deterministic by seed; memory
@@ -23,7 +24,7 @@ from napari_morphomol._lazy import lazy_attributes
 #: package (a command's --help, Open Sample's menu entry) does not load numba, pyarrow or zarr.
 _SOURCES = {
     "sample": ("SampleSummary", "SyntheticSample", "write_synthetic_sample"),
-    "truth": ("GENERATOR_VERSION", "GroundTruth", "load_ground_truth", "true_global_to_he_px",
+    "truth": ("GENERATOR_VERSION", "GroundTruth", "expected_cell_counts", "load_ground_truth", "true_global_to_he_px",
               "true_he_to_global_px"),
 }
 __getattr__ = lazy_attributes("napari_morphomol.synthetic", _SOURCES)
@@ -33,6 +34,7 @@ __all__ = [
     "GroundTruth",
     "SampleSummary",
     "SyntheticSample",
+    "expected_cell_counts",
     "load_ground_truth",
     "true_global_to_he_px",
     "true_he_to_global_px",

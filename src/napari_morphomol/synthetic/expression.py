@@ -236,24 +236,34 @@ def _program_weights(rng: np.random.Generator, program: list[str]) -> tuple[np.n
     return bias, loadings
 
 
-def latent_matrix(cells: Cells, rows: np.ndarray) -> np.ndarray:
-    z = np.zeros((len(rows), len(LATENTS)), dtype=np.float64)
-    z[np.arange(len(rows)), cells.cell_type[rows]] = 1.0
-    z[:, _IFN] = cells.ifn[rows]
-    z[:, _HYPOXIA] = cells.hypoxia[rows]
-    z[:, _PROLIF] = cells.proliferating[rows]
-    z[:, _NUCSIZE] = np.where(cells.cell_type[rows] == 0, cells.nuclear_size_z[rows], 0.0)
+def latent_matrix(cell_type, ifn, hypoxia, proliferating, nuclear_size_z) -> np.ndarray:
+    """(cells, len(LATENTS)) latent z of cells given as per-cell arrays (cell type as its index)."""
+    cell_type = np.asarray(cell_type)
+    z = np.zeros((len(cell_type), len(LATENTS)), dtype=np.float64)
+    z[np.arange(len(cell_type)), cell_type] = 1.0
+    z[:, _IFN] = ifn
+    z[:, _HYPOXIA] = hypoxia
+    z[:, _PROLIF] = proliferating
+    z[:, _NUCSIZE] = np.where(cell_type == 0, nuclear_size_z, 0.0)
     return z
 
 
+def expected_gene_counts(bias: np.ndarray, loadings: np.ndarray, n_core: int, z: np.ndarray,
+                         library_size: np.ndarray) -> np.ndarray:
+    """(cells, genes) expected transcripts of each gene, without counting noise: core totals equal
+    each cell's library size (the invariant of the module docstring)."""
+    rate = np.exp(np.asarray(bias)[None, :] + z @ np.asarray(loadings).T)
+    return rate * (np.asarray(library_size) / rate[:, :n_core].sum(axis=1))[:, None]
+
+
 def expected_counts(panel: ProgramPanel, cells: Cells, rows: np.ndarray) -> np.ndarray:
-    """(cells, features) expected transcripts; core totals equal each cell's library size."""
-    log_rate = panel.bias[None, :] + latent_matrix(cells, rows) @ panel.loadings.T
-    rate = np.exp(log_rate)
-    scale = cells.library_size[rows] / rate[:, : panel.n_core].sum(axis=1)
+    """(cells, features) expected transcripts of ``cells``' ``rows``, control features included."""
+    z = latent_matrix(cells.cell_type[rows], cells.ifn[rows], cells.hypoxia[rows], cells.proliferating[rows],
+                      cells.nuclear_size_z[rows])
+    genes = expected_gene_counts(panel.bias, panel.loadings, panel.n_core, z, cells.library_size[rows])
     n_controls = len(panel.names) - panel.n_genes
     controls = np.repeat((cells.library_size[rows] * CONTROL_RATE_PER_TRANSCRIPT)[:, None], n_controls, axis=1)
-    return np.hstack([rate * scale[:, None], controls])
+    return np.hstack([genes, controls])
 
 
 @dataclass

@@ -6,6 +6,7 @@ with the formula spelled out), the region, cell-type and latent names, each gene
 bias and loadings, and the stain. ``ground_truth_cells.parquet`` holds one row per cell, in the
 bundle's cell order: position (um and H&E px), type, region, hidden and morphology states and
 nucleus shape. :func:`load_ground_truth` reads the JSON back as a :class:`GroundTruth`;
+:func:`expected_cell_counts` recomputes each cell's expected counts without counting noise;
 :func:`true_he_to_global_px` and :func:`true_global_to_he_px` apply the exact map (the one that
 rendered the H&E).
 """
@@ -18,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from napari_morphomol.coords import as_points_xy
 from napari_morphomol.errors import InputError
-from napari_morphomol.synthetic.expression import LATENTS, ProgramPanel
+from napari_morphomol.synthetic.expression import LATENTS, ProgramPanel, expected_gene_counts, latent_matrix
 from napari_morphomol.synthetic.plan import SamplePlan
 from napari_morphomol.synthetic.tissue import CELL_TYPES, REGIONS, Cells
 from napari_morphomol.synthetic.transform import TrueTransform
@@ -94,6 +96,38 @@ def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
         addon_programs=raw["panel"]["addon_programs"],
         raw=raw,
     )
+
+
+def expected_cell_counts(path: str | os.PathLike, genes: list[str] | None = None) -> pd.DataFrame:
+    """Each cell's expected transcripts of ``genes`` (default: the add-on panel) without counting
+    noise, recomputed from the ground truth: the ceiling a per-cell prediction is scored against.
+
+    Parameters
+    ----------
+    path
+        A sample folder written by ``morphomol synth``.
+    genes
+        Genes of the panel (core or add-on).
+
+    Returns
+    -------
+    pandas.DataFrame
+        (cells, genes), indexed by the bundle's ``cell_id``, in the bundle's cell order.
+    """
+    truth = load_ground_truth(path)
+    names = [*truth.core_genes, *truth.addon_genes]
+    genes = truth.addon_genes if genes is None else list(genes)
+    unknown = [g for g in genes if g not in names]
+    if unknown:
+        raise InputError(f"the synthetic panel of {path} has no genes {unknown[:5]}; it has {len(names)} genes")
+    cells = pq.read_table(Path(path) / GROUND_TRUTH_CELLS).to_pandas()
+    z = latent_matrix(pd.Categorical(cells["cell_type"], categories=CELL_TYPES).codes, cells["ifn"], cells["hypoxia"],
+                      cells["proliferating"], cells["nuclear_size_z"])
+    expected = expected_gene_counts(truth.raw["panel"]["bias"], truth.raw["panel"]["loadings"], len(truth.core_genes),
+                                    z, cells["library_size"].to_numpy())
+    columns = [names.index(g) for g in genes]
+    return pd.DataFrame(expected[:, columns], index=pd.Index(cells["cell_id"].astype(str), name="cell_id"),
+                        columns=genes)
 
 
 def true_he_to_global_px(points_he_px: np.ndarray, ground_truth: GroundTruth) -> np.ndarray:
