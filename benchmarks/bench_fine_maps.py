@@ -18,9 +18,12 @@ weighted toward tile centres (``sin`` and ``sin^2`` windows over the 14 tokens o
 and its cells two ways: the token at the centroid (what the product does) and the mean over 17
 points of the cell's disc (its area as a circle), an approximation of area weighting.
 
-The ceiling: the generator's noise-free expectation of each cell (``synthetic.expected_cell_counts``)
-scored against the measured counts per cell, and per square summed over the cells whose centroid
-lies in it; ``cell vs expected`` scores the predictions against that expectation. Usage:
+The ceiling, per cell: the generator's noise-free expectation of each cell
+(``synthetic.expected_cell_counts``) scored against its measured counts, the best any prediction
+can do against counts with Poisson noise; ``cell vs expected`` scores the predictions against that
+expectation. (No such ceiling per square: a square's measured counts also hold transcripts that
+lie outside their cell's token and extracellular ones, which the per-cell expectation does not
+place.) Usage:
 
     python benchmarks/bench_fine_maps.py [--workdir DIR] [--seeds 101 102 103 104 105] [--size-mm 2]
         [--variants early_fusion_add expr_only_token] [--token-losses poisson mse_log1p] [--jobs 2]
@@ -104,18 +107,6 @@ def cell_scores(explorer, token: np.ndarray, baseline: np.ndarray, expected: pd.
     return against_measured, {name: scores(values, truth, genes) for name, values in predicted.items()}
 
 
-def expected_token_counts(explorer, expected: pd.DataFrame, genes: list[str]) -> np.ndarray:
-    """(rows, cols, genes) the generator's expected counts of the cells whose centroid lies in each token."""
-    from napari_morphomol.analysis.cells import cell_tokens, read_xenium_cells
-
-    cells = read_xenium_cells(explorer.results.metadata["sample"]["xenium_dir"]).set_index("cell_id")
-    index = cell_tokens(explorer, cells.loc[expected.index, ["x_centroid", "y_centroid"]].to_numpy())
-    rows, cols = explorer.token_grid.shape
-    total = np.zeros((rows * cols, len(genes)))
-    np.add.at(total, index[index >= 0], expected[genes].to_numpy()[index >= 0])
-    return total.reshape(rows, cols, len(genes))
-
-
 def score_run(results_path: Path, truth_folder: Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """{level: {"token" | "tile" | "ceiling": metrics}} for one run against the measured counts,
     with "tile head @ tiles", "cell", and (given the synthetic sample's folder) "... vs expected":
@@ -129,15 +120,11 @@ def score_run(results_path: Path, truth_folder: Path | None = None) -> dict[str,
     token, baseline, measured = token_count_maps(explorer)
     covered, genes = explorer.token_grid.covered, results.measured_genes
     expected = None if truth_folder is None else expected_cell_counts(truth_folder, genes)
-    expected_map = None if expected is None else expected_token_counts(explorer, expected, genes)
     table = {}
     for side_um, k in SCALES_UM.items():
         truth = block_log1p(measured, covered, k)
-        entry = {name: scores(block_log1p(counts, covered, k), truth, genes)
-                 for name, counts in (("token", token), ("tile", baseline))}
-        if expected_map is not None:
-            entry["ceiling"] = scores(block_log1p(expected_map, covered, k), truth, genes)
-        table[f"{side_um} um"] = entry
+        table[f"{side_um} um"] = {name: scores(block_log1p(counts, covered, k), truth, genes)
+                                  for name, counts in (("token", token), ("tile", baseline))}
     table["tile head @ tiles"] = {"tile": scores(results.predictions[:, [results.addon_genes.index(g) for g in genes]],
                                                  results.measured_log1p, genes)}
     table["cell"], vs_expected = cell_scores(explorer, token, baseline, expected)

@@ -121,11 +121,11 @@ def test_a_moved_bundle_a_foreign_cells_table_and_an_old_run_are_clear_messages(
         read_xenium_cells(tmp_path / "other")
     old = tmp_path / "old.zarr"
     shutil.copytree(token_results_store, old)
-    shutil.rmtree(old / "measured_token_counts")  # a run made before measured counts per token were kept
+    shutil.rmtree(old / "token_maps" / "measured")  # a run made before measured token maps were stored
     group = zarr.open_group(old, mode="r")
-    assert "measured_token_counts" not in group
+    assert "measured" not in group["token_maps"]
     explorer = explore_run(old)
     gene = explorer.results.measured_genes[0]
     assert np.isfinite(explorer.token_map(gene, "predicted")).any()
-    with pytest.raises(InputError, match="holds no measured counts per token.*predict` again"):
+    with pytest.raises(InputError, match="holds no stitched measured token maps.*predict` again"):
         explorer.token_map(gene, "measured")

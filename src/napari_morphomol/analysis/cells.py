@@ -3,10 +3,11 @@
 A *cell* here is a segmented Xenium cell (``cells.parquet``: ``cell_id``, centroid in um,
 ``cell_area``). It takes the token (18.3 um for the paper's tiles) its centroid lies in, through
 the run's registration: ``um -> global px -> H&E px -> token``. Invariant: a cell's predicted
-count of a gene is the expected count of its token (the token map: the mean over the tiles
-covering the token of ``softplus`` of the add-on token head) scaled by the cell's area over the
-token's area, so a token covered by cells of the same size shares its expected count among them.
-``X`` holds ``log1p`` of that, the same transform as every other map.
+count of a gene is the expected count of its token (the stitched token map predict wrote: the
+mean over the tiles covering the token of ``softplus`` of the add-on token head, read one chunk
+block at a time) scaled by the cell's area over the token's area, so a token covered by cells
+of the same size shares its expected count among them. ``X`` holds ``log1p`` of that, the same
+transform as every other map.
 
 Cells whose centroid lies on no tile of the run (off tissue, outside a region) have no
 prediction and are left out; ``uns['morphomol_cells']`` says how many.
@@ -20,7 +21,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from napari_morphomol.analysis.gene_maps import require_token_head, token_head_log1p
+from napari_morphomol.analysis.gene_maps import require_token_head, token_map_image
 from napari_morphomol.analysis.run_explorer import RunExplorer
 from napari_morphomol.coords import apply_affine_xy
 from napari_morphomol.errors import InputError
@@ -128,8 +129,7 @@ def cells_anndata(explorer: RunExplorer, cells: pd.DataFrame | None = None) -> a
     tokens = cell_tokens(explorer, centroids)
     kept = tokens >= 0
     grid = explorer.token_grid
-    expected_log1p = token_head_log1p(results)  # (tiles, tokens, genes)
-    token_log1p = grid.token_mean[tokens[kept]] @ expected_log1p.reshape(-1, expected_log1p.shape[-1])
+    token_log1p = token_map_image(results, "predicted").at_tokens(*np.divmod(tokens[kept], grid.shape[1]))
     he_pixel_size_um = float(results.metadata["geometry_args"]["he_pixel_size_um"])
     token_area_um2 = (grid.token_he_px * he_pixel_size_um) ** 2
     area = cells["cell_area"].to_numpy(dtype=np.float64)[kept]

@@ -2,10 +2,12 @@
 
 Tiles are 2 x 2 stride squares (256 px at 0.5 um/px) and overlap by one stride, so a stride square
 is covered by up to four tiles: its value is their mean. A per-token output (one value per token
-of each tile, :class:`TokenGrid`) maps onto the token raster the same way: a token is covered by
-up to four tiles (14 tokens per tile, 7 per stride) and its value is their mean. Maps are (rows, cols) rasters over the
-whole H&E image, NaN where no tile covers a square. Tile-grid rasters (one pixel per tile, centred
-on the tile) carry per-tile labels such as clusters or a selection.
+of each tile, :class:`~napari_morphomol.tiling.stitching.TokenGrid`) maps onto the token raster
+the same way: a token is covered by up to four tiles (14 tokens per tile, 7 per stride) and its
+value is their mean; predict writes those maps into the results store (:func:`token_map_image`
+reads them). Maps are (rows, cols) rasters over the whole H&E image, NaN where no tile covers.
+Tile-grid rasters (one pixel per tile, centred on the tile) carry per-tile labels such as
+clusters or a selection.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import scipy.sparse as sp
 from napari_morphomol.coords import apply_affine_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference import Results
-from napari_morphomol.tiling import TileGeometry
+from napari_morphomol.inference.store import recorded_he_to_global
+from napari_morphomol.inference.token_maps import TokenMapImage
+from napari_morphomol.tiling import TileGeometry, TokenGrid
 
 _TILE_STRIDES = 2
 """A tile spans 2 x 2 stride squares (tile 512 px, stride 256 px)."""
@@ -26,11 +30,7 @@ _TILE_STRIDES = 2
 
 def results_he_to_global(results: Results) -> np.ndarray:
     """The run's H&E px -> ``global`` map as one 3 x 3 matrix (per-region fits: their best affine)."""
-    registration = results.metadata.get("registration") or {}
-    matrix = registration.get("matrix") or registration.get("best_affine")
-    if matrix is None:
-        raise InputError(f"{results.path} records no H&E -> Xenium registration matrix; run predict again")
-    return np.asarray(matrix, dtype=np.float64)
+    return recorded_he_to_global(results.metadata, results.path)
 
 
 @dataclass(frozen=True)
@@ -121,88 +121,10 @@ class StrideGrid:
         return found
 
 
-@dataclass(frozen=True)
-class TokenGrid:
-    """Where a run's tiles lie on the token raster, and the averaging that turns per-token outputs
-    (tiles, tokens) into one map at token resolution (18.3 um for the paper's model)."""
-
-    n_tiles: int
-    shape: tuple[int, int]
-    """(rows, cols) of the token raster."""
-    token_he_px: float
-    """Side of one token in native H&E px."""
-    he_to_global: np.ndarray
-    token_mean: sp.csr_matrix
-    """(raster tokens, tiles x tokens per tile): row k averages the tile tokens lying on raster token k."""
-    covered: np.ndarray
-    """(rows, cols) bool: raster tokens that some tile covers."""
-
-    @classmethod
-    def from_results(cls, results: Results) -> TokenGrid:
-        geometry = TileGeometry(**results.metadata["geometry_args"])
-        return cls.from_tiles(results.tiles["row"].to_numpy(), results.tiles["col"].to_numpy(), geometry,
-                              results_he_to_global(results))
-
-    @classmethod
-    def from_tiles(cls, rows, cols, geometry: TileGeometry, he_to_global: np.ndarray) -> TokenGrid:
-        rows = np.asarray(rows, dtype=np.int64)
-        cols = np.asarray(cols, dtype=np.int64)
-        n_rows, n_cols = geometry.raster_shape
-        s, t = geometry.stride_tokens, geometry.tokens_per_side
-        if len(rows) and (rows.min() < 0 or cols.min() < 0 or s * rows.max() + t > n_rows
-                          or s * cols.max() + t > n_cols):
-            raise InputError(f"tiles reach outside the token raster {(n_rows, n_cols)}; the results and the "
-                             "geometry disagree")
-        a, b = np.divmod(np.arange(t * t), t)  # token (a, b) of a tile, row-major like the model's tokens
-        raster_rows = (s * rows[:, None] + a[None, :]).ravel()
-        raster_cols = (s * cols[:, None] + b[None, :]).ravel()
-        cover = sp.csr_matrix((np.ones(len(raster_rows)), (raster_rows * n_cols + raster_cols,
-                                                          np.arange(len(raster_rows)))),
-                              shape=(n_rows * n_cols, len(rows) * t * t))
-        counts = np.asarray(cover.sum(axis=1)).ravel()
-        with np.errstate(divide="ignore"):
-            weights = np.where(counts > 0, 1.0 / counts, 0.0)
-        token_mean = (sp.diags(weights) @ cover).tocsr().astype(np.float32)
-        return cls(len(rows), (n_rows, n_cols), 1.0 / geometry.tokens_per_he_px,
-                   np.asarray(he_to_global, np.float64), token_mean, (counts > 0).reshape(n_rows, n_cols))
-
-    def token_map(self, token_values: np.ndarray) -> np.ndarray:
-        """(tiles, tokens) values -> (rows, cols) float32 raster of their means, NaN where no tile is.
-
-        Parameters
-        ----------
-        token_values
-            One value per token of each tile, tokens row-major (one gene of a token-level output).
-
-        Returns
-        -------
-        numpy.ndarray
-            The token-resolution map; place it with :meth:`token_pixel_to_global`.
-        """
-        values = np.asarray(token_values, dtype=np.float32)
-        if values.ndim != 2 or values.shape[0] != self.n_tiles or values.shape[0] * values.shape[1] != \
-                self.token_mean.shape[1]:
-            raise InputError(f"expected (tiles, tokens) = ({self.n_tiles}, "
-                             f"{self.token_mean.shape[1] // max(self.n_tiles, 1)}) values, got shape {values.shape}")
-        raster = (self.token_mean @ values.ravel()).reshape(self.shape)
-        raster[~self.covered] = np.nan
-        return raster
-
-    def token_stack(self, token_values: np.ndarray) -> np.ndarray:
-        """(tiles, tokens, width) values -> (rows, cols, width) float32 maps, one per column, as
-        :meth:`token_map` makes each (NaN where no tile is)."""
-        values = np.asarray(token_values, dtype=np.float32)
-        if values.ndim != 3 or values.shape[0] * values.shape[1] != self.token_mean.shape[1]:
-            raise InputError(f"expected (tiles, tokens, width) with {self.n_tiles} tiles, got shape {values.shape}")
-        stack = np.asarray(self.token_mean @ values.reshape(-1, values.shape[2]), dtype=np.float32)
-        stack = stack.reshape(*self.shape, values.shape[2])
-        stack[~self.covered] = np.nan
-        return stack
-
-    def token_pixel_to_global(self) -> np.ndarray:
-        """Token raster pixel (x, y) -> ``global``: the pixel's centre is its token's centre."""
-        s = self.token_he_px
-        return self.he_to_global @ np.array([[s, 0.0, s / 2], [0.0, s, s / 2], [0.0, 0.0, 1.0]])
+def run_token_grid(results: Results) -> TokenGrid:
+    """Where a run's tiles lie on the token raster (:class:`~napari_morphomol.tiling.stitching.TokenGrid`)."""
+    return TokenGrid.from_tiles(results.tiles["row"].to_numpy(), results.tiles["col"].to_numpy(),
+                                TileGeometry(**results.metadata["geometry_args"]), results_he_to_global(results))
 
 
 def require_token_head(results: Results, what: str) -> None:
@@ -214,23 +136,25 @@ def require_token_head(results: Results, what: str) -> None:
                          f"it has no {what}: train one with `morphomol train --token-head poisson`")
 
 
-def token_head_log1p(results: Results, genes=slice(None)) -> np.ndarray:
+def token_head_log1p(results: Results, genes=slice(None), tiles=slice(None)) -> np.ndarray:
     """The add-on token head's expected log1p counts, ``softplus`` of its log rate: (tiles, tokens,
-    genes) for a slice or list of add-on gene columns, (tiles, tokens) for one column."""
-    from napari_morphomol.models.config import ADDON_TOKEN_HEAD
+    genes) for a slice or list of add-on gene columns, (tiles, tokens) for one column; ``tiles``
+    (a slice or one results row) reads only those tiles."""
+    from napari_morphomol.models.config import ADDON_TOKEN_HEAD, addon_token_log1p
 
     require_token_head(results, "token maps")
-    return np.logaddexp(0.0, results.output(ADDON_TOKEN_HEAD)[:, :, genes])
+    output = results.output(ADDON_TOKEN_HEAD)
+    return addon_token_log1p(np.asarray(output.oindex[tiles, :, genes] if hasattr(output, "oindex")
+                                        else output[tiles, :, genes]))
 
 
-def measured_token_log1p(results: Results, grid: TokenGrid, genes=slice(None)) -> np.ndarray:
-    """log1p of the sample's measured counts per token on ``grid``'s raster, NaN where no tile is:
-    (rows, cols, genes) for a slice or list of measured gene columns, (rows, cols) for one."""
-    counts = results.measured_token_counts
-    if counts is None:
-        raise InputError(f"{results.path} holds no measured counts per token (it was made before they were "
-                         "stored); run `morphomol predict` again for measured token maps")
-    rows, cols = grid.shape
-    raster = np.log1p(np.asarray(counts[:rows, :cols, genes], dtype=np.float32))
-    raster[~grid.covered] = np.nan
-    return raster
+def token_map_image(results: Results, kind: str) -> TokenMapImage:
+    """The run's stitched token maps of ``kind`` ("predicted" or "measured"), read lazily; InputError
+    saying what to do when the run has none of that kind."""
+    require_token_head(results, "token maps")
+    if kind not in results.token_maps:
+        if kind == "measured" and not results.measured_genes:
+            raise InputError("this sample measured none of the add-on genes: only predicted token maps exist")
+        raise InputError(f"{results.path} holds no stitched {kind} token maps (it was made before they were stored); "
+                         "run `morphomol predict` again (with --overwrite) for token maps")
+    return results.token_maps[kind]

@@ -14,18 +14,19 @@ from napari_morphomol.analysis.clusters import PAPER_N_PCS, PAPER_RESOLUTIONS, a
 from napari_morphomol.analysis.gene_maps import (
     StrideGrid,
     TokenGrid,
-    measured_token_log1p,
-    require_token_head,
+    run_token_grid,
     token_head_log1p,
+    token_map_image,
 )
 from napari_morphomol.analysis.tiles_anndata import gene_metrics, tiles_anndata
 from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference import Results, open_results
+from napari_morphomol.inference.token_maps import TOKEN_MAP_UNITS
 
 MAP_KINDS = ("predicted", "measured", "residual")
 EXPRESSION_UNITS = "log1p counts per tile"
-TOKEN_EXPRESSION_UNITS = "log1p counts per token"
+TOKEN_EXPRESSION_UNITS = TOKEN_MAP_UNITS
 
 
 @dataclass
@@ -52,13 +53,14 @@ class RunExplorer:
     def token_grid(self) -> TokenGrid:
         """Where the run's tiles lie on the token raster (built on first use)."""
         if self._token_grid is None:
-            self._token_grid = TokenGrid.from_results(self.results)
+            self._token_grid = run_token_grid(self.results)
         return self._token_grid
 
     def token_map(self, gene: str, kind: str = "predicted") -> np.ndarray:
         """(token rows, token cols) float32 map of ``gene`` at token resolution, log1p counts per
         token (NaN where no tile is): predicted (the mean over the up to four tiles covering each
-        token of ``softplus`` of the token head), measured, or residual; cached per gene and kind.
+        token of ``softplus`` of the token head), measured, or residual, read from the stitched
+        maps predict wrote (one gene's plane); cached per gene and kind.
 
         Parameters
         ----------
@@ -74,18 +76,15 @@ class RunExplorer:
         """
         if kind not in MAP_KINDS:
             raise InputError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
-        require_token_head(self.results, "token maps")
+        self._column(gene)
         key = ("token", gene, kind)
         if key not in self._maps:
-            if kind == "predicted":
-                self._maps[key] = self.token_grid.token_map(token_head_log1p(self.results, self._column(gene)))
-            elif kind == "measured":
-                if not self.is_measured(gene):
-                    raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
-                self._maps[key] = measured_token_log1p(self.results, self.token_grid,
-                                                       self.results.measured_genes.index(gene))
-            else:
+            if kind == "residual":
                 self._maps[key] = self.token_map(gene, "measured") - self.token_map(gene, "predicted")
+            elif kind == "measured" and not self.is_measured(gene):
+                raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
+            else:
+                self._maps[key] = token_map_image(self.results, kind).plane(gene)
         return self._maps[key]
 
     def tile_token_map(self, tile: int, gene: str) -> np.ndarray:
@@ -93,7 +92,7 @@ class RunExplorer:
         tile (results row ``tile``), rows of tokens top to bottom as in the H&E tile."""
         if not 0 <= tile < self.adata.n_obs:
             raise InputError(f"tile {tile} is not in this run (0..{self.adata.n_obs - 1})")
-        values = token_head_log1p(self.results, self._column(gene))[tile]
+        values = token_head_log1p(self.results, self._column(gene), tile)
         side = int(round(np.sqrt(values.size)))
         return values.reshape(side, side).astype(np.float32)
 

@@ -21,7 +21,7 @@ from napari_morphomol.export.spatialdata import (
     gene_map_image,
     results_to_spatialdata,
     tile_shapes,
-    token_map_image,
+    token_map_element,
 )
 from napari_morphomol.export.writers import (
     LANDMARK_FORMATS,
@@ -46,7 +46,7 @@ __all__ = [
     "results_to_spatialdata",
     "gene_map_image",
     "tile_shapes",
-    "token_map_image",
+    "token_map_element",
     "write_h5ad",
     "write_landmarks_csv",
     "write_spatialdata_zarr",

@@ -30,7 +30,7 @@ from spatialdata.models import Image2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Affine, Identity, set_transformation
 
 from napari_morphomol.analysis import StrideGrid, TokenGrid
-from napari_morphomol.analysis.gene_maps import measured_token_log1p, token_head_log1p
+from napari_morphomol.analysis.gene_maps import run_token_grid, token_map_image
 from napari_morphomol.coords import GLOBAL, scale_matrix
 from napari_morphomol.elements import HE_IMAGE, SAMPLE_ATTRS_KEY
 from napari_morphomol.errors import InputError
@@ -67,17 +67,20 @@ def open_run_sample(results: Results) -> SpatialData:
 
 
 def _token_map_images(results: Results) -> dict:
-    """The predicted (and measured) token maps of a token-head run, or nothing."""
+    """The stitched predicted (and measured) token maps of a token-head run, read lazily from its
+    store, or nothing for a tile-only model."""
+    import dask.array as da
+
     from napari_morphomol.models.config import ADDON_TOKEN_HEAD
 
     if ADDON_TOKEN_HEAD not in results.outputs:
         return {}
-    grid = TokenGrid.from_results(results)
-    images = {PREDICTED_TOKEN_IMAGE: token_map_image(grid.token_stack(token_head_log1p(results)), results.addon_genes,
-                                                     grid)}
-    if results.measured_token_counts is not None:
-        images[MEASURED_TOKEN_IMAGE] = token_map_image(measured_token_log1p(results, grid), results.measured_genes,
-                                                       grid)
+    grid = run_token_grid(results)
+    images = {}
+    for name, kind in ((PREDICTED_TOKEN_IMAGE, "predicted"), (MEASURED_TOKEN_IMAGE, "measured")):
+        if kind == "predicted" or results.measured_genes:
+            image = token_map_image(results, kind)
+            images[name] = token_map_element(da.from_zarr(image.levels[0]), image.genes, grid)
     return images
 
 
@@ -107,8 +110,8 @@ def gene_map_image(values: np.ndarray, genes: list[str], grid: StrideGrid):
     return Image2DModel.parse(stack, dims=("c", "y", "x"), c_coords=list(genes), transformations={GLOBAL: affine})
 
 
-def token_map_image(stack: np.ndarray, genes: list[str], grid: TokenGrid):
-    """(rows, cols, genes) token maps -> a (genes, rows, cols) multiscale image placed in ``global``
+def token_map_element(stack, genes: list[str], grid: TokenGrid):
+    """(genes, rows, cols) token maps (a lazy array) -> a multiscale image placed in ``global``
     (pixel ``i`` covers tokens ``[i, i + 1)``, as :func:`gene_map_image`), chunked per gene."""
     factors, side = [], min(grid.shape)
     while side >= 256:  # halve down to about 128 tokens a side
@@ -116,9 +119,8 @@ def token_map_image(stack: np.ndarray, genes: list[str], grid: TokenGrid):
         side //= 2
     to_global = grid.he_to_global @ scale_matrix(grid.token_he_px)
     affine = Affine(to_global, input_axes=("x", "y"), output_axes=("x", "y"))
-    return Image2DModel.parse(np.moveaxis(stack, -1, 0), dims=("c", "y", "x"), c_coords=list(genes),
-                              transformations={GLOBAL: affine}, scale_factors=factors or None,
-                              chunks=(1, TOKEN_IMAGE_CHUNK, TOKEN_IMAGE_CHUNK))
+    return Image2DModel.parse(stack, dims=("c", "y", "x"), c_coords=list(genes), transformations={GLOBAL: affine},
+                              scale_factors=factors or None, chunks=(1, TOKEN_IMAGE_CHUNK, TOKEN_IMAGE_CHUNK))
 
 
 def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialData | None = None) -> SpatialData:

@@ -14,7 +14,7 @@ A call goes in three steps, after every check of :mod:`.checks` (nothing is writ
    unfinished chunk on the scheduler (:mod:`.scheduling`): threads (default), processes or a
    dask.distributed cluster. Tasks write their rows straight into the store; the caller only
    watches the done-mask for progress and cancellation, and finalises the store when every chunk
-   is done.
+   is done, after writing the stitched token maps (:mod:`.token_maps`) of a token-head model.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from napari_morphomol.inference.store import (
     run_lock,
     update_attrs,
 )
+from napari_morphomol.inference.token_maps import write_token_maps
 from napari_morphomol.inference.worker import InferenceCancelled, RunSpec, calibrate, card_output_specs, forget_run
 
 
@@ -456,6 +457,9 @@ def _run(partial: Path, final: Path, attrs: dict, inputs: _Inputs, options: Pred
         update_attrs(partial, {"segments": [*segments, segment], "warnings": run_warnings})
         raise
     record.timings["inference_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    token_maps = write_token_maps(zarr.open_group(partial, mode="r+"), attrs)
+    record.timings["token_maps_s"] = time.perf_counter() - tick
     segment.update(
         status="complete", finished_at=_now(), chunks_run=len(pending),
         tiles_run=int(sum(r["tiles"] for r in records)), devices=sorted({r["device"] for r in records}),
@@ -464,7 +468,7 @@ def _run(partial: Path, final: Path, attrs: dict, inputs: _Inputs, options: Pred
     )
     forget_run(str(partial))
     return finalise_store(partial, final, {"segments": [*segments, segment], "finished_at": segment["finished_at"],
-                                           "warnings": run_warnings})
+                                           "warnings": run_warnings, "token_maps": token_maps})
 
 
 def _calibrate(partial: Path, spec: RunSpec, options: PredictOptions, scheduler: Scheduler,

@@ -17,6 +17,9 @@ Layout (zarr v3 group; ``K`` = tiles per chunk):
   then also ``measured_token_counts`` (token rows, token cols, measured add-on genes) uint32, the
   sample's add-on counts per token of the token raster (a tile's window sums to its row of
   ``measured_counts``; absent from runs made before it existed).
+- ``token_maps/{predicted,measured}/<level>`` (genes, token rows, token cols) float32: the
+  stitched token maps of a model with the add-on token head, written when every chunk is done
+  (see :mod:`.token_maps`).
 - ``done`` (chunks,) bool, one zarr chunk per element: set after the chunk's rows are written.
 - ``chunk_seconds`` (chunks,) float64: wall time of each chunk's task.
 
@@ -44,7 +47,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +65,10 @@ RESULTS_LAYER_KEY = "morphomol_results"
 """napari layer metadata key holding the path of the results store the layer shows."""
 CANCEL_MARKER = ".cancel"
 """Token rows (and columns) per zarr chunk of ``inputs/tokens``."""
-_STORE_ENTRIES = {"zarr.json", "tiles", "measured_counts", "measured_token_counts", "done", "chunk_seconds", "inputs",
-                  CANCEL_MARKER}
+TOKEN_MAPS = "token_maps"
+"""The group of stitched token maps (:mod:`.token_maps`)."""
+_STORE_ENTRIES = {"zarr.json", "tiles", "measured_counts", "measured_token_counts", TOKEN_MAPS, "done", "chunk_seconds",
+                  "inputs", CANCEL_MARKER}
 """Every name a results store of ours holds at its top level besides its outputs (no output takes one)."""
 
 
@@ -253,6 +258,16 @@ def create_partial_store(path: Path, *, tiles: pd.DataFrame, tiles_per_chunk: in
     return root
 
 
+def recorded_he_to_global(attrs: dict, where) -> np.ndarray:
+    """The run's H&E px -> ``global`` map as one 3 x 3 matrix (per-region fits: their best affine),
+    from its ``morphomol_results`` attributes; ``where`` names the store in the error."""
+    registration = attrs.get("registration") or {}
+    matrix = registration.get("matrix") or registration.get("best_affine")
+    if matrix is None:
+        raise InputError(f"{where} records no H&E -> Xenium registration matrix; run predict again")
+    return np.asarray(matrix, dtype=np.float64)
+
+
 def read_attrs(path: Path) -> dict:
     """The ``morphomol_results`` attributes of the store at ``path``; InputError when it is none."""
     try:
@@ -306,7 +321,8 @@ class Results:
     addon_genes: list[str]
     outputs: dict[str, np.ndarray]
     """One float32 array per output the model declared, by name, in the order of ``metadata['outputs']``:
-    (tiles, width) for a tile-level output, (tiles, tokens, width) for a token-level one."""
+    (tiles, width) for a tile-level output, (tiles, tokens, width) for a token-level one (read
+    lazily: a zarr array, since it holds 196 values a tile)."""
     measured_genes: list[str]
     """The add-on genes the sample measured (a subset of ``addon_genes``, same order)."""
     measured_counts: np.ndarray | None
@@ -315,6 +331,9 @@ class Results:
     measured_token_counts: zarr.Array | None = None
     """(token rows, token cols, measured genes) uint32 measured add-on counts per token, read lazily;
     None when nothing was measured (or for runs made before it was stored)."""
+    token_maps: dict = field(default_factory=dict)
+    """The stitched token maps by kind ("predicted", "measured"), ``token_maps.TokenMapImage``
+    read lazily; empty for a tile-only model (or a run made before they were stored)."""
 
     def output(self, name: str) -> np.ndarray:
         """The array of the output ``name``; InputError naming the outputs this run holds."""
@@ -356,11 +375,14 @@ def results_from_group(path: Path, root: zarr.Group, attrs: dict) -> Results:
     """The arrays of a results store (finished or partial: unfinished rows are NaN) as :class:`Results`."""
     table = root["tiles"]
     tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
-    outputs = {record["name"]: root[record["name"]][:] for record in attrs["outputs"]}
+    from napari_morphomol.inference.token_maps import read_token_maps
+
+    outputs = {record["name"]: root[record["name"]] if record["level"] == "token" else root[record["name"]][:]
+               for record in attrs["outputs"]}
     measured = root["measured_counts"][:] if "measured_counts" in root else None
     measured_tokens = root["measured_token_counts"] if "measured_token_counts" in root else None
     return Results(path, tiles, list(attrs["addon_genes"]), outputs, list(attrs["measured_genes"]), measured, attrs,
-                   measured_tokens)
+                   measured_tokens, read_token_maps(root))
 
 
 def open_results(path: str | Path) -> Results:

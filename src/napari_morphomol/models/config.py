@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from napari_morphomol.errors import InputError
 from napari_morphomol.tiling.geometry import TileSpec
 
@@ -127,12 +129,18 @@ ARCHITECTURE_LIMITS: dict[str, tuple[float, float]] = {
 #: How a model output may be named (it names an array of the results store), and the names taken:
 #: the tile outputs every model has and the results store's own entries.
 OUTPUT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
-RESERVED_OUTPUT_NAMES = frozenset({"predictions", "embeddings", "tiles", "measured_counts", "done", "chunk_seconds",
-                                   "inputs"})
+RESERVED_OUTPUT_NAMES = frozenset({"predictions", "embeddings", "tiles", "measured_counts", "measured_token_counts",
+                                   "token_maps", "done", "chunk_seconds", "inputs"})
 ADDON_TOKEN_HEAD = "addon_tokens"
 """The token head that predicts the add-on panel per token (width ``n_addon_genes``), trained on
 the tiles store's per-token add-on counts. Its output is a log rate per token and gene: the
 expected log1p count of a token is ``softplus(output)`` = log1p(exp(output)) whatever the loss."""
+
+
+def addon_token_log1p(log_rate: np.ndarray) -> np.ndarray:
+    """The expected log1p counts of the add-on token head's output: ``softplus(log_rate)``."""
+    return np.logaddexp(0.0, log_rate)
+
 #: Tokens per tile, (img_size / patch_px) squared: 196 in the paper, 1369 for a ViT/14 at 518 px.
 MAX_TOKENS_PER_TILE = 4096
 #: Parameters of the whole model: ViT-L/16 has 0.3e9, ViT-g/14 1.0e9 (8 GB of float32).

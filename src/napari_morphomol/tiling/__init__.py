@@ -5,7 +5,8 @@ cut, and :class:`TileGeometry`, a spec over one H&E image: one token grid shared
 and resized image pixels). Entry points: :func:`tile_sample` (a loaded sample) and
 :func:`make_tiling` (plain arrays and dataframes), both with :class:`TilingOptions`;
 :class:`LevelSampler` cuts the H&E tiles;
-:func:`write_tiles_zarr` / :func:`read_tiles_zarr` store the result.
+:func:`write_tiles_zarr` / :func:`read_tiles_zarr` store the result; :class:`TokenGrid`
+(:mod:`.stitching`) stitches per-tile token values into one token-resolution map.
 """
 
 from napari_morphomol.tiling.geometry import TileGeometry, TileSpec, pick_pyramid_level
@@ -18,6 +19,7 @@ from napari_morphomol.tiling.pipeline import (
     make_tiling,
     tile_sample,
 )
+from napari_morphomol.tiling.stitching import TokenGrid
 from napari_morphomol.tiling.store import TILES_STORE, TilesStore, read_tiles_zarr, write_tiles_zarr
 from napari_morphomol.tiling.transcripts import (
     TokenMapping,
@@ -28,6 +30,7 @@ from napari_morphomol.tiling.transcripts import (
 )
 
 __all__ = [
+    "TokenGrid",
     "TokenMapping",
     "GenePanel",
     "LevelSampler",
