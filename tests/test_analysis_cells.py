@@ -107,6 +107,23 @@ def test_spatialdata_export_holds_the_token_maps(token_results_store, tmp_path):
         placed = get_transformation(sdata.images[name], "global").to_affine_matrix(("x", "y"), ("x", "y"))
         grid = explorer.token_grid
         np.testing.assert_allclose(placed, grid.he_to_global @ np.diag([grid.token_he_px, grid.token_he_px, 1.0]))
+    # the cells table annotates the Xenium cell labels, which lie in global px as the DAPI image
+    from napari_morphomol.export import CELL_LABELS, CELL_TABLE
+
+    table = sdata.tables[CELL_TABLE]
+    assert table.uns["spatialdata_attrs"]["region"] == CELL_LABELS
+    assert table.uns["spatialdata_attrs"]["instance_key"] == "label_id"
+    labels = sdata.labels[CELL_LABELS]
+    mask = labels["scale0"]["image"] if hasattr(labels, "children") and labels.children else labels
+    corner = np.asarray(mask[:300, :300])
+    present = set(np.unique(corner).tolist()) - {0}
+    assert present and present <= set(range(1, len(read_xenium_cells(explorer.results.metadata["sample"]["xenium_dir"]))
+                                            + 1))
+    assert present & set(table.obs["label_id"].tolist())
+    cells = explorer.cells
+    np.testing.assert_allclose(table[cells.obs_names].X, cells.X, rtol=1e-6)
+    assert get_transformation(sdata.labels[CELL_LABELS], "global").to_affine_matrix(("x", "y"), ("x", "y")).tolist() \
+        == np.eye(3).tolist()
 
 
 def test_a_moved_bundle_a_foreign_cells_table_and_an_old_run_are_clear_messages(tmp_path, token_results_store):

@@ -260,3 +260,73 @@ def test_a_tile_only_run_offers_no_token_maps_and_says_why(opened, monkeypatch):
     assert widget.shown_resolution == "tile" and shown and "--token-head" in shown[0]
     centre = widget.explorer.results.tiles[["um_x", "um_y"]].to_numpy()[0]
     assert widget.inspect_at_um(*centre) == 0 and widget.inspector_tokens.pixmap().isNull()
+
+
+def test_cell_resolution_colours_every_cell_by_the_gene(make_napari_viewer, qtbot, token_results_store):
+    """Choosing "cell" in the box makes the map layers multiscale images of the Xenium cell label
+    mask, each cell coloured by its predicted (or measured) value; a gene switch recolours them."""
+    viewer = make_napari_viewer()
+    widget = open_run(viewer, qtbot, token_results_store)
+    explorer = widget.explorer
+    cell_item = widget.resolution.model().item(widget.resolution.findData("cell"))
+    assert cell_item.isEnabled() and cell_item.toolTip() == ""
+    gene = explorer.results.measured_genes[0]
+    widget.show_gene(gene)
+    widget.resolution.setCurrentIndex(widget.resolution.findData("cell"))
+    predicted = viewer.layers[PREDICTED_LAYER]
+    assert widget.shown_resolution == "cell" and predicted.multiscale and predicted.metadata["resolution"] == "cell"
+    assert "per cell" in viewer.canvas.overlays.text.text
+    np.testing.assert_allclose(predicted.affine.affine_matrix, map_affine_um(explorer, "cell"))
+    cells = explorer.cells
+    labels = np.asarray(explorer.cell_labels[0][:400, :400])
+    shown = np.asarray(predicted.data[0][:400, :400])
+    value_of = dict(zip(cells.obs["label_id"], cells[:, gene].X.ravel(), strict=True))
+    some = [label for label in np.unique(labels) if label in value_of][:20]
+    assert some, "the corner holds cells of the run"
+    for label in some:
+        np.testing.assert_allclose(shown[labels == label], value_of[label], rtol=1e-6)
+    assert np.isnan(shown[labels == 0]).all()
+    low, high = predicted.contrast_limits
+    assert low < high
+    other = explorer.genes[5]
+    widget.show_gene(other)
+    assert viewer.layers[PREDICTED_LAYER] is predicted
+    value_of = dict(zip(cells.obs["label_id"], cells[:, other].X.ravel(), strict=True))
+    np.testing.assert_allclose(np.asarray(predicted.data[0][:400, :400])[labels == some[0]], value_of[some[0]],
+                               rtol=1e-6)
+    viewer.layers[MEASURED_LAYER].visible = True
+    measured = np.asarray(viewer.layers[MEASURED_LAYER].data[-1])
+    assert viewer.layers[MEASURED_LAYER].multiscale and measured.dtype == np.float32
+    widget.resolution.setCurrentIndex(widget.resolution.findData("tile"))
+    predicted = viewer.layers[PREDICTED_LAYER]
+    assert not predicted.multiscale
+    np.testing.assert_array_equal(predicted.data, explorer.gene_map(other, "predicted"))
+
+
+def test_a_run_without_cell_segmentation_says_so_and_keeps_the_other_maps(make_napari_viewer, qtbot, monkeypatch,
+                                                                          token_results_store, tmp_path):
+    import shutil
+
+    import zarr
+
+    from napari_morphomol.inference.store import ATTRS_KEY
+
+    sample = zarr.open_group(token_results_store, mode="r").attrs[ATTRS_KEY]["sample"]
+    bundle = tmp_path / "xenium"
+    shutil.copytree(sample["xenium_dir"], bundle)
+    (bundle / "cells.zarr.zip").unlink()  # segmented cells, but no label mask
+    store = tmp_path / "run.zarr"
+    shutil.copytree(token_results_store, store)
+    root = zarr.open_group(store, mode="r+")
+    root.attrs[ATTRS_KEY] = {**dict(root.attrs[ATTRS_KEY]), "sample": {**sample, "xenium_dir": str(bundle)}}
+    viewer = make_napari_viewer()
+    widget = open_run(viewer, qtbot, store)
+    cell_item = widget.resolution.model().item(widget.resolution.findData("cell"))
+    assert not cell_item.isEnabled() and "no cells.zarr.zip" in cell_item.toolTip()
+    shown = []
+    monkeypatch.setattr("napari_morphomol.widgets.explore.show_info", shown.append)
+    widget.set_resolution("cell")
+    assert widget.shown_resolution == "tile" and shown and "no cell view" in shown[0]
+    widget.set_resolution("token")
+    assert widget.shown_resolution == "token"
+    assert np.isfinite(viewer.layers[PREDICTED_LAYER].data).any()

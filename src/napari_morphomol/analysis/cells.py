@@ -27,6 +27,10 @@ from napari_morphomol.coords import apply_affine_xy
 from napari_morphomol.errors import InputError
 
 CELL_UNITS = "log1p predicted counts per cell"
+CELL_MASK = "masks/1"
+"""The cell label image of ``cells.zarr.zip`` (``masks/0`` is the nuclei), in ``global`` px."""
+COARSEST_LABEL_SIDE_PX = 2048
+"""The cell view's label pyramid halves (nearest label) until its longer side is at most this."""
 CELL_COLUMNS = ("cell_id", "x_centroid", "y_centroid", "cell_area")
 METHOD = "token at the cell centroid, its expected count scaled by cell area / token area"
 
@@ -60,6 +64,42 @@ def read_xenium_cells(xenium_dir: str | Path) -> pd.DataFrame:
     cells = cells[list(CELL_COLUMNS)].copy()
     cells["cell_id"] = cells["cell_id"].astype(str)
     return cells.reset_index(drop=True)
+
+
+def cell_label_ids(xenium_dir: str | Path, cells: pd.DataFrame) -> np.ndarray:
+    """The value of each cell (rows of ``cells``) in the cell label mask: ``label_id`` of
+    ``cell_boundaries.parquet``, or row + 1 (Xenium's order) when the bundle has no boundaries."""
+    path = Path(xenium_dir) / "cell_boundaries.parquet"
+    if not path.is_file():
+        return np.arange(1, len(cells) + 1, dtype=np.int64)
+    labels = pd.read_parquet(path, columns=["cell_id", "label_id"]).drop_duplicates("cell_id")
+    found = pd.Series(labels["label_id"].to_numpy(), index=labels["cell_id"].astype(str)).reindex(cells["cell_id"])
+    if found.isna().any():
+        raise InputError(f"{int(found.isna().sum())} cells of cells.parquet have no label in {path}; the two files "
+                         "are not of one run")
+    return found.to_numpy(dtype=np.int64)
+
+
+def cell_label_levels(xenium_dir: str | Path) -> list:
+    """The run's cell label mask (``cells.zarr.zip``, ``global`` px) as lazy dask levels, finest
+    first, each halving the last by taking every second pixel (labels are never averaged)."""
+    import dask.array as da
+    import zarr
+    from zarr.storage import ZipStore
+
+    path = Path(xenium_dir) / "cells.zarr.zip"
+    if not path.is_file():
+        raise InputError(f"{Path(xenium_dir)} has no cells.zarr.zip: this run has no cell label mask, so there is no "
+                         "cell view; the tile and token maps and the cells table work without it")
+    try:
+        mask = zarr.open_group(ZipStore(path, mode="r"), mode="r")[CELL_MASK]
+    except (KeyError, OSError, ValueError) as exc:
+        raise InputError(f"{path} holds no cell mask {CELL_MASK!r} ({type(exc).__name__}: {exc}); re-export the run "
+                         "from the instrument or Xenium Ranger") from exc
+    levels = [da.from_zarr(mask)]
+    while max(levels[-1].shape) > COARSEST_LABEL_SIDE_PX:
+        levels.append(levels[-1][::2, ::2])
+    return levels
 
 
 def measured_cell_counts(xenium_dir: str | Path, genes: list[str], cell_ids: pd.Index) -> np.ndarray | None:
@@ -113,7 +153,8 @@ def cells_anndata(explorer: RunExplorer, cells: pd.DataFrame | None = None) -> a
     Returns
     -------
     anndata.AnnData
-        obs indexed by Xenium ``cell_id`` (with ``cell_area``, ``token``), obsm['spatial'] the
+        obs indexed by Xenium ``cell_id`` (with ``cell_area``, ``token`` and, from the run's
+        bundle, ``label_id``: the cell's value in the cell label mask), obsm['spatial'] the
         centroids in um (x, y), X the predicted add-on expression (:data:`CELL_UNITS`),
         layers['measured'] log1p of the measured counts (NaN for genes the sample did not
         measure) and var['measured'], when the bundle has its cell-feature matrix.
@@ -136,6 +177,8 @@ def cells_anndata(explorer: RunExplorer, cells: pd.DataFrame | None = None) -> a
     predicted = np.log1p(np.expm1(np.asarray(token_log1p, dtype=np.float64)) * (area / token_area_um2)[:, None])
     obs = pd.DataFrame({"cell_area": area, "token": tokens[kept]},
                        index=pd.Index(cells["cell_id"].to_numpy()[kept].astype(str), name="cell_id"))
+    if xenium_dir is not None and Path(xenium_dir).is_dir():
+        obs["label_id"] = cell_label_ids(xenium_dir, cells)[kept]
     adata = ad.AnnData(X=predicted.astype(np.float32), obs=obs,
                        var=pd.DataFrame(index=pd.Index(results.addon_genes, name="gene")))
     adata.obsm["spatial"] = centroids[kept]

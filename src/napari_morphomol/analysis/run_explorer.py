@@ -14,6 +14,7 @@ from napari_morphomol.analysis.clusters import PAPER_N_PCS, PAPER_RESOLUTIONS, a
 from napari_morphomol.analysis.gene_maps import (
     StrideGrid,
     TokenGrid,
+    require_token_head,
     run_token_grid,
     token_head_log1p,
     token_map_image,
@@ -41,6 +42,8 @@ class RunExplorer:
     xenium_pixel_size_um: float
     _maps: dict = field(default_factory=dict, repr=False)
     _token_grid: TokenGrid | None = field(default=None, repr=False)
+    _cells: ad.AnnData | None = field(default=None, repr=False)
+    _cell_labels: list | None = field(default=None, repr=False)
 
     @property
     def has_token_maps(self) -> bool:
@@ -86,6 +89,74 @@ class RunExplorer:
             else:
                 self._maps[key] = token_map_image(self.results, kind).plane(gene)
         return self._maps[key]
+
+    @property
+    def cells(self) -> ad.AnnData:
+        """The run's predictions per Xenium cell (``analysis.cells_anndata``), built on first use."""
+        if self._cells is None:
+            from napari_morphomol.analysis.cells import cells_anndata
+
+            self._cells = cells_anndata(self)
+        return self._cells
+
+    def cell_view_refusal(self) -> str | None:
+        """Why this run has no cell view (the core's refusal, saying what to do), or None when it has one."""
+        from napari_morphomol.analysis.cells import cell_label_levels, read_xenium_cells
+
+        if "cell_view_refusal" not in self._maps:
+            try:
+                require_token_head(self.results, "cell view")
+                xenium_dir = (self.results.metadata.get("sample") or {}).get("xenium_dir")
+                if xenium_dir is None:
+                    raise InputError(f"the run in {self.results.path} records no Xenium folder, so it has no cells")
+                read_xenium_cells(xenium_dir)
+                self._cell_labels = cell_label_levels(xenium_dir) if self._cell_labels is None else self._cell_labels
+                self._maps["cell_view_refusal"] = None
+            except InputError as exc:
+                self._maps["cell_view_refusal"] = str(exc)
+        return self._maps["cell_view_refusal"]
+
+    @property
+    def cell_labels(self) -> list:
+        """The run's cell label mask as lazy dask levels in ``global`` px, finest first
+        (``analysis.cells.cell_label_levels``); InputError saying why when there is no cell view."""
+        refusal = self.cell_view_refusal()
+        if refusal is not None:
+            raise InputError(refusal)
+        return self._cell_labels
+
+    def cell_label_values(self, gene: str, kind: str = "predicted") -> np.ndarray:
+        """(largest label + 2,) float32: the value of ``gene`` per cell label, log1p counts per cell
+        (predicted, measured or residual), NaN for the background (0), for cells off the run's
+        tiles and at the last index (any label the table does not know); cached per gene and kind."""
+        if kind not in MAP_KINDS:
+            raise InputError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
+        column = self._column(gene)
+        key = ("cell", gene, kind)
+        if key not in self._maps:
+            cells = self.cells
+            if "label_id" not in cells.obs:
+                raise InputError(f"the cells of {self.results.path} carry no label ids (the Xenium folder is not "
+                                 "there); the cell view needs the run's bundle where predict found it")
+            if kind != "predicted" and not self.is_measured(gene):
+                raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
+            values = np.asarray(cells.X[:, column], dtype=np.float32)
+            if kind != "predicted":
+                measured = np.asarray(cells.layers["measured"][:, column], dtype=np.float32)
+                values = measured if kind == "measured" else measured - values
+            labels = cells.obs["label_id"].to_numpy()
+            lut = np.full(int(labels.max(initial=0)) + 2, np.nan, dtype=np.float32)
+            lut[labels] = values
+            self._maps[key] = lut
+        return self._maps[key]
+
+    def cell_map(self, gene: str, kind: str = "predicted") -> list:
+        """Every cell of the sample coloured by ``gene``: the cell label mask mapped through
+        :meth:`cell_label_values`, as lazy float32 dask levels in ``global`` px (finest first)."""
+        levels = self.cell_labels
+        lut = self.cell_label_values(gene, kind)
+        last = lut.size - 1
+        return [level.map_blocks(lambda block: lut[np.minimum(block, last)], dtype=np.float32) for level in levels]
 
     def tile_token_map(self, tile: int, gene: str) -> np.ndarray:
         """(14, 14) float32: the token head's expected log1p count of ``gene`` in each token of one

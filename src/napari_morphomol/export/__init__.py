@@ -12,6 +12,8 @@ public for callers that already hold the objects. Schemas: docs/export.md.
 
 from napari_morphomol.export.anndata import results_to_anndata
 from napari_morphomol.export.spatialdata import (
+    CELL_LABELS,
+    CELL_TABLE,
     MEASURED_IMAGE,
     MEASURED_TOKEN_IMAGE,
     PREDICTED_IMAGE,
@@ -38,6 +40,8 @@ __all__ = [
     "MEASURED_TOKEN_IMAGE",
     "PREDICTED_IMAGE",
     "PREDICTED_TOKEN_IMAGE",
+    "CELL_LABELS",
+    "CELL_TABLE",
     "RESULTS_LAYER_KEY",
     "TILES",
     "TILE_TABLE",

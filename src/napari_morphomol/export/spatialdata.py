@@ -10,6 +10,12 @@ Elements added to the sample's own (lazy) images and points:
   of ``analysis.StrideGrid`` (each cell the mean of the tiles covering it, NaN where no tile
   does), with the affine that places a cell on its H&E px square and then in ``global``.
 
+- ``predicted_expression_tokens`` / ``measured_expression_tokens`` (images): a token-head run's
+  stitched token maps, read lazily from the results store.
+- ``cell_labels`` (labels) and ``cell_table`` (table annotating it by ``label_id``): a token-head
+  run whose sample has its cell segmentation: the Xenium cell mask and the cells AnnData
+  (``analysis.cells_anndata``).
+
 The H&E element's transformation to ``global`` is the run's registration (its best affine for
 per-region models; the full record is in ``attrs['morphomol_registration']``); ``attrs`` also
 carry ``EXPORT_ATTRS_KEY``, the mark of an export of ours. Pixel ``i`` of an
@@ -26,7 +32,7 @@ import pandas as pd
 from anndata import AnnData
 from shapely.geometry import Polygon
 from spatialdata import SpatialData
-from spatialdata.models import Image2DModel, ShapesModel, TableModel
+from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Affine, Identity, set_transformation
 
 from napari_morphomol.analysis import StrideGrid, TokenGrid
@@ -48,6 +54,11 @@ PREDICTED_TOKEN_IMAGE = "predicted_expression_tokens"
 MEASURED_TOKEN_IMAGE = "measured_expression_tokens"
 TOKEN_IMAGE_CHUNK = 256
 """Token-map chunks: one gene, 256 x 256 tokens (4.7 mm square)."""
+CELL_LABELS = "cell_labels"
+"""The run's Xenium cell label mask (``cells.zarr.zip``, ``masks/1``; a token-head run with cells)."""
+CELL_TABLE = "cell_table"
+"""The cells AnnData (``analysis.cells_anndata``) annotating :data:`CELL_LABELS` by ``label_id``."""
+CELL_INSTANCE_KEY = "label_id"
 REGION_KEY = "region"
 INSTANCE_KEY = "tile_id"
 EXPORT_ATTRS_KEY = "morphomol_export"
@@ -82,6 +93,31 @@ def _token_map_images(results: Results) -> dict:
             image = token_map_image(results, kind)
             images[name] = token_map_element(da.from_zarr(image.levels[0]), image.genes, grid)
     return images
+
+
+def _cell_elements(results: Results) -> tuple[dict, dict]:
+    """The cell label mask and the cells table annotating it, for a token-head run whose sample has
+    its cell segmentation; nothing otherwise (the tile and token elements do not need them)."""
+    import dask.array as da
+
+    from napari_morphomol.analysis import explore_results
+
+    explorer = explore_results(results)
+    if explorer.cell_view_refusal() is not None:
+        return {}, {}
+    mask = explorer.cell_labels[0]
+    factors, side = [], max(mask.shape)
+    while side > 2048:
+        factors.append(2)
+        side //= 2
+    labels = Labels2DModel.parse(da.asarray(mask), dims=("y", "x"), transformations={GLOBAL: Identity()},
+                                 scale_factors=factors or None, chunks=(1024, 1024))
+    cells = explorer.cells.copy()
+    cells.obs[REGION_KEY] = pd.Categorical([CELL_LABELS] * cells.n_obs)
+    cells.obs[CELL_INSTANCE_KEY] = cells.obs[CELL_INSTANCE_KEY].astype(np.int64)
+    cells.obs.index = cells.obs.index.astype(str)
+    table = TableModel.parse(cells, region=CELL_LABELS, region_key=REGION_KEY, instance_key=CELL_INSTANCE_KEY)
+    return {CELL_LABELS: labels}, {CELL_TABLE: table}
 
 
 def tile_shapes(results: Results, registration: RunRegistration) -> gpd.GeoDataFrame:
@@ -130,7 +166,8 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
     """
     registration = run_registration(results.metadata)
     sample = open_run_sample(results) if sample is None else sample
-    ours = {TILES, TILE_TABLE, PREDICTED_IMAGE, MEASURED_IMAGE, PREDICTED_TOKEN_IMAGE, MEASURED_TOKEN_IMAGE}
+    ours = {TILES, TILE_TABLE, PREDICTED_IMAGE, MEASURED_IMAGE, PREDICTED_TOKEN_IMAGE, MEASURED_TOKEN_IMAGE,
+            CELL_LABELS, CELL_TABLE}
     clash = ours & {name for _, name, _ in sample.gen_elements()}
     if clash:
         raise InputError(f"the sample already has elements named {sorted(clash)}; rename them before exporting")
@@ -152,6 +189,7 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
              EXPORT_ATTRS_KEY: {"format_version": EXPORT_FORMAT_VERSION, "results": str(results.path)}}
     if isinstance(attrs.get(SAMPLE_ATTRS_KEY), dict):
         attrs[SAMPLE_ATTRS_KEY] = {**attrs[SAMPLE_ATTRS_KEY], "he_to_global": registration.best_affine.tolist()}
-    return SpatialData(images=images, labels=dict(sample.labels), points=dict(sample.points),
+    cell_labels, cell_tables = _cell_elements(results)
+    return SpatialData(images=images, labels={**sample.labels, **cell_labels}, points=dict(sample.points),
                        shapes={**sample.shapes, TILES: tile_shapes(results, registration)},
-                       tables={**sample.tables, TILE_TABLE: table}, attrs=attrs)
+                       tables={**sample.tables, TILE_TABLE: table, **cell_tables}, attrs=attrs)

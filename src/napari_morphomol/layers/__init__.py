@@ -18,8 +18,8 @@ _SOURCES = {
                "um_to_he_px"),
     "run": ("CLUSTERS_LAYER", "MAP_UNITS", "MEASURED_LAYER", "PCA_LAYER", "PREDICTED_LAYER", "RESIDUAL_LAYER",
             "RESOLUTIONS", "SELECTION_LAYER", "cluster_label_colors", "cluster_labels", "clusters_layer",
-            "gene_map_layer", "map_affine_um", "map_contrast_limits", "map_raster", "pca_layer", "selection_layer",
-            "selection_mask"),
+            "gene_map_layer", "map_affine_um", "map_contrast_limits", "map_limits", "map_raster", "pca_layer",
+            "selection_layer", "selection_mask"),
     "view": ("camera_box_xy_um", "event_xy_um", "is_click", "percentile_limits", "rgba_image"),
 }
 __getattr__ = lazy_attributes("napari_morphomol.layers", _SOURCES)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from napari_morphomol.analysis import EXPRESSION_UNITS, TOKEN_EXPRESSION_UNITS, RunExplorer
+from napari_morphomol.analysis import CELL_UNITS, EXPRESSION_UNITS, TOKEN_EXPRESSION_UNITS, RunExplorer
 from napari_morphomol.coords import layer_affine_um
 from napari_morphomol.inference.store import RESULTS_LAYER_KEY
 from napari_morphomol.layers.sample import UNITS_UM
@@ -35,25 +35,43 @@ def map_contrast_limits(raster: np.ndarray, kind: str) -> tuple[float, float]:
     return percentile_limits(raster, MAP_PERCENTILES, symmetric=kind == "residual")
 
 
-RESOLUTIONS = {"tile": "tile (stride squares of 128 um)", "token": "token (18 um)"}
-"""The resolutions a run's maps come in: key -> what the Explore dock offers. Token maps need a
-model with the add-on token head (``RunExplorer.has_token_maps``)."""
-MAP_UNITS = {"tile": EXPRESSION_UNITS, "token": TOKEN_EXPRESSION_UNITS}
+RESOLUTIONS = {"tile": "tile (stride squares of 128 um)", "token": "token (18 um)", "cell": "cell (Xenium cells)"}
+"""The resolutions a run's maps come in: key -> what the Explore dock offers. Token and cell maps
+need a model with the add-on token head (``RunExplorer.has_token_maps``); cell maps also the
+run's cell segmentation (cells.parquet and the label mask of cells.zarr.zip)."""
+MAP_UNITS = {"tile": EXPRESSION_UNITS, "token": TOKEN_EXPRESSION_UNITS, "cell": CELL_UNITS}
 
 
-def map_raster(explorer: RunExplorer, gene: str, kind: str, resolution: str = "tile") -> np.ndarray:
+def map_raster(explorer: RunExplorer, gene: str, kind: str, resolution: str = "tile"):
     """The raster of one gene map at ``resolution`` (see :data:`RESOLUTIONS`): NaN everywhere when
-    ``gene`` was not measured and ``kind`` needs it."""
+    ``gene`` was not measured and ``kind`` needs it. A cell map is a list of lazy levels (multiscale)."""
+    unmeasured = kind != "predicted" and not explorer.is_measured(gene)
+    if resolution == "cell":
+        levels = explorer.cell_map(gene, "predicted" if unmeasured else kind)
+        return [level * np.float32(np.nan) for level in levels] if unmeasured else levels
     predicted = explorer.gene_map if resolution == "tile" else explorer.token_map
-    if kind != "predicted" and not explorer.is_measured(gene):
+    if unmeasured:
         return np.full(predicted(gene, "predicted").shape, np.nan, dtype=np.float32)
     return predicted(gene, kind)
 
 
+def map_limits(explorer: RunExplorer, gene: str, kind: str, resolution: str, raster) -> tuple[float, float] | None:
+    """Contrast of one map (:func:`map_contrast_limits`; a cell map's from its cells' values), None
+    when it has no finite value."""
+    if resolution == "cell":
+        if kind != "predicted" and not explorer.is_measured(gene):
+            return None
+        raster = explorer.cell_label_values(gene, kind)
+    return map_contrast_limits(raster, kind) if np.isfinite(raster).any() else None
+
+
 def map_affine_um(explorer: RunExplorer, resolution: str = "tile") -> np.ndarray:
-    """Where a map raster of ``resolution`` lies, as a napari affine in um."""
+    """Where a map raster of ``resolution`` lies, as a napari affine in um (a cell map is in
+    ``global`` px, as the DAPI image)."""
     if resolution == "token":
         return layer_affine_um(explorer.token_grid.token_pixel_to_global(), explorer.xenium_pixel_size_um)
+    if resolution == "cell":
+        return layer_affine_um(np.eye(3), explorer.xenium_pixel_size_um)
     return stride_affine_um(explorer)
 
 
@@ -67,13 +85,14 @@ def tile_affine_um(explorer: RunExplorer) -> np.ndarray:
 
 def gene_map_layer(explorer: RunExplorer, gene: str, kind: str = "predicted", resolution: str = "tile") -> tuple:
     """One map of ``gene`` at ``resolution``; the Explore dock swaps ``data`` (and contrast) of this
-    one layer to change gene, and its affine too to change resolution."""
+    one layer to change gene, and its affine too to change between tile and token resolution (a
+    cell map is multiscale: the dock makes the layer anew to change to or from it)."""
     raster = map_raster(explorer, gene, kind, resolution)
     return (
         raster,
         {"name": MAP_LAYER_NAMES[kind], "units": UNITS_UM, "affine": map_affine_um(explorer, resolution),
-         "colormap": MAP_COLORMAPS[kind], "contrast_limits": map_contrast_limits(raster, kind),
-         "opacity": 0.8, "blending": "translucent",
+         "colormap": MAP_COLORMAPS[kind], "contrast_limits": map_limits(explorer, gene, kind, resolution, raster),
+         "opacity": 0.8, "blending": "translucent", "multiscale": resolution == "cell",
          "metadata": {"gene": gene, "kind": kind, "units": MAP_UNITS[resolution], "resolution": resolution,
                       RESULTS_LAYER_KEY: str(explorer.results.path)}},
         "image",

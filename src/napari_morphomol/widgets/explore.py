@@ -50,7 +50,7 @@ from napari_morphomol.layers.run import (
     clusters_layer,
     gene_map_layer,
     map_affine_um,
-    map_contrast_limits,
+    map_limits,
     map_raster,
     pca_layer,
     selection_layer,
@@ -211,6 +211,10 @@ class ExploreWidget(QWidget):
         has_tokens = enabled and self.explorer is not None and self.explorer.has_token_maps
         token_item.setEnabled(has_tokens)
         token_item.setToolTip("" if has_tokens or self.explorer is None else _no_token_maps(self.explorer))
+        cell_item = self.resolution.model().item(self.resolution.findData("cell"))
+        refusal = None if self.explorer is None else self.explorer.cell_view_refusal()
+        cell_item.setEnabled(enabled and self.explorer is not None and refusal is None)
+        cell_item.setToolTip(refusal or "")
 
     # opening -----------------------------------------------------------------------------------
     def open(self, *_):
@@ -239,17 +243,7 @@ class ExploreWidget(QWidget):
         self.resolution.setCurrentIndex(self.resolution.findData("tile"))
         self.resolution.blockSignals(False)
         self.colour_note.setText(_colour_note("tile"))
-        kinds = MAP_KINDS if explorer.results.measured_genes else ("predicted",)
-        for kind in kinds:
-            data, kwargs, _ = gene_map_layer(explorer, first, kind)
-            name = kwargs["name"]
-            if name in self.viewer.layers:
-                self.viewer.layers.remove(name)
-            kwargs["visible"] = kind == "predicted"
-            layer = self.viewer.add_image(data, **kwargs)
-            layer.events.visible.connect(lambda _event, kind=kind: self._on_map_visibility(kind))
-            self.map_layers[kind] = layer
-        self.map_layers["predicted"].colorbar.visible = True
+        self._add_map_layers(first, "tile")
         self._fill_metrics()
         self._filter_genes()
         self._set_enabled(True)
@@ -258,6 +252,20 @@ class ExploreWidget(QWidget):
                             f"({len(explorer.results.measured_genes)} measured) from {explorer.results.path.name}")
         self.show_gene(first)
         self.viewer.canvas.overlays.scale_bar.visible = True
+
+    def _add_map_layers(self, gene: str, resolution: str):
+        """One map layer per kind the run has (only the predicted one shown), made anew at ``resolution``."""
+        kinds = MAP_KINDS if self.explorer.results.measured_genes else ("predicted",)
+        visible = {kind: self.map_layers[kind].visible for kind in self.map_layers if kind in kinds}
+        for kind in kinds:
+            data, kwargs, _ = gene_map_layer(self.explorer, gene, kind, resolution)
+            if kwargs["name"] in self.viewer.layers:
+                self.viewer.layers.remove(kwargs["name"])
+            kwargs["visible"] = visible.get(kind, kind == "predicted")
+            layer = self.viewer.add_image(data, **kwargs)
+            layer.events.visible.connect(lambda _event, kind=kind: self._on_map_visibility(kind))
+            self.map_layers[kind] = layer
+        self.map_layers["predicted"].colorbar.visible = True
 
     def update_explorer(self, explorer: RunExplorer):
         """A newer state of the same run (chunks finished): refresh the shown maps in place."""
@@ -311,18 +319,27 @@ class ExploreWidget(QWidget):
         """Show the maps at ``resolution`` ("tile" or "token"); the same layers, re-placed."""
         if self.explorer is None or resolution is None:
             return
-        if resolution == "token" and not self.explorer.has_token_maps:
-            show_info(self.resolution.model().item(self.resolution.findData("token")).toolTip())
-            self.resolution.setCurrentIndex(self.resolution.findData("tile"))
+        item = self.resolution.model().item(self.resolution.findData(resolution))
+        if not item.isEnabled():
+            show_info(item.toolTip())
+            self.resolution.setCurrentIndex(self.resolution.findData(self._placed_resolution))
             return
         if self.resolution.currentData() != resolution:
             self.resolution.setCurrentIndex(self.resolution.findData(resolution))  # comes back here
             return
         self.colour_note.setText(_colour_note(resolution))
+        if "cell" in (resolution, self._placed_resolution) and self.gene is not None:
+            self._add_map_layers(self.gene, resolution)  # a cell map is multiscale: the layers are made anew
         for layer in self.map_layers.values():
             layer.metadata["gene"] = None
         if self.gene is not None:
             self.show_gene(self.gene)
+
+    @property
+    def _placed_resolution(self) -> str:
+        """The resolution the map layers are placed at now."""
+        layer = self.map_layers.get("predicted")
+        return "tile" if layer is None else layer.metadata.get("resolution", "tile")
 
     def _update_map_layer(self, kind: str):
         layer, gene, explorer, resolution = self.map_layers[kind], self.gene, self.explorer, self.shown_resolution
@@ -333,8 +350,9 @@ class ExploreWidget(QWidget):
         if layer.metadata.get("resolution", "tile") != resolution:
             layer.affine = map_affine_um(explorer, resolution)
             layer.metadata["resolution"] = resolution
-        if np.isfinite(raster).any():
-            layer.contrast_limits = map_contrast_limits(raster, kind)
+        limits = map_limits(explorer, gene, kind, resolution, raster)
+        if limits is not None:
+            layer.contrast_limits = limits
         layer.metadata["gene"] = gene
 
     def _on_map_visibility(self, kind: str):
