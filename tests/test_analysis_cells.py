@@ -146,3 +146,23 @@ def test_a_moved_bundle_a_foreign_cells_table_and_an_old_run_are_clear_messages(
     assert np.isfinite(explorer.token_map(gene, "predicted")).any()
     with pytest.raises(InputError, match="holds no stitched measured token maps.*predict` again"):
         explorer.token_map(gene, "measured")
+
+
+def test_napari_spatialdata_opens_the_token_map_and_the_cell_labels(token_results_store, tmp_path,
+                                                                   make_napari_viewer, qtbot):
+    import spatialdata as sd
+    from napari_spatialdata import Interactive
+
+    from napari_morphomol.export import CELL_LABELS, PREDICTED_TOKEN_IMAGE, export_results
+
+    out = export_results(token_results_store, spatialdata=tmp_path / "run.zarr", clusters=False)["spatialdata"]
+    viewer = make_napari_viewer()
+    interactive = Interactive(sd.read_zarr(out), headless=True)
+    assert interactive._viewer is viewer
+    for element in (PREDICTED_TOKEN_IMAGE, CELL_LABELS):  # napari-spatialdata adds layers from a worker thread
+        interactive.add_element(element, "global")
+        qtbot.waitUntil(lambda name=element: interactive.get_layer(name) is not None, timeout=120_000)
+    explorer = explore_run(token_results_store)
+    for name, shape in ((PREDICTED_TOKEN_IMAGE, explorer.token_grid.shape), (CELL_LABELS, explorer.cell_labels[0].shape)):
+        layer = interactive.get_layer(name)
+        assert tuple((layer.data[0] if layer.multiscale else layer.data).shape[-2:]) == tuple(shape)

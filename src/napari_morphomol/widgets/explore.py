@@ -266,6 +266,7 @@ class ExploreWidget(QWidget):
             layer.events.visible.connect(lambda _event, kind=kind: self._on_map_visibility(kind))
             self.map_layers[kind] = layer
         self.map_layers["predicted"].colorbar.visible = True
+        self.viewer.layers.selection.active = self.map_layers["predicted"]  # not the last one added
 
     def update_explorer(self, explorer: RunExplorer):
         """A newer state of the same run (chunks finished): refresh the shown maps in place."""
