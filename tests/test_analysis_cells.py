@@ -163,6 +163,7 @@ def test_napari_spatialdata_opens_the_token_map_and_the_cell_labels(token_result
         interactive.add_element(element, "global")
         qtbot.waitUntil(lambda name=element: interactive.get_layer(name) is not None, timeout=120_000)
     explorer = explore_run(token_results_store)
-    for name, shape in ((PREDICTED_TOKEN_IMAGE, explorer.token_grid.shape), (CELL_LABELS, explorer.cell_labels[0].shape)):
+    expected = {PREDICTED_TOKEN_IMAGE: explorer.token_grid.shape, CELL_LABELS: explorer.cell_labels[0].shape}
+    for name, shape in expected.items():
         layer = interactive.get_layer(name)
         assert tuple((layer.data[0] if layer.multiscale else layer.data).shape[-2:]) == tuple(shape)
