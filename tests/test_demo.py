@@ -6,6 +6,7 @@ from PIL import Image
 from spatialdata import read_zarr
 
 from napari_morphomol.cli import main
+from napari_morphomol.export import CELL_LABELS, CELL_TABLE, TILE_TABLE
 
 
 def test_demo_runs_the_whole_path(tmp_path, capsys):
@@ -20,7 +21,8 @@ def test_demo_runs_the_whole_path(tmp_path, capsys):
     assert maps.std() > 10
     tiles = ad.read_h5ad(out / "tiles.h5ad")
     assert tiles.n_obs > 0 and "X_embedding" in tiles.obsm and "spatial" in tiles.obsm
-    assert "tiles" in read_zarr(out / "sample.zarr").tables or len(read_zarr(out / "sample.zarr").tables) == 1
+    exported = read_zarr(out / "sample.zarr")
+    assert set(exported.tables) == {TILE_TABLE, CELL_TABLE} and CELL_LABELS in exported.labels
     shot = np.asarray(Image.open(out / "screenshot.png").convert("RGB"))
     assert shot.std() > 10  # a drawn viewer, not a black canvas
     # a second run reuses the sample and the finished prediction

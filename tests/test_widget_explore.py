@@ -250,14 +250,20 @@ def test_the_tile_inspector_shows_the_tiles_token_map_of_the_shown_gene(make_nap
     assert explorer.genes[4] in widget.inspector_tokens.toolTip()
 
 
-def test_a_tile_only_run_offers_no_token_maps_and_says_why(opened, monkeypatch):
-    viewer, widget = opened
-    token_item = widget.resolution.model().item(widget.resolution.findData("token"))
-    assert not token_item.isEnabled() and "--token-head" in token_item.toolTip()
+def assert_refused(widget, monkeypatch, resolution: str, tooltip: str, message: str):
+    """The resolution entry is disabled with ``tooltip`` saying why; choosing it anyway shows
+    ``message`` and the maps stay at tile resolution."""
+    item = widget.resolution.model().item(widget.resolution.findData(resolution))
+    assert not item.isEnabled() and tooltip in item.toolTip()
     shown = []
     monkeypatch.setattr("napari_morphomol.widgets.explore.show_info", shown.append)
-    widget.set_resolution("token")
-    assert widget.shown_resolution == "tile" and shown and "--token-head" in shown[0]
+    widget.set_resolution(resolution)
+    assert widget.shown_resolution == "tile" and shown and message in shown[0]
+
+
+def test_a_tile_only_run_offers_no_token_maps_and_says_why(opened, monkeypatch):
+    viewer, widget = opened
+    assert_refused(widget, monkeypatch, "token", "--token-head", "--token-head")
     centre = widget.explorer.results.tiles[["um_x", "um_y"]].to_numpy()[0]
     assert widget.inspect_at_um(*centre) == 0 and widget.inspector_tokens.pixmap().isNull()
 
@@ -321,12 +327,7 @@ def test_a_run_without_cell_segmentation_says_so_and_keeps_the_other_maps(make_n
     root.attrs[ATTRS_KEY] = {**dict(root.attrs[ATTRS_KEY]), "sample": {**sample, "xenium_dir": str(bundle)}}
     viewer = make_napari_viewer()
     widget = open_run(viewer, qtbot, store)
-    cell_item = widget.resolution.model().item(widget.resolution.findData("cell"))
-    assert not cell_item.isEnabled() and "no cells.zarr.zip" in cell_item.toolTip()
-    shown = []
-    monkeypatch.setattr("napari_morphomol.widgets.explore.show_info", shown.append)
-    widget.set_resolution("cell")
-    assert widget.shown_resolution == "tile" and shown and "no cell view" in shown[0]
+    assert_refused(widget, monkeypatch, "cell", "no cells.zarr.zip", "no cell view")
     widget.set_resolution("token")
     assert widget.shown_resolution == "token"
     assert np.isfinite(viewer.layers[PREDICTED_LAYER].data).any()
