@@ -95,27 +95,22 @@ def _token_map_images(results: Results) -> dict:
     return images
 
 
-def _cell_elements(results: Results) -> tuple[dict, dict]:
+def _cell_elements(explorer) -> tuple[dict, dict]:
     """The cell label mask and the cells table annotating it, for a token-head run whose sample has
     its cell segmentation; nothing otherwise (the tile and token elements do not need them)."""
-    import dask.array as da
+    from napari_morphomol.analysis.cells import COARSEST_LABEL_SIDE_PX
 
-    from napari_morphomol.analysis import explore_results
-
-    explorer = explore_results(results)
     if explorer.cell_view_refusal() is not None:
         return {}, {}
     mask = explorer.cell_labels[0]
     factors, side = [], max(mask.shape)
-    while side > 2048:
+    while side > COARSEST_LABEL_SIDE_PX:
         factors.append(2)
         side //= 2
-    labels = Labels2DModel.parse(da.asarray(mask), dims=("y", "x"), transformations={GLOBAL: Identity()},
+    labels = Labels2DModel.parse(mask, dims=("y", "x"), transformations={GLOBAL: Identity()},
                                  scale_factors=factors or None, chunks=(1024, 1024))
     cells = explorer.cells.copy()
     cells.obs[REGION_KEY] = pd.Categorical([CELL_LABELS] * cells.n_obs)
-    cells.obs[CELL_INSTANCE_KEY] = cells.obs[CELL_INSTANCE_KEY].astype(np.int64)
-    cells.obs.index = cells.obs.index.astype(str)
     table = TableModel.parse(cells, region=CELL_LABELS, region_key=REGION_KEY, instance_key=CELL_INSTANCE_KEY)
     return {CELL_LABELS: labels}, {CELL_TABLE: table}
 
@@ -159,10 +154,12 @@ def token_map_element(stack, genes: list[str], grid: TokenGrid):
                               scale_factors=factors or None, chunks=(1, TOKEN_IMAGE_CHUNK, TOKEN_IMAGE_CHUNK))
 
 
-def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialData | None = None) -> SpatialData:
+def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialData | None = None,
+                           explorer=None) -> SpatialData:
     """The sample's elements (lazy) plus tiles, the table annotating them and the gene maps.
 
-    A ``sample`` given by the caller gets its H&E transformation to ``global`` set to the run's.
+    A ``sample`` given by the caller gets its H&E transformation to ``global`` set to the run's;
+    an ``explorer`` of the run (``analysis.RunExplorer``) lends its cells, else one is made.
     """
     registration = run_registration(results.metadata)
     sample = open_run_sample(results) if sample is None else sample
@@ -189,7 +186,9 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
              EXPORT_ATTRS_KEY: {"format_version": EXPORT_FORMAT_VERSION, "results": str(results.path)}}
     if isinstance(attrs.get(SAMPLE_ATTRS_KEY), dict):
         attrs[SAMPLE_ATTRS_KEY] = {**attrs[SAMPLE_ATTRS_KEY], "he_to_global": registration.best_affine.tolist()}
-    cell_labels, cell_tables = _cell_elements(results)
+    from napari_morphomol.analysis import explore_results
+
+    cell_labels, cell_tables = _cell_elements(explore_results(results) if explorer is None else explorer)
     return SpatialData(images=images, labels={**sample.labels, **cell_labels}, points=dict(sample.points),
                        shapes={**sample.shapes, TILES: tile_shapes(results, registration)},
                        tables={**sample.tables, TILE_TABLE: table, **cell_tables}, attrs=attrs)

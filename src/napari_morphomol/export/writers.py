@@ -154,10 +154,12 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
     for kind, target in targets.items():
         guard_output(target, kinds[kind], inputs=inputs, overwrite=overwrite, inputs_of="the run")
     written: dict[str, Path] = {}
+    explorer = None
     if "cells_h5ad" in targets:  # first: its refusals (a tile-only model, no segmentation) cost no other work
-        from napari_morphomol.analysis import cells_anndata, explore_results
+        from napari_morphomol.analysis import explore_results
 
-        cells = cells_anndata(explore_results(results))
+        explorer = explore_results(results)
+        cells = explorer.cells.copy()  # the SpatialData export's cell table is the same, built once
         cells.uns["morphomol"] = {"export": "cells", "results": str(results.path)}
         written["cells_h5ad"] = write_h5ad(cells, targets["cells_h5ad"], overwrite=overwrite, inputs=inputs)
     if "landmarks" in targets:
@@ -168,7 +170,7 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
         if "h5ad" in targets:
             written["h5ad"] = write_h5ad(adata, targets["h5ad"], overwrite=overwrite, inputs=inputs)
         if "spatialdata" in targets:
-            sdata = results_to_spatialdata(results, adata, sample=sample)
+            sdata = results_to_spatialdata(results, adata, sample=sample, explorer=explorer)
             written["spatialdata"] = write_spatialdata_zarr(sdata, targets["spatialdata"], overwrite=overwrite,
                                                            inputs=inputs)
     return written

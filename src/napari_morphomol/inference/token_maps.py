@@ -182,8 +182,10 @@ class TokenMapImage:
         values = np.full((len(rows), len(self.genes)), np.nan, dtype=np.float32)
         c = MAP_CHUNK_TOKENS
         block = (rows // c) * (self.levels[0].shape[2] // c + 1) + cols // c
-        for key in np.unique(block):
-            members = np.flatnonzero(block == key)
+        order = np.argsort(block, kind="stable")
+        for members in np.split(order, np.flatnonzero(np.diff(block[order])) + 1):
+            if not len(members):
+                continue
             r0, c0 = rows[members[0]] // c * c, cols[members[0]] // c * c
             chunk = np.asarray(self.levels[0][:, r0:r0 + c, c0:c0 + c], dtype=np.float32)
             values[members] = chunk[:, rows[members] - r0, cols[members] - c0].T
