@@ -81,3 +81,42 @@ def token_results_store(tmp_path_factory, synthetic_sample):
     predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv),
             PredictOptions(checkpoint=checkpoint, store=out, batch_size=8, device="cpu", dtype="float32"))
     return out
+
+
+@pytest.fixture(scope="session")
+def trusted_checkpoint(tmp_path_factory, synthetic_sample):
+    """A randomly initialised early-fusion model with the add-on token head and a variance head,
+    calibrated (``fit_calibration``) on the synthetic sample's own tiles: a card with tile and token
+    quantiles and an outlier reference, as ``morphomol train --calibration`` writes."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelCard, ModelConfig, build_model, save_checkpoint
+    from napari_morphomol.models.data import TileDataset, tile_sample_folder
+    from napari_morphomol.models.trust import fit_calibration
+
+    panel = json.loads(synthetic_sample.panel_json.read_text())
+    torch.manual_seed(0)
+    config = ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]), backbone_kwargs=TINY_VIT,
+                         token_heads={ADDON_TOKEN_HEAD: len(panel["addon"])}, variance_head=True)
+    model = build_model(config)
+    folder = tmp_path_factory.mktemp("trusted")
+    tiles = TileDataset.from_store(tile_sample_folder(synthetic_sample.root, folder / "sample.tiles.zarr"))
+    calibration = fit_calibration(model, tiles, tiles, samples=("sample",))
+    card = dataclasses.replace(ModelCard(config, tuple(panel["core"]), tuple(panel["addon"])), calibration=calibration)
+    return save_checkpoint(model, card, folder / "trusted.safetensors")
+
+
+@pytest.fixture(scope="session")
+def trusted_results_store(tmp_path_factory, synthetic_sample, trusted_checkpoint):
+    """A finished run of the calibrated model over the synthetic sample (intervals and flags written)."""
+    from napari_morphomol.inference import PredictOptions, predict
+    from napari_morphomol.io.sample import load_sample
+
+    s = synthetic_sample
+    out = tmp_path_factory.mktemp("results") / "trusted.zarr"
+    predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv),
+            PredictOptions(checkpoint=trusted_checkpoint, store=out, batch_size=8, device="cpu", dtype="float32"))
+    return out

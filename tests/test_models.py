@@ -257,7 +257,7 @@ def test_card_json_holds_geometry_normalisation_and_ordered_panels(tmp_path):
 
     with safe_open(str(path), "pt") as handle:
         card = json.loads(handle.metadata()[CARD_METADATA_KEY])
-    assert card["format_version"] == 2 and card["model"]["variant"] == "expr_only_token"
+    assert card["format_version"] == 3 and card["model"]["variant"] == "expr_only_token"
     assert card["tile_geometry"] == {"tile_px": 512, "stride_px": 256, "tile_pixel_size_um": 0.5, "image_px": 224,
                                      "tokens_per_side": 14}
     assert card["normalisation"]["image"]["mean"] == [0.5, 0.5, 0.5]

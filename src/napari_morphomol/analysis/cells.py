@@ -25,6 +25,7 @@ from napari_morphomol.analysis.gene_maps import require_token_head, token_map_im
 from napari_morphomol.analysis.run_explorer import RunExplorer
 from napari_morphomol.coords import apply_affine_xy
 from napari_morphomol.errors import InputError
+from napari_morphomol.models.trust import token_interval
 
 CELL_UNITS = "log1p predicted counts per cell"
 CELL_MASK = "masks/1"
@@ -157,7 +158,10 @@ def cells_anndata(explorer: RunExplorer, cells: pd.DataFrame | None = None) -> a
         bundle, ``label_id``: the cell's value in the cell label mask), obsm['spatial'] the
         centroids in um (x, y), X the predicted add-on expression (:data:`CELL_UNITS`),
         layers['measured'] log1p of the measured counts (NaN for genes the sample did not
-        measure) and var['measured'], when the bundle has its cell-feature matrix.
+        measure) and var['measured'], when the bundle has its cell-feature matrix. A calibrated
+        run adds layers['predicted_lower'] / ['predicted_upper'] (the token scale's conformal
+        interval on the cell's rate) and obs['out_of_distribution'] (the flag of the tile under the
+        centroid).
     """
     results = explorer.results
     require_token_head(results, "cell view")
@@ -192,4 +196,12 @@ def cells_anndata(explorer: RunExplorer, cells: pd.DataFrame | None = None) -> a
     adata.uns["morphomol_cells"] = {"results": str(results.path), "method": METHOD, "units": CELL_UNITS,
                                     "n_cells": int(len(cells)), "n_cells_off_tiles": int((~kept).sum()),
                                     "token_area_um2": float(token_area_um2)}
+    trust = results.trust
+    if trust is not None and trust.token_quantile is not None:
+        adata.layers["predicted_lower"], adata.layers["predicted_upper"] = token_interval(predicted,
+                                                                                          trust.token_quantile)
+        adata.uns["morphomol_cells"]["interval_level"] = float(trust.level)
+    if trust is not None and trust.has_flags:
+        tile = explorer.tiles_at_um(centroids[kept])
+        adata.obs["out_of_distribution"] = np.where(tile >= 0, trust.outlier_flag[np.maximum(tile, 0)], False)
     return adata

@@ -24,8 +24,13 @@ from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference import Results, open_results
 from napari_morphomol.inference.token_maps import TOKEN_MAP_UNITS
+from napari_morphomol.models.trust import token_interval
 
-MAP_KINDS = ("predicted", "measured", "residual")
+MAP_KINDS = ("predicted", "measured", "residual", "interval")
+"""What a map shows: the prediction, the measurement, their difference, or the width of the
+prediction's calibrated interval (upper - lower bound, log1p units)."""
+MEASURED_KINDS = ("measured", "residual")
+"""The map kinds that need the gene to be measured."""
 EXPRESSION_UNITS = "log1p counts per tile"
 TOKEN_EXPRESSION_UNITS = TOKEN_MAP_UNITS
 
@@ -84,6 +89,11 @@ class RunExplorer:
         if key not in self._maps:
             if kind == "residual":
                 self._maps[key] = self.token_map(gene, "measured") - self.token_map(gene, "predicted")
+            elif kind == "interval":
+                self._require_intervals("token")
+                lower, upper = token_interval(self.token_map(gene, "predicted"),
+                                              self.trust.token_quantile[self._column(gene)])
+                self._maps[key] = upper - lower
             elif kind == "measured" and not self.is_measured(gene):
                 raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
             else:
@@ -138,10 +148,13 @@ class RunExplorer:
             if "label_id" not in cells.obs:
                 raise InputError(f"the cells of {self.results.path} carry no label ids (the Xenium folder is not "
                                  "there); the cell view needs the run's bundle where predict found it")
-            if kind != "predicted" and not self.is_measured(gene):
+            if kind in MEASURED_KINDS and not self.is_measured(gene):
                 raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
             values = np.asarray(cells.X[:, column], dtype=np.float32)
-            if kind != "predicted":
+            if kind == "interval":
+                self._require_intervals("cell")
+                values = cells.layers["predicted_upper"][:, column] - cells.layers["predicted_lower"][:, column]
+            elif kind != "predicted":
                 measured = np.asarray(cells.layers["measured"][:, column], dtype=np.float32)
                 values = measured if kind == "measured" else measured - values
             labels = cells.obs["label_id"].to_numpy()
@@ -157,6 +170,28 @@ class RunExplorer:
         lut = self.cell_label_values(gene, kind)
         last = lut.size - 1
         return [level.map_blocks(lambda block: lut[np.minimum(block, last)], dtype=np.float32) for level in levels]
+
+    @property
+    def trust(self):
+        """The run's ``inference.trust.RunTrust``: interval bounds and out-of-distribution flags."""
+        return self.results.trust
+
+    def interval_refusal(self, resolution: str = "tile") -> str | None:
+        """Why this run has no intervals at ``resolution`` ("tile", "token" or "cell"), or None."""
+        trust = self.trust
+        if trust.unavailable:
+            return trust.unavailable
+        if resolution == "tile" and not trust.has_intervals:
+            return ("the run's model has no variance head, so its tile predictions have no intervals (token and "
+                    "cell maps may); retrain with a variance head (morphomol train --variance-head)")
+        if resolution != "tile" and trust.token_quantile is None:
+            return "the run's model is not calibrated at the token scale, so token and cell maps have no intervals"
+        return None
+
+    def _require_intervals(self, resolution: str) -> None:
+        refusal = self.interval_refusal(resolution)
+        if refusal is not None:
+            raise InputError(refusal)
 
     def tile_token_map(self, tile: int, gene: str) -> np.ndarray:
         """(14, 14) float32: the token head's expected log1p count of ``gene`` in each token of one
@@ -190,6 +225,9 @@ class RunExplorer:
         predicted = self.adata.X[:, column]
         if kind == "predicted":
             return predicted
+        if kind == "interval":
+            self._require_intervals("tile")
+            return self.adata.layers["predicted_upper"][:, column] - self.adata.layers["predicted_lower"][:, column]
         if not self.is_measured(gene):
             raise InputError(f"{gene} was not measured in this sample: only its predicted map exists")
         measured = self.adata.layers["measured"][:, column]
@@ -203,8 +241,8 @@ class RunExplorer:
         return self._maps[key]
 
     def tile_report(self, tile: int, top: int = 10) -> pd.DataFrame:
-        """The ``top`` genes of one tile (results row) by predicted value,
-        with measured values (NaN if not measured)."""
+        """The ``top`` genes of one tile (results row) by predicted value, with measured values (NaN
+        if not measured) and, for a calibrated run, the interval's lower and upper bounds."""
         if not 0 <= tile < self.adata.n_obs:
             raise InputError(f"tile {tile} is not in this run (0..{self.adata.n_obs - 1})")
         predicted = np.asarray(self.adata.X[tile], dtype=np.float64)
@@ -212,16 +250,23 @@ class RunExplorer:
         measured = (
             self.adata.layers["measured"][tile] if "measured" in self.adata.layers else np.full_like(predicted, np.nan)
         )
-        return pd.DataFrame({"predicted": predicted[order], "measured": np.asarray(measured, np.float64)[order]},
-                            index=pd.Index([self.genes[i] for i in order], name="gene"))
+        report = pd.DataFrame({"predicted": predicted[order], "measured": np.asarray(measured, np.float64)[order]},
+                              index=pd.Index([self.genes[i] for i in order], name="gene"))
+        if self.trust.has_intervals:
+            report["lower"] = np.asarray(self.trust.lower[tile], np.float64)[order]
+            report["upper"] = np.asarray(self.trust.upper[tile], np.float64)[order]
+        return report
 
     def tile_summary(self, tile: int) -> dict:
-        """Tile position and transcript counts for the inspector."""
-        row = self.results.tiles.iloc[tile]
+        """Tile position and transcript counts for the inspector, and for a calibrated run its
+        outlier score and flag (None without)."""
+        row, trust = self.results.tiles.iloc[tile], self.trust
         return {"tile_id": int(row["tile_id"]), "row": int(row["row"]), "col": int(row["col"]),
                 "um_x": float(row["um_x"]), "um_y": float(row["um_y"]),
                 "n_transcripts": int(row["n_transcripts"]), "n_core": int(row["n_core"]),
-                "n_addon": int(row["n_addon"])}
+                "n_addon": int(row["n_addon"]),
+                "outlier_score": float(trust.outlier_score[tile]) if trust.has_flags else None,
+                "out_of_distribution": bool(trust.outlier_flag[tile]) if trust.has_flags else None}
 
     def tiles_at_um(self, points_um: np.ndarray) -> np.ndarray:
         """Results row of the tile under each (x, y) point in um, -1 where there is none."""

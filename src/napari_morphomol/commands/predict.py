@@ -4,7 +4,8 @@ Tiles (512 px at 0.5 um/px, stride 256, as the model was trained) are cut from t
 H&E and run through the model with their core-gene token counts, chunk by chunk, as a dask
 graph: threads by default, or a dask.distributed cluster with --scheduler. Results go to
 RESULTS.zarr (one array per model output: predictions, embeddings; tile table, run metadata;
-layout in docs/inference.md).
+for a calibrated model the interval bounds and the out-of-distribution flag; layout in
+docs/inference.md).
 An interrupted run leaves RESULTS.zarr.partial: run the same command again to resume it.
 """
 
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip tiles with fewer core + add-on transcripts (default 0: every tissue tile)")
     parser.add_argument("--max-background", type=fraction, default=0.3,
                         help="largest background fraction of a predicted tile, 0 to 1 (default 0.3)")
+    parser.add_argument("--interval-level", type=float, default=0.9, choices=(0.5, 0.8, 0.9, 0.95, 0.99),
+                        help="nominal coverage of the interval bounds written beside the predictions, for a "
+                             "calibrated model (default 0.9)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it is a results store written by napari-morphomol "
                              "(and discard a partial run)")
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
                              device=args.device, dtype=args.dtype, scheduler=args.scheduler, num_workers=args.workers,
                              tiles_per_chunk=args.tiles_per_chunk, min_transcripts=args.min_transcripts,
                              max_background=args.max_background, region_he_px=region_polygon_he_px(args.region),
-                             he_to_global=registration, overwrite=args.overwrite)
+                             he_to_global=registration, overwrite=args.overwrite,
+                             interval_level=args.interval_level)
     try:
         out = predict(sdata, options, progress=ProgressBar())
     except (KeyboardInterrupt, InferenceCancelled):
@@ -92,5 +97,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(results.tiles)} tiles x {len(results.addon_genes)} add-on genes on {precision['device']} "
           f"({precision['dtype']}: {precision['reason']}); {segment['tiles_run']} tiles run now in "
           f"{segment['timings'].get('inference_s', 0):.1f} s")
+    trust = results.trust
+    if trust.unavailable:
+        print(trust.unavailable)
+    elif trust.has_flags:
+        print(f"{int(trust.outlier_flag.sum())} of {len(trust.outlier_flag)} tiles flagged out of distribution "
+              f"(outlier score above {trust.threshold:.2f}); {trust.level:.0%} intervals written")
     print(f"wrote {out}")
     return 0

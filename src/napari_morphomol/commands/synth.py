@@ -27,10 +27,23 @@ def add_arguments(parser):
     parser.add_argument("--he-pixel-size-um", type=real_number(0.05, 5.0, unit="um/px"), default=0.2737,
                         help="H&E pixel size in um/px (default 0.2737)")
     parser.add_argument("--no-deformation", action="store_true", help="H&E placed by an affine only (no local warp)")
+    shift = parser.add_argument_group("dataset shift",
+                                      "make a sample unlike the cohort (for out-of-distribution checks)")
+    shift.add_argument("--stain", choices=("cohort", "unseen"), default="cohort",
+                       help="unseen: an H&E protocol no cohort sample has (default cohort)")
+    shift.add_argument("--tissue", choices=("cohort", "sarcomatoid"), default="cohort",
+                       help="sarcomatoid: spindle tumour cells no cohort tumour has (default cohort)")
+    shift.add_argument("--tissue-region-um", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
+                       help="apply --tissue only inside this box of the section, in um (default everywhere)")
+    shift.add_argument("--registration-offset-um", type=float, nargs=2, metavar=("DX", "DY"), default=(0.0, 0.0),
+                       help="write he_imagealignment.csv off by this shift, in um (default 0 0)")
 
 
 def run(args) -> int:
     from napari_morphomol.synthetic import write_synthetic_sample
+    from napari_morphomol.synthetic.plan import DatasetShift
+    region = None if args.tissue_region_um is None else tuple(args.tissue_region_um)
+    shift = DatasetShift(args.stain, args.tissue, region, tuple(args.registration_offset_um))
     sample = write_synthetic_sample(
         args.out_dir,
         size_mm=tuple(args.size_mm),
@@ -39,6 +52,7 @@ def run(args) -> int:
         n_addon_genes=args.addon_genes,
         he_pixel_size_um=args.he_pixel_size_um,
         deformation=not args.no_deformation,
+        shift=shift,
         progress=lambda message: print(f"  {message}", file=sys.stderr),
     )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

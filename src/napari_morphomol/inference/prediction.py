@@ -14,7 +14,8 @@ A call goes in three steps, after every check of :mod:`.checks` (nothing is writ
    unfinished chunk on the scheduler (:mod:`.scheduling`): threads (default), processes or a
    dask.distributed cluster. Tasks write their rows straight into the store; the caller only
    watches the done-mask for progress and cancellation, and finalises the store when every chunk
-   is done, after writing the stitched token maps (:mod:`.token_maps`) of a token-head model.
+   is done, after writing the stitched token maps (:mod:`.token_maps`) of a token-head model and
+   the interval bounds and out-of-distribution flags of a calibrated model (:mod:`.trust`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ from napari_morphomol.inference.store import (
     update_attrs,
 )
 from napari_morphomol.inference.token_maps import write_token_maps
+from napari_morphomol.inference.trust import write_trust
 from napari_morphomol.inference.worker import InferenceCancelled, RunSpec, calibrate, card_output_specs, forget_run
+from napari_morphomol.models.trust import DEFAULT_LEVEL, level_index
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,13 @@ class PredictOptions:
     fitted registration."""
     overwrite: bool = False
     """Replace ``store`` if it is a results store of ours, and discard a partial run."""
+    interval_level: float = DEFAULT_LEVEL
+    """Nominal coverage of the interval bounds written beside the predictions (one of the levels
+    the model is calibrated at: 0.5, 0.8, 0.9, 0.95, 0.99)."""
 
     def __post_init__(self) -> None:
         check_options(self)
+        level_index(self.interval_level)
         object.__setattr__(self, "store", Path(self.store))
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", Path(self.checkpoint))
@@ -261,6 +268,7 @@ def run_fingerprint(options: PredictOptions, info, checkpoint_sha256: str) -> di
         "tiles_per_chunk": int(options.tiles_per_chunk),
         "min_transcripts": int(options.min_transcripts),
         "max_background": float(options.max_background),
+        "interval_level": float(options.interval_level),
     }
 
 
@@ -460,6 +468,7 @@ def _run(partial: Path, final: Path, attrs: dict, inputs: _Inputs, options: Pred
     tick = time.perf_counter()
     token_maps = write_token_maps(zarr.open_group(partial, mode="r+"), attrs)
     record.timings["token_maps_s"] = time.perf_counter() - tick
+    trust = write_trust(zarr.open_group(partial, mode="r+"), inputs.card, options.interval_level)
     segment.update(
         status="complete", finished_at=_now(), chunks_run=len(pending),
         tiles_run=int(sum(r["tiles"] for r in records)), devices=sorted({r["device"] for r in records}),
@@ -468,7 +477,7 @@ def _run(partial: Path, final: Path, attrs: dict, inputs: _Inputs, options: Pred
     )
     forget_run(str(partial))
     return finalise_store(partial, final, {"segments": [*segments, segment], "finished_at": segment["finished_at"],
-                                           "warnings": run_warnings, "token_maps": token_maps})
+                                           "warnings": run_warnings, "token_maps": token_maps, "trust": trust})
 
 
 def _calibrate(partial: Path, spec: RunSpec, options: PredictOptions, scheduler: Scheduler,

@@ -67,8 +67,10 @@ CANCEL_MARKER = ".cancel"
 """Token rows (and columns) per zarr chunk of ``inputs/tokens``."""
 TOKEN_MAPS = "token_maps"
 """The group of stitched token maps (:mod:`.token_maps`)."""
-_STORE_ENTRIES = {"zarr.json", "tiles", "measured_counts", "measured_token_counts", TOKEN_MAPS, "done", "chunk_seconds",
-                  "inputs", CANCEL_MARKER}
+TRUST = "trust"
+"""The group of interval bounds and out-of-distribution flags (:mod:`.trust`)."""
+_STORE_ENTRIES = {"zarr.json", "tiles", "measured_counts", "measured_token_counts", TOKEN_MAPS, TRUST, "done",
+                  "chunk_seconds", "inputs", CANCEL_MARKER}
 """Every name a results store of ours holds at its top level besides its outputs (no output takes one)."""
 
 
@@ -334,6 +336,8 @@ class Results:
     token_maps: dict = field(default_factory=dict)
     """The stitched token maps by kind ("predicted", "measured"), ``token_maps.TokenMapImage``
     read lazily; empty for a tile-only model (or a run made before they were stored)."""
+    trust: object = None
+    """The run's ``trust.RunTrust``: interval bounds and out-of-distribution flags, or why there are none."""
 
     def output(self, name: str) -> np.ndarray:
         """The array of the output ``name``; InputError naming the outputs this run holds."""
@@ -376,13 +380,14 @@ def results_from_group(path: Path, root: zarr.Group, attrs: dict) -> Results:
     table = root["tiles"]
     tiles = pd.DataFrame({name: table[name][:] for name in attrs["tile_columns"]})
     from napari_morphomol.inference.token_maps import read_token_maps
+    from napari_morphomol.inference.trust import read_trust
 
     outputs = {record["name"]: root[record["name"]] if record["level"] == "token" else root[record["name"]][:]
                for record in attrs["outputs"]}
     measured = root["measured_counts"][:] if "measured_counts" in root else None
     measured_tokens = root["measured_token_counts"] if "measured_token_counts" in root else None
     return Results(path, tiles, list(attrs["addon_genes"]), outputs, list(attrs["measured_genes"]), measured, attrs,
-                   measured_tokens, read_token_maps(root))
+                   measured_tokens, read_token_maps(root), read_trust(root, attrs))
 
 
 def open_results(path: str | Path) -> Results:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from napari_morphomol.analysis import CELL_UNITS, EXPRESSION_UNITS, TOKEN_EXPRESSION_UNITS, RunExplorer
+from napari_morphomol.analysis.run_explorer import MEASURED_KINDS
 from napari_morphomol.coords import layer_affine_um
 from napari_morphomol.inference.store import RESULTS_LAYER_KEY
 from napari_morphomol.layers.sample import UNITS_UM
@@ -18,11 +19,16 @@ from napari_morphomol.layers.view import percentile_limits
 PREDICTED_LAYER = "predicted expression"
 MEASURED_LAYER = "measured expression"
 RESIDUAL_LAYER = "residual (measured - predicted)"
+INTERVAL_LAYER = "interval width"
+OUTLIER_LAYER = "out of distribution"
+OUTLIER_COLOR = (0.55, 0.55, 0.55, 1.0)
+"""Flagged tiles are drawn in this grey over the maps (at the layer's opacity), greying them out."""
 CLUSTERS_LAYER = "Leiden clusters"
 PCA_LAYER = "embedding PCA (RGB)"
 SELECTION_LAYER = "selected tiles"
-MAP_COLORMAPS = {"predicted": "magma", "measured": "magma", "residual": "bwr"}
-MAP_LAYER_NAMES = {"predicted": PREDICTED_LAYER, "measured": MEASURED_LAYER, "residual": RESIDUAL_LAYER}
+MAP_COLORMAPS = {"predicted": "magma", "measured": "magma", "residual": "bwr", "interval": "viridis"}
+MAP_LAYER_NAMES = {"predicted": PREDICTED_LAYER, "measured": MEASURED_LAYER, "residual": RESIDUAL_LAYER,
+                   "interval": INTERVAL_LAYER}
 SELECTION_COLOR = (1.0, 1.0, 0.0, 1.0)
 
 
@@ -45,7 +51,8 @@ MAP_UNITS = {"tile": EXPRESSION_UNITS, "token": TOKEN_EXPRESSION_UNITS, "cell": 
 def map_raster(explorer: RunExplorer, gene: str, kind: str, resolution: str = "tile"):
     """The raster of one gene map at ``resolution`` (see :data:`RESOLUTIONS`): NaN everywhere when
     ``gene`` was not measured and ``kind`` needs it. A cell map is a list of lazy levels (multiscale)."""
-    unmeasured = kind != "predicted" and not explorer.is_measured(gene)
+    unmeasured = (kind in MEASURED_KINDS and not explorer.is_measured(gene)) or (
+        kind == "interval" and explorer.interval_refusal(resolution) is not None)
     if resolution == "cell":
         levels = explorer.cell_map(gene, "predicted" if unmeasured else kind)
         return [level * np.float32(np.nan) for level in levels] if unmeasured else levels
@@ -59,7 +66,9 @@ def map_limits(explorer: RunExplorer, gene: str, kind: str, resolution: str, ras
     """Contrast of one map (:func:`map_contrast_limits`; a cell map's from its cells' values), None
     when it has no finite value."""
     if resolution == "cell":
-        if kind != "predicted" and not explorer.is_measured(gene):
+        if kind in MEASURED_KINDS and not explorer.is_measured(gene):
+            return None
+        if kind == "interval" and explorer.interval_refusal(resolution) is not None:
             return None
         raster = explorer.cell_label_values(gene, kind)
     return map_contrast_limits(raster, kind) if np.isfinite(raster).any() else None
@@ -141,6 +150,21 @@ def pca_layer(explorer: RunExplorer) -> tuple:
         {"name": PCA_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "rgb": True, "visible": False,
          "metadata": {"components": "PC1, PC2, PC3 -> R, G, B", RESULTS_LAYER_KEY: str(explorer.results.path)}},
         "image",
+    )
+
+
+def outlier_layer(explorer: RunExplorer) -> tuple:
+    """The tiles flagged out of distribution, grey over the maps (transparent elsewhere)."""
+    trust = explorer.trust
+    flagged = np.flatnonzero(trust.outlier_flag)
+    return (
+        selection_mask(explorer, flagged),
+        {"name": OUTLIER_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "opacity": 0.75,
+         "colormap": {0: "transparent", None: "transparent", 1: OUTLIER_COLOR},
+         "metadata": {RESULTS_LAYER_KEY: str(explorer.results.path), "n_flagged": int(len(flagged)),
+                      "threshold": trust.threshold,
+                      "legend": {f"out of distribution (outlier score > {trust.threshold:.2f})": OUTLIER_COLOR}}},
+        "labels",
     )
 
 

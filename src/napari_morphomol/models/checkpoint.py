@@ -8,6 +8,7 @@ header, before it is used to build anything; a card only ever builds a local tim
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,14 +29,16 @@ from napari_morphomol.errors import InputError
 from napari_morphomol.models.baseline import MinMAEBaseline
 from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, MAX_PARAMETERS, ModelConfig, tile_spec_from_dict
 from napari_morphomol.models.fusion import FusionModel
+from napari_morphomol.models.trust import TENSOR_PREFIX, Calibration
 from napari_morphomol.tiling.geometry import TileSpec
 
 CARD_METADATA_KEY = "morphomol_model_card"
 CARD_FORMAT = "napari-morphomol-model"
-CARD_FORMAT_VERSION = 2
+CARD_FORMAT_VERSION = 3
 """2: ``tile_geometry`` is a :class:`~napari_morphomol.tiling.TileSpec` (tile_px, stride_px,
-tile_pixel_size_um, image_px, tokens_per_side). Cards of format 1 (mpp, img_size, patch_px, as the
-shipped model's) are read as well."""
+tile_pixel_size_um, image_px, tokens_per_side). Cards of format 1 (mpp, img_size, patch_px) are
+read as well. 3: an optional ``calibration`` (:class:`~napari_morphomol.models.trust.Calibration`),
+its tensors named ``calibration.*`` beside the weights."""
 #: What to do about a card that does not fit its file or is not a card.
 REEXPORT_ADVICE = (
     "the file was edited or written by another tool; retrain, or re-export it with napari-morphomol "
@@ -58,6 +61,8 @@ class ModelCard:
     """How the model's tiles and tokens were cut."""
     training: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    """Conformal quantiles and the outlier reference (None: the model gives no intervals or flags)."""
 
     def __post_init__(self) -> None:
         for name, genes, count in (
@@ -80,6 +85,7 @@ class ModelCard:
             )
 
     def to_json(self) -> str:
+        calibration = {} if self.calibration is None else {"calibration": self.calibration.to_card()[0]}
         return json.dumps(
             {
                 "format": CARD_FORMAT,
@@ -95,12 +101,15 @@ class ModelCard:
                 },
                 "training": _finite_or_null(self.training),
                 "provenance": self.provenance,
+                **calibration,
             },
             allow_nan=False,
         )
 
     @classmethod
-    def from_json(cls, text: str) -> ModelCard:
+    def from_json(cls, text: str, tensors: Mapping[str, np.ndarray] | None = None) -> ModelCard:
+        """The card of ``text``; ``tensors``: the checkpoint file's ``calibration.*`` tensors (None: a
+        card read without its file, whose calibration then has no outlier reference)."""
         try:
             values = json.loads(text)
         except json.JSONDecodeError as error:
@@ -128,13 +137,19 @@ class ModelCard:
         for key in ("training", "provenance"):
             if not isinstance(values.get(key, {}), dict):
                 raise InputError(f"Model card field {key!r} must be a JSON object.")
-        return cls(
+        card = cls(
             model=ModelConfig.from_dict(values.get("model")),
             tile_geometry=tile_spec_from_dict(values.get("tile_geometry", {})),
             training=values.get("training", {}),
             provenance=values.get("provenance", {}),
             **genes,
         )
+        if "calibration" not in values:
+            return card
+        embedding_dim = described_embedding_dim(card.model)
+        calibration = Calibration.from_card(values["calibration"], tensors, card.model.n_addon_genes,
+                                            embedding_dim)
+        return dataclasses.replace(card, calibration=calibration)
 
 
 def _finite_or_null(value: Any) -> Any:
@@ -163,12 +178,15 @@ def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path
     if model.config != card.model:
         raise InputError("The model card describes a different architecture than the model being saved.")
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    if card.calibration is not None:
+        tensors.update({name: torch.from_numpy(np.ascontiguousarray(array))
+                        for name, array in card.calibration.to_card()[1].items()})
     provenance = {
         "napari_morphomol_version": __version__,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **card.provenance,
     }
-    card = ModelCard(card.model, card.core_genes, card.addon_genes, card.tile_geometry, card.training, provenance)
+    card = dataclasses.replace(card, provenance=provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(path) as temporary:
         save_file(tensors, str(temporary), metadata={CARD_METADATA_KEY: card.to_json()})
@@ -201,7 +219,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     card = _checked_card(path)
     with _opened(path, str(device)) as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if not key.startswith(TENSOR_PREFIX)}
     _check_weights(path.name, card, tensors)
     model = build_model(card.model)
     model.to(device)
@@ -242,6 +260,14 @@ def described_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
+def described_embedding_dim(config: ModelConfig) -> int | None:
+    """Width of the tile embedding of the model ``config`` describes (built on the meta device)."""
+    if not config.variant_spec.neural:
+        return config.n_core_genes
+    with torch.device("meta"):
+        return build_model(config).embedding_dim
+
+
 def _checked_card(path: Path) -> ModelCard:
     """The card of a checkpoint file, once it describes exactly the tensors in the file's header."""
     if not path.is_file():
@@ -259,9 +285,12 @@ def _checked_card(path: Path) -> ModelCard:
                 f"{path.name} is a safetensors file without a napari-morphomol model card; it holds bare "
                 "weights. Reference-layout weights can be converted with convert_reference_checkpoint."
             )
-        found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()
+                 if not key.startswith(TENSOR_PREFIX)}
+        calibration_tensors = {key: handle.get_tensor(key).numpy() for key in handle.keys()
+                               if key.startswith(TENSOR_PREFIX)}
     try:
-        card = ModelCard.from_json(metadata[CARD_METADATA_KEY])
+        card = ModelCard.from_json(metadata[CARD_METADATA_KEY], calibration_tensors)
         expected = described_tensor_shapes(card.model)
     except InputError as error:
         raise InputError(f"Checkpoint {path.name}: {error}") from error

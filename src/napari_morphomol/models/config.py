@@ -129,8 +129,8 @@ ARCHITECTURE_LIMITS: dict[str, tuple[float, float]] = {
 #: How a model output may be named (it names an array of the results store), and the names taken:
 #: the tile outputs every model has and the results store's own entries.
 OUTPUT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
-RESERVED_OUTPUT_NAMES = frozenset({"predictions", "embeddings", "tiles", "measured_counts", "measured_token_counts",
-                                   "token_maps", "done", "chunk_seconds", "inputs"})
+RESERVED_OUTPUT_NAMES = frozenset({"predictions", "embeddings", "prediction_log_variance", "tiles", "measured_counts",
+                                   "measured_token_counts", "token_maps", "trust", "done", "chunk_seconds", "inputs"})
 ADDON_TOKEN_HEAD = "addon_tokens"
 """The token head that predicts the add-on panel per token (width ``n_addon_genes``), trained on
 the tiles store's per-token add-on counts. Its output is a log rate per token and gene: the
@@ -211,6 +211,10 @@ class ModelConfig:
     """Per-token outputs: name -> width. Each is a linear head on the token features
     (``FusionModel.forward_tokens``), giving (B, tokens, width) in ``ModelOutput.token_outputs``
     and one (tiles, tokens, width) array of that name in the results store."""
+    variance_head: bool = False
+    """A second linear head on the tile embedding giving the log variance of each tile prediction
+    (``ModelOutput.prediction_log_variance``), trained with a Gaussian likelihood on the tile
+    residuals (the mean is not moved by it); the spread that calibrated intervals scale."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -246,6 +250,8 @@ class ModelConfig:
         if self.unimodal_inputs and self.stage is None:
             raise InputError("unimodal_inputs only applies to fusion variants.")
         self._check_token_heads()
+        if self.variance_head and not self.variant_spec.neural:
+            raise InputError("Min-MAE is fitted, not trained, and has no variance head; set variance_head=False.")
 
     def _check_token_heads(self) -> None:
         """Token heads only on a variant with a token sequence, each with a free name and a width;

@@ -14,7 +14,8 @@ A forward pass goes the timm way, in three steps:
 2. *pool*: :meth:`~FusionModel.forward_pool` gives the tile embedding (B, E) and
    :meth:`~FusionModel.forward_tokens` one feature per token (B, tokens, E_token), aligned with
    the token raster in row-major order (None for variants that average transcripts per tile).
-3. *heads*: ``head`` maps the tile embedding to the add-on genes; each of ``token_heads``
+3. *heads*: ``head`` maps the tile embedding to the add-on genes (and ``variance_head``, with
+   ``config.variance_head``, to the log variance of each); each of ``token_heads``
    (``config.token_heads``) maps the token features to a per-token output.
 
 :meth:`~FusionModel.output_specs` declares what a forward pass gives, as :class:`OutputSpec`
@@ -44,12 +45,14 @@ EXPRESSION_NORM_EPSILON = 1e-5
 
 
 class ModelOutput(NamedTuple):
-    """log1p add-on expression per tile (B, G_add), the tile embedding (B, E), and the per-token
-    outputs by name, (B, tokens, width) each (empty for a model without token heads)."""
+    """log1p add-on expression per tile (B, G_add), the tile embedding (B, E), the per-token
+    outputs by name, (B, tokens, width) each (empty for a model without token heads), and the log
+    variance of each tile prediction (B, G_add) for a model with a variance head (else None)."""
 
     predictions: torch.Tensor
     embeddings: torch.Tensor
     token_outputs: Mapping[str, torch.Tensor] = MappingProxyType({})
+    prediction_log_variance: torch.Tensor | None = None
 
 
 class Features(NamedTuple):
@@ -165,18 +168,24 @@ class FusionModel(nn.Module):
         self.head = nn.Linear(self.embedding_dim, config.n_addon_genes)
         self.token_heads = nn.ModuleDict({name: nn.Linear(self.embedding_dim, width)
                                           for name, width in config.token_heads.items()})
+        if config.variance_head:
+            self.variance_head = nn.Linear(self.embedding_dim, config.n_addon_genes)
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
     def output_specs(self) -> tuple[OutputSpec, ...]:
-        """What :meth:`forward` gives, in order: the tile predictions and embedding, then the token heads."""
+        """What :meth:`forward` gives, in order: the tile predictions and embedding (and their log
+        variance with a variance head), then the token heads."""
         tile = (OutputSpec("predictions", "tile", self.config.n_addon_genes),
                 OutputSpec("embeddings", "tile", self.embedding_dim))
+        if self.config.variance_head:
+            tile += (OutputSpec("prediction_log_variance", "tile", self.config.n_addon_genes),)
         return tile + tuple(OutputSpec(name, "token", head.out_features) for name, head in self.token_heads.items())
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """The heads (tile and token), trained at the head rate."""
-        return list(self.head.parameters()) + list(self.token_heads.parameters())
+        """The heads (tile, variance and token), trained at the head rate."""
+        variance = list(self.variance_head.parameters()) if self.config.variance_head else []
+        return list(self.head.parameters()) + variance + list(self.token_heads.parameters())
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Everything but the heads, trained at the backbone rate as in the reference code."""
@@ -190,7 +199,8 @@ class FusionModel(nn.Module):
         if self.token_heads:
             tokens = self.forward_tokens(features)
             token_outputs = {name: head(tokens) for name, head in self.token_heads.items()}
-        return ModelOutput(self.head(embeddings), embeddings, MappingProxyType(token_outputs))
+        log_variance = self.variance_head(embeddings) if self.config.variance_head else None
+        return ModelOutput(self.head(embeddings), embeddings, MappingProxyType(token_outputs), log_variance)
 
     def forward_features(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> Features:
         """The sequences after the encoders (see :class:`Features`), inputs checked first."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from napari_morphomol.models.baseline import fit_min_mae_baseline
 from napari_morphomol.models.checkpoint import ModelCard, build_model, save_checkpoint
 from napari_morphomol.models.config import ADDON_TOKEN_HEAD, ModelConfig
 from napari_morphomol.models.metrics import mean_metrics, per_gene_metrics
+from napari_morphomol.models.trust import fit_calibration
 from napari_morphomol.tiling.geometry import TileSpec
 
 VALIDATION_METRIC = "val/mse"
@@ -175,29 +176,31 @@ class FusionTrainingModule(L.LightningModule):
                 tokens = None
         return images, tokens
 
-    def _losses(self, batch: dict[str, torch.Tensor], training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The paper's tile MSE, and the per-token loss when the model has the add-on token head."""
+    def _losses(self, batch: dict[str, torch.Tensor], training: bool) -> dict[str, torch.Tensor]:
+        """The paper's tile MSE (``"mse"``), the per-token loss when the model has the add-on token
+        head (``"token_loss"``) and the variance head's Gaussian likelihood (``"variance_nll"``)."""
         output = self.model(*self._inputs(batch, training))
-        tile = F.mse_loss(output.predictions.float(), batch["target"].float())
-        if ADDON_TOKEN_HEAD not in output.token_outputs:
-            return tile, None
-        return tile, token_loss(output.token_outputs[ADDON_TOKEN_HEAD], batch["token_target"], self.settings.token_loss)
+        target = batch["target"].float()
+        losses = {"mse": F.mse_loss(output.predictions.float(), target)}
+        if ADDON_TOKEN_HEAD in output.token_outputs:
+            losses["token_loss"] = token_loss(output.token_outputs[ADDON_TOKEN_HEAD], batch["token_target"],
+                                              self.settings.token_loss)
+        if output.prediction_log_variance is not None:
+            losses["variance_nll"] = variance_nll(output.prediction_log_variance, output.predictions, target)
+        return losses
+
+    def _log(self, split: str, losses: dict[str, torch.Tensor], n: int) -> None:
+        for name, value in losses.items():
+            self.log(f"{split}/{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
 
     def training_step(self, batch, batch_idx):
-        tile, token = self._losses(batch, training=True)
-        n = len(batch["target"])
-        self.log("train/mse", tile, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        if token is None:
-            return tile
-        self.log("train/token_loss", token, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        return tile + self.settings.token_loss_weight * token
+        losses = self._losses(batch, training=True)
+        self._log("train", losses, len(batch["target"]))
+        weights = {"mse": 1.0, "token_loss": self.settings.token_loss_weight, "variance_nll": 1.0}
+        return sum(weights[name] * value for name, value in losses.items())
 
     def validation_step(self, batch, batch_idx):
-        tile, token = self._losses(batch, training=False)
-        n = len(batch["target"])
-        self.log(VALIDATION_METRIC, tile, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        if token is not None:
-            self.log("val/token_loss", token, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        self._log("val", self._losses(batch, training=False), len(batch["target"]))
 
     def configure_optimizers(self):
         settings = self.settings
@@ -233,6 +236,20 @@ def token_loss(log_rate: torch.Tensor, counts: torch.Tensor, kind: str) -> torch
     if kind == "poisson":
         return F.poisson_nll_loss(log_rate, counts, log_input=True, full=False)
     return F.mse_loss(F.softplus(log_rate), torch.log1p(counts))
+
+
+#: Log variances of the variance head are clamped to this range in its loss (log1p targets vary
+#: by far less than e^3 and more than e^-14), so one tile cannot blow the likelihood up.
+LOG_VARIANCE_RANGE = (-14.0, 3.0)
+
+
+def variance_nll(log_variance: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean Gaussian negative log likelihood (constants dropped) of the tile targets under the
+    predicted mean and log variance. The mean is detached: the variance head learns the squared
+    residuals of the tile head without changing what the tile head learns."""
+    log_variance = log_variance.float().clamp(*LOG_VARIANCE_RANGE)
+    squared = (targets.float() - predictions.detach().float()) ** 2
+    return 0.5 * (log_variance + squared * torch.exp(-log_variance)).mean()
 
 
 def token_log1p(log_rate: torch.Tensor) -> torch.Tensor:
@@ -278,6 +295,8 @@ class Evaluation:
     token_means: dict[str, float] | None = None
     token_sum_means: dict[str, float] | None = None
     """The tile scored by the sum of its token predictions instead of the tile head."""
+    log_variances: np.ndarray | None = None
+    """With a variance head: the log variance of each tile prediction (tiles, genes)."""
 
 
 @dataclass(frozen=True)
@@ -314,6 +333,8 @@ def start_at_mean_target(model: nn.Module, dataset: Dataset) -> torch.Tensor:
             # per-token counts sum to its count, so that is the mean tile count over the tokens of a tile
             per_token = torch.expm1(targets).mean(dim=0) / model.n_tokens
             model.token_heads[ADDON_TOKEN_HEAD].bias.copy_(per_token.clamp_min(1e-3).log())
+        if model.config.variance_head:  # start at the spread of the constant predictor
+            model.variance_head.bias.copy_(targets.var(dim=0).clamp_min(1e-4).log())
     return mean
 
 
@@ -329,6 +350,8 @@ def train_model(
     backbone_weights: str | Path | None = None,
     tile_geometry: TileSpec = TileSpec(),
     data_summary: dict[str, Any] | None = None,
+    calibration_dataset: Dataset | None = None,
+    calibration_samples: Sequence[str] = (),
 ) -> TrainingResult:
     """Train one variant, keep the best validation epoch, evaluate it and save a checkpoint.
 
@@ -354,6 +377,10 @@ def train_model(
         How the tiles were cut (recorded in the card; ``predict`` cuts tiles the same way).
     data_summary
         Free-form description of the training data, kept in the card.
+    calibration_dataset, calibration_samples
+        Tiles of held-out samples (neither trained nor early-stopped on, ideally) and their names:
+        when given, the card gets a :class:`~napari_morphomol.models.trust.Calibration` (conformal
+        quantiles of the variance head's and the token head's predictions, and the outlier reference).
 
     Returns
     -------
@@ -391,6 +418,12 @@ def train_model(
         "history": history,
     }
     card = dataclasses.replace(card_without_results, training=training)
+    if calibration_dataset is not None:
+        check_tile_dataset(calibration_dataset, config, "calibration")
+        calibration = fit_calibration(model, calibration_dataset, train_dataset, samples=tuple(calibration_samples),
+                                      batch_size=min(settings.batch_size, 64), device=device)
+        model.cpu()
+        card = dataclasses.replace(card, calibration=calibration)
     written = None
     if checkpoint_path is not None and fitted.is_writer:
         written = save_checkpoint(model, card, checkpoint_path)
@@ -486,6 +519,30 @@ def _fit_with_lightning(config: ModelConfig, settings: TrainingSettings, train_d
                         settings.resolved_precision().startswith("bf16"), trainer.is_global_zero)
 
 
+def model_outputs(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device: str | torch.device = "cpu",
+                  bf16: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]]:
+    """Run ``model`` over ``dataset`` in order, yielding each batch and its outputs as float32 numpy:
+    ``predictions``, ``embeddings``, with a variance head ``prediction_log_variance``, and with the
+    add-on token head ``token_rate`` (counts per token) and ``token_log1p`` (its expected log1p)."""
+    config = model.config
+    device = torch.device(device)
+    model = model.to(device).eval()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            images = batch["image"].to(device) if config.uses_image else None
+            tokens = batch["tokens"].to(device) if config.uses_transcripts else None
+            output = model(images, tokens)
+            arrays = {"predictions": output.predictions.float().cpu().numpy(),
+                      "embeddings": output.embeddings.float().cpu().numpy()}
+            if output.prediction_log_variance is not None:
+                arrays["prediction_log_variance"] = output.prediction_log_variance.float().cpu().numpy()
+            if ADDON_TOKEN_HEAD in output.token_outputs:
+                log_rate = output.token_outputs[ADDON_TOKEN_HEAD].float()
+                arrays["token_rate"] = torch.exp(log_rate).cpu().numpy()
+                arrays["token_log1p"] = token_log1p(log_rate).cpu().numpy()
+            yield batch, arrays
+
+
 def evaluate_model(
     model: nn.Module,
     dataset: Dataset,
@@ -498,28 +555,21 @@ def evaluate_model(
     """Predict every tile of ``dataset`` and score it per gene (Pearson, Spearman, MSE)."""
     config = model.config
     check_tile_dataset(dataset, config, "evaluation")
-    device = torch.device(device)
-    model = model.to(device).eval()
-    predictions, targets, embeddings, token_predictions, token_targets = [], [], [], [], []
-    with_tokens = ADDON_TOKEN_HEAD in config.token_heads
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for batch in loader:
-            images = batch["image"].to(device) if config.uses_image else None
-            tokens = batch["tokens"].to(device) if config.uses_transcripts else None
-            output = model(images, tokens)
-            predictions.append(output.predictions.float().cpu().numpy())
-            embeddings.append(output.embeddings.float().cpu().numpy())
-            targets.append(batch["target"].float().numpy())
-            if with_tokens:
-                token_predictions.append(token_log1p(output.token_outputs[ADDON_TOKEN_HEAD]).cpu().numpy())
-                token_targets.append(batch["token_target"].float().numpy())
-    predicted, measured = np.concatenate(predictions), np.concatenate(targets)
+    outputs: dict[str, list[np.ndarray]] = {}
+    for batch, arrays in model_outputs(model, dataset, batch_size=batch_size, device=device, bf16=bf16):
+        arrays["targets"] = batch["target"].float().numpy()
+        if "token_log1p" in arrays:
+            arrays["token_targets"] = batch["token_target"].float().numpy()
+        for name, array in arrays.items():
+            outputs.setdefault(name, []).append(array)
+    got = {name: np.concatenate(arrays) for name, arrays in outputs.items()}
+    predicted, measured = got["predictions"], got["targets"]
     gene_metrics = per_gene_metrics(predicted, measured, addon_genes)
-    evaluation = Evaluation(predicted, measured, np.concatenate(embeddings), gene_metrics, mean_metrics(gene_metrics))
-    if not with_tokens:
+    evaluation = Evaluation(predicted, measured, got["embeddings"], gene_metrics, mean_metrics(gene_metrics),
+                            log_variances=got.get("prediction_log_variance"))
+    if "token_log1p" not in got:
         return evaluation
-    token_predicted, token_counts = np.concatenate(token_predictions), np.concatenate(token_targets)
+    token_predicted, token_counts = got["token_log1p"], got["token_targets"]
     n_genes = token_predicted.shape[-1]
     token_metrics = per_gene_metrics(token_predicted.reshape(-1, n_genes), np.log1p(token_counts).reshape(-1, n_genes),
                                      addon_genes)

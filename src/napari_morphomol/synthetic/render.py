@@ -75,6 +75,25 @@ def random_stain(rng: np.random.Generator) -> Stain:
     )
 
 
+#: A stain no cohort sample has: brown hematoxylin (absorbing blue, like an over-oxidised or
+#: DAB-like counterstain) and a strong magenta eosin.
+_UNSEEN_HEMATOXYLIN_OD = np.array([0.30, 0.55, 0.78])
+_UNSEEN_EOSIN_OD = np.array([0.45, 0.85, 0.25])
+
+
+def unseen_stain(rng: np.random.Generator) -> Stain:
+    """A slide stained unlike any of :func:`random_stain`'s (the trust benchmark's stain shift)."""
+    return Stain(
+        hematoxylin_od=_UNSEEN_HEMATOXYLIN_OD / np.linalg.norm(_UNSEEN_HEMATOXYLIN_OD),
+        eosin_od=_UNSEEN_EOSIN_OD / np.linalg.norm(_UNSEEN_EOSIN_OD),
+        glass_od=rng.uniform(0.02, 0.05, 3),
+        hematoxylin_gain=float(rng.uniform(1.3, 1.5)),
+        eosin_gain=float(rng.uniform(0.8, 0.9)),
+        blur_px=float(rng.uniform(0.6, 1.0)),
+        noise=float(rng.uniform(2.0, 4.0)),
+    )
+
+
 def _stamp(
     cells: Cells, rows: np.ndarray, centre_px: np.ndarray, wx: np.ndarray, wy: np.ndarray, px_um: float,
     weight: np.ndarray,

@@ -34,7 +34,7 @@ from napari_morphomol.synthetic.bundle import (
 )
 from napari_morphomol.synthetic.expression import ProgramPanel, make_panel
 from napari_morphomol.synthetic.images import write_he_image, write_morphology
-from napari_morphomol.synthetic.plan import SamplePlan, plan_sample
+from napari_morphomol.synthetic.plan import DatasetShift, SamplePlan, plan_sample
 from napari_morphomol.synthetic.tissue import Cells, make_cells, make_fields
 from napari_morphomol.synthetic.truth import GROUND_TRUTH_CELLS, GROUND_TRUTH_JSON, write_ground_truth
 
@@ -106,6 +106,7 @@ def write_synthetic_sample(
     n_addon_genes: int = 100,
     he_pixel_size_um: float = 0.2737,
     deformation: bool = True,
+    shift: DatasetShift = DatasetShift(),
     progress=None,
 ) -> SyntheticSample:
     """Write a synthetic sample into the new (or empty) folder ``out_dir``, atomically.
@@ -124,6 +125,9 @@ def write_synthetic_sample(
         H&E pixel size (0.05 to 5 um/px).
     deformation
         Add a smooth warp of a few um to the H&E placement (else an affine only).
+    shift
+        What makes the sample unlike the cohort: an unseen stain, a sarcomatoid tumour, a recorded
+        registration that is off (:class:`~napari_morphomol.synthetic.plan.DatasetShift`; none by default).
     progress
         ``progress(message)``, called between stages when given.
 
@@ -134,13 +138,16 @@ def write_synthetic_sample(
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out_dir = Path(out_dir).absolute()
-    plan = plan_sample(size_mm, seed=seed, he_pixel_size_um=he_pixel_size_um, deformation=deformation)
+    plan = plan_sample(size_mm, seed=seed, he_pixel_size_um=he_pixel_size_um, deformation=deformation, shift=shift)
     _check_out_dir(out_dir)
     say = progress or (lambda message: None)
     with atomic_output(out_dir, SAMPLE_FOLDER, overwrite=True) as tmp:
         panel = make_panel(n_core_genes, n_addon_genes)
         fields = make_fields(plan.rng(0), plan.size_um)
-        cells = make_cells(seed, fields, plan.size_um)
+        sarcomatoid = None
+        if shift.tissue == "sarcomatoid":
+            sarcomatoid = shift.tissue_region_um or (0.0, 0.0, plan.size_um[0], plan.size_um[1])
+        cells = make_cells(seed, fields, plan.size_um, sarcomatoid)
         if len(cells) == 0:
             raise InputError(
                 f"a {plan.size_um[0] / 1000:g} x {plan.size_um[1] / 1000:g} mm sample with seed {seed} has no cells: "
@@ -188,7 +195,9 @@ def _write_sidecars(sample: SyntheticSample, plan: SamplePlan, panel: ProgramPan
     a sample folder's reader looks for (``*he_imagealignment.csv``) beside a finished bundle.
     """
     sample.panel_json.write_text(json.dumps({"core": panel.core, "addon": panel.addon}, indent=1))
-    affine = np.vectorize(lambda v: float(f"{v:.{ALIGNMENT_DIGITS}g}"))(plan.transform.affine)
+    offset_px = np.asarray(plan.shift.registration_offset_um) / plan.xenium_pixel_size_um
+    recorded = np.array([[1.0, 0.0, offset_px[0]], [0.0, 1.0, offset_px[1]], [0.0, 0.0, 1.0]]) @ plan.transform.affine
+    affine = np.vectorize(lambda v: float(f"{v:.{ALIGNMENT_DIGITS}g}"))(recorded)
     write_alignment_csv(sample.alignment_csv, affine)
     write_keypoints_csv(sample.keypoints_csv, _keypoints(plan, cells))
 

@@ -171,6 +171,7 @@ def write_ground_truth(folder: Path, plan: SamplePlan, panel: ProgramPanel, cell
             "loadings": panel.loadings.tolist(),
         },
         "stain": plan.stain.as_json(),
+        **({} if plan.shift.is_cohort else {"shift": plan.shift.as_json()}),
         "n_cells": len(cells),
         "n_transcripts": int(n_transcripts),
     }

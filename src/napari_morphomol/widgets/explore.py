@@ -29,7 +29,6 @@ from qtpy.QtWidgets import (
 
 from napari_morphomol.analysis import (
     EXPRESSION_UNITS,
-    MAP_KINDS,
     PAPER_N_PCS,
     TOKEN_EXPRESSION_UNITS,
     RunExplorer,
@@ -40,8 +39,10 @@ from napari_morphomol.coords import napari_to_xy
 from napari_morphomol.errors import InputError
 from napari_morphomol.layers.run import (
     CLUSTERS_LAYER,
+    INTERVAL_LAYER,
     MAP_COLORMAPS,
     MAP_UNITS,
+    OUTLIER_LAYER,
     PCA_LAYER,
     RESOLUTIONS,
     SELECTION_LAYER,
@@ -52,6 +53,7 @@ from napari_morphomol.layers.run import (
     map_affine_um,
     map_limits,
     map_raster,
+    outlier_layer,
     pca_layer,
     selection_layer,
     selection_mask,
@@ -73,6 +75,34 @@ def _no_token_maps(explorer: RunExplorer) -> str:
     except InputError as exc:
         return str(exc)
     return ""
+
+
+def map_kinds(explorer: RunExplorer) -> tuple[str, ...]:
+    """The map layers a run gets: predicted; measured and residual when the sample measured add-on
+    genes; the interval width when the run has intervals at some resolution."""
+    kinds = ("predicted",) + (("measured", "residual") if explorer.results.measured_genes else ())
+    if explorer.interval_refusal("tile") is None or explorer.interval_refusal("token") is None:
+        kinds += ("interval",)
+    return kinds
+
+
+def trust_note(explorer: RunExplorer) -> str:
+    """What the dock says of a run's trust: its intervals and flagged tiles, or why it has none."""
+    trust = explorer.trust
+    if trust.unavailable:
+        return trust.unavailable
+    parts = [f"{trust.level:.0%} intervals (layer {INTERVAL_LAYER!r}: upper - lower bound)"]
+    if trust.has_flags:
+        parts.append(f"{int(trust.outlier_flag.sum()):,} of {len(trust.outlier_flag):,} tiles out of distribution, "
+                     f"greyed out (layer {OUTLIER_LAYER!r}): the model never saw tissue like them")
+    return "; ".join(parts)
+
+
+def _outlier_words(info: dict, trust) -> str:
+    if info["outlier_score"] is None:
+        return ""
+    verdict = "OUT OF DISTRIBUTION: do not trust its predictions" if info["out_of_distribution"] else "in distribution"
+    return f"; outlier score {info['outlier_score']:.2f} (threshold {trust.threshold:.2f}): {verdict}"
 
 
 def _colour_note(resolution: str) -> str:
@@ -127,9 +157,10 @@ class ExploreWidget(QWidget):
         for key, text in RESOLUTIONS.items():
             self.resolution.addItem(text, key)
         self.colour_note = QLabel(_colour_note("tile"))
+        self.trust_note = QLabel("")
+        self.trust_note.setWordWrap(True)
 
         self.metrics_table = QTableWidget(0, 4)
-        self.metrics_table.setHorizontalHeaderLabels(["gene", "spearman", "pearson", "mse"])
         self.metrics_table.setSortingEnabled(True)
         self.metrics_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.metrics_table.setSelectionBehavior(QAbstractItemView.SelectRows)
@@ -138,8 +169,8 @@ class ExploreWidget(QWidget):
 
         self.inspector_label = QLabel("click a tile in the viewer")
         self.inspector_label.setWordWrap(True)
-        self.inspector_table = QTableWidget(0, 3)
-        self.inspector_table.setHorizontalHeaderLabels(["gene", "predicted", "measured"])
+        self.inspector_table = QTableWidget(0, 4)
+        self.inspector_table.setHorizontalHeaderLabels(["gene", "predicted", "measured", "interval"])
         self.inspector_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.inspector_table.verticalHeader().setVisible(False)
         self.inspector_table.setMaximumHeight(180)
@@ -165,7 +196,7 @@ class ExploreWidget(QWidget):
         layout.addWidget(self.status)
         genes_box = QGroupBox("gene maps")
         genes_layout = QVBoxLayout(genes_box)
-        for widget in (self.gene_search, self.gene_list, self.resolution, self.colour_note,
+        for widget in (self.gene_search, self.gene_list, self.resolution, self.colour_note, self.trust_note,
                        QLabel("per-gene metrics (click to show)"), self.metrics_table):
             genes_layout.addWidget(widget)
         layout.addWidget(genes_box)
@@ -244,6 +275,8 @@ class ExploreWidget(QWidget):
         self.resolution.blockSignals(False)
         self.colour_note.setText(_colour_note("tile"))
         self._add_map_layers(first, "tile")
+        self._show_outliers()
+        self.trust_note.setText(trust_note(explorer))
         self._fill_metrics()
         self._filter_genes()
         self._set_enabled(True)
@@ -254,8 +287,9 @@ class ExploreWidget(QWidget):
         self.viewer.canvas.overlays.scale_bar.visible = True
 
     def _add_map_layers(self, gene: str, resolution: str):
-        """One map layer per kind the run has (only the predicted one shown), made anew at ``resolution``."""
-        kinds = MAP_KINDS if self.explorer.results.measured_genes else ("predicted",)
+        """One map layer per kind the run has (only the predicted one shown), made anew at ``resolution``;
+        the out-of-distribution mask stays on top of them."""
+        kinds = map_kinds(self.explorer)
         visible = {kind: self.map_layers[kind].visible for kind in self.map_layers if kind in kinds}
         for kind in kinds:
             data, kwargs, _ = gene_map_layer(self.explorer, gene, kind, resolution)
@@ -266,7 +300,18 @@ class ExploreWidget(QWidget):
             layer.events.visible.connect(lambda _event, kind=kind: self._on_map_visibility(kind))
             self.map_layers[kind] = layer
         self.map_layers["predicted"].colorbar.visible = True
+        if OUTLIER_LAYER in self.viewer.layers:  # back on top of the maps made anew
+            self.viewer.layers.move(self.viewer.layers.index(OUTLIER_LAYER), len(self.viewer.layers))
         self.viewer.layers.selection.active = self.map_layers["predicted"]  # not the last one added
+
+    def _show_outliers(self):
+        """The grey mask of the tiles flagged out of distribution (a calibrated run only)."""
+        if OUTLIER_LAYER in self.viewer.layers:
+            self.viewer.layers.remove(OUTLIER_LAYER)
+        if self.explorer.trust.has_flags:
+            data, kwargs, _ = outlier_layer(self.explorer)
+            self.viewer.add_labels(data, **kwargs)
+            self.viewer.layers.selection.active = self.map_layers["predicted"]
 
     def update_explorer(self, explorer: RunExplorer):
         """A newer state of the same run (chunks finished): refresh the shown maps in place."""
@@ -364,10 +409,13 @@ class ExploreWidget(QWidget):
         metrics = self.explorer.metrics
         table = self.metrics_table
         table.setSortingEnabled(False)
+        names = list(metrics.columns)
+        table.setColumnCount(1 + len(names))
+        table.setHorizontalHeaderLabels(["gene", *names])
         table.setRowCount(len(metrics))
         for i, (gene, row) in enumerate(metrics.iterrows()):
             table.setItem(i, 0, QTableWidgetItem(str(gene)))
-            for j, name in enumerate(("spearman", "pearson", "mse"), start=1):
+            for j, name in enumerate(names, start=1):
                 value = float(row[name])
                 item = _NumericItem(f"{value:.3f}")
                 item.setData(Qt.UserRole, value if np.isfinite(value) else -np.inf)
@@ -405,12 +453,17 @@ class ExploreWidget(QWidget):
         self.inspector_label.setText(
             f"tile {info['tile_id']} (row {info['row']}, col {info['col']}) "
             f"at ({info['um_x']:.0f}, {info['um_y']:.0f}) um: "
-            f"{info['n_transcripts']:,} transcripts ({info['n_core']:,} core, {info['n_addon']:,} add-on)")
+            f"{info['n_transcripts']:,} transcripts ({info['n_core']:,} core, {info['n_addon']:,} add-on)"
+            + _outlier_words(info, self.explorer.trust))
         report = self.explorer.tile_report(tile, TOP_GENES)
         self.inspector_table.setRowCount(len(report))
+        level = self.explorer.trust.level
+        self.inspector_table.setHorizontalHeaderLabels(
+            ["gene", "predicted", "measured", "interval" if level is None else f"{level:.0%} interval"])
         for i, (gene, row) in enumerate(report.iterrows()):
             measured = "" if np.isnan(row["measured"]) else f"{row['measured']:.2f}"
-            for j, text in enumerate((str(gene), f"{row['predicted']:.2f}", measured)):
+            interval = f"{row['lower']:.2f} - {row['upper']:.2f}" if "lower" in report else "unavailable"
+            for j, text in enumerate((str(gene), f"{row['predicted']:.2f}", measured, interval)):
                 self.inspector_table.setItem(i, j, QTableWidgetItem(text))
         self.inspector_table.resizeColumnsToContents()
         self._show_tile_tokens(tile)

@@ -1,0 +1,291 @@
+"""Trust: are the intervals honest, and does the out-of-distribution flag find unfamiliar tissue?
+
+The Table A.1 cohort of ``bench_variants.py`` (train 101-103, early stopping on 104), plus a
+calibration sample (seed 106) and the held-out test sample (seed 105). The early-fusion model
+with the add-on token head (Poisson) and a variance head is trained three times (training seeds
+0, 1, 2), each calibrated on seed 106 (:func:`napari_morphomol.models.trust.fit_calibration`).
+
+Intervals, tile scale, three spreads each calibrated split-conformally on seed 106 and scored on
+seed 105 (nominal 90 %): the variance head of one model (what ships), the spread of the three
+models' means (a deep ensemble) and both (ensemble variance + mean variance-head variance).
+Printed per spread: empirical coverage (mean over genes, worst gene), mean width beside the mean
+width of a constant per-gene interval with the same coverage on the test tiles, and the AUROC of
+the spread for finding the 10 % largest absolute errors (over all tile x gene predictions, and
+the mean of per-gene AUROCs). Token scale: the model predicts seed 105 end to end (``predict``),
+and its stitched 18 um token map is scored with the card's token-scale quantiles (counts per
+token, Poisson spread); per cell with the same quantiles (cell rate = token rate x cell area).
+
+Out-of-distribution flag of one model (seed 0): the fraction of tiles flagged on seed 105 as
+generated, and on seed 105 made with a stain no cohort sample has, with a sarcomatoid tumour
+(spindle tumour cells, a form no cohort tumour has) and with its recorded registration shifted
+by 50 um (``napari_morphomol.synthetic.plan.DatasetShift``). Usage:
+
+    python benchmarks/bench_trust.py [--workdir DIR] [--jobs 2] [--ship FILE] [--out DIR]
+
+Samples and tiles are kept in --workdir (shared with bench_variants.py) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_variants  # noqa: E402  (the cohort, splits and training settings of Table A.1)
+
+TRAIN, VAL, CALIBRATION, TEST = [101, 102, 103], 104, 106, 105
+SHIFTS = {
+    "same generator": {},
+    "unseen stain": {"stain": "unseen"},
+    "sarcomatoid tumour": {"tissue": "sarcomatoid"},
+    "registration +50 um": {"registration_offset_um": (50.0, 0.0)},
+}
+LEVEL = 0.9
+
+
+def make_samples(workdir: Path, size_mm: float) -> dict[str, Path]:
+    """Tiles stores of the cohort, the calibration sample and the shifted test samples (reused when present)."""
+    from napari_morphomol.models.data import tile_sample_folder
+    from napari_morphomol.synthetic import write_synthetic_sample
+    from napari_morphomol.synthetic.plan import DatasetShift
+
+    stores = dict(zip([f"seed{s}" for s in [*TRAIN, VAL, TEST, CALIBRATION]],
+                      bench_variants.make_cohort(workdir, [*TRAIN, VAL, TEST, CALIBRATION], size_mm)))
+    for name, shift in SHIFTS.items():
+        if not shift:
+            continue
+        folder = workdir / f"seed{TEST}-{name.split()[0].lower().strip('+')}"
+        store = folder.with_name(folder.name + ".tiles.zarr")
+        if not folder.exists():
+            write_synthetic_sample(folder, size_mm=(size_mm, size_mm), seed=TEST, shift=DatasetShift(**shift))
+        if not store.exists():
+            tile_sample_folder(folder, store)
+        stores[name] = store
+    stores["same generator"] = stores[f"seed{TEST}"]
+    return stores
+
+
+def train_one(job) -> tuple[int, Path, str]:
+    """One calibrated model (training seed ``seed``) in its own process."""
+    import torch
+    from torch.utils.data import Subset
+
+    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelConfig, train_model
+    from napari_morphomol.models.data import open_cohort
+
+    seed, args, stores = job
+    checkpoint = args.workdir / "trust" / f"early_fusion_add-variance-seed{seed}.safetensors"
+    if checkpoint.exists() and not args.retrain:
+        return seed, checkpoint, f"seed {seed}: reused {checkpoint}"
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    cohort = open_cohort([stores[f"seed{s}"] for s in [*TRAIN, VAL, CALIBRATION]])
+    subset = {name: Subset(cohort, [i for i, s in enumerate(cohort.sample_ids) if s in members])
+              for name, members in (("train", [f"seed{s}" for s in TRAIN]), ("val", [f"seed{VAL}"]),
+                                    ("calibration", [f"seed{CALIBRATION}"]))}
+    config = ModelConfig(n_core_genes=len(cohort.core_genes), n_addon_genes=len(cohort.addon_genes),
+                         backbone_kwargs=args.vit, token_heads={ADDON_TOKEN_HEAD: len(cohort.addon_genes)},
+                         variance_head=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    settings = bench_variants.image_settings(args.image_epochs, seed)
+    result = train_model(config, subset["train"], subset["val"], core_genes=cohort.core_genes,
+                         addon_genes=cohort.addon_genes, settings=settings,
+                         checkpoint_path=checkpoint, calibration_dataset=subset["calibration"],
+                         calibration_samples=(f"seed{CALIBRATION}",),
+                         data_summary={"train_samples": [f"seed{s}" for s in TRAIN], "val_samples": [f"seed{VAL}"]})
+    line = (f"seed {seed}: trained and calibrated in {time.perf_counter() - start:.0f} s "
+            f"(best epoch {result.card.training['how']['best_epoch']}, validation spearman "
+            f"{result.validation.means['spearman']:.3f})")
+    return seed, checkpoint, line
+
+
+def outputs(checkpoint: Path, store: Path) -> dict[str, np.ndarray]:
+    """Predictions, log variances, embeddings and targets of every tile of a tiles store."""
+    from napari_morphomol.models import load_checkpoint
+    from napari_morphomol.models.data import TileDataset
+    from napari_morphomol.models.training import model_outputs
+
+    model, _ = load_checkpoint(checkpoint)
+    got: dict[str, list] = {}
+    for batch, arrays in model_outputs(model, TileDataset.from_store(store)):
+        arrays["targets"] = batch["target"].numpy()
+        for name in ("predictions", "prediction_log_variance", "embeddings", "targets"):
+            got.setdefault(name, []).append(arrays[name])
+    return {name: np.concatenate(parts) for name, parts in got.items()}
+
+
+def interval_figures(half_width: np.ndarray, errors: np.ndarray, spread: np.ndarray) -> dict[str, float]:
+    """Coverage (mean, worst gene), mean width beside a constant per-gene interval of the same
+    coverage, and the AUROC of ``spread`` for the 10 % largest absolute ``errors``."""
+    from sklearn.metrics import roc_auc_score
+
+    covered = errors <= half_width
+    coverage = covered.mean(axis=0)
+    constant = np.array([np.quantile(errors[:, g], coverage[g]) for g in range(errors.shape[1])])
+    largest = errors >= np.quantile(errors, 0.9)
+    per_gene = [roc_auc_score(errors[:, g] >= np.quantile(errors[:, g], 0.9), spread[:, g])
+                for g in range(errors.shape[1]) if 0 < (errors[:, g] >= np.quantile(errors[:, g], 0.9)).sum()
+                < len(errors) and np.ptp(errors[:, g]) > 0]
+    return {"coverage_mean": float(coverage.mean()), "coverage_worst": float(coverage.min()),
+            "width_mean": float(2 * half_width.mean()), "constant_width_mean": float(2 * constant.mean()),
+            "auroc": float(roc_auc_score(largest.ravel(), spread.ravel())), "auroc_gene_mean": float(np.mean(per_gene))}
+
+
+def tile_intervals(members: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """The three spreads at the tile scale: calibrated on seed 106, scored on seed 105."""
+    from napari_morphomol.models.trust import conformal_quantiles, level_index, tile_spread
+
+    def spreads(runs: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        means = np.stack([r["predictions"] for r in runs])
+        head_variance = np.stack([tile_spread(r["prediction_log_variance"]) ** 2 for r in runs])
+        ensemble_variance = means.var(axis=0, ddof=1) + 1e-8
+        return {"variance head (one model)": (runs[0]["predictions"], np.sqrt(head_variance[0])),
+                "ensemble of 3 (spread of means)": (means.mean(axis=0), np.sqrt(ensemble_variance)),
+                "both (ensemble + mean head variance)": (means.mean(axis=0),
+                                                          np.sqrt(ensemble_variance + head_variance.mean(axis=0)))}
+
+    calibration = spreads([m["calibration"] for m in members])
+    test = spreads([m["test"] for m in members])
+    targets = {"calibration": members[0]["calibration"]["targets"], "test": members[0]["test"]["targets"]}
+    table = {}
+    for name in calibration:
+        mean, sigma = calibration[name]
+        q = conformal_quantiles(np.abs(targets["calibration"] - mean) / sigma)[level_index(LEVEL)]
+        mean, sigma = test[name]
+        table[name] = interval_figures(q * sigma, np.abs(targets["test"] - mean), sigma)
+    return table
+
+
+def token_and_cell_intervals(checkpoint: Path, workdir: Path) -> dict[str, dict[str, float]]:
+    """The card's token-scale quantiles on seed 105's stitched token map and its cells."""
+    import bench_fine_maps
+    from napari_morphomol.analysis import cells_anndata, explore_run
+    from napari_morphomol.inference import PredictOptions, predict
+    from napari_morphomol.io import open_sample
+    from napari_morphomol.models import read_model_card
+    from napari_morphomol.models.trust import token_spread
+
+    store = checkpoint.with_suffix(".results.zarr")
+    predict(open_sample(workdir / f"seed{TEST}"), PredictOptions(checkpoint=checkpoint, store=store, device="cpu",
+                                                                  dtype="float32", overwrite=True))
+    explorer = explore_run(store)
+    results = explorer.results
+    columns = [results.addon_genes.index(g) for g in results.measured_genes]
+    q = read_model_card(checkpoint).calibration.quantile("token", LEVEL)[columns]
+    rate, _, measured = bench_fine_maps.token_count_maps(explorer)
+    covered = explorer.token_grid.covered
+    rate, measured = rate[covered], measured[covered]
+    table = {"token (18 um)": interval_figures(q * token_spread(rate), np.abs(measured - rate), token_spread(rate))}
+    adata = cells_anndata(explorer)
+    cell_measured = adata.layers["measured"][:, adata.var["measured"].to_numpy()]
+    scale = adata.obs["cell_area"].to_numpy() / adata.uns["morphomol_cells"]["token_area_um2"]
+    full_rate, _, _ = bench_fine_maps.token_count_maps(explorer)
+    cell_rate = full_rate.reshape(-1, len(columns))[adata.obs["token"].to_numpy()] * scale[:, None]
+    table["cell (token quantiles)"] = interval_figures(q * token_spread(cell_rate), np.abs(cell_measured - cell_rate),
+                                                       token_spread(cell_rate))
+    return table
+
+
+def outlier_figures(checkpoint: Path, stores: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Fraction of tiles flagged, and the median outlier score, for each test sample."""
+    from napari_morphomol.models import read_model_card
+    from napari_morphomol.models.trust import outlier_scores
+
+    outliers = read_model_card(checkpoint).calibration.outliers
+    table = {}
+    for name in SHIFTS:
+        scores = outlier_scores(outputs(checkpoint, stores[name])["embeddings"], outliers)
+        table[name] = {"flagged": float((scores > outliers.threshold).mean()), "median_score": float(np.median(scores)),
+                       "tiles": int(len(scores))}
+    table["threshold"] = {"score": outliers.threshold, "level": outliers.threshold_level}
+    return table
+
+
+def markdown(tiles: dict, fine: dict, flags: dict) -> str:
+    lines = ["| spread | scale | coverage (mean) | coverage (worst gene) | mean width | constant interval, same "
+             "coverage | AUROC, 10 % largest errors | AUROC per gene (mean) |", "|---" * 8 + "|"]
+    for scale, table in (("tile (256 um)", tiles), ("", fine)):
+        for name, f in table.items():
+            label, where = (name, scale) if scale else ("variance head model, Poisson token spread", name)
+            lines.append(f"| {label} | {where} | {f['coverage_mean']:.3f} | {f['coverage_worst']:.3f} | "
+                         f"{f['width_mean']:.3f} | {f['constant_width_mean']:.3f} | {f['auroc']:.3f} | "
+                         f"{f['auroc_gene_mean']:.3f} |")
+    lines += ["", "| test sample | tiles | flagged | median outlier score |", "|---|---|---|---|"]
+    lines += [f"| {name} | {f['tiles']} | {f['flagged']:.1%} | {f['median_score']:.2f} |"
+              for name, f in flags.items() if name != "threshold"]
+    t = flags["threshold"]
+    lines.append(f"\nthreshold {t['score']:.2f} (the {t['level']:.0%} quantile of the calibration sample's tiles)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/morphomol-bench-variants"))
+    parser.add_argument("--size-mm", type=float, default=2.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the ensemble")
+    parser.add_argument("--image-epochs", type=int, default=bench_variants.IMAGE_EPOCHS)
+    parser.add_argument("--vit", type=json.loads, default=bench_variants.BENCH_VIT)
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument("--out", type=Path, help="write trust.json and trust.md here")
+    parser.add_argument("--retrain", action="store_true", help="train again even where --workdir has the models")
+    parser.add_argument("--ship", type=Path, metavar="FILE",
+                        help="save the first seed's calibrated model here, its card holding this command and the "
+                             "test figures (the shipped model)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    stores = make_samples(args.workdir, args.size_mm)
+    print(f"samples ready in {time.perf_counter() - start:.0f} s", flush=True)
+    checkpoints = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for seed, checkpoint, line in pool.map(train_one, [(seed, args, stores) for seed in args.seeds]):
+            print(line, flush=True)
+            checkpoints[seed] = checkpoint
+    members = [{split: outputs(checkpoints[seed], stores[f"seed{sample}"])
+                for split, sample in (("calibration", CALIBRATION), ("test", TEST))} for seed in args.seeds]
+    tiles = tile_intervals(members)
+    first = checkpoints[args.seeds[0]]
+    fine = token_and_cell_intervals(first, args.workdir)
+    flags = outlier_figures(first, stores)
+    text = markdown(tiles, fine, flags)
+    print(f"\nheld-out sample seed {TEST}, nominal {LEVEL:.0%} intervals calibrated on seed {CALIBRATION} "
+          f"({time.perf_counter() - start:.0f} s in all)\n")
+    print(text)
+    figures = {"tile": tiles, "fine": fine, "outliers": flags}
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "trust.json").write_text(json.dumps(figures, indent=1))
+        (args.out / "trust.md").write_text(text + "\n")
+    if args.ship:
+        ship(first, args, figures)
+
+
+def ship(checkpoint: Path, args, figures: dict) -> None:
+    """The first seed's calibrated model with this command and the test figures in its card."""
+    import shlex
+
+    from napari_morphomol.models import load_checkpoint, save_checkpoint
+    from napari_morphomol.synthetic import GENERATOR_VERSION
+
+    model, card = load_checkpoint(checkpoint)
+    training = {**card.training, "test": {"sample": f"seed{TEST}", "trust": figures}}
+    provenance = {**card.provenance,
+                  "trained_on": "synthetic samples (napari_morphomol.synthetic, generator version "
+                                f"{GENERATOR_VERSION}), seeds {TRAIN} (train), {VAL} (early stopping), {CALIBRATION} (calibration), "
+                                f"{args.size_mm} x {args.size_mm} mm; not real tissue",
+                  "retrain_command": f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:])}
+    path = save_checkpoint(model, dataclasses.replace(card, training=training, provenance=provenance), args.ship)
+    print(f"shipped model written: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Trust: conformal intervals, the out-of-distribution flag, their card, the run, the AnnData and the dock."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qtpy.QtCore import Qt
+
+from napari_morphomol.analysis import explore_run
+from napari_morphomol.cli import main
+from napari_morphomol.errors import InputError
+from napari_morphomol.inference import PredictOptions, open_results
+from napari_morphomol.layers.run import INTERVAL_LAYER, OUTLIER_LAYER, PREDICTED_LAYER
+from napari_morphomol.models import load_checkpoint, read_model_card
+from napari_morphomol.models.trust import (
+    CALIBRATED_LEVELS,
+    Calibration,
+    OutlierReference,
+    conformal_quantiles,
+    level_index,
+    outlier_scores,
+    tile_interval,
+    token_interval,
+    with_threshold,
+)
+
+# -- conformal intervals ----------------------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), level=st.sampled_from(CALIBRATED_LEVELS))
+def test_normalised_conformal_coverage_is_nominal_on_exchangeable_data(seed, level):
+    """Heteroscedastic data: the interval +- q sigma, q from 2,000 calibration points, covers the
+    level of 20,000 new points within sampling error (the coverage given a calibration set is
+    Beta distributed with sd sqrt(a (1 - a) / n) ~ 0.007 at 90 %)."""
+    rng = np.random.default_rng(seed)
+    n_cal, n_test, genes = 2000, 20_000, 3
+    sigma_cal, sigma_test = rng.uniform(0.1, 2.0, (n_cal, genes)), rng.uniform(0.1, 2.0, (n_test, genes))
+    residual_cal = rng.standard_normal((n_cal, genes)) * sigma_cal
+    residual_test = rng.standard_normal((n_test, genes)) * sigma_test
+    q = conformal_quantiles(np.abs(residual_cal) / sigma_cal)[level_index(level)]
+    coverage = (np.abs(residual_test) <= q * sigma_test).mean(axis=0)
+    tolerance = 5 * np.sqrt(level * (1 - level) / n_cal) + 3 * np.sqrt(level * (1 - level) / n_test)
+    np.testing.assert_array_less(np.abs(coverage - level), tolerance)
+
+
+def test_adaptive_intervals_are_narrower_than_a_constant_one_of_the_same_coverage():
+    rng = np.random.default_rng(1)
+    sigma = rng.uniform(0.05, 2.0, (5000, 1))
+    residual = rng.standard_normal((5000, 1)) * sigma
+    q = conformal_quantiles(np.abs(residual[:2500]) / sigma[:2500])[level_index(0.9)]
+    adaptive = q * sigma[2500:]
+    constant = np.quantile(np.abs(residual[2500:]), (np.abs(residual[2500:]) <= adaptive).mean())
+    assert adaptive.mean() < 0.9 * constant  # 1.64 against 1.93
+
+
+def test_too_few_calibration_points_give_an_unbounded_interval_not_a_narrow_one():
+    q = conformal_quantiles(np.arange(10.0)[:, None])  # 10 points: 0.99 needs rank 11
+    assert np.isinf(q[level_index(0.99), 0]) and q[level_index(0.5), 0] == 5.0
+
+
+def test_bounds_hold_the_prediction_and_never_go_below_zero_counts():
+    predictions = np.array([[0.1, 3.0]])
+    lower, upper = tile_interval(predictions, np.log(np.array([[1.0, 0.01]])), np.array([2.0, 2.0]))
+    np.testing.assert_allclose(lower, [[0.0, 2.8]], rtol=1e-6)
+    np.testing.assert_allclose(upper, [[2.1, 3.2]], rtol=1e-6)
+    token_lower, token_upper = token_interval(np.log1p(np.array([0.0, 4.0])), np.array([1.0, 1.0]))
+    assert token_lower[0] == 0 and token_upper[0] > 0  # an empty token can still hold a count
+    np.testing.assert_allclose(np.expm1([token_lower[1], token_upper[1]]), [4 - np.sqrt(4.5), 4 + np.sqrt(4.5)],
+                               rtol=1e-5)
+
+
+def test_an_uncalibrated_level_is_refused_naming_the_calibrated_ones():
+    with pytest.raises(InputError, match="0.5, 0.8, 0.9, 0.95, 0.99"):
+        level_index(0.85)
+    with pytest.raises(InputError, match="0.85"):
+        PredictOptions(store="r.zarr", interval_level=0.85)
+
+
+# -- out-of-distribution score ----------------------------------------------------------------------
+
+
+def test_outlier_scores_are_distances_to_the_nearest_reference_embeddings():
+    reference = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]], dtype=np.float32)
+    outliers = OutlierReference(reference, np.zeros(2, np.float32), np.ones(2, np.float32), 2, 1.0, 0.99, 3)
+    scores = outlier_scores(np.array([[0.0, 0.0], [0.0, 3.0]]), outliers)
+    np.testing.assert_allclose(scores, [0.5, (3 + np.sqrt(10)) / 2], rtol=1e-6)
+    held_out = np.random.default_rng(0).normal(0, 0.3, (500, 2))
+    assert 0.005 < (outlier_scores(held_out, with_threshold(outliers, held_out, 0.98)) >
+                    with_threshold(outliers, held_out, 0.98).threshold).mean() < 0.03
+
+
+# -- the card ---------------------------------------------------------------------------------------
+
+
+def test_calibration_survives_save_and_load_bit_for_bit(trusted_checkpoint, tmp_path):
+    from napari_morphomol.models import save_checkpoint
+
+    model, card = load_checkpoint(trusted_checkpoint)
+    again = save_checkpoint(model, card, tmp_path / "again.safetensors")
+    for loaded in (load_checkpoint(again)[1], read_model_card(again)):
+        for scale, values in card.calibration.scales.items():
+            assert np.array_equal(loaded.calibration.scales[scale].quantiles, values.quantiles)
+            assert loaded.calibration.scales[scale].quantiles.dtype == np.float64
+        a, b = card.calibration.outliers, loaded.calibration.outliers
+        assert np.array_equal(a.reference, b.reference) and a.reference.dtype == b.reference.dtype == np.float32
+        assert np.array_equal(a.centre, b.centre) and np.array_equal(a.scale, b.scale)
+        assert (a.threshold, a.threshold_level, a.neighbours) == (b.threshold, b.threshold_level, b.neighbours)
+    assert set(card.calibration.scales) == {"tile", "token"}
+
+
+def test_a_card_whose_calibration_does_not_fit_is_refused(trusted_checkpoint):
+    card = read_model_card(trusted_checkpoint)
+    values, tensors = card.calibration.to_card()
+    with pytest.raises(InputError, match="levels x"):
+        Calibration.from_card(values, tensors, card.model.n_addon_genes + 1, 192)
+    with pytest.raises(InputError, match="does not fit"):
+        Calibration.from_card(values, tensors, card.model.n_addon_genes, 64)
+    with pytest.raises(InputError, match="lacks its tensors"):
+        Calibration.from_card(values, {}, card.model.n_addon_genes, 192)
+
+
+# -- a run ------------------------------------------------------------------------------------------
+
+
+def test_predict_writes_bounds_around_every_prediction_and_a_flag_per_tile(trusted_results_store,
+                                                                          trusted_checkpoint):
+    results = open_results(trusted_results_store)
+    trust, card = results.trust, read_model_card(trusted_checkpoint)
+    assert trust.unavailable is None and trust.level == 0.9 and trust.samples == ("sample",)
+    assert trust.lower.shape == trust.upper.shape == results.predictions.shape
+    assert (trust.lower <= np.maximum(results.predictions, 0) + 1e-6).all()  # no bound below 0 counts
+    assert (trust.upper >= results.predictions).all()
+    assert (trust.lower >= 0).all()
+    scores = outlier_scores(results.embeddings, card.calibration.outliers)
+    np.testing.assert_array_equal(trust.outlier_score, scores)
+    np.testing.assert_array_equal(trust.outlier_flag, scores > card.calibration.outliers.threshold)
+    np.testing.assert_allclose(trust.token_quantile, card.calibration.quantile("token", 0.9))
+    assert results.metadata["trust"]["n_flagged"] == int(trust.outlier_flag.sum())
+
+
+def test_a_model_without_calibration_still_predicts_and_says_intervals_are_unavailable(results_store):
+    results = open_results(results_store)
+    assert results.trust.unavailable and "no calibration" in results.trust.unavailable
+    explorer = explore_run(results_store)
+    assert explorer.interval_refusal("tile") == results.trust.unavailable
+    with pytest.raises(InputError, match="no calibration"):
+        explorer.tile_values(explorer.genes[0], "interval")
+    assert "lower" not in explorer.tile_report(0).columns
+    assert "predicted_lower" not in explorer.adata.layers and "morphomol_trust" not in explorer.adata.uns
+
+
+def test_the_anndata_carries_bounds_flags_coverage_and_the_calibration(trusted_results_store):
+    explorer = explore_run(trusted_results_store)
+    adata, trust = explorer.adata, explorer.trust
+    np.testing.assert_array_equal(adata.layers["predicted_lower"], trust.lower)
+    np.testing.assert_array_equal(adata.obs["out_of_distribution"].to_numpy(), trust.outlier_flag)
+    uns = adata.uns["morphomol_trust"]
+    assert uns["level"] == 0.9 and uns["tile_quantiles"].shape == (len(CALIBRATED_LEVELS), len(explorer.genes))
+    gene = explorer.results.measured_genes[0]
+    column = explorer.genes.index(gene)
+    measured = adata.layers["measured"][:, column]
+    inside = (measured >= trust.lower[:, column]) & (measured <= trust.upper[:, column])
+    assert explorer.metrics.loc[gene, "coverage"] == pytest.approx(inside.mean())
+    np.testing.assert_allclose(explorer.tile_values(gene, "interval"), trust.upper[:, column] - trust.lower[:, column])
+    token_width = explorer.token_map(gene, "interval")
+    assert np.nanmin(token_width) > 0 and np.isnan(token_width).sum() == np.isnan(explorer.token_map(gene)).sum()
+    cells = explorer.cells
+    assert (cells.layers["predicted_lower"] <= cells.X + 1e-6).all()
+    assert (cells.layers["predicted_upper"] >= cells.X).all()
+    assert cells.obs["out_of_distribution"].dtype == bool
+
+
+def test_export_writes_bounds_as_layers_and_the_flag_in_obs(trusted_results_store, tmp_path):
+    import anndata as ad
+
+    h5ad = tmp_path / "run.h5ad"
+    assert main(["export", str(trusted_results_store), "--h5ad", str(h5ad)]) == 0
+    adata = ad.read_h5ad(h5ad)
+    assert {"predicted_lower", "predicted_upper", "measured"} <= set(adata.layers)
+    assert {"outlier_score", "out_of_distribution"} <= set(adata.obs)
+    assert adata.uns["morphomol_trust"]["level"] == 0.9 and "token_quantiles" in adata.uns["morphomol_trust"]
+
+
+def test_predict_prints_the_flagged_tiles(synthetic_sample, trusted_checkpoint, tmp_path, capsys):
+    s = synthetic_sample
+    out = tmp_path / "r.zarr"
+    assert main(["predict", str(s.xenium_dir), "--he", str(s.he_path), "--checkpoint", str(trusted_checkpoint),
+                 "--alignment", str(s.alignment_csv), "--out", str(out), "--device", "cpu",
+                 "--interval-level", "0.8"]) == 0
+    assert "flagged out of distribution" in capsys.readouterr().out
+    assert open_results(out).trust.level == 0.8
+
+
+# -- the dock ---------------------------------------------------------------------------------------
+
+
+def open_run(viewer, qtbot, store):
+    from napari_morphomol.widgets.explore import ExploreWidget
+
+    widget = ExploreWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Explore predictions")
+    widget.results_path.value = store
+    qtbot.mouseClick(widget.open_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.explorer is not None, timeout=60_000)
+    return widget
+
+
+def test_the_dock_shows_interval_width_greys_out_flagged_tiles_and_inspects_both(make_napari_viewer, qtbot,
+                                                                                  trusted_results_store):
+    viewer = make_napari_viewer()
+    widget = open_run(viewer, qtbot, trusted_results_store)
+    explorer, trust = widget.explorer, widget.explorer.trust
+    assert INTERVAL_LAYER in viewer.layers and not viewer.layers[INTERVAL_LAYER].visible
+    outliers = viewer.layers[OUTLIER_LAYER]
+    names = [layer.name for layer in viewer.layers]
+    assert names.index(OUTLIER_LAYER) > names.index(PREDICTED_LAYER)  # greys the prediction out, not under it
+    assert int((outliers.data == 1).any()) == int(trust.outlier_flag.any())
+    assert "90% intervals" in widget.trust_note.text()
+    gene = explorer.results.measured_genes[0]
+    widget.show_gene(gene)
+    viewer.layers[INTERVAL_LAYER].visible = True
+    np.testing.assert_array_equal(viewer.layers[INTERVAL_LAYER].data, explorer.gene_map(gene, "interval"))
+    headers = [widget.metrics_table.horizontalHeaderItem(i).text() for i in range(widget.metrics_table.columnCount())]
+    assert headers[-1] == "coverage"
+    tile = int(np.flatnonzero(trust.outlier_flag)[0]) if trust.outlier_flag.any() else 0
+    row = explorer.results.tiles.iloc[tile]
+    assert widget.inspect_at_um(float(row["um_x"]), float(row["um_y"])) == tile
+    assert "outlier score" in widget.inspector_label.text()
+    assert ("OUT OF DISTRIBUTION" in widget.inspector_label.text()) == bool(trust.outlier_flag[tile])
+    assert widget.inspector_table.horizontalHeaderItem(3).text() == "90% interval"
+    assert " - " in widget.inspector_table.item(0, 3).text()
+    widget.resolution.setCurrentIndex(widget.resolution.findData("token"))
+    np.testing.assert_array_equal(viewer.layers[INTERVAL_LAYER].data, explorer.token_map(gene, "interval"))
+
+
+def test_the_dock_says_intervals_are_unavailable_for_an_uncalibrated_model(make_napari_viewer, qtbot, results_store):
+    viewer = make_napari_viewer()
+    widget = open_run(viewer, qtbot, results_store)
+    assert INTERVAL_LAYER not in viewer.layers and OUTLIER_LAYER not in viewer.layers
+    assert "unavailable" in widget.trust_note.text()
+    widget.inspect_at_um(*widget.explorer.results.tiles[["um_x", "um_y"]].iloc[0].to_numpy(dtype=float))
+    assert widget.inspector_table.item(0, 3).text() == "unavailable"
+    assert "outlier" not in widget.inspector_label.text()
+
+
+# -- the generator's shifts -------------------------------------------------------------------------
+
+
+def test_the_generator_makes_each_shift_and_refuses_unknown_ones(tmp_path):
+    from napari_morphomol.registration.formats import read_alignment_csv
+    from napari_morphomol.synthetic import write_synthetic_sample
+    from napari_morphomol.synthetic.plan import DatasetShift
+
+    with pytest.raises(InputError, match="cohort, unseen"):
+        DatasetShift(stain="purple")
+    with pytest.raises(InputError, match="empty"):
+        DatasetShift(tissue="sarcomatoid", tissue_region_um=(10, 10, 5, 20))
+    common = dict(size_mm=(0.3, 0.3), seed=3, deformation=False)
+    plain = write_synthetic_sample(tmp_path / "plain", **common)
+    shifted = write_synthetic_sample(tmp_path / "shifted", shift=DatasetShift(registration_offset_um=(50.0, 0.0)),
+                                     **common)
+    moved = read_alignment_csv(shifted.alignment_csv) - read_alignment_csv(plain.alignment_csv)
+    np.testing.assert_allclose(moved[:, 2], [50.0 / 0.2125, 0.0, 0.0], atol=1e-6)
+    assert shifted.he_path.read_bytes() == plain.he_path.read_bytes()
+    assert json.loads(shifted.ground_truth_json.read_text())["shift"]["registration_offset_um"] == [50.0, 0.0]
+    sarcomatoid = write_synthetic_sample(tmp_path / "sarcomatoid", shift=DatasetShift(
+        tissue="sarcomatoid", tissue_region_um=(0.0, 0.0, 150.0, 300.0)), **common)
+    import pandas as pd
+
+    cells = pd.read_parquet(sarcomatoid.ground_truth_cells)
+    aspect = cells["nucleus_a_um"] / cells["nucleus_b_um"]
+    inside = (cells["cell_type"] == "tumour") & (cells["x_um"] < 150.0)
+    assert inside.any() and np.allclose(aspect[inside], 3.2, rtol=1e-3)
+    assert (aspect[~inside & (cells["cell_type"] == "tumour")] < 2.5).all()
+    assert "shift" not in json.loads(plain.ground_truth_json.read_text())
+    stain = write_synthetic_sample(tmp_path / "stain", shift=DatasetShift(stain="unseen"), **common)
+    truth = json.loads(stain.ground_truth_json.read_text())
+    assert truth["stain"] != json.loads(plain.ground_truth_json.read_text())["stain"]
