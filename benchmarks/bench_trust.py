@@ -280,7 +280,8 @@ def ship(checkpoint: Path, args, figures: dict) -> None:
     training = {**card.training, "test": {"sample": f"seed{TEST}", "trust": figures}}
     provenance = {**card.provenance,
                   "trained_on": "synthetic samples (napari_morphomol.synthetic, generator version "
-                                f"{GENERATOR_VERSION}), seeds {TRAIN} (train), {VAL} (early stopping), {CALIBRATION} (calibration), "
+                                f"{GENERATOR_VERSION}), seeds {TRAIN} (train), {VAL} (early stopping), "
+                                f"{CALIBRATION} (calibration), "
                                 f"{args.size_mm} x {args.size_mm} mm; not real tissue",
                   "retrain_command": f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:])}
     path = save_checkpoint(model, dataclasses.replace(card, training=training, provenance=provenance), args.ship)
