@@ -157,6 +157,31 @@ def test_cli_trains_the_token_head_where_a_variant_has_tokens(stores, tmp_path, 
     assert tile_only.model.token_heads == {} and "validation_token_metrics" not in tile_only.training
 
 
+def test_cli_train_calibrates_on_the_named_held_out_samples(stores, tmp_path, capsys):
+    """--calibration keeps its samples out of training and validation and writes the card's
+    calibration; a sample named twice is refused."""
+    import shutil
+
+    for suffix in (".tiles.zarr", ".tiles.images.zarr"):  # a third sample: b's tiles under another name
+        source = stores["b"].with_name("b" + suffix)
+        if source.exists():
+            shutil.copytree(source, tmp_path / f"c{suffix}")
+    data = [str(stores["a"]), str(stores["b"]), str(tmp_path / "c.tiles.zarr")]
+    assert main(["train", *data, "--out", str(tmp_path / "refused"), "--val", "b", "--calibration", "b"]) == 2
+    assert "a sample cannot be both --val and --calibration (b)" in capsys.readouterr().err
+    out = tmp_path / "calibrated"
+    assert main(["train", *data, "--out", str(out), "--val", "b", "--calibration", "c", "--variance-head",
+                 "--token-head", "poisson", "--backbone-kwargs", TINY_VIT, "--epochs", "1", "--warmup-epochs", "0",
+                 "--batch-size", "4", "--accumulate", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration c" in printed and "calibrated on c at scales tile, token" in printed
+    split = json.loads((out / "split.json").read_text())
+    assert split["train"] == ["a"] and split["calibration"] == ["c"]
+    _, card = load_checkpoint(out / "early_fusion_add.safetensors")
+    assert card.model.variance_head and card.calibration.samples == ("c",)
+    assert card.calibration.outliers.n_training_tiles == len(TileDataset.from_store(stores["a"]))
+
+
 def test_cli_train_with_ddp_on_two_processes(stores, tmp_path):
     """Lightning's DDP reruns the command in a second process; only the first writes and reports.
     Two CPU processes (gloo) stand in for two GPUs."""

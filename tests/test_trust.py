@@ -178,12 +178,16 @@ def test_the_anndata_carries_bounds_flags_coverage_and_the_calibration(trusted_r
 def test_export_writes_bounds_as_layers_and_the_flag_in_obs(trusted_results_store, tmp_path):
     import anndata as ad
 
-    h5ad = tmp_path / "run.h5ad"
-    assert main(["export", str(trusted_results_store), "--h5ad", str(h5ad)]) == 0
-    adata = ad.read_h5ad(h5ad)
-    assert {"predicted_lower", "predicted_upper", "measured"} <= set(adata.layers)
-    assert {"outlier_score", "out_of_distribution"} <= set(adata.obs)
-    assert adata.uns["morphomol_trust"]["level"] == 0.9 and "token_quantiles" in adata.uns["morphomol_trust"]
+    import spatialdata as sd
+
+    from napari_morphomol.export import TILE_TABLE
+
+    h5ad, zarr_path = tmp_path / "run.h5ad", tmp_path / "run.zarr"
+    assert main(["export", str(trusted_results_store), "--h5ad", str(h5ad), "--spatialdata", str(zarr_path)]) == 0
+    for adata in (ad.read_h5ad(h5ad), sd.read_zarr(zarr_path)[TILE_TABLE]):
+        assert {"predicted_lower", "predicted_upper", "measured"} <= set(adata.layers)
+        assert {"outlier_score", "out_of_distribution"} <= set(adata.obs)
+        assert adata.uns["morphomol_trust"]["level"] == 0.9 and "token_quantiles" in adata.uns["morphomol_trust"]
 
 
 def test_predict_prints_the_flagged_tiles(synthetic_sample, trusted_checkpoint, tmp_path, capsys):

@@ -12,6 +12,7 @@ once into a NAME.images.zarr beside each store.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     split.add_argument("--val", nargs="+", default=[], metavar="SAMPLE", help="validation samples")
     split.add_argument("--test", nargs="+", default=[], metavar="SAMPLE", help="test samples (never trained on)")
+    split.add_argument("--calibration", nargs="+", default=[], metavar="SAMPLE",
+                       help="held-out samples to calibrate intervals and the out-of-distribution flag on (never "
+                            "trained or early-stopped on; the card then holds the calibration)")
     split.add_argument("--val-fraction", type=fraction, default=0.2, help="when --val is not given (default 0.2)")
     split.add_argument("--test-fraction", type=fraction, default=0.0, help="when --test is not given (default 0)")
     split.add_argument("--split-seed", type=whole_number(0), default=0)
@@ -51,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backbone-weights", metavar="FILE",
                        help='pretrained backbone (.safetensors/.pth/.npz, or "hub"); default random init')
     model.add_argument("--learnable-gate", action="store_true", help="tanh(alpha) gate on the added expression")
+    model.add_argument("--variance-head", action="store_true",
+                       help="a second head predicting each tile prediction's variance (the spread calibrated "
+                            "intervals scale; neural variants)")
     model.add_argument("--token-head", choices=("poisson", "mse_log1p"), metavar="LOSS",
                        help="also predict the add-on panel per token (18 um for the paper's tiles), trained on the "
                             "per-token counts with this loss (poisson or mse_log1p) beside the tile loss; variants "
@@ -104,28 +111,32 @@ def _split(sample_ids, args):
 
     names = sorted(set(sample_ids))
     args.val, args.test = _sample_names(args.val, names), _sample_names(args.test, names)
-    unknown = sorted(set(args.val + args.test) - set(names))
+    args.calibration = _sample_names(args.calibration, names)
+    unknown = sorted(set(args.val + args.test + args.calibration) - set(names))
     if unknown:
-        raise InputError(
-            f"--val/--test name samples that are not in DATA: {', '.join(unknown)}; samples: {', '.join(names)}"
-        )
-    if set(args.val) & set(args.test):
-        raise InputError("a sample cannot be both --val and --test")
+        raise InputError(f"--val/--test/--calibration name samples that are not in DATA: {', '.join(unknown)}; "
+                         f"samples: {', '.join(names)}")
+    named = {"--val": set(args.val), "--test": set(args.test), "--calibration": set(args.calibration)}
+    for (a, first), (b, second) in itertools.combinations(named.items(), 2):
+        if first & second:
+            raise InputError(f"a sample cannot be both {a} and {b} ({', '.join(sorted(first & second))})")
+    held_out = set(args.test) | set(args.calibration)
     if args.val:
-        val, test = set(args.val), set(args.test)
-        train = [n for n in names if n not in val | test]
+        val = set(args.val)
+        train = [n for n in names if n not in val | held_out]
         if not train:
-            raise InputError("no sample is left for training; name fewer --val/--test samples")
-        groups = {"train": train, "val": sorted(val), "test": sorted(test)}
+            raise InputError("no sample is left for training; name fewer --val/--test/--calibration samples")
+        groups = {"train": train, "val": sorted(val), "test": sorted(args.test)}
     else:
         drawn = split_by_sample(sample_ids, val_fraction=args.val_fraction,
                                 test_fraction=0.0 if args.test else args.test_fraction, seed=args.split_seed)
-        test = set(args.test)
-        groups = {"train": [n for n in drawn.samples["train"] if n not in test],
-                  "val": [n for n in drawn.samples["val"] if n not in test],
-                  "test": sorted(test) or list(drawn.samples["test"])}
+        groups = {"train": [n for n in drawn.samples["train"] if n not in held_out],
+                  "val": [n for n in drawn.samples["val"] if n not in held_out],
+                  "test": sorted(args.test) or [n for n in drawn.samples["test"] if n not in held_out]}
         if not groups["train"] or not groups["val"]:
-            raise InputError("--test leaves no training or validation sample; give more samples or use --val")
+            raise InputError("--test/--calibration leave no training or validation sample; give more samples or "
+                             "use --val")
+    groups["calibration"] = sorted(args.calibration)
     return groups
 
 
@@ -164,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     report = print if primary else (lambda *_: None)
     report(f"samples: train {', '.join(groups['train'])} ({len(index['train'])} tiles); "
           f"validation {', '.join(groups['val'])} ({len(index['val'])} tiles); "
-          f"test {', '.join(groups['test']) or '-'} ({len(index['test'])} tiles, not used here)")
+          f"test {', '.join(groups['test']) or '-'} ({len(index['test'])} tiles, not used here); "
+          f"calibration {', '.join(groups['calibration']) or '-'} ({len(index['calibration'])} tiles)")
     if primary:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "split.json", json.dumps(
@@ -188,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
             backbone=args.backbone, backbone_kwargs=args.backbone_kwargs,
             learnable_gate=args.learnable_gate and config_allows_gate(variant),
             token_heads={ADDON_TOKEN_HEAD: len(cohort.addon_genes)} if token_head else {},
+            variance_head=args.variance_head and VARIANT_TABLE[variant].neural,
         )
         result = train_model(
             config, Subset(cohort, index["train"]), Subset(cohort, index["val"]),
@@ -195,10 +208,17 @@ def run(args: argparse.Namespace) -> int:
             checkpoint_path=out / f"{variant}.safetensors", settings=settings, backbone_weights=args.backbone_weights,
             tile_geometry=cohort.tile_spec(),
             data_summary={"samples": groups, "cli_arguments": _arguments(args)},
+            calibration_dataset=Subset(cohort, index["calibration"]) if index["calibration"] else None,
+            calibration_samples=groups["calibration"],
         )
         means = result.validation.means
         report(f"{variant}: validation pearson {means['pearson']:.3f} spearman {means['spearman']:.3f} "
               f"mse {means['mse']:.4f} -> {result.checkpoint_path}")
+        calibration = result.card.calibration
+        if calibration is not None:
+            report(f"{variant}: calibrated on {', '.join(calibration.samples)} at scales "
+                   f"{', '.join(calibration.scales) or 'none (no variance or token head)'}; out-of-distribution "
+                   f"threshold {calibration.outliers.threshold:.2f}")
         if result.validation.token_means is not None:
             tokens, summed = result.validation.token_means, result.validation.token_sum_means
             report(f"{variant}: per token pearson {tokens['pearson']:.3f} spearman {tokens['spearman']:.3f}; "
