@@ -1,12 +1,13 @@
 """Trust: are the intervals honest, and does the out-of-distribution flag find unfamiliar tissue?
 
-The Table A.1 cohort of ``bench_variants.py`` (train 101-103, early stopping on 104), plus a
-calibration sample (seed 106) and the held-out test sample (seed 105). The early-fusion model
-with the add-on token head (Poisson) and a variance head is trained three times (training seeds
-0, 1, 2), each calibrated on seed 106 (:func:`napari_morphomol.models.trust.fit_calibration`).
+The Table A.1 cohort of ``bench_variants.py`` (train 101-103, early stopping on 104), plus two
+calibration samples (seeds 106, 107) and the held-out test sample (seed 105). The early-fusion
+model with the add-on token head (Poisson) and a variance head is trained three times (training
+seeds 0, 1, 2), each calibrated on seeds 106 and 107
+(:func:`napari_morphomol.models.trust.fit_calibration`, as ``morphomol train --calibration``).
 
-Intervals, tile scale, three spreads each calibrated split-conformally on seed 106 and scored on
-seed 105 (nominal 90 %): the variance head of one model (what ships), the spread of the three
+Intervals, tile scale, three spreads each calibrated split-conformally on seeds 106 and 107 and
+scored on seed 105 (nominal 90 %): the variance head of one model (what ships), the spread of the three
 models' means (a deep ensemble) and both (ensemble variance + mean variance-head variance).
 Printed per spread: empirical coverage (mean over genes, worst gene), mean width beside the mean
 width of a constant per-gene interval with the same coverage on the test tiles, and the AUROC of
@@ -42,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_variants  # noqa: E402  (the cohort, splits and training settings of Table A.1)
 
-TRAIN, VAL, CALIBRATION, TEST = [101, 102, 103], 104, 106, 105
+TRAIN, VAL, CALIBRATION, TEST = [101, 102, 103], 104, [106, 107], 105
 SHIFTS = {
     "same generator": {},
     "unseen stain": {"stain": "unseen"},
@@ -58,8 +59,8 @@ def make_samples(workdir: Path, size_mm: float) -> dict[str, Path]:
     from napari_morphomol.synthetic import write_synthetic_sample
     from napari_morphomol.synthetic.plan import DatasetShift
 
-    stores = dict(zip([f"seed{s}" for s in [*TRAIN, VAL, TEST, CALIBRATION]],
-                      bench_variants.make_cohort(workdir, [*TRAIN, VAL, TEST, CALIBRATION], size_mm)))
+    stores = dict(zip([f"seed{s}" for s in [*TRAIN, VAL, TEST, *CALIBRATION]],
+                      bench_variants.make_cohort(workdir, [*TRAIN, VAL, TEST, *CALIBRATION], size_mm)))
     for name, shift in SHIFTS.items():
         if not shift:
             continue
@@ -75,23 +76,33 @@ def make_samples(workdir: Path, size_mm: float) -> dict[str, Path]:
 
 
 def train_one(job) -> tuple[int, Path, str]:
-    """One calibrated model (training seed ``seed``) in its own process."""
+    """One calibrated model (training seed ``seed``) in its own process; a model already in
+    --workdir is calibrated again (what calibration does may have changed since it was trained)."""
     import torch
     from torch.utils.data import Subset
 
-    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelConfig, train_model
+    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelConfig, load_checkpoint, save_checkpoint, train_model
     from napari_morphomol.models.data import open_cohort
+    from napari_morphomol.models.training import refit_variance_head
+    from napari_morphomol.models.trust import fit_calibration
 
     seed, args, stores = job
-    checkpoint = args.workdir / "trust" / f"early_fusion_add-variance-seed{seed}.safetensors"
-    if checkpoint.exists() and not args.retrain:
-        return seed, checkpoint, f"seed {seed}: reused {checkpoint}"
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    cohort = open_cohort([stores[f"seed{s}"] for s in [*TRAIN, VAL, CALIBRATION]])
+    calibration_ids = [f"seed{s}" for s in CALIBRATION]
+    cohort = open_cohort([stores[f"seed{s}"] for s in [*TRAIN, VAL, *CALIBRATION]])
     subset = {name: Subset(cohort, [i for i, s in enumerate(cohort.sample_ids) if s in members])
               for name, members in (("train", [f"seed{s}" for s in TRAIN]), ("val", [f"seed{VAL}"]),
-                                    ("calibration", [f"seed{CALIBRATION}"]))}
+                                    ("calibration", calibration_ids))}
+    checkpoint = args.workdir / "trust" / f"early_fusion_add-variance-seed{seed}.safetensors"
+    if checkpoint.exists() and not args.retrain:
+        model, card = load_checkpoint(checkpoint)
+        model = refit_variance_head(model, subset["val"])
+        model, calibration = fit_calibration(model, subset["calibration"], subset["train"],
+                                             samples=tuple(calibration_ids))
+        save_checkpoint(model, dataclasses.replace(card, model=model.config, calibration=calibration), checkpoint)
+        return seed, checkpoint, (f"seed {seed}: variance head refit and calibrated again in "
+                                  f"{time.perf_counter() - start:.0f} s")
     config = ModelConfig(n_core_genes=len(cohort.core_genes), n_addon_genes=len(cohort.addon_genes),
                          backbone_kwargs=args.vit, token_heads={ADDON_TOKEN_HEAD: len(cohort.addon_genes)},
                          variance_head=True)
@@ -100,7 +111,7 @@ def train_one(job) -> tuple[int, Path, str]:
     result = train_model(config, subset["train"], subset["val"], core_genes=cohort.core_genes,
                          addon_genes=cohort.addon_genes, settings=settings,
                          checkpoint_path=checkpoint, calibration_dataset=subset["calibration"],
-                         calibration_samples=(f"seed{CALIBRATION}",),
+                         calibration_samples=calibration_ids,
                          data_summary={"train_samples": [f"seed{s}" for s in TRAIN], "val_samples": [f"seed{VAL}"]})
     line = (f"seed {seed}: trained and calibrated in {time.perf_counter() - start:.0f} s "
             f"(best epoch {result.card.training['how']['best_epoch']}, validation spearman "
@@ -109,7 +120,7 @@ def train_one(job) -> tuple[int, Path, str]:
 
 
 def outputs(checkpoint: Path, store: Path) -> dict[str, np.ndarray]:
-    """Predictions, log variances, embeddings and targets of every tile of a tiles store."""
+    """Predictions, log variances, outlier scores and targets of every tile of a tiles store."""
     from napari_morphomol.models import load_checkpoint
     from napari_morphomol.models.data import TileDataset
     from napari_morphomol.models.training import model_outputs
@@ -118,15 +129,20 @@ def outputs(checkpoint: Path, store: Path) -> dict[str, np.ndarray]:
     got: dict[str, list] = {}
     for batch, arrays in model_outputs(model, TileDataset.from_store(store)):
         arrays["targets"] = batch["target"].numpy()
-        for name in ("predictions", "prediction_log_variance", "embeddings", "targets"):
+        for name in ("predictions", "prediction_log_variance", "outlier_score", "targets"):
             got.setdefault(name, []).append(arrays[name])
     return {name: np.concatenate(parts) for name, parts in got.items()}
 
 
-def interval_figures(half_width: np.ndarray, errors: np.ndarray, spread: np.ndarray) -> dict[str, float]:
+def interval_figures(half_width: np.ndarray, errors: np.ndarray, spread: np.ndarray,
+                     calibration_errors: np.ndarray | None = None) -> dict[str, float]:
     """Coverage (mean, worst gene), mean width beside a constant per-gene interval of the same
-    coverage, and the AUROC of ``spread`` for the 10 % largest absolute ``errors``."""
+    coverage on the test tiles (an oracle: each gene's constant is chosen on the test errors), and
+    the AUROC of ``spread`` for the 10 % largest absolute ``errors``; with ``calibration_errors``
+    also the coverage and width of the constant per-gene split-conformal interval calibrated on them."""
     from sklearn.metrics import roc_auc_score
+
+    from napari_morphomol.models.trust import conformal_quantiles, level_index
 
     covered = errors <= half_width
     coverage = covered.mean(axis=0)
@@ -135,13 +151,19 @@ def interval_figures(half_width: np.ndarray, errors: np.ndarray, spread: np.ndar
     per_gene = [roc_auc_score(errors[:, g] >= np.quantile(errors[:, g], 0.9), spread[:, g])
                 for g in range(errors.shape[1]) if 0 < (errors[:, g] >= np.quantile(errors[:, g], 0.9)).sum()
                 < len(errors) and np.ptp(errors[:, g]) > 0]
-    return {"coverage_mean": float(coverage.mean()), "coverage_worst": float(coverage.min()),
-            "width_mean": float(2 * half_width.mean()), "constant_width_mean": float(2 * constant.mean()),
-            "auroc": float(roc_auc_score(largest.ravel(), spread.ravel())), "auroc_gene_mean": float(np.mean(per_gene))}
+    figures = {"coverage_mean": float(coverage.mean()), "coverage_worst": float(coverage.min()),
+               "width_mean": float(2 * half_width.mean()), "constant_width_mean": float(2 * constant.mean()),
+               "auroc": float(roc_auc_score(largest.ravel(), spread.ravel())),
+               "auroc_gene_mean": float(np.mean(per_gene))}
+    if calibration_errors is not None:
+        q = conformal_quantiles(calibration_errors)[level_index(LEVEL)]
+        figures.update(conformal_constant_coverage=float((errors <= q).mean()),
+                       conformal_constant_width=float(2 * q.mean()))
+    return figures
 
 
 def tile_intervals(members: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
-    """The three spreads at the tile scale: calibrated on seed 106, scored on seed 105."""
+    """The three spreads at the tile scale: calibrated on seeds 106 and 107, scored on seed 105."""
     from napari_morphomol.models.trust import conformal_quantiles, level_index, tile_spread
 
     def spreads(runs: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -160,8 +182,9 @@ def tile_intervals(members: list[dict[str, dict]]) -> dict[str, dict[str, float]
     for name in calibration:
         mean, sigma = calibration[name]
         q = conformal_quantiles(np.abs(targets["calibration"] - mean) / sigma)[level_index(LEVEL)]
+        calibration_errors = np.abs(targets["calibration"] - mean)
         mean, sigma = test[name]
-        table[name] = interval_figures(q * sigma, np.abs(targets["test"] - mean), sigma)
+        table[name] = interval_figures(q * sigma, np.abs(targets["test"] - mean), sigma, calibration_errors)
     return table
 
 
@@ -198,12 +221,11 @@ def token_and_cell_intervals(checkpoint: Path, workdir: Path) -> dict[str, dict[
 def outlier_figures(checkpoint: Path, stores: dict[str, Path]) -> dict[str, dict[str, float]]:
     """Fraction of tiles flagged, and the median outlier score, for each test sample."""
     from napari_morphomol.models import read_model_card
-    from napari_morphomol.models.trust import outlier_scores
 
     outliers = read_model_card(checkpoint).calibration.outliers
     table = {}
     for name in SHIFTS:
-        scores = outlier_scores(outputs(checkpoint, stores[name])["embeddings"], outliers)
+        scores = outputs(checkpoint, stores[name])["outlier_score"][:, 0]
         table[name] = {"flagged": float((scores > outliers.threshold).mean()), "median_score": float(np.median(scores)),
                        "tiles": int(len(scores))}
     table["threshold"] = {"score": outliers.threshold, "level": outliers.threshold_level}
@@ -212,18 +234,21 @@ def outlier_figures(checkpoint: Path, stores: dict[str, Path]) -> dict[str, dict
 
 def markdown(tiles: dict, fine: dict, flags: dict) -> str:
     lines = ["| spread | scale | coverage (mean) | coverage (worst gene) | mean width | constant interval, same "
-             "coverage | AUROC, 10 % largest errors | AUROC per gene (mean) |", "|---" * 8 + "|"]
+             "coverage (oracle) | constant conformal interval: coverage, width | AUROC, 10 % largest errors | "
+             "AUROC per gene (mean) |", "|---" * 9 + "|"]
     for scale, table in (("tile (256 um)", tiles), ("", fine)):
         for name, f in table.items():
             label, where = (name, scale) if scale else ("variance head model, Poisson token spread", name)
+            constant = (f"{f['conformal_constant_coverage']:.3f}, {f['conformal_constant_width']:.3f}"
+                        if "conformal_constant_width" in f else "")
             lines.append(f"| {label} | {where} | {f['coverage_mean']:.3f} | {f['coverage_worst']:.3f} | "
-                         f"{f['width_mean']:.3f} | {f['constant_width_mean']:.3f} | {f['auroc']:.3f} | "
+                         f"{f['width_mean']:.3f} | {f['constant_width_mean']:.3f} | {constant} | {f['auroc']:.3f} | "
                          f"{f['auroc_gene_mean']:.3f} |")
     lines += ["", "| test sample | tiles | flagged | median outlier score |", "|---|---|---|---|"]
     lines += [f"| {name} | {f['tiles']} | {f['flagged']:.1%} | {f['median_score']:.2f} |"
               for name, f in flags.items() if name != "threshold"]
     t = flags["threshold"]
-    lines.append(f"\nthreshold {t['score']:.2f} (the {t['level']:.0%} quantile of the calibration sample's tiles)")
+    lines.append(f"\nthreshold {t['score']:.2f} (the {t['level']:.0%} quantile of the calibration samples' tiles)")
     return "\n".join(lines)
 
 
@@ -250,14 +275,17 @@ def main() -> None:
         for seed, checkpoint, line in pool.map(train_one, [(seed, args, stores) for seed in args.seeds]):
             print(line, flush=True)
             checkpoints[seed] = checkpoint
-    members = [{split: outputs(checkpoints[seed], stores[f"seed{sample}"])
-                for split, sample in (("calibration", CALIBRATION), ("test", TEST))} for seed in args.seeds]
+    members = []
+    for seed in args.seeds:
+        calibration = [outputs(checkpoints[seed], stores[f"seed{sample}"]) for sample in CALIBRATION]
+        joined = {name: np.concatenate([c[name] for c in calibration]) for name in calibration[0]}
+        members.append({"calibration": joined, "test": outputs(checkpoints[seed], stores[f"seed{TEST}"])})
     tiles = tile_intervals(members)
     first = checkpoints[args.seeds[0]]
     fine = token_and_cell_intervals(first, args.workdir)
     flags = outlier_figures(first, stores)
     text = markdown(tiles, fine, flags)
-    print(f"\nheld-out sample seed {TEST}, nominal {LEVEL:.0%} intervals calibrated on seed {CALIBRATION} "
+    print(f"\nheld-out sample seed {TEST}, nominal {LEVEL:.0%} intervals calibrated on seeds {CALIBRATION} "
           f"({time.perf_counter() - start:.0f} s in all)\n")
     print(text)
     figures = {"tile": tiles, "fine": fine, "outliers": flags}
@@ -266,18 +294,26 @@ def main() -> None:
         (args.out / "trust.json").write_text(json.dumps(figures, indent=1))
         (args.out / "trust.md").write_text(text + "\n")
     if args.ship:
-        ship(first, args, figures)
+        ship(first, args, figures, stores)
 
 
-def ship(checkpoint: Path, args, figures: dict) -> None:
-    """The first seed's calibrated model with this command and the test figures in its card."""
+def ship(checkpoint: Path, args, figures: dict, stores: dict[str, Path]) -> None:
+    """The first seed's calibrated model with this command and its test figures in its card: the
+    tile metrics, the fine maps' per scale (``bench_fine_maps.score_run``) and the trust figures."""
     import shlex
 
-    from napari_morphomol.models import load_checkpoint, save_checkpoint
+    import bench_fine_maps
+    from napari_morphomol.models import evaluate_model, load_checkpoint, save_checkpoint
+    from napari_morphomol.models.data import TileDataset
     from napari_morphomol.synthetic import GENERATOR_VERSION
 
     model, card = load_checkpoint(checkpoint)
-    training = {**card.training, "test": {"sample": f"seed{TEST}", "trust": figures}}
+    evaluation = evaluate_model(model, TileDataset.from_store(stores[f"seed{TEST}"]), addon_genes=card.addon_genes)
+    fine_maps = bench_fine_maps.score_run(checkpoint.with_suffix(".results.zarr"), args.workdir / f"seed{TEST}")
+    training = {**card.training, "test": {"sample": f"seed{TEST}", "metrics": evaluation.means,
+                                          "gene_metrics": evaluation.gene_metrics.reset_index().to_dict(orient="list"),
+                                          "token_metrics": evaluation.token_means, "fine_maps": fine_maps,
+                                          "trust": figures}}
     provenance = {**card.provenance,
                   "trained_on": "synthetic samples (napari_morphomol.synthetic, generator version "
                                 f"{GENERATOR_VERSION}), seeds {TRAIN} (train), {VAL} (early stopping), "

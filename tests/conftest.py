@@ -87,7 +87,7 @@ def token_results_store(tmp_path_factory, synthetic_sample):
 def trusted_checkpoint(tmp_path_factory, synthetic_sample):
     """A randomly initialised early-fusion model with the add-on token head and a variance head,
     calibrated (``fit_calibration``) on the synthetic sample's own tiles: a card with tile and token
-    quantiles and an outlier reference, as ``morphomol train --calibration`` writes."""
+    quantiles, an outlier reference and its threshold, as ``morphomol train --calibration`` writes."""
     import dataclasses
     import json
 
@@ -104,8 +104,9 @@ def trusted_checkpoint(tmp_path_factory, synthetic_sample):
     model = build_model(config)
     folder = tmp_path_factory.mktemp("trusted")
     tiles = TileDataset.from_store(tile_sample_folder(synthetic_sample.root, folder / "sample.tiles.zarr"))
-    calibration = fit_calibration(model, tiles, tiles, samples=("sample",))
-    card = dataclasses.replace(ModelCard(config, tuple(panel["core"]), tuple(panel["addon"])), calibration=calibration)
+    model, calibration = fit_calibration(model, tiles, tiles, samples=("sample",))
+    card = dataclasses.replace(ModelCard(model.config, tuple(panel["core"]), tuple(panel["addon"])),
+                               calibration=calibration)
     return save_checkpoint(model, card, folder / "trusted.safetensors")
 
 

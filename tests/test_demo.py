@@ -13,9 +13,13 @@ def test_demo_runs_the_whole_path(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--size-mm", "0.4", "0.4", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    for name in ("results.zarr", "tiles.h5ad", "sample.zarr", "screenshot.png", "cells.h5ad", "token_maps.png"):
+    for name in ("results.zarr", "tiles.h5ad", "sample.zarr", "screenshot.png", "cells.h5ad", "token_maps.png",
+                 "trust.png"):
         assert (out / name).exists() and str(out / name) in printed
     assert "MKI67 at tile and token resolution" in printed
+    assert "tiles out of distribution; MKI67 with its 90% interval width" in printed
+    trust = np.asarray(Image.open(out / "trust.png").convert("RGB"))
+    assert trust.std() > 10
     assert ad.read_h5ad(out / "cells.h5ad").obs_names.name == "cell_id"
     maps = np.asarray(Image.open(out / "token_maps.png").convert("RGB"))
     assert maps.std() > 10

@@ -17,12 +17,16 @@ def test_shipped_model_is_small_and_documented():
     _, card = load_checkpoint(path)
     assert card.model.variant == "early_fusion_add"
     assert card.model.token_heads == {"addon_tokens": len(card.addon_genes)}  # the fine maps' token head
-    assert card.provenance["retrain_command"].startswith("python benchmarks/bench_fine_maps.py")
+    assert card.provenance["retrain_command"].startswith("python benchmarks/bench_trust.py")
     assert "--ship" in card.provenance["retrain_command"]
+    assert card.model.variance_head and card.model.outlier_reference_tokens > 0  # trust: intervals and the flag
+    assert set(card.calibration.scales) == {"tile", "token"} and card.calibration.outliers.threshold > 0
+    assert card.calibration.samples == ("seed106", "seed107")
     test = card.training["test"]
     assert set(test["metrics"]) >= {"pearson", "spearman", "mse"}
     assert set(test["fine_maps"]) >= {"18 um", "37 um", "73 um", "128 um", "256 um", "cell"}
     assert test["fine_maps"]["18 um"]["token"]["spearman"] > test["fine_maps"]["18 um"]["tile"]["spearman"]
+    assert 0.88 <= test["trust"]["tile"]["variance head (one model)"]["coverage_mean"] <= 0.92
 
 
 def test_shipped_model_predicts_the_fixture_sample(synthetic_sample, tmp_path):

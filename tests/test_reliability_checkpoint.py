@@ -301,8 +301,8 @@ def test_a_baseline_copying_a_gene_outside_the_core_panel_is_refused(tmp_path):
         ('{"format": "napari-morphomol-model"}', "format version None is not valid.*re-export"),
         ('{"format": "napari-morphomol-model", "format_version": 0}', "format version 0 is not valid.*re-export"),
         (
-            '{"format": "napari-morphomol-model", "format_version": 3}',
-            "version 3 is not supported.*update napari-morphomol",
+            '{"format": "napari-morphomol-model", "format_version": 4}',
+            "version 4 is not supported.*update napari-morphomol",
         ),
     ],
 )

@@ -16,16 +16,14 @@ from napari_morphomol.errors import InputError
 from napari_morphomol.inference import PredictOptions, open_results
 from napari_morphomol.layers.run import INTERVAL_LAYER, OUTLIER_LAYER, PREDICTED_LAYER
 from napari_morphomol.models import load_checkpoint, read_model_card
+from napari_morphomol.models.fusion import token_outlier_score
 from napari_morphomol.models.trust import (
     CALIBRATED_LEVELS,
     Calibration,
-    OutlierReference,
     conformal_quantiles,
     level_index,
-    outlier_scores,
     tile_interval,
     token_interval,
-    with_threshold,
 )
 
 # -- conformal intervals ----------------------------------------------------------------------------
@@ -84,44 +82,53 @@ def test_an_uncalibrated_level_is_refused_naming_the_calibrated_ones():
 # -- out-of-distribution score ----------------------------------------------------------------------
 
 
-def test_outlier_scores_are_distances_to_the_nearest_reference_embeddings():
-    reference = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]], dtype=np.float32)
-    outliers = OutlierReference(reference, np.zeros(2, np.float32), np.ones(2, np.float32), 2, 1.0, 0.99, 3)
-    scores = outlier_scores(np.array([[0.0, 0.0], [0.0, 3.0]]), outliers)
-    np.testing.assert_allclose(scores, [0.5, (3 + np.sqrt(10)) / 2], rtol=1e-6)
-    held_out = np.random.default_rng(0).normal(0, 0.3, (500, 2))
-    assert 0.005 < (outlier_scores(held_out, with_threshold(outliers, held_out, 0.98)) >
-                    with_threshold(outliers, held_out, 0.98).threshold).mean() < 0.03
+def test_the_outlier_score_is_a_high_quantile_of_token_distances_to_the_reference():
+    """Reference tokens 0, 1 and 10 on a line (neighbours: all three, k = 10 > 3): a tile of ten
+    tokens at the origin scores their mean distance, 11 / 3; one token far off moves the 90th
+    percentile, as a tenth of a tile unlike anything seen should."""
+    import torch
+
+    reference = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    centre, scale = torch.zeros(2), torch.ones(2)
+    tile = torch.zeros(1, 10, 2)
+    np.testing.assert_allclose(token_outlier_score(tile, reference, centre, scale).numpy(), [11 / 3], rtol=1e-6)
+    tile[0, :2] = torch.tensor([0.0, 30.0])
+    assert token_outlier_score(tile, reference, centre, scale).item() > 20
+    shifted = token_outlier_score(torch.zeros(1, 10, 2) + 5.0, reference, centre + 5.0, scale)
+    np.testing.assert_allclose(shifted.numpy(), [11 / 3], rtol=1e-6)  # standardised before the distances
 
 
 # -- the card ---------------------------------------------------------------------------------------
 
 
 def test_calibration_survives_save_and_load_bit_for_bit(trusted_checkpoint, tmp_path):
+    import torch
+
     from napari_morphomol.models import save_checkpoint
 
     model, card = load_checkpoint(trusted_checkpoint)
     again = save_checkpoint(model, card, tmp_path / "again.safetensors")
+    reloaded, _ = load_checkpoint(again)
+    for name in ("outlier_reference", "outlier_centre", "outlier_scale"):
+        assert torch.equal(getattr(model, name), getattr(reloaded, name))
+    assert model.outlier_reference.shape == (card.model.outlier_reference_tokens, model.token_dim)
     for loaded in (load_checkpoint(again)[1], read_model_card(again)):
         for scale, values in card.calibration.scales.items():
             assert np.array_equal(loaded.calibration.scales[scale].quantiles, values.quantiles)
             assert loaded.calibration.scales[scale].quantiles.dtype == np.float64
-        a, b = card.calibration.outliers, loaded.calibration.outliers
-        assert np.array_equal(a.reference, b.reference) and a.reference.dtype == b.reference.dtype == np.float32
-        assert np.array_equal(a.centre, b.centre) and np.array_equal(a.scale, b.scale)
-        assert (a.threshold, a.threshold_level, a.neighbours) == (b.threshold, b.threshold_level, b.neighbours)
+        assert loaded.calibration.outliers == card.calibration.outliers
     assert set(card.calibration.scales) == {"tile", "token"}
 
 
 def test_a_card_whose_calibration_does_not_fit_is_refused(trusted_checkpoint):
     card = read_model_card(trusted_checkpoint)
-    values, tensors = card.calibration.to_card()
+    values = card.calibration.to_card()
     with pytest.raises(InputError, match="levels x"):
-        Calibration.from_card(values, tensors, card.model.n_addon_genes + 1, 192)
-    with pytest.raises(InputError, match="does not fit"):
-        Calibration.from_card(values, tensors, card.model.n_addon_genes, 64)
-    with pytest.raises(InputError, match="lacks its tensors"):
-        Calibration.from_card(values, {}, card.model.n_addon_genes, 192)
+        Calibration.from_card(values, card.model.n_addon_genes + 1)
+    with pytest.raises(InputError, match="numeric threshold"):
+        Calibration.from_card({**values, "outliers": {"threshold": "high"}}, card.model.n_addon_genes)
+    with pytest.raises(InputError, match="between 0 and 1"):
+        Calibration.from_card({**values, "levels": [0.9, 1.5, 0.5, 0.8, 0.95]}, card.model.n_addon_genes)
 
 
 # -- a run ------------------------------------------------------------------------------------------
@@ -136,7 +143,7 @@ def test_predict_writes_bounds_around_every_prediction_and_a_flag_per_tile(trust
     assert (trust.lower <= np.maximum(results.predictions, 0) + 1e-6).all()  # no bound below 0 counts
     assert (trust.upper >= results.predictions).all()
     assert (trust.lower >= 0).all()
-    scores = outlier_scores(results.embeddings, card.calibration.outliers)
+    scores = results.output("outlier_score")[:, 0]
     np.testing.assert_array_equal(trust.outlier_score, scores)
     np.testing.assert_array_equal(trust.outlier_flag, scores > card.calibration.outliers.threshold)
     np.testing.assert_allclose(trust.token_quantile, card.calibration.quantile("token", 0.9))
@@ -177,7 +184,6 @@ def test_the_anndata_carries_bounds_flags_coverage_and_the_calibration(trusted_r
 
 def test_export_writes_bounds_as_layers_and_the_flag_in_obs(trusted_results_store, tmp_path):
     import anndata as ad
-
     import spatialdata as sd
 
     from napari_morphomol.export import TILE_TABLE

@@ -55,7 +55,7 @@ def trust_uns(results: Results) -> dict:
     calibration = (results.metadata.get("model_card") or {}).get("calibration")
     if trust is None or trust.unavailable or calibration is None:
         return {}
-    card = Calibration.from_card(calibration, None, len(results.addon_genes), None)
+    card = Calibration.from_card(calibration, len(results.addon_genes))
     out = {"level": float(trust.level), "levels": np.asarray(card.levels), "samples": list(card.samples),
            "method": calibration.get("method", ""),
            **{f"{scale}_quantiles": np.asarray(values.quantiles) for scale, values in card.scales.items()}}

@@ -1,7 +1,9 @@
 """The whole path on the embedded default: a synthetic Xenium + H&E sample, loaded as one
 SpatialData sample, the shipped early-fusion model run over it tile by tile, clusters of the
 tile embeddings, export to AnnData (tiles and, with a token-head model, cells) and SpatialData,
-a screenshot of the sample in napari and one of MKI67 at tile and token resolution.
+a screenshot of the sample in napari, one of MKI67 at tile and token resolution, and one of its
+interval width with the tiles flagged out of distribution (the sample's right 30 % is a
+sarcomatoid tumour, a tissue the shipped model never saw).
 
 Everything goes into --out; running it again reuses the sample and the finished prediction and
 rewrites the exported files."""
@@ -15,6 +17,9 @@ from napari_morphomol.commands._arguments import real_number, whole_number
 
 DEMO_GENE = "MKI67"
 """A gene no core gene shows (proliferation, read from the H&E): its token map is the model's own."""
+SARCOMATOID_FRACTION = 0.3
+"""The demo sample's right 30 % holds a sarcomatoid tumour (spindle cells no training sample had),
+so the shipped model's out-of-distribution flag has something to find."""
 NAME = "demo"
 HELP = "run the whole path on a synthetic sample: load, predict, cluster, export, screenshot"
 
@@ -39,15 +44,19 @@ def run(args) -> int:
     from napari_morphomol.inference import PredictOptions, predict
     from napari_morphomol.io.sample import open_sample, summarize_sample
     from napari_morphomol.synthetic import write_synthetic_sample
+    from napari_morphomol.synthetic.plan import DatasetShift
     out = guard_output_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sample_dir = out / f"sample-{args.size_mm[0]:g}x{args.size_mm[1]:g}mm-seed{args.seed}"
+    sample_dir = out / f"sample-{args.size_mm[0]:g}x{args.size_mm[1]:g}mm-seed{args.seed}-sarcomatoid-right"
     start = time.perf_counter()
     if sample_dir.exists():
         print(f"1. reusing the synthetic sample in {sample_dir}")
     else:
         print(f"1. writing a synthetic {args.size_mm[0]:g} x {args.size_mm[1]:g} mm sample to {sample_dir}")
-        write_synthetic_sample(sample_dir, size_mm=tuple(args.size_mm), seed=args.seed)
+        width_um, height_um = (1000.0 * size for size in args.size_mm)
+        shift = DatasetShift(tissue="sarcomatoid",
+                             tissue_region_um=((1 - SARCOMATOID_FRACTION) * width_um, 0.0, width_um, height_um))
+        write_synthetic_sample(sample_dir, size_mm=tuple(args.size_mm), seed=args.seed, shift=shift)
     start = _step("sample ready", start)
 
     sdata = open_sample(sample_dir)
@@ -72,12 +81,20 @@ def run(args) -> int:
         print(f"  {kind}: {path}")
     start = _step("exported", start)
 
-    from napari_morphomol.widgets.screenshot import screenshot_maps, screenshot_sample
+    from napari_morphomol.widgets.screenshot import screenshot_maps, screenshot_sample, screenshot_trust
 
     shot = screenshot_sample(sdata, out / "screenshot.png")
     start = _step(f"screenshot of the sample in napari: {shot}", start)
     if explorer.has_token_maps:
         gene = DEMO_GENE if DEMO_GENE in explorer.genes else explorer.genes[0]
         maps = screenshot_maps(explorer, gene, out / "token_maps.png")
-        _step(f"{gene} at tile and token resolution in napari: {maps}", start)
+        start = _step(f"{gene} at tile and token resolution in napari: {maps}", start)
+    trust = explorer.trust
+    if trust.has_flags and trust.has_intervals:
+        gene = DEMO_GENE if DEMO_GENE in explorer.genes else explorer.genes[0]
+        shot = screenshot_trust(explorer, gene, out / "trust.png")
+        _step(f"{int(trust.outlier_flag.sum())} of {len(trust.outlier_flag)} tiles out of distribution; {gene} with "
+              f"its {trust.level:.0%} interval width and the flagged tiles in napari: {shot}", start)
+    else:
+        print(f"  {trust.unavailable or 'the model gives no tile intervals'}")
     return 0

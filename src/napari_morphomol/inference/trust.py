@@ -7,7 +7,8 @@ quantiles and the outlier score mean):
 - ``prediction_lower``, ``prediction_upper``: (tiles, add-on genes) float32 log1p bounds at the
   run's level (attribute ``level``, default 0.9), with a variance-head model calibrated at the
   tile scale;
-- ``outlier_score`` (tiles,) float32 and ``outlier_flag`` (tiles,) bool, with an outlier reference;
+- ``outlier_score`` (tiles,) float32 (the model's output of that name) and ``outlier_flag``
+  (tiles,) bool, for a model with an outlier reference;
 - attributes: ``level``, ``threshold``, ``token_quantile`` (the token-scale quantile per gene at
   that level, for token and cell intervals, which are computed from the maps when read) and
   ``samples`` (what it was calibrated on).
@@ -59,7 +60,7 @@ class RunTrust:
 def write_trust(root: zarr.Group, card, level: float) -> dict | None:
     """Write the ``trust`` group of a finished run from ``card.calibration`` at ``level``; returns
     its summary for the store's attributes (None, writing nothing, when the card has no calibration)."""
-    from napari_morphomol.models.trust import outlier_scores, tile_interval
+    from napari_morphomol.models.trust import tile_interval
 
     calibration = card.calibration
     if calibration is None:
@@ -75,8 +76,8 @@ def write_trust(root: zarr.Group, card, level: float) -> dict | None:
         summary["tile_intervals"] = True
     if "token" in calibration.scales:
         summary["token_quantile"] = [float(q) for q in calibration.quantile("token", level)]
-    if calibration.outliers is not None:
-        scores = outlier_scores(root["embeddings"], calibration.outliers)
+    if calibration.outliers is not None and "outlier_score" in root:
+        scores = root["outlier_score"][:, 0]
         group.create_array("outlier_score", data=scores, overwrite=True)
         group.create_array("outlier_flag", data=scores > calibration.outliers.threshold, overwrite=True)
         summary.update(threshold=calibration.outliers.threshold, n_flagged=int((scores > calibration.outliers.threshold

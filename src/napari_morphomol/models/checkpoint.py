@@ -29,7 +29,7 @@ from napari_morphomol.errors import InputError
 from napari_morphomol.models.baseline import MinMAEBaseline
 from napari_morphomol.models.config import IMAGE_MEAN, IMAGE_STD, MAX_PARAMETERS, ModelConfig, tile_spec_from_dict
 from napari_morphomol.models.fusion import FusionModel
-from napari_morphomol.models.trust import TENSOR_PREFIX, Calibration
+from napari_morphomol.models.trust import Calibration
 from napari_morphomol.tiling.geometry import TileSpec
 
 CARD_METADATA_KEY = "morphomol_model_card"
@@ -37,8 +37,8 @@ CARD_FORMAT = "napari-morphomol-model"
 CARD_FORMAT_VERSION = 3
 """2: ``tile_geometry`` is a :class:`~napari_morphomol.tiling.TileSpec` (tile_px, stride_px,
 tile_pixel_size_um, image_px, tokens_per_side). Cards of format 1 (mpp, img_size, patch_px) are
-read as well. 3: an optional ``calibration`` (:class:`~napari_morphomol.models.trust.Calibration`),
-its tensors named ``calibration.*`` beside the weights."""
+read as well. 3: an optional ``calibration`` (:class:`~napari_morphomol.models.trust.Calibration`);
+the outlier reference it thresholds is part of the weights (``outlier_*`` buffers)."""
 #: What to do about a card that does not fit its file or is not a card.
 REEXPORT_ADVICE = (
     "the file was edited or written by another tool; retrain, or re-export it with napari-morphomol "
@@ -85,7 +85,7 @@ class ModelCard:
             )
 
     def to_json(self) -> str:
-        calibration = {} if self.calibration is None else {"calibration": self.calibration.to_card()[0]}
+        calibration = {} if self.calibration is None else {"calibration": self.calibration.to_card()}
         return json.dumps(
             {
                 "format": CARD_FORMAT,
@@ -107,9 +107,7 @@ class ModelCard:
         )
 
     @classmethod
-    def from_json(cls, text: str, tensors: Mapping[str, np.ndarray] | None = None) -> ModelCard:
-        """The card of ``text``; ``tensors``: the checkpoint file's ``calibration.*`` tensors (None: a
-        card read without its file, whose calibration then has no outlier reference)."""
+    def from_json(cls, text: str) -> ModelCard:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as error:
@@ -146,10 +144,8 @@ class ModelCard:
         )
         if "calibration" not in values:
             return card
-        embedding_dim = described_embedding_dim(card.model)
-        calibration = Calibration.from_card(values["calibration"], tensors, card.model.n_addon_genes,
-                                            embedding_dim)
-        return dataclasses.replace(card, calibration=calibration)
+        return dataclasses.replace(card, calibration=Calibration.from_card(values["calibration"],
+                                                                           card.model.n_addon_genes))
 
 
 def _finite_or_null(value: Any) -> Any:
@@ -178,9 +174,6 @@ def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path
     if model.config != card.model:
         raise InputError("The model card describes a different architecture than the model being saved.")
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    if card.calibration is not None:
-        tensors.update({name: torch.from_numpy(np.ascontiguousarray(array))
-                        for name, array in card.calibration.to_card()[1].items()})
     provenance = {
         "napari_morphomol_version": __version__,
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -219,7 +212,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     card = _checked_card(path)
     with _opened(path, str(device)) as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys() if not key.startswith(TENSOR_PREFIX)}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     _check_weights(path.name, card, tensors)
     model = build_model(card.model)
     model.to(device)
@@ -260,14 +253,6 @@ def described_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def described_embedding_dim(config: ModelConfig) -> int | None:
-    """Width of the tile embedding of the model ``config`` describes (built on the meta device)."""
-    if not config.variant_spec.neural:
-        return config.n_core_genes
-    with torch.device("meta"):
-        return build_model(config).embedding_dim
-
-
 def _checked_card(path: Path) -> ModelCard:
     """The card of a checkpoint file, once it describes exactly the tensors in the file's header."""
     if not path.is_file():
@@ -285,12 +270,9 @@ def _checked_card(path: Path) -> ModelCard:
                 f"{path.name} is a safetensors file without a napari-morphomol model card; it holds bare "
                 "weights. Reference-layout weights can be converted with convert_reference_checkpoint."
             )
-        found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()
-                 if not key.startswith(TENSOR_PREFIX)}
-        calibration_tensors = {key: handle.get_tensor(key).numpy() for key in handle.keys()
-                               if key.startswith(TENSOR_PREFIX)}
+        found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     try:
-        card = ModelCard.from_json(metadata[CARD_METADATA_KEY], calibration_tensors)
+        card = ModelCard.from_json(metadata[CARD_METADATA_KEY])
         expected = described_tensor_shapes(card.model)
     except InputError as error:
         raise InputError(f"Checkpoint {path.name}: {error}") from error

@@ -129,7 +129,8 @@ ARCHITECTURE_LIMITS: dict[str, tuple[float, float]] = {
 #: How a model output may be named (it names an array of the results store), and the names taken:
 #: the tile outputs every model has and the results store's own entries.
 OUTPUT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
-RESERVED_OUTPUT_NAMES = frozenset({"predictions", "embeddings", "prediction_log_variance", "tiles", "measured_counts",
+RESERVED_OUTPUT_NAMES = frozenset({"predictions", "embeddings", "prediction_log_variance", "outlier_score", "tiles",
+                                   "measured_counts",
                                    "measured_token_counts", "token_maps", "trust", "done", "chunk_seconds", "inputs"})
 ADDON_TOKEN_HEAD = "addon_tokens"
 """The token head that predicts the add-on panel per token (width ``n_addon_genes``), trained on
@@ -214,7 +215,12 @@ class ModelConfig:
     variance_head: bool = False
     """A second linear head on the tile embedding giving the log variance of each tile prediction
     (``ModelOutput.prediction_log_variance``), trained with a Gaussian likelihood on the tile
-    residuals (the mean is not moved by it); the spread that calibrated intervals scale."""
+    residuals (the mean is not moved by it), then refit on the validation residuals
+    (``training.refit_variance_head``); the spread that calibrated intervals scale."""
+    outlier_reference_tokens: int = 0
+    """Token features of training tiles the model keeps as its outlier reference (0: none). Set by
+    calibration (``models.trust.fit_calibration``); the model then scores every tile by how far its
+    token features lie from the reference (``ModelOutput.outlier_score``)."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -252,6 +258,13 @@ class ModelConfig:
         self._check_token_heads()
         if self.variance_head and not self.variant_spec.neural:
             raise InputError("Min-MAE is fitted, not trained, and has no variance head; set variance_head=False.")
+        references = self.outlier_reference_tokens
+        if not isinstance(references, int) or isinstance(references, bool) or not 0 <= references <= 1_000_000:
+            raise InputError(f"Model config outlier_reference_tokens must be an integer from 0 to 1,000,000, got "
+                             f"{references!r}.")
+        if references and not self.variant_spec.has_token_sequence:
+            raise InputError(f"Model variant {self.variant} has no token features to keep an outlier reference of; "
+                             "set outlier_reference_tokens=0.")
 
     def _check_token_heads(self) -> None:
         """Token heads only on a variant with a token sequence, each with a free name and a width;

@@ -53,6 +53,9 @@ class ModelOutput(NamedTuple):
     embeddings: torch.Tensor
     token_outputs: Mapping[str, torch.Tensor] = MappingProxyType({})
     prediction_log_variance: torch.Tensor | None = None
+    outlier_score: torch.Tensor | None = None
+    """(B, 1) how far the tile's token features lie from the model's outlier reference (a calibrated
+    model only; ``models.trust`` defines it)."""
 
 
 class Features(NamedTuple):
@@ -170,6 +173,11 @@ class FusionModel(nn.Module):
                                           for name, width in config.token_heads.items()})
         if config.variance_head:
             self.variance_head = nn.Linear(self.embedding_dim, config.n_addon_genes)
+        if config.outlier_reference_tokens:  # filled by calibration, kept in the checkpoint
+            size = (config.outlier_reference_tokens, self.token_dim)
+            self.register_buffer("outlier_reference", torch.zeros(size))
+            self.register_buffer("outlier_centre", torch.zeros(self.token_dim))
+            self.register_buffer("outlier_scale", torch.ones(self.token_dim))
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -180,6 +188,8 @@ class FusionModel(nn.Module):
                 OutputSpec("embeddings", "tile", self.embedding_dim))
         if self.config.variance_head:
             tile += (OutputSpec("prediction_log_variance", "tile", self.config.n_addon_genes),)
+        if self.config.outlier_reference_tokens:
+            tile += (OutputSpec("outlier_score", "tile", 1),)
         return tile + tuple(OutputSpec(name, "token", head.out_features) for name, head in self.token_heads.items())
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -195,12 +205,16 @@ class FusionModel(nn.Module):
     def forward(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> ModelOutput:
         features = self.forward_features(images, token_counts)
         embeddings = self.forward_pool(features)
-        token_outputs = {}
-        if self.token_heads:
+        token_outputs, outlier_score = {}, None
+        if self.token_heads or self.config.outlier_reference_tokens:
             tokens = self.forward_tokens(features)
             token_outputs = {name: head(tokens) for name, head in self.token_heads.items()}
+            if self.config.outlier_reference_tokens:
+                outlier_score = token_outlier_score(tokens, self.outlier_reference, self.outlier_centre,
+                                                    self.outlier_scale)[:, None]
         log_variance = self.variance_head(embeddings) if self.config.variance_head else None
-        return ModelOutput(self.head(embeddings), embeddings, MappingProxyType(token_outputs), log_variance)
+        return ModelOutput(self.head(embeddings), embeddings, MappingProxyType(token_outputs), log_variance,
+                           outlier_score)
 
     def forward_features(self, images: torch.Tensor | None, token_counts: torch.Tensor | None) -> Features:
         """The sequences after the encoders (see :class:`Features`), inputs checked first."""
@@ -337,6 +351,27 @@ class FusionModel(nn.Module):
                 )
         if images is not None and token_counts is not None and images.shape[0] != token_counts.shape[0]:
             raise InputError(f"Batch sizes differ: {images.shape[0]} images, {token_counts.shape[0]} token sets.")
+
+
+OUTLIER_NEIGHBOURS = 10
+"""A token's outlier distance is its mean distance to this many nearest reference tokens."""
+OUTLIER_TOKEN_QUANTILE = 0.9
+"""A tile's outlier score is this quantile of its tokens' distances: a tile is unusual when a tenth
+of it is, whatever the rest holds."""
+
+
+def token_outlier_score(tokens: torch.Tensor, reference: torch.Tensor, centre: torch.Tensor, scale: torch.Tensor
+                        ) -> torch.Tensor:
+    """(B,) outlier score of each tile from its token features (B, tokens, E): each token
+    standardised (``(x - centre) / scale``), its mean distance to the OUTLIER_NEIGHBOURS nearest
+    reference tokens, and the OUTLIER_TOKEN_QUANTILE quantile of those over the tile's tokens."""
+    batch, n_tokens, width = tokens.shape
+    flat = ((tokens.float().reshape(-1, width) - centre) / scale)
+    k = min(OUTLIER_NEIGHBOURS, reference.shape[0])
+    rows = max(1, (1 << 24) // reference.shape[0])  # distance blocks of at most 64 MB
+    nearest = torch.cat([torch.cdist(part, reference.float()).topk(k, dim=1, largest=False).values.mean(dim=1)
+                         for part in flat.split(rows)])
+    return torch.quantile(nearest.reshape(batch, n_tokens), OUTLIER_TOKEN_QUANTILE, dim=1)
 
 
 def match_token_norms(expression_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:

@@ -10,16 +10,18 @@ Definitions (what a :class:`Calibration` in a model card means):
   smallest of its ``n`` calibration scores. The interval ``predicted +- q * sigma`` then covers a
   new measurement with probability at least ``1 - alpha`` whenever the new tile is exchangeable
   with the calibration tiles (same tissue, same protocol), and is wider where ``sigma`` is.
-- *outlier score* of a tile: the mean Euclidean distance of its standardised embedding to its
-  ``neighbours`` nearest embeddings in the reference set (training tiles); a tile is *flagged*
-  when the score is above ``threshold``, the ``threshold_level`` quantile of held-out
-  in-distribution tiles' scores.
+- *outlier score* of a tile (``ModelOutput.outlier_score`` of a calibrated model,
+  :func:`~napari_morphomol.models.fusion.token_outlier_score`): each of its token features,
+  standardised, at its mean distance to the nearest tokens of the model's reference set (token
+  features of training tiles, kept in the checkpoint), and the 90th percentile of those over the
+  tile. A tile is *flagged* when its score is above ``threshold``, the ``threshold_level``
+  quantile of held-out in-distribution tiles' scores.
 
 Invariant: intervals are only ever given at one of :data:`CALIBRATED_LEVELS`, the levels whose
 quantiles the card holds; a card without a calibration gives no interval (never a zero width).
 
 Entry points: :func:`fit_calibration` (at training time, on held-out samples),
-:func:`tile_interval`, :func:`token_interval`, :func:`outlier_scores`.
+:func:`tile_interval`, :func:`token_interval`; the outlier score is the model's own output.
 """
 
 from __future__ import annotations
@@ -40,17 +42,15 @@ DEFAULT_LEVEL = 0.9
 TOKEN_SPREAD_OFFSET = 0.5
 """Added to a token's rate under the square root of its spread, so tokens predicted empty still
 have a spread (a count of 1 at rate 0 scores 1.4, not infinity)."""
-OUTLIER_NEIGHBOURS = 10
-OUTLIER_REFERENCE_TILES = 2048
-"""At most this many training tiles' embeddings are kept in the card (2048 x 384 float32 = 3 MB for ViT-S)."""
+OUTLIER_REFERENCE_TOKENS = 8192
+OUTLIER_REFERENCE_BYTES = 4 << 20
+"""The reference keeps up to OUTLIER_REFERENCE_TOKENS training token features, and no more than
+4 MB of them (2,730 tokens of ViT-S's 384 float32)."""
 OUTLIER_LEVEL = 0.99
 """Held-out in-distribution tiles flagged: about 1 - this fraction."""
 SCALES = ("tile", "token")
 SPREADS = {"tile": "variance head: exp(log_variance / 2), log1p units",
            "token": f"Poisson: sqrt(rate + {TOKEN_SPREAD_OFFSET}), counts"}
-#: Names of the calibration's tensors in a checkpoint file (beside the model's weights).
-TENSOR_PREFIX = "calibration."
-_TENSORS = ("outlier_reference", "outlier_centre", "outlier_scale")
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,13 @@ class ScaleCalibration:
 
 
 @dataclass(frozen=True)
-class OutlierReference:
-    """Standardised training embeddings and the threshold that flags a tile."""
+class OutlierThreshold:
+    """Where a calibrated model's outlier score flags a tile (its reference lives in the model)."""
 
-    reference: np.ndarray
-    """(K, E) float32: (embedding - centre) / scale of up to OUTLIER_REFERENCE_TILES training tiles."""
-    centre: np.ndarray
-    scale: np.ndarray
-    neighbours: int
     threshold: float
     threshold_level: float
     n_training_tiles: int
+    n_reference_tokens: int
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,7 @@ class Calibration:
     """What a card holds to put an interval on every prediction and a flag on every tile."""
 
     scales: Mapping[str, ScaleCalibration]
-    outliers: OutlierReference | None
+    outliers: OutlierThreshold | None
     samples: tuple[str, ...] = ()
     """The held-out samples it was calibrated on."""
     levels: tuple[float, ...] = CALIBRATED_LEVELS
@@ -92,8 +88,8 @@ class Calibration:
             raise InputError(f"The model is not calibrated at the {scale} scale (it has {', '.join(self.scales)}).")
         return self.scales[scale].quantiles[level_index(level, self.levels)]
 
-    def to_card(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """The card's JSON (quantiles as float64 lists, exact through JSON) and the tensors stored beside it."""
+    def to_card(self) -> dict[str, Any]:
+        """The card's JSON (quantiles as float64 lists, exact through JSON)."""
         values: dict[str, Any] = {
             "method": "split-conformal, scores |measured - predicted| / spread, per gene and scale",
             "levels": list(self.levels), "samples": list(self.samples),
@@ -102,22 +98,15 @@ class Calibration:
                                             for row in np.asarray(scale.quantiles, dtype=np.float64).tolist()]}
                        for name, scale in self.scales.items()},
         }
-        tensors: dict[str, np.ndarray] = {}
         if self.outliers is not None:
-            o = self.outliers
-            values["outliers"] = {"score": f"mean distance to the {o.neighbours} nearest standardised training "
-                                           "embeddings", "neighbours": o.neighbours, "threshold": o.threshold,
-                                  "threshold_level": o.threshold_level, "n_training_tiles": o.n_training_tiles,
-                                  "n_reference": int(len(o.reference))}
-            tensors = {TENSOR_PREFIX + "outlier_reference": o.reference, TENSOR_PREFIX + "outlier_centre": o.centre,
-                       TENSOR_PREFIX + "outlier_scale": o.scale}
-        return values, tensors
+            values["outliers"] = {"score": "90th percentile over the tile's tokens of each token's mean distance to "
+                                           "its nearest standardised training tokens (ModelOutput.outlier_score)",
+                                  **dataclasses.asdict(self.outliers)}
+        return values
 
     @classmethod
-    def from_card(cls, values: Any, tensors: Mapping[str, np.ndarray] | None, n_genes: int,
-                  embedding_dim: int | None) -> Calibration:
-        """Read a card's calibration (untrusted) and its tensors, checking every shape. Without
-        ``tensors`` (a card copied into a results store) the outlier reference is left out."""
+    def from_card(cls, values: Any, n_genes: int) -> Calibration:
+        """Read a card's calibration (untrusted), checking every field's type and shape."""
         if not isinstance(values, dict):
             raise InputError("Model card field 'calibration' must be a JSON object.")
         levels = values.get("levels")
@@ -139,26 +128,12 @@ class Calibration:
                                  f"{n_genes} add-on genes of non-negative numbers, got shape {quantiles.shape}.")
             scales[name] = ScaleCalibration(quantiles, int(scale.get("n_calibration", 0)))
         outliers = None
-        if "outliers" in values and tensors is not None:
+        if "outliers" in values:
             o = _dict(values["outliers"], "calibration.outliers")
-            found = {name: tensors.get(TENSOR_PREFIX + name) for name in _TENSORS}
-            if any(t is None for t in found.values()):
-                raise InputError("The model card has an outlier reference but the checkpoint lacks its tensors "
-                                 f"({', '.join(TENSOR_PREFIX + n for n in _TENSORS)}).")
-            reference = np.asarray(found["outlier_reference"], dtype=np.float32)
-            if (reference.ndim != 2 or reference.shape[1] != embedding_dim or len(reference) < o.get("neighbours", 0)
-                    or found["outlier_centre"].shape != (embedding_dim,)
-                    or found["outlier_scale"].shape != (embedding_dim,)):
-                raise InputError(f"The checkpoint's outlier reference {reference.shape} does not fit the model's "
-                                 f"{embedding_dim}-wide tile embedding.")
-            if not all(_is_number(o.get(key)) for key in ("threshold", "threshold_level")) or not (
-                    isinstance(o.get("neighbours"), int) and o["neighbours"] >= 1):
-                raise InputError("Model card calibration.outliers needs a numeric threshold, threshold_level and a "
-                                 "positive integer neighbours.")
-            outliers = OutlierReference(reference, np.asarray(found["outlier_centre"], np.float32),
-                                        np.asarray(found["outlier_scale"], np.float32), o["neighbours"],
-                                        float(o["threshold"]), float(o["threshold_level"]),
-                                        int(o.get("n_training_tiles", len(reference))))
+            if not all(_is_number(o.get(key)) for key in ("threshold", "threshold_level")):
+                raise InputError("Model card calibration.outliers needs a numeric threshold and threshold_level.")
+            outliers = OutlierThreshold(float(o["threshold"]), float(o["threshold_level"]),
+                                        int(o.get("n_training_tiles", 0)), int(o.get("n_reference_tokens", 0)))
         samples = values.get("samples", [])
         return cls(scales, outliers, tuple(str(s) for s in samples), tuple(float(v) for v in levels))
 
@@ -223,71 +198,38 @@ def token_interval(predicted_log1p: np.ndarray, quantile: np.ndarray) -> tuple[n
             np.log1p(rate + half).astype(np.float32))
 
 
-def outlier_scores(embeddings: np.ndarray, outliers: OutlierReference, batch: int = 4096) -> np.ndarray:
-    """(tiles,) mean distance of each standardised embedding to its nearest reference embeddings."""
-    reference = outliers.reference.astype(np.float64)
-    reference_sq = (reference**2).sum(axis=1)
-    n = embeddings.shape[0]  # a numpy or a zarr array
-    scores = np.empty(n, dtype=np.float64)
-    k = min(outliers.neighbours, len(reference))
-    for start in range(0, n, batch):
-        x = (np.asarray(embeddings[start:start + batch], dtype=np.float64) - outliers.centre) / outliers.scale
-        squared = np.maximum((x**2).sum(axis=1)[:, None] + reference_sq[None, :] - 2.0 * x @ reference.T, 0.0)
-        nearest = np.partition(squared, k - 1, axis=1)[:, :k]
-        scores[start:start + batch] = np.sqrt(nearest).mean(axis=1)
-    return scores.astype(np.float32)
-
-
-def outlier_reference(training_embeddings: np.ndarray, *, seed: int = 0,
-                      size: int = OUTLIER_REFERENCE_TILES, neighbours: int = OUTLIER_NEIGHBOURS) -> OutlierReference:
-    """The reference set of a model: up to ``size`` training embeddings, standardised, no threshold yet."""
-    embeddings = np.asarray(training_embeddings, dtype=np.float64)
-    if len(embeddings) <= neighbours:
-        raise InputError(f"An outlier reference needs more than {neighbours} training tiles, got {len(embeddings)}.")
-    centre = embeddings.mean(axis=0)
-    scale = np.maximum(embeddings.std(axis=0), 1e-6)
-    keep = np.sort(np.random.default_rng(seed).permutation(len(embeddings))[:size])
-    reference = ((embeddings[keep] - centre) / scale).astype(np.float32)
-    return OutlierReference(reference, centre.astype(np.float32), scale.astype(np.float32), neighbours,
-                            float("inf"), OUTLIER_LEVEL, len(embeddings))
-
-
-def with_threshold(outliers: OutlierReference, held_out_embeddings: np.ndarray,
-                   level: float = OUTLIER_LEVEL) -> OutlierReference:
-    """The reference with its threshold set at the ``level`` quantile of held-out in-distribution tiles."""
-    scores = outlier_scores(held_out_embeddings, outliers)
-    return dataclasses.replace(outliers, threshold=float(np.quantile(scores, level)), threshold_level=float(level))
-
-
 def fit_calibration(model, calibration_dataset, training_dataset, *, samples: tuple[str, ...] = (),
-                    batch_size: int = 64, device: str = "cpu", seed: int = 0) -> Calibration:
+                    batch_size: int = 64, device: str = "cpu", seed: int = 0):
     """Calibrate a trained model on held-out samples (at training time).
 
     Parameters
     ----------
     model
-        A trained model with a variance head (tile intervals) and/or the add-on token head (token intervals).
+        A trained model: with a variance head (tile intervals), the add-on token head (token
+        intervals) and a token sequence (the outlier reference).
     calibration_dataset
-        Tiles of samples the model was not trained on (validation or a separate split).
+        Tiles of samples the model was not trained on (neither trained nor early-stopped on, ideally).
     training_dataset
-        The training tiles: their embeddings make the outlier reference.
+        The training tiles: their token features make the outlier reference.
     samples
         The calibration samples' names, recorded in the card.
     batch_size, device, seed
-        How the model runs, and the seed of the reference subsample.
+        How the model runs, and the seed of the reference's sample of training tokens.
 
     Returns
     -------
-    Calibration
-        Per-gene conformal quantiles at every calibrated level for the tile and token scales the
-        model has, and the outlier reference with its threshold.
+    model, Calibration
+        The model with its outlier reference (``config.outlier_reference_tokens`` set, the same
+        weights), and per-gene conformal quantiles at every calibrated level for the tile and
+        token scales the model has, with the threshold of the outlier score.
     """
     from napari_morphomol.models.training import model_outputs  # torch stays out of card reading
 
-    tile_scores, token_scores, embeddings = [], [], []
+    if model.config.variant_spec.has_token_sequence:
+        model = with_outlier_reference(model, training_dataset, batch_size=batch_size, device=device, seed=seed)
+    tile_scores, token_scores, outlier = [], [], []
     rng = np.random.default_rng(seed)
     for batch, output in model_outputs(model, calibration_dataset, batch_size=batch_size, device=device):
-        embeddings.append(output["embeddings"])
         if "prediction_log_variance" in output:
             residual = np.abs(batch["target"].numpy() - output["predictions"])
             tile_scores.append(residual / tile_spread(output["prediction_log_variance"]))
@@ -295,15 +237,51 @@ def fit_calibration(model, calibration_dataset, training_dataset, *, samples: tu
             rate, counts = output["token_rate"], batch["token_target"].numpy()
             scores = (np.abs(counts - rate) / token_spread(rate)).reshape(-1, rate.shape[-1])
             token_scores.append(scores[rng.random(len(scores)) < 0.25])  # a quarter of the tokens is plenty
-    scales = {}
-    if tile_scores:
-        scores = np.concatenate(tile_scores)
-        scales["tile"] = ScaleCalibration(conformal_quantiles(scores), len(scores))
-    if token_scores:
-        scores = np.concatenate(token_scores)
-        scales["token"] = ScaleCalibration(conformal_quantiles(scores), len(scores))
-    training_embeddings = np.concatenate(
-        [output["embeddings"] for _, output in model_outputs(model, training_dataset, batch_size=batch_size,
-                                                            device=device)])
-    outliers = with_threshold(outlier_reference(training_embeddings, seed=seed), np.concatenate(embeddings))
-    return Calibration(scales, outliers, tuple(samples))
+        if "outlier_score" in output:
+            outlier.append(output["outlier_score"][:, 0])
+    scales = {name: ScaleCalibration(conformal_quantiles(np.concatenate(parts)), sum(map(len, parts)))
+              for name, parts in (("tile", tile_scores), ("token", token_scores)) if parts}
+    outliers = None
+    if outlier:
+        scores = np.concatenate(outlier)
+        outliers = OutlierThreshold(float(np.quantile(scores, OUTLIER_LEVEL)), OUTLIER_LEVEL, len(training_dataset),
+                                    model.config.outlier_reference_tokens)
+    return model, Calibration(scales, outliers, tuple(samples))
+
+
+def with_outlier_reference(model, training_dataset, *, batch_size: int = 64, device: str = "cpu", seed: int = 0):
+    """A copy of ``model`` holding a random sample of its training tiles' token features (standardised)."""
+    import dataclasses as dc
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from napari_morphomol.models.checkpoint import build_model
+
+    config = model.config
+    n_tokens = model.n_tokens * len(training_dataset)
+    size = int(min(OUTLIER_REFERENCE_TOKENS, OUTLIER_REFERENCE_BYTES // (4 * model.token_dim), n_tokens))
+    keep = min(1.0, 4.0 * size / n_tokens)  # a 4x oversample, drawn batch by batch: memory stays small
+    generator = torch.Generator().manual_seed(seed)
+    kept = []
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        for batch in DataLoader(training_dataset, batch_size=batch_size, shuffle=False):
+            images = batch["image"].to(device) if config.uses_image else None
+            tokens = batch["tokens"].to(device) if config.uses_transcripts else None
+            features = model.forward_tokens(model.forward_features(images, tokens)).float().cpu()
+            features = features.reshape(-1, features.shape[-1])
+            kept.append(features[torch.rand(len(features), generator=generator) < keep])
+    pool = torch.cat(kept)
+    pool = pool[torch.randperm(len(pool), generator=generator)[:size]]
+    calibrated = build_model(dc.replace(config, outlier_reference_tokens=len(pool)))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("outlier_")}
+    missing = [k for k in calibrated.load_state_dict(state, strict=False).missing_keys if not k.startswith("outlier_")]
+    if missing:
+        raise InputError(f"the calibrated model lacks weights of the trained one: {', '.join(missing[:5])}")
+    centre, scale = pool.mean(dim=0), pool.std(dim=0).clamp_min(1e-6)
+    with torch.no_grad():
+        calibrated.outlier_centre.copy_(centre)
+        calibrated.outlier_scale.copy_(scale)
+        calibrated.outlier_reference.copy_((pool - centre) / scale)
+    return calibrated.to(device).eval()

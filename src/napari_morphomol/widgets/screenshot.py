@@ -8,7 +8,7 @@ from pathlib import Path
 import napari
 from qtpy.QtWidgets import QApplication
 
-from napari_morphomol.layers.run import gene_map_layer
+from napari_morphomol.layers.run import gene_map_layer, outlier_layer
 from napari_morphomol.layers.sample import sample_layers
 
 
@@ -65,6 +65,32 @@ def screenshot_maps(explorer, gene: str, path: str | Path, *, size_px: tuple[int
         viewer.grid.enabled = True
         viewer.grid.shape = (1, len(kinds))
         viewer.canvas.overlays.text.text = f"{gene}: " + " | ".join(f"{k}, {r}" for k, r in kinds)
+        viewer.canvas.overlays.text.visible = True
+
+    return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
+
+
+def screenshot_trust(explorer, gene: str, path: str | Path, *, size_px: tuple[int, int] = (900, 1800)) -> Path:
+    """A calibrated run's trust in one picture (napari grid mode, two layers a panel): left the
+    predicted map of ``gene`` at token resolution (tile for a tile-only model), right the width of
+    its interval, both with the tiles flagged out of distribution greyed out; saved as PNG."""
+    resolution = "token" if explorer.has_token_maps else "tile"
+    level = f"{explorer.trust.level:.0%}"
+
+    def add_layers(viewer):
+        for kind, title in (("predicted", f"{gene} predicted"), ("interval", f"{gene} {level} interval width")):
+            data, kwargs, _ = gene_map_layer(explorer, gene, kind, resolution)
+            kwargs["name"] = title
+            viewer.add_image(data, **kwargs).colorbar.visible = True
+            data, kwargs, _ = outlier_layer(explorer)
+            kwargs["name"] = f"{title}: out of distribution"
+            viewer.add_labels(data, **kwargs)
+        viewer.grid.enabled = True
+        viewer.grid.stride = 2
+        viewer.grid.shape = (1, 2)
+        viewer.canvas.overlays.text.text = (f"{gene} at {resolution} resolution: predicted | {level} interval width; "
+                                            f"grey: {int(explorer.trust.outlier_flag.sum())} tiles out of "
+                                            "distribution")
         viewer.canvas.overlays.text.visible = True
 
     return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
