@@ -45,17 +45,21 @@ def tiny_checkpoint(tmp_path_factory, synthetic_sample):
     return save_checkpoint(build_model(config), card, tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors")
 
 
-@pytest.fixture(scope="session")
-def results_store(tmp_path_factory, synthetic_sample, tiny_checkpoint):
-    """A finished prediction run (RESULTS.zarr) of the tiny model over the synthetic sample."""
+def predicted_store(tmp_path_factory, sample, checkpoint, name: str):
+    """``name``.zarr: a finished run of ``checkpoint`` over ``sample`` on the CPU, in float32."""
     from napari_morphomol.inference import PredictOptions, predict
     from napari_morphomol.io.sample import load_sample
 
-    s = synthetic_sample
-    out = tmp_path_factory.mktemp("results") / "results.zarr"
-    predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv),
-            PredictOptions(checkpoint=tiny_checkpoint, store=out, batch_size=8, device="cpu", dtype="float32"))
+    out = tmp_path_factory.mktemp("results") / f"{name}.zarr"
+    predict(load_sample(sample.xenium_dir, sample.he_path, sample.alignment_csv),
+            PredictOptions(checkpoint=checkpoint, store=out, batch_size=8, device="cpu", dtype="float32"))
     return out
+
+
+@pytest.fixture(scope="session")
+def results_store(tmp_path_factory, synthetic_sample, tiny_checkpoint):
+    """A finished prediction run (RESULTS.zarr) of the tiny model over the synthetic sample."""
+    return predicted_store(tmp_path_factory, synthetic_sample, tiny_checkpoint, "results")
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +69,6 @@ def token_results_store(tmp_path_factory, synthetic_sample):
 
     import torch
 
-    from napari_morphomol.inference import PredictOptions, predict
-    from napari_morphomol.io.sample import load_sample
     from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelCard, ModelConfig, build_model, save_checkpoint
 
     s = synthetic_sample
@@ -77,10 +79,7 @@ def token_results_store(tmp_path_factory, synthetic_sample):
     card = ModelCard(config, tuple(panel["core"]), tuple(panel["addon"]))
     folder = tmp_path_factory.mktemp("checkpoint")
     checkpoint = save_checkpoint(build_model(config), card, folder / "tokens.safetensors")
-    out = tmp_path_factory.mktemp("results") / "tokens.zarr"
-    predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv),
-            PredictOptions(checkpoint=checkpoint, store=out, batch_size=8, device="cpu", dtype="float32"))
-    return out
+    return predicted_store(tmp_path_factory, s, checkpoint, "tokens")
 
 
 @pytest.fixture(scope="session")
@@ -113,11 +112,4 @@ def trusted_checkpoint(tmp_path_factory, synthetic_sample):
 @pytest.fixture(scope="session")
 def trusted_results_store(tmp_path_factory, synthetic_sample, trusted_checkpoint):
     """A finished run of the calibrated model over the synthetic sample (intervals and flags written)."""
-    from napari_morphomol.inference import PredictOptions, predict
-    from napari_morphomol.io.sample import load_sample
-
-    s = synthetic_sample
-    out = tmp_path_factory.mktemp("results") / "trusted.zarr"
-    predict(load_sample(s.xenium_dir, s.he_path, s.alignment_csv),
-            PredictOptions(checkpoint=trusted_checkpoint, store=out, batch_size=8, device="cpu", dtype="float32"))
-    return out
+    return predicted_store(tmp_path_factory, synthetic_sample, trusted_checkpoint, "trusted")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qtpy.QtCore import Qt
 
 from napari_morphomol.analysis import explore_run
 from napari_morphomol.cli import main
@@ -25,6 +24,7 @@ from napari_morphomol.models.trust import (
     tile_interval,
     token_interval,
 )
+from test_widget_explore import open_run
 
 # -- conformal intervals ----------------------------------------------------------------------------
 
@@ -98,6 +98,25 @@ def test_the_outlier_score_is_a_high_quantile_of_token_distances_to_the_referenc
     np.testing.assert_allclose(shifted.numpy(), [11 / 3], rtol=1e-6)  # standardised before the distances
 
 
+def test_a_model_given_no_image_has_no_outlier_score_rather_than_a_wrong_one():
+    import dataclasses
+
+    import torch
+
+    from napari_morphomol.models import build_model
+    from napari_morphomol.models.trust import with_outlier_reference
+    from test_models_training import TinyTiles, tiny_config
+
+    config = tiny_config("early_fusion_add", unimodal_inputs=True)
+    model = with_outlier_reference(build_model(config), TinyTiles(4, 0))
+    assert model.config == dataclasses.replace(config, outlier_reference_tokens=model.outlier_reference.shape[0])
+    assert model.outlier_reference.shape[1] == 2 * model.token_dim  # token feature and patch embedding
+    tiles = TinyTiles(2, 1)
+    both = model(tiles.images, tiles.tokens).outlier_score
+    assert both.shape == (2, 1) and torch.isfinite(both).all()
+    assert torch.isnan(model(None, tiles.tokens).outlier_score).all()
+
+
 # -- the card ---------------------------------------------------------------------------------------
 
 
@@ -111,7 +130,7 @@ def test_calibration_survives_save_and_load_bit_for_bit(trusted_checkpoint, tmp_
     reloaded, _ = load_checkpoint(again)
     for name in ("outlier_reference", "outlier_centre", "outlier_scale"):
         assert torch.equal(getattr(model, name), getattr(reloaded, name))
-    assert model.outlier_reference.shape == (card.model.outlier_reference_tokens, model.token_dim)
+    assert model.outlier_reference.shape == (card.model.outlier_reference_tokens, 2 * model.token_dim)
     for loaded in (load_checkpoint(again)[1], read_model_card(again)):
         for scale, values in card.calibration.scales.items():
             assert np.array_equal(loaded.calibration.scales[scale].quantiles, values.quantiles)
@@ -207,17 +226,6 @@ def test_predict_prints_the_flagged_tiles(synthetic_sample, trusted_checkpoint, 
 
 
 # -- the dock ---------------------------------------------------------------------------------------
-
-
-def open_run(viewer, qtbot, store):
-    from napari_morphomol.widgets.explore import ExploreWidget
-
-    widget = ExploreWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Explore predictions")
-    widget.results_path.value = store
-    qtbot.mouseClick(widget.open_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: widget.explorer is not None, timeout=60_000)
-    return widget
 
 
 def test_the_dock_shows_interval_width_greys_out_flagged_tiles_and_inspects_both(make_napari_viewer, qtbot,

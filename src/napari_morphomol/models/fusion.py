@@ -173,11 +173,12 @@ class FusionModel(nn.Module):
                                           for name, width in config.token_heads.items()})
         if config.variance_head:
             self.variance_head = nn.Linear(self.embedding_dim, config.n_addon_genes)
+        self.outlier_dim = None if self.token_dim is None else self.token_dim + (embed_dim if config.uses_image else 0)
         if config.outlier_reference_tokens:  # filled by calibration, kept in the checkpoint
-            size = (config.outlier_reference_tokens, self.token_dim)
+            size = (config.outlier_reference_tokens, self.outlier_dim)
             self.register_buffer("outlier_reference", torch.zeros(size))
-            self.register_buffer("outlier_centre", torch.zeros(self.token_dim))
-            self.register_buffer("outlier_scale", torch.ones(self.token_dim))
+            self.register_buffer("outlier_centre", torch.zeros(self.outlier_dim))
+            self.register_buffer("outlier_scale", torch.ones(self.outlier_dim))
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -210,8 +211,7 @@ class FusionModel(nn.Module):
             tokens = self.forward_tokens(features)
             token_outputs = {name: head(tokens) for name, head in self.token_heads.items()}
             if self.config.outlier_reference_tokens:
-                outlier_score = token_outlier_score(tokens, self.outlier_reference, self.outlier_centre,
-                                                    self.outlier_scale)[:, None]
+                outlier_score = self._outlier_score(images, tokens)
         log_variance = self.variance_head(embeddings) if self.config.variance_head else None
         return ModelOutput(self.head(embeddings), embeddings, MappingProxyType(token_outputs), log_variance,
                            outlier_score)
@@ -257,6 +257,24 @@ class FusionModel(nn.Module):
         if tokens.shape[1] == 2 * n:  # early concat fusion with both inputs: image positions, then transcript ones
             return 0.5 * (tokens[:, :n] + tokens[:, n:])
         return tokens
+
+    def outlier_features(self, images: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(B, tokens, ``outlier_dim``) what the outlier reference holds of each token: its feature
+        (:meth:`forward_tokens`) and, for a model that reads the image, its patch embedding (the
+        pixels before any fusion: the morphology a fused feature may not keep). None for a model
+        that reads the image but was given none (transcript-only input)."""
+        if not self.config.uses_image:
+            return tokens
+        if images is None:
+            return None
+        return torch.cat([tokens, self.image_encoder.patch_embed(self._normalise(images)).to(tokens.dtype)], dim=-1)
+
+    def _outlier_score(self, images: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1) :func:`token_outlier_score` of each tile; NaN without the image the reference needs."""
+        features = self.outlier_features(images, tokens)
+        if features is None:
+            return torch.full((tokens.shape[0], 1), float("nan"), device=tokens.device)
+        return token_outlier_score(features, self.outlier_reference, self.outlier_centre, self.outlier_scale)[:, None]
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.to(self.image_mean.dtype) / 255.0
@@ -362,7 +380,8 @@ of it is, whatever the rest holds."""
 
 def token_outlier_score(tokens: torch.Tensor, reference: torch.Tensor, centre: torch.Tensor, scale: torch.Tensor
                         ) -> torch.Tensor:
-    """(B,) outlier score of each tile from its token features (B, tokens, E): each token
+    """(B,) outlier score of each tile from its tokens' outlier features (B, tokens, E,
+    ``FusionModel.outlier_features``): each token
     standardised (``(x - centre) / scale``), its mean distance to the OUTLIER_NEIGHBOURS nearest
     reference tokens, and the OUTLIER_TOKEN_QUANTILE quantile of those over the tile's tokens."""
     batch, n_tokens, width = tokens.shape

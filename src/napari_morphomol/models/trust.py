@@ -11,11 +11,12 @@ Definitions (what a :class:`Calibration` in a model card means):
   new measurement with probability at least ``1 - alpha`` whenever the new tile is exchangeable
   with the calibration tiles (same tissue, same protocol), and is wider where ``sigma`` is.
 - *outlier score* of a tile (``ModelOutput.outlier_score`` of a calibrated model,
-  :func:`~napari_morphomol.models.fusion.token_outlier_score`): each of its token features,
-  standardised, at its mean distance to the nearest tokens of the model's reference set (token
-  features of training tiles, kept in the checkpoint), and the 90th percentile of those over the
-  tile. A tile is *flagged* when its score is above ``threshold``, the ``threshold_level``
-  quantile of held-out in-distribution tiles' scores.
+  :func:`~napari_morphomol.models.fusion.token_outlier_score`): each of its tokens' outlier
+  features (the token feature and the patch embedding, ``FusionModel.outlier_features``),
+  standardised, at its mean distance to the nearest tokens of the model's reference set (those
+  of training tiles, kept in the checkpoint), and the 90th percentile of those over the tile.
+  A tile is *flagged* when its score is above ``threshold``, the ``threshold_level`` quantile of
+  held-out in-distribution tiles' scores.
 
 Invariant: intervals are only ever given at one of :data:`CALIBRATED_LEVELS`, the levels whose
 quantiles the card holds; a card without a calibration gives no interval (never a zero width).
@@ -44,8 +45,8 @@ TOKEN_SPREAD_OFFSET = 0.5
 have a spread (a count of 1 at rate 0 scores 1.4, not infinity)."""
 OUTLIER_REFERENCE_TOKENS = 8192
 OUTLIER_REFERENCE_BYTES = 4 << 20
-"""The reference keeps up to OUTLIER_REFERENCE_TOKENS training token features, and no more than
-4 MB of them (2,730 tokens of ViT-S's 384 float32)."""
+"""The reference keeps up to OUTLIER_REFERENCE_TOKENS training tokens' outlier features, and no
+more than 4 MB of them (1,365 tokens of ViT-S's 384 + 384 float32)."""
 OUTLIER_LEVEL = 0.99
 """Held-out in-distribution tiles flagged: about 1 - this fraction."""
 SCALES = ("tile", "token")
@@ -250,7 +251,8 @@ def fit_calibration(model, calibration_dataset, training_dataset, *, samples: tu
 
 
 def with_outlier_reference(model, training_dataset, *, batch_size: int = 64, device: str = "cpu", seed: int = 0):
-    """A copy of ``model`` holding a random sample of its training tiles' token features (standardised)."""
+    """A copy of ``model`` holding a random sample of its training tiles' tokens' outlier features
+    (``FusionModel.outlier_features``, standardised)."""
     import dataclasses as dc
 
     import torch
@@ -260,7 +262,7 @@ def with_outlier_reference(model, training_dataset, *, batch_size: int = 64, dev
 
     config = model.config
     n_tokens = model.n_tokens * len(training_dataset)
-    size = int(min(OUTLIER_REFERENCE_TOKENS, OUTLIER_REFERENCE_BYTES // (4 * model.token_dim), n_tokens))
+    size = int(min(OUTLIER_REFERENCE_TOKENS, OUTLIER_REFERENCE_BYTES // (4 * model.outlier_dim), n_tokens))
     keep = min(1.0, 4.0 * size / n_tokens)  # a 4x oversample, drawn batch by batch: memory stays small
     generator = torch.Generator().manual_seed(seed)
     kept = []
@@ -269,7 +271,8 @@ def with_outlier_reference(model, training_dataset, *, batch_size: int = 64, dev
         for batch in DataLoader(training_dataset, batch_size=batch_size, shuffle=False):
             images = batch["image"].to(device) if config.uses_image else None
             tokens = batch["tokens"].to(device) if config.uses_transcripts else None
-            features = model.forward_tokens(model.forward_features(images, tokens)).float().cpu()
+            features = model.outlier_features(images, model.forward_tokens(model.forward_features(images, tokens)))
+            features = features.float().cpu()
             features = features.reshape(-1, features.shape[-1])
             kept.append(features[torch.rand(len(features), generator=generator) < keep])
     pool = torch.cat(kept)
