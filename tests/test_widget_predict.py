@@ -38,6 +38,7 @@ def test_run_on_a_drawn_region_opens_the_maps(viewer_with_sample, qtbot, results
     widget.region.value = "region"
     widget.device.value = "cpu"
     widget.batch_size.value = 8
+    widget.interval_level.value = 0.8
     widget.store.value = tmp_path / "RESULTS.zarr"
     widget.run_button.clicked.emit()
     assert not widget.run_button.enabled and widget.cancel_button.enabled
@@ -49,6 +50,9 @@ def test_run_on_a_drawn_region_opens_the_maps(viewer_with_sample, qtbot, results
     assert (tiles["um_y"] <= cut + 1e-6).all()  # tiles are kept by their centre
     assert PREDICTED_LAYER in viewer.layers
     assert "chunks" in widget.status.value or "done" in widget.status.value
+    qtbot.waitUntil(lambda: widget.explore_widget.explorer.trust.unavailable is None, timeout=60_000)
+    assert widget.explore_widget.explorer.trust.level == 0.8  # the shipped model is calibrated
+    assert "80% intervals" in widget.explore_widget.trust_note.text()
 
 
 def test_missing_checkpoint_is_a_message_not_a_traceback(viewer_with_sample, tmp_path):

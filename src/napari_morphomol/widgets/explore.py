@@ -290,6 +290,10 @@ class ExploreWidget(QWidget):
         """One map layer per kind the run has (only the predicted one shown), made anew at ``resolution``;
         the out-of-distribution mask stays on top of them."""
         kinds = map_kinds(self.explorer)
+        for kind in [kind for kind in self.map_layers if kind not in kinds]:  # another run's kinds
+            layer = self.map_layers.pop(kind)
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
         visible = {kind: self.map_layers[kind].visible for kind in self.map_layers if kind in kinds}
         for kind in kinds:
             data, kwargs, _ = gene_map_layer(self.explorer, gene, kind, resolution)
@@ -314,11 +318,15 @@ class ExploreWidget(QWidget):
             self.viewer.layers.selection.active = self.map_layers["predicted"]
 
     def update_explorer(self, explorer: RunExplorer):
-        """A newer state of the same run (chunks finished): refresh the shown maps in place."""
-        if not self.map_layers or self.explorer is None or explorer.grid.shape != self.explorer.grid.shape:
+        """A newer state of the same run (chunks finished): refresh the shown maps in place (made
+        anew when the run gained a kind of map: the intervals of a finished calibrated run)."""
+        if (not self.map_layers or self.explorer is None or explorer.grid.shape != self.explorer.grid.shape
+                or map_kinds(explorer) != tuple(self.map_layers)):
             self.set_explorer(explorer)
             return
         self.explorer = explorer
+        self.trust_note.setText(trust_note(explorer))
+        self._show_outliers()
         for layer in self.map_layers.values():
             layer.metadata["gene"] = None
         self._fill_metrics()

@@ -17,6 +17,7 @@ from napari_morphomol.errors import InputError
 from napari_morphomol.inference import InferenceCancelled, PredictOptions, default_checkpoint_path, predict
 from napari_morphomol.layers.sample import um_to_he_px
 from napari_morphomol.layers.view import camera_box_xy_um
+from napari_morphomol.models.trust import CALIBRATED_LEVELS, DEFAULT_LEVEL
 from napari_morphomol.widgets._errors import report_error
 
 WHOLE_SLIDE = "whole slide"
@@ -41,12 +42,16 @@ class PredictWidget(Container):
                                    value=shipped if shipped is not None else "")
         self.device = ComboBox(choices=DEVICES, value="auto", label="device")
         self.batch_size = SpinBox(value=32, min=1, max=4096, label="batch size")
+        self.interval_level = ComboBox(choices=[(f"{level:.0%}", level) for level in CALIBRATED_LEVELS],
+                                       value=DEFAULT_LEVEL, label="interval level",
+                                       tooltip="nominal coverage of the intervals a calibrated model writes")
         self.region = ComboBox(choices=self._region_choices, label="region")
         self.store = FileEdit(mode="w", label="results store", filter="*.zarr")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="" if shipped else "no shipped model found: choose a checkpoint")
-        super().__init__(widgets=[self.checkpoint, self.device, self.batch_size, self.region, self.store,
+        super().__init__(widgets=[self.checkpoint, self.device, self.batch_size, self.interval_level, self.region,
+                                  self.store,
                                   self.run_button, self.cancel_button, self.status])
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
@@ -94,7 +99,7 @@ class PredictWidget(Container):
                 raise InputError("choose where to write the results store (a new folder ending in .zarr)")
             options = PredictOptions(store=Path(store), checkpoint=Path(checkpoint),
                                      batch_size=int(self.batch_size.value), device=self.device.value,
-                                     region_he_px=self.region_he_px(sdata))
+                                     region_he_px=self.region_he_px(sdata), interval_level=self.interval_level.value)
         except InputError as exc:
             self._on_error(exc)
             return None
