@@ -101,22 +101,44 @@ def train_one(job) -> tuple[int, Path, str]:
         model, calibration = fit_calibration(model, subset["calibration"], subset["train"],
                                              samples=tuple(calibration_ids))
         save_checkpoint(model, dataclasses.replace(card, model=model.config, calibration=calibration), checkpoint)
-        return seed, checkpoint, (f"seed {seed}: variance head refit and calibrated again in "
-                                  f"{time.perf_counter() - start:.0f} s")
-    config = ModelConfig(n_core_genes=len(cohort.core_genes), n_addon_genes=len(cohort.addon_genes),
-                         backbone_kwargs=args.vit, token_heads={ADDON_TOKEN_HEAD: len(cohort.addon_genes)},
-                         variance_head=True)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    settings = bench_variants.image_settings(args.image_epochs, seed)
-    result = train_model(config, subset["train"], subset["val"], core_genes=cohort.core_genes,
-                         addon_genes=cohort.addon_genes, settings=settings,
-                         checkpoint_path=checkpoint, calibration_dataset=subset["calibration"],
-                         calibration_samples=calibration_ids,
-                         data_summary={"train_samples": [f"seed{s}" for s in TRAIN], "val_samples": [f"seed{VAL}"]})
-    line = (f"seed {seed}: trained and calibrated in {time.perf_counter() - start:.0f} s "
-            f"(best epoch {result.card.training['how']['best_epoch']}, validation spearman "
-            f"{result.validation.means['spearman']:.3f})")
+        line = f"seed {seed}: variance head refit and calibrated again"
+    else:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        config = ModelConfig(n_core_genes=len(cohort.core_genes), n_addon_genes=len(cohort.addon_genes),
+                             backbone_kwargs=args.vit, token_heads={ADDON_TOKEN_HEAD: len(cohort.addon_genes)},
+                             variance_head=True)
+        settings = bench_variants.image_settings(args.image_epochs, seed)
+        result = train_model(config, subset["train"], subset["val"], core_genes=cohort.core_genes,
+                             addon_genes=cohort.addon_genes, settings=settings,
+                             checkpoint_path=checkpoint, calibration_dataset=subset["calibration"],
+                             calibration_samples=calibration_ids,
+                             data_summary={"train_samples": [f"seed{s}" for s in TRAIN],
+                                           "val_samples": [f"seed{VAL}"]})
+        line = (f"seed {seed}: trained and calibrated (best epoch {result.card.training['how']['best_epoch']}, "
+                f"validation spearman {result.validation.means['spearman']:.3f})")
+    calibrate_on_calibration_runs(checkpoint, args.workdir)
+    line += f", calibrated on runs of {', '.join(calibration_ids)}; {time.perf_counter() - start:.0f} s"
     return seed, checkpoint, line
+
+
+def calibrate_on_calibration_runs(checkpoint: Path, workdir: Path) -> None:
+    """Predict the calibration samples end to end and calibrate the checkpoint on those runs
+    (stitched tokens and cells included), as ``morphomol calibrate`` does."""
+    from napari_morphomol.analysis import explore_run
+    from napari_morphomol.analysis.calibration import calibrate_on_runs
+    from napari_morphomol.inference import PredictOptions, predict
+    from napari_morphomol.io import open_sample
+    from napari_morphomol.models import load_checkpoint, save_checkpoint
+
+    explorers = []
+    for sample in CALIBRATION:
+        store = checkpoint.with_name(f"{checkpoint.stem}-seed{sample}.results.zarr")
+        predict(open_sample(workdir / f"seed{sample}"), PredictOptions(checkpoint=checkpoint, store=store, device="cpu",
+                                                                       dtype="float32", overwrite=True))
+        explorers.append(explore_run(store))
+    model, card = load_checkpoint(checkpoint)
+    calibration = calibrate_on_runs(explorers, card, [f"seed{s}" for s in CALIBRATION])
+    save_checkpoint(model, dataclasses.replace(card, calibration=calibration), checkpoint)
 
 
 def outputs(checkpoint: Path, store: Path) -> dict[str, np.ndarray]:
@@ -203,7 +225,9 @@ def token_and_cell_intervals(checkpoint: Path, workdir: Path) -> dict[str, dict[
     explorer = explore_run(store)
     results = explorer.results
     columns = [results.addon_genes.index(g) for g in results.measured_genes]
-    q = read_model_card(checkpoint).calibration.quantile("token", LEVEL)[columns]
+    calibration = read_model_card(checkpoint).calibration
+    q = calibration.quantile("token", LEVEL)[columns]
+    q_cell = calibration.quantile("cell", LEVEL)[columns]
     rate, _, measured = bench_fine_maps.token_count_maps(explorer)
     covered = explorer.token_grid.covered
     rate, measured = rate[covered], measured[covered]
@@ -213,8 +237,10 @@ def token_and_cell_intervals(checkpoint: Path, workdir: Path) -> dict[str, dict[
     scale = adata.obs["cell_area"].to_numpy() / adata.uns["morphomol_cells"]["token_area_um2"]
     full_rate, _, _ = bench_fine_maps.token_count_maps(explorer)
     cell_rate = full_rate.reshape(-1, len(columns))[adata.obs["token"].to_numpy()] * scale[:, None]
-    table["cell (token quantiles)"] = interval_figures(q * token_spread(cell_rate), np.abs(cell_measured - cell_rate),
-                                                       token_spread(cell_rate))
+    cell_errors = np.abs(np.expm1(cell_measured) - cell_rate)
+    spread = token_spread(cell_rate)
+    table["cell (token quantiles)"] = interval_figures(q * spread, cell_errors, spread)
+    table["cell (cell quantiles)"] = interval_figures(q_cell * spread, cell_errors, spread)
     return table
 
 

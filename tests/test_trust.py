@@ -299,3 +299,41 @@ def test_the_generator_makes_each_shift_and_refuses_unknown_ones(tmp_path):
     stain = write_synthetic_sample(tmp_path / "stain", shift=DatasetShift(stain="unseen"), **common)
     truth = json.loads(stain.ground_truth_json.read_text())
     assert truth["stain"] != json.loads(plain.ground_truth_json.read_text())["stain"]
+
+
+# -- calibrating on runs of held-out slides --------------------------------------------------------
+
+
+def test_calibrate_on_runs_scores_tiles_stitched_tokens_and_cells(trusted_checkpoint, trusted_results_store,
+                                                                 results_store, synthetic_sample, tmp_path, capsys):
+    from napari_morphomol.analysis.calibration import run_scores
+
+    out = tmp_path / "recalibrated.safetensors"
+    assert main(["calibrate", str(trusted_checkpoint), str(results_store), "--out", str(out)]) == 2
+    assert "was predicted with another model" in capsys.readouterr().err
+    assert main(["calibrate", str(trusted_checkpoint), str(trusted_results_store), "--out",
+                 str(trusted_checkpoint)]) == 2  # never over the model
+    assert main(["calibrate", str(trusted_checkpoint), str(trusted_results_store), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cell:" in printed and "out-of-distribution threshold" in printed
+    card, old = read_model_card(out), read_model_card(trusted_checkpoint)
+    assert set(card.calibration.scales) == {"tile", "token", "cell"}
+    scores = run_scores(explore_run(trusted_results_store))
+    token = scores["token"]
+    measured = np.isfinite(token).any(axis=0)
+    gene = int(np.flatnonzero(measured)[0])
+    column = token[:, gene][np.isfinite(token[:, gene])]
+    expected = np.sort(column)[int(np.ceil((len(column) + 1) * 0.9)) - 1]
+    assert card.calibration.quantile("token", 0.9)[gene] == expected  # the stitched tokens' own quantile
+    np.testing.assert_array_equal(card.calibration.quantile("token", 0.9)[~measured],
+                                  old.calibration.quantile("token", 0.9)[~measured])  # unmeasured: kept
+    assert card.calibration.outliers.threshold == pytest.approx(
+        np.quantile(open_results(trusted_results_store).output("outlier_score")[:, 0], 0.99))
+    rerun = tmp_path / "rerun.zarr"
+    s = synthetic_sample
+    assert main(["predict", str(s.xenium_dir), "--he", str(s.he_path), "--alignment", str(s.alignment_csv),
+                 "--checkpoint", str(out), "--out", str(rerun), "--device", "cpu"]) == 0
+    explorer = explore_run(rerun)
+    np.testing.assert_allclose(explorer.trust.cell_quantile, card.calibration.quantile("cell", 0.9))
+    lower, upper = token_interval(explorer.cells.X, explorer.trust.cell_quantile)
+    np.testing.assert_allclose(explorer.cells.layers["predicted_upper"], upper, rtol=1e-6)

@@ -23,6 +23,7 @@ SUBCOMMANDS = [  # in the order of the work
     "train",
     "evaluate",
     "predict",
+    "calibrate",
     "export",
     "demo",
 ]

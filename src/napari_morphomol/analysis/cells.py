@@ -159,9 +159,9 @@ def cells_anndata(explorer: RunExplorer, cells: pd.DataFrame | None = None) -> a
         centroids in um (x, y), X the predicted add-on expression (:data:`CELL_UNITS`),
         layers['measured'] log1p of the measured counts (NaN for genes the sample did not
         measure) and var['measured'], when the bundle has its cell-feature matrix. A calibrated
-        run adds layers['predicted_lower'] / ['predicted_upper'] (the token scale's conformal
-        interval on the cell's rate) and obs['out_of_distribution'] (the flag of the tile under the
-        centroid).
+        run adds layers['predicted_lower'] / ['predicted_upper'] (the conformal interval on the
+        cell's rate, with the card's cell-scale quantile, else the token scale's) and
+        obs['out_of_distribution'] (the flag of the tile under the centroid).
     """
     results = explorer.results
     require_token_head(results, "cell view")
@@ -197,9 +197,10 @@ def cells_anndata(explorer: RunExplorer, cells: pd.DataFrame | None = None) -> a
                                     "n_cells": int(len(cells)), "n_cells_off_tiles": int((~kept).sum()),
                                     "token_area_um2": float(token_area_um2)}
     trust = results.trust
-    if trust is not None and trust.token_quantile is not None:
-        adata.layers["predicted_lower"], adata.layers["predicted_upper"] = token_interval(predicted,
-                                                                                          trust.token_quantile)
+    quantile = None if trust is None else (trust.cell_quantile if trust.cell_quantile is not None
+                                           else trust.token_quantile)
+    if quantile is not None:
+        adata.layers["predicted_lower"], adata.layers["predicted_upper"] = token_interval(predicted, quantile)
         adata.uns["morphomol_cells"]["interval_level"] = float(trust.level)
     if trust is not None and trust.has_flags:
         tile = explorer.tiles_at_um(centroids[kept])

@@ -9,8 +9,9 @@ quantiles and the outlier score mean):
   tile scale;
 - ``outlier_score`` (tiles,) float32 (the model's output of that name) and ``outlier_flag``
   (tiles,) bool, for a model with an outlier reference;
-- attributes: ``level``, ``threshold``, ``token_quantile`` (the token-scale quantile per gene at
-  that level, for token and cell intervals, which are computed from the maps when read) and
+- attributes: ``level``, ``threshold``, ``token_quantile`` and ``cell_quantile`` (the token and
+  cell scales' quantile per gene at that level: token and cell intervals are computed from the
+  maps when read; cells use the token quantile when the card has none of their own) and
   ``samples`` (what it was calibrated on).
 
 A run of a model without calibration has no ``trust`` group: :func:`read_trust` then gives a
@@ -44,6 +45,8 @@ class RunTrust:
     threshold: float | None = None
     token_quantile: np.ndarray | None = None
     """(add-on genes,) conformal quantile of the token scale at ``level`` (None: no token intervals)."""
+    cell_quantile: np.ndarray | None = None
+    """The same for cells (``morphomol calibrate`` on runs); None: cells use the token quantile."""
     samples: tuple[str, ...] = ()
     unavailable: str | None = NO_CALIBRATION
     """Why there is no trust at all (None when the run has some)."""
@@ -74,8 +77,9 @@ def write_trust(root: zarr.Group, card, level: float) -> dict | None:
         for name, values in (("prediction_lower", lower), ("prediction_upper", upper)):
             group.create_array(name, data=values, chunks=(max(1, min(n_tiles, 4096)), n_genes), overwrite=True)
         summary["tile_intervals"] = True
-    if "token" in calibration.scales:
-        summary["token_quantile"] = [float(q) for q in calibration.quantile("token", level)]
+    for scale in ("token", "cell"):
+        if scale in calibration.scales:
+            summary[f"{scale}_quantile"] = [float(q) for q in calibration.quantile(scale, level)]
     if calibration.outliers is not None and "outlier_score" in root:
         scores = root["outlier_score"][:, 0]
         group.create_array("outlier_score", data=scores, overwrite=True)
@@ -99,8 +103,9 @@ def read_trust(root: zarr.Group, attrs: dict) -> RunTrust:
     def array(name: str) -> np.ndarray | None:
         return group[name][:] if name in group else None
 
-    token = attrs.get("token_quantile")
+    token, cell = attrs.get("token_quantile"), attrs.get("cell_quantile")
     return RunTrust(level=attrs.get("level"), lower=array("prediction_lower"), upper=array("prediction_upper"),
                     outlier_score=array("outlier_score"), outlier_flag=array("outlier_flag"),
                     threshold=attrs.get("threshold"), token_quantile=None if token is None else np.asarray(token),
+                    cell_quantile=None if cell is None else np.asarray(cell),
                     samples=tuple(attrs.get("samples", ())), unavailable=None)

@@ -49,9 +49,10 @@ OUTLIER_REFERENCE_BYTES = 4 << 20
 more than 4 MB of them (1,365 tokens of ViT-S's 384 + 384 float32)."""
 OUTLIER_LEVEL = 0.99
 """Held-out in-distribution tiles flagged: about 1 - this fraction."""
-SCALES = ("tile", "token")
+SCALES = ("tile", "token", "cell")
 SPREADS = {"tile": "variance head: exp(log_variance / 2), log1p units",
-           "token": f"Poisson: sqrt(rate + {TOKEN_SPREAD_OFFSET}), counts"}
+           "token": f"Poisson: sqrt(rate + {TOKEN_SPREAD_OFFSET}), counts",
+           "cell": f"Poisson: sqrt(rate + {TOKEN_SPREAD_OFFSET}), counts (the cell's token rate x its area)"}
 
 
 @dataclass(frozen=True)
