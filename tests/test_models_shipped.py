@@ -20,7 +20,7 @@ def test_shipped_model_is_small_and_documented():
     assert card.provenance["retrain_command"].startswith("python benchmarks/bench_trust.py")
     assert "--ship" in card.provenance["retrain_command"]
     assert card.model.variance_head and card.model.outlier_reference_tokens > 0  # trust: intervals and the flag
-    assert set(card.calibration.scales) == {"tile", "token"} and card.calibration.outliers.threshold > 0
+    assert set(card.calibration.scales) == {"tile", "token", "cell"} and card.calibration.outliers.threshold > 0
     assert card.calibration.samples == ("seed106", "seed107")
     test = card.training["test"]
     assert set(test["metrics"]) >= {"pearson", "spearman", "mse"}
