@@ -3,9 +3,11 @@
 Entry points: :func:`tiles_anndata` (results -> AnnData), :func:`add_clusters` (the paper's
 PCA 31 + Leiden 0.5 / 1.0 + UMAP on the tile embeddings), :func:`explore_run` (a
 :class:`RunExplorer`: maps on the stride grid and, for a token-head model, on the token raster)
-and :func:`cells_anndata` (predictions per Xenium cell from the token map). See docs/explore.md.
+and :func:`cells_anndata` (predictions per Xenium cell from the token map); :func:`calibrate_on_runs`
+recalibrates a model on runs of held-out slides (docs/trust.md). See docs/explore.md.
 """
 
+from napari_morphomol.analysis.calibration import calibrate_on_runs
 from napari_morphomol.analysis.cells import CELL_UNITS, cells_anndata, read_xenium_cells
 from napari_morphomol.analysis.clusters import (
     PAPER_N_PCS,
@@ -34,6 +36,7 @@ __all__ = [
     "RunExplorer",
     "StrideGrid",
     "TokenGrid",
+    "calibrate_on_runs",
     "cells_anndata",
     "explore_results",
     "explore_run",

@@ -5,7 +5,9 @@ Entry points: :class:`ModelConfig` (a variant of :data:`VARIANT_TABLE` and its s
 :func:`build_model` give a model; :class:`FusionModel` runs features -> pool -> heads and declares
 its outputs as :class:`OutputSpec` rows; :func:`train_model` / :func:`evaluate_model` train and
 score it; :func:`save_checkpoint` / :func:`load_checkpoint` keep it with its :class:`ModelCard`;
-:func:`convert_reference_checkpoint` reads the paper's reference code's weights.
+:func:`convert_reference_checkpoint` reads the paper's reference code's weights;
+:func:`fit_calibration` gives a trained model its :class:`Calibration` (conformal intervals and
+the out-of-distribution threshold, docs/trust.md).
 """
 
 from napari_morphomol._lazy import lazy_attributes
@@ -24,16 +26,19 @@ _SOURCES = {
     "reference": ("convert_reference_checkpoint", "load_reference_checkpoint", "read_reference_state_dict"),
     "training": ("TOKEN_LOSSES", "Evaluation", "SampleSplit", "TrainingResult", "TrainingSettings", "evaluate_model",
                  "split_by_sample", "train_model"),
+    "trust": ("CALIBRATED_LEVELS", "Calibration", "fit_calibration"),
 }
 __getattr__ = lazy_attributes("napari_morphomol.models", _SOURCES)
 
 __all__ = [
     "ADDON_TOKEN_HEAD",
+    "CALIBRATED_LEVELS",
     "DEFAULT_BACKBONE",
     "DEFAULT_VARIANT",
     "VARIANTS",
     "VARIANT_TABLE",
     "TOKEN_LOSSES",
+    "Calibration",
     "Evaluation",
     "Features",
     "FusionModel",
@@ -52,6 +57,7 @@ __all__ = [
     "check_tile_geometry",
     "convert_reference_checkpoint",
     "evaluate_model",
+    "fit_calibration",
     "fit_min_mae_baseline",
     "load_checkpoint",
     "load_reference_checkpoint",
