@@ -52,6 +52,11 @@ def test_gene_search_switches_the_one_map_layer(opened, qtbot):
     else:
         assert np.isnan(measured.data).all()
     assert gene in viewer.canvas.overlays.text.text and "log1p" in viewer.canvas.overlays.text.text
+    measured.visible = False  # the caption names the maps shown, not "(measured)" over a prediction (issue 18, 4)
+    caption = viewer.canvas.overlays.text.text
+    assert caption.startswith(f"{gene}: {PREDICTED_LAYER} (") and "(measured)" not in caption
+    measured.visible = True
+    assert viewer.canvas.overlays.text.text.startswith(f"{gene}: {PREDICTED_LAYER}, {MEASURED_LAYER} (")
 
 
 def test_metrics_table_sorts_and_click_shows_gene(opened, qtbot):

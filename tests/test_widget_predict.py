@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from napari_morphomol.inference import open_results
 from napari_morphomol.io.sample import load_sample
@@ -62,6 +63,19 @@ def test_missing_checkpoint_is_a_message_not_a_traceback(viewer_with_sample, tmp
     widget.store.value = tmp_path / "RESULTS.zarr"
     assert widget.run() is None
     assert "checkpoint" in widget.status.value
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is there: nothing to refuse")
+def test_a_missing_gpu_is_explained_in_the_docks_words(viewer_with_sample, qtbot, tiny_checkpoint, tmp_path):
+    """The refusal names the dock's device box, not the command line's --device flag (issue 18, 10)."""
+    widget = PredictWidget(viewer_with_sample)
+    widget.region.value = WHOLE_SLIDE
+    widget.checkpoint.value = tiny_checkpoint
+    widget.device.value = "cuda"
+    widget.store.value = tmp_path / "RESULTS.zarr"
+    widget.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: "CUDA" in widget.status.value, timeout=60_000)
+    assert "choose device auto" in widget.status.value.lower() and "--device" not in widget.status.value
 
 
 def test_no_sample_is_a_message(make_napari_viewer, tiny_checkpoint, tmp_path):

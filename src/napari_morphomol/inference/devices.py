@@ -33,7 +33,7 @@ def resolve_device(requested: str) -> tuple[torch.device, str | None]:
             raise InputError(
                 f"device {requested!r} was requested but torch sees no CUDA GPU here "
                 f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). "
-                "Use --device auto (GPU if present, else CPU) or --device cpu, "
+                "Choose device auto (the GPU if there is one, else the CPU) or cpu, "
                 "or check the driver / CUDA_VISIBLE_DEVICES."
             )
         device = torch.device(name)
@@ -44,7 +44,7 @@ def resolve_device(requested: str) -> tuple[torch.device, str | None]:
         return device, None
     if name == "mps":
         if not torch.backends.mps.is_available():
-            raise InputError("device 'mps' was requested but this machine has no Apple GPU; use --device auto or cpu")
+            raise InputError("device 'mps' was requested but this machine has no Apple GPU; choose device auto or cpu")
         return torch.device("mps"), None
     raise InputError(f"unknown device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
 

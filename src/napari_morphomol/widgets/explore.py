@@ -356,10 +356,7 @@ class ExploreWidget(QWidget):
         for kind, layer in self.map_layers.items():
             if layer.visible:
                 self._update_map_layer(kind)
-        measured = "measured" if self.explorer.is_measured(gene) else "not measured in this sample"
-        overlay = self.viewer.canvas.overlays.text
-        overlay.text = f"{gene} ({measured}); {MAP_UNITS[self.shown_resolution]}"
-        overlay.visible = True
+        self._caption()
         if self.inspected_tile >= 0:
             self._show_tile_tokens(self.inspected_tile)
         self._colour_umap()
@@ -412,6 +409,18 @@ class ExploreWidget(QWidget):
     def _on_map_visibility(self, kind: str):
         if self.map_layers[kind].visible:
             self._update_map_layer(kind)
+        self._caption()
+
+    def _caption(self):
+        """The canvas caption: the gene, the maps shown (by their layer names), their units, and
+        whether the sample measured the gene."""
+        if self.gene is None:
+            return
+        shown = [layer.name for layer in self.map_layers.values() if layer.visible] or ["no map shown"]
+        measured = "measured in this sample" if self.explorer.is_measured(self.gene) else "not measured in this sample"
+        overlay = self.viewer.canvas.overlays.text
+        overlay.text = f"{self.gene}: {', '.join(shown)} ({MAP_UNITS[self.shown_resolution]}); {measured}"
+        overlay.visible = True
 
     def _fill_metrics(self):
         metrics = self.explorer.metrics
