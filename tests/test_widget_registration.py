@@ -307,3 +307,30 @@ def test_points_stay_editable_after_the_dock_is_closed(opened, qtbot):
     qtbot.waitUntil(lambda: bool(destroyed), timeout=2000)
     he_points.add([100.0, 100.0])  # no callback into the deleted widget: it would name the point
     assert len(he_points.data) == 1 and list(he_points.features["name"]) == [""]
+
+
+def test_the_applied_per_region_fit_is_what_predict_records_and_export_writes(opened, synthetic_sample, qtbot,
+                                                                               tmp_path):
+    """Issue 18, finding 2: after a per-region fit applied in this dock, the Predict dock's run
+    records that registration (it recorded the alignment CSV's affine) and its landmarks export."""
+    from napari_morphomol.export import write_landmarks_csv
+    from napari_morphomol.inference import open_results
+    from napari_morphomol.widgets.predict import WHOLE_SLIDE, PredictWidget
+
+    viewer, widget, sdata = opened
+    pairs = read_keypoints_csv(synthetic_sample.keypoints_csv)
+    click_pairs(viewer, widget, pairs.he_px, pairs.global_px)
+    widget.model.value = "per-region"
+    qtbot.waitUntil(lambda: widget.fitted is not None and widget.fitted.model == "per-region", timeout=10_000)
+    widget.apply_button.clicked.emit()
+    predict = PredictWidget(viewer)
+    viewer.window.add_dock_widget(predict, name="Predict")
+    predict.region.value = WHOLE_SLIDE
+    predict.device.value = "cpu"
+    predict.store.value = tmp_path / "RESULTS.zarr"
+    predict.run_button.clicked.emit()
+    qtbot.waitUntil(lambda: predict.run_button.enabled and (tmp_path / "RESULTS.zarr").exists(), timeout=300_000)
+    results = open_results(tmp_path / "RESULTS.zarr")
+    assert results.metadata["registration"]["model"] == "per-region"
+    back = read_keypoints_csv(write_landmarks_csv(results, tmp_path / "landmarks.csv"))
+    np.testing.assert_allclose(back.he_px, pairs.he_px, atol=1e-6)

@@ -253,17 +253,21 @@ def _checked_inputs(sample, options: PredictOptions, record: _CallRecord) -> _In
     output_specs = card_output_specs(card)
     check_memory(sample_geometry(sdata, info, card), card, output_specs, options.batch_size, options.tiles_per_chunk)
     sha = file_sha256(checkpoint)
-    return _Inputs(sdata, info, card, checkpoint, sha, panel_match, output_specs, run_fingerprint(options, info, sha))
+    from napari_morphomol.registration import REGISTRATION_ATTRS_KEY
+
+    fingerprint = run_fingerprint(options, info, sha, sdata.attrs.get(REGISTRATION_ATTRS_KEY))
+    return _Inputs(sdata, info, card, checkpoint, sha, panel_match, output_specs, fingerprint)
 
 
-def run_fingerprint(options: PredictOptions, info, checkpoint_sha256: str) -> dict:
-    """What must match for a store to be reused or resumed (recorded as ``fingerprint``)."""
+def run_fingerprint(options: PredictOptions, info, checkpoint_sha256: str, applied: dict | None = None) -> dict:
+    """What must match for a store to be reused or resumed (recorded as ``fingerprint``);
+    ``applied``: the record of a registration applied to the sample (the Register dock's)."""
     region = options.region_he_px
     return {
         "checkpoint_sha256": checkpoint_sha256,
         "he_path": str(Path(info.he_path).resolve()),
         "xenium_dir": str(Path(info.xenium_dir).resolve()) if info.xenium_dir else None,
-        "he_to_global": _registration_record(info, options.he_to_global),
+        "he_to_global": _registration_record(info, options.he_to_global, applied),
         "region_he_px": None if region is None else [list(point) for point in region],
         "tiles_per_chunk": int(options.tiles_per_chunk),
         "min_transcripts": int(options.min_transcripts),
@@ -272,8 +276,11 @@ def run_fingerprint(options: PredictOptions, info, checkpoint_sha256: str) -> di
     }
 
 
-def _registration_record(info, he_to_global) -> dict:
-    """The H&E -> ``global`` map as JSON: the sample's alignment matrix, or the given registration."""
+def _registration_record(info, he_to_global, applied: dict | None = None) -> dict:
+    """The H&E -> ``global`` map the tiles are cut with, as JSON: the given registration, else the
+    one applied to the sample (``sdata.attrs``, as the tiling reads it), else its alignment matrix."""
+    if he_to_global is None and applied is not None:
+        return applied
     if he_to_global is None:
         return {"model": "affine", "matrix": info.he_to_global, "source": info.alignment_csv}
     if isinstance(he_to_global, np.ndarray):
