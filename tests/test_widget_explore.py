@@ -189,6 +189,20 @@ def test_bad_resolutions_are_a_notification(opened, qtbot):
     assert "resolutions" in widget.status.text()
 
 
+def test_the_status_line_follows_the_run_shown(make_napari_viewer, qtbot, results_store, token_results_store):
+    """Issue 18, finding 7: a run shown in place of another (as the Predict dock hands over a new
+    run) names its own store, not the one shown before."""
+    from napari_morphomol.analysis import explore_run
+
+    viewer = make_napari_viewer()
+    widget = open_run(viewer, qtbot, results_store)
+    assert results_store.name in widget.status.text()
+    predicted = viewer.layers[PREDICTED_LAYER]
+    widget.update_explorer(explore_run(token_results_store))
+    assert viewer.layers[PREDICTED_LAYER] is predicted  # refreshed in place
+    assert token_results_store.name in widget.status.text() and results_store.name not in widget.status.text()
+
+
 def test_map_layers_name_their_results_store_for_export(opened, results_store):
     """The Export widget and the npe2 writers find the run from any Explore layer."""
     from napari_morphomol.export import RESULTS_LAYER_KEY

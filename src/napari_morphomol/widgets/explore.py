@@ -280,11 +280,18 @@ class ExploreWidget(QWidget):
         self._fill_metrics()
         self._filter_genes()
         self._set_enabled(True)
-        n = explorer.adata.n_obs
-        self.status.setText(f"{n:,} tiles, {len(explorer.genes)} add-on genes "
-                            f"({len(explorer.results.measured_genes)} measured) from {explorer.results.path.name}")
+        self._show_status()
         self.show_gene(first)
         self.viewer.canvas.overlays.scale_bar.visible = True
+
+    def _show_status(self):
+        """The status line: the shown run's tiles, genes and store (finished tiles of a running one)."""
+        explorer = self.explorer
+        done = np.isfinite(explorer.results.predictions).all(axis=1).sum()
+        tiles = f"{explorer.adata.n_obs:,} tiles" if done == explorer.adata.n_obs else (
+            f"{done:,} of {explorer.adata.n_obs:,} tiles predicted")
+        self.status.setText(f"{tiles}, {len(explorer.genes)} add-on genes "
+                            f"({len(explorer.results.measured_genes)} measured) from {explorer.results.path.name}")
 
     def _add_map_layers(self, gene: str, resolution: str):
         """One map layer per kind the run has (only the predicted one shown), made anew at ``resolution``;
@@ -325,6 +332,7 @@ class ExploreWidget(QWidget):
             self.set_explorer(explorer)
             return
         self.explorer = explorer
+        self._show_status()
         self.trust_note.setText(trust_note(explorer))
         self._show_outliers()
         for layer in self.map_layers.values():
