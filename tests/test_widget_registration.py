@@ -177,7 +177,7 @@ def test_bad_clicks_are_messages_not_tracebacks(opened):
 
 
 def _answer_overwrite(widget, button):
-    QTimer.singleShot(200, lambda: widget.overwrite_question.button(button).click())
+    QTimer.singleShot(200, lambda: widget.question.button(button).click())
 
 
 def test_export_asks_before_overwriting_and_reimports(opened, synthetic_sample, tmp_path):
@@ -249,6 +249,20 @@ def test_automatic_start_fills_both_layers(opened, synthetic_sample, qtbot):
     )
     assert np.median(error_um) < 3.0
     assert widget.fitted is not None and worker is not None
+
+
+def test_automatic_start_asks_before_replacing_clicked_pairs(opened, synthetic_sample, qtbot):
+    """Issue 18, finding 8: clicked pairs are not replaced without asking; No keeps them."""
+    viewer, widget, _ = opened
+    pairs = read_keypoints_csv(synthetic_sample.keypoints_csv)
+    click_pairs(viewer, widget, pairs.he_px[:3], pairs.global_px[:3])
+    _answer_overwrite(widget, QMessageBox.StandardButton.No)
+    assert widget.start_automatic() is None
+    assert len(widget.he_points.data) == 3 and "kept the 3 clicked points" in widget.status.value
+    _answer_overwrite(widget, QMessageBox.StandardButton.Yes)
+    assert widget.start_automatic() is not None
+    qtbot.waitUntil(lambda: widget.auto_button.enabled, timeout=120_000)
+    assert list(widget.he_points.features["name"])[0] == "auto-0"
 
 
 def test_opened_from_the_layers_menu_before_a_sample(make_napari_viewer, synthetic_sample, qtbot):

@@ -440,11 +440,18 @@ class RegistrationWidget(Container):
 
     # automatic start -----------------------------------------------------------------------
     def start_automatic(self, *_):
-        """Propose pairs from hematoxylin vs DAPI in a worker thread; they replace the points."""
+        """Propose pairs from hematoxylin vs DAPI in a worker thread; they replace the points,
+        after asking when there are clicked pairs (No keeps them and proposes nothing)."""
         try:
             self._require_landmark_layers()
         except InputError as exc:
             self._message(str(exc), True)
+            return None
+        clicked = len(self.he_points.data)
+        if clicked and not self._ask("Replace the clicked pairs?",
+                                     f"Automatic start replaces the {clicked} clicked landmark points with the pairs "
+                                     "it proposes. Replace them?"):
+            self._message(f"kept the {clicked} clicked points; no pairs proposed", False)
             return None
         self.auto_button.enabled = False
         self.status.value = "looking for landmark pairs (hematoxylin vs DAPI)..."
@@ -519,12 +526,14 @@ class RegistrationWidget(Container):
         return written
 
     def confirm_overwrite(self, path: Path) -> bool:
-        box = QMessageBox(
-            QMessageBox.Icon.Question, "File exists", f"{path} exists. Replace it?",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, self.native,
-        )
+        return self._ask("File exists", f"{path} exists. Replace it?")
+
+    def _ask(self, title: str, text: str) -> bool:
+        """A Yes / No question (No by default), kept as ``self.question`` while it is open."""
+        box = QMessageBox(QMessageBox.Icon.Question, title, text,
+                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, self.native)
         box.setDefaultButton(QMessageBox.StandardButton.No)
-        self.overwrite_question = box
+        self.question = box
         return box.exec() == QMessageBox.StandardButton.Yes
 
     # messages ------------------------------------------------------------------------------
