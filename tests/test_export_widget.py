@@ -95,3 +95,32 @@ def test_replace_existing_never_replaces_a_folder_that_is_not_an_export(widget, 
     assert "is not a SpatialData export written by napari-morphomol" in widget.status.value
     assert sorted(p.name for p in documents.iterdir()) == ["letter.txt"]
     assert (documents / "letter.txt").read_text() == "dear colleague"
+
+
+def test_a_moved_sample_is_refused_before_anything_is_written(make_napari_viewer, synthetic_sample, tiny_checkpoint,
+                                                              tmp_path, qtbot, monkeypatch):
+    """Issue 18, finding 9: a run predicted from relative paths records absolute ones; and when its
+    sample has moved, the dock's export refuses before writing the .h5ad (it used to write it and
+    then fail), with advice that names no control the dock lacks."""
+    import shutil
+
+    from napari_morphomol.cli import main
+    from napari_morphomol.inference import open_results
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_sample.root, copy)
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "copy/xenium", "--he", "copy/he_image.ome.tif", "--alignment",
+                 "copy/he_imagealignment.csv", "--checkpoint", str(tiny_checkpoint), "--out", "run.zarr",
+                 "--device", "cpu"]) == 0
+    recorded = open_results(tmp_path / "run.zarr").metadata["sample"]
+    assert recorded["xenium_dir"] == str(copy / "xenium") and recorded["he_path"] == str(copy / "he_image.ome.tif")
+    copy.rename(tmp_path / "moved")
+    widget = ExportWidget(make_napari_viewer())
+    widget.results_path.value = tmp_path / "run.zarr"
+    widget.h5ad_path.value, widget.spatialdata_path.value = tmp_path / "run.h5ad", tmp_path / "run.sdata.zarr"
+    widget.clusters.value = False
+    widget.export_button.clicked.emit()
+    qtbot.waitUntil(lambda: "no longer where the run found it" in widget.status.value, timeout=300_000)
+    assert not (tmp_path / "run.h5ad").exists() and not (tmp_path / "run.sdata.zarr").exists()
+    assert "move it back there and export again" in widget.status.value

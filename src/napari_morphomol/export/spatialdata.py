@@ -73,7 +73,8 @@ def open_run_sample(results: Results) -> SpatialData:
     missing = [p for p in (xenium_dir, he_path) if p is None or not Path(p).exists()]
     if missing:
         raise InputError(f"the sample of {results.path} is no longer where the run found it (missing: "
-                         f"{', '.join(map(str, missing))}); move it back, or pass the sample to the export")
+                         f"{', '.join(map(str, missing))}); move it back there and export again (from Python, "
+                         "export_results(..., sample=open_sample(WHERE_IT_IS_NOW)) exports with it where it is)")
     return load_sample(xenium_dir, he_path)
 
 

@@ -23,7 +23,7 @@ from napari_morphomol._atomic import OutputKind, atomic_output, guard_output, za
 from napari_morphomol.errors import InputError
 from napari_morphomol.export.anndata import results_to_anndata
 from napari_morphomol.export.registration import run_registration
-from napari_morphomol.export.spatialdata import EXPORT_ATTRS_KEY, results_to_spatialdata
+from napari_morphomol.export.spatialdata import EXPORT_ATTRS_KEY, open_run_sample, results_to_spatialdata
 from napari_morphomol.inference.store import Results, open_results
 from napari_morphomol.registration import write_bigwarp_csv, write_keypoints_csv
 from napari_morphomol.registration.formats import BIGWARP_CSV, KEYPOINTS_CSV, LANDMARK_FORMATS
@@ -137,8 +137,9 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
     Raises
     ------
     InputError
-        When nothing is asked for, two targets are the same path, or a target is refused by the
-        output guard; nothing is written then.
+        When nothing is asked for, two targets are the same path, a target is refused by the
+        output guard, or the SpatialData export's sample is not where the run found it; nothing
+        is written then.
     """
     targets = {kind: Path(p) for kind, p in (("h5ad", h5ad), ("spatialdata", spatialdata), ("landmarks", landmarks),
                                             ("cells_h5ad", cells_h5ad)) if p is not None}
@@ -153,6 +154,8 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
         raise InputError(f"two exports name the same path ({', '.join(map(str, targets.values()))}); give each its own")
     for kind, target in targets.items():
         guard_output(target, kinds[kind], inputs=inputs, overwrite=overwrite, inputs_of="the run")
+    if "spatialdata" in targets and sample is None:  # a moved sample is refused before anything is written
+        sample = open_run_sample(results)
     written: dict[str, Path] = {}
     explorer = None
     if "cells_h5ad" in targets:  # first: its refusals (a tile-only model, no segmentation) cost no other work

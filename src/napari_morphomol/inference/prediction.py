@@ -412,7 +412,8 @@ def _store_attrs(inputs: _Inputs, tiling, tile_columns: list[str], record: _Call
         "model_card": json.loads(card.to_json()),
         "checkpoint": {"path": str(checkpoint.resolve()), "sha256": inputs.sha256,
                        "size_bytes": checkpoint.stat().st_size},
-        "sample": {"xenium_dir": info.xenium_dir, "he_path": info.he_path, "alignment_csv": info.alignment_csv,
+        "sample": {"xenium_dir": _absolute(info.xenium_dir), "he_path": _absolute(info.he_path),
+                   "alignment_csv": _absolute(info.alignment_csv),
                    "xenium_pixel_size_um": info.xenium_pixel_size_um, "he_pixel_size_um": info.he_pixel_size_um,
                    "analysis_sw_version": info.analysis_sw_version},
         "registration": inputs.fingerprint["he_to_global"],
@@ -422,6 +423,11 @@ def _store_attrs(inputs: _Inputs, tiling, tile_columns: list[str], record: _Call
         "warnings": _merged_warnings(_sample_warnings(inputs.sdata), record.raised),
         "segments": [],
     }
+
+
+def _absolute(path) -> str | None:
+    """A recorded sample path as an absolute one, so the run finds its sample from any folder."""
+    return None if path is None else str(Path(path).absolute())
 
 
 def _sample_warnings(sdata) -> list[dict]:
