@@ -348,3 +348,26 @@ def test_the_applied_per_region_fit_is_what_predict_records_and_export_writes(op
     assert results.metadata["registration"]["model"] == "per-region"
     back = read_keypoints_csv(write_landmarks_csv(results, tmp_path / "landmarks.csv"))
     np.testing.assert_allclose(back.he_px, pairs.he_px, atol=1e-6)
+
+
+def test_a_residual_row_zooms_to_its_pair_and_markers_stay_readable(opened, synthetic_sample, qtbot):
+    """Issue 18, finding 8: a row click centres and zooms to the pair (it only centred); markers
+    keep a readable size on screen at any zoom; a pair's two names do not print over each other."""
+    from napari_morphomol.widgets.registration import MARKER_SCREEN_PX, PAIR_VIEW_UM
+
+    viewer, widget, _ = opened
+    pairs = read_keypoints_csv(synthetic_sample.keypoints_csv)
+    click_pairs(viewer, widget, pairs.he_px[:4], pairs.global_px[:4])
+    qtbot.waitUntil(lambda: len(widget.table.value["index"]) == 4, timeout=5000)
+    viewer.reset_view()  # slide zoom
+    widget.table.native.selectRow(1)
+    name = widget.table.value["index"][1]
+    i = list(widget.xenium_points.features["name"]).index(name)
+    he_world = np.asarray(widget.he_points.data_to_world(widget.he_points.data[i]))
+    xenium_world = np.asarray(widget.xenium_points.data_to_world(widget.xenium_points.data[i]))
+    across = PAIR_VIEW_UM + np.abs(he_world - xenium_world).max()  # side by side: both points in view
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], (he_world + xenium_world) / 2, atol=1e-6)
+    assert viewer.scene.camera.zoom == pytest.approx(min(viewer.canvas.size) / across)
+    for layer in (widget.he_points, widget.xenium_points):
+        assert tuple(layer.canvas_size_limits) == MARKER_SCREEN_PX
+    assert widget.he_points.text.anchor != widget.xenium_points.text.anchor

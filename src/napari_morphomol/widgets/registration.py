@@ -59,6 +59,11 @@ XENIUM_POINTS_LAYER = "landmarks (Xenium)"
 MARKER_UM = 10.0
 """Diameter of a landmark marker. napari sizes points by ``size x scale`` and ignores the affine,
 so the H&E layer (scale 1, affine in um) gets this size as is."""
+MARKER_SCREEN_PX = (8, 40)
+"""On screen a marker is never smaller or larger than this (px), whatever the zoom: readable at
+slide zoom, not a blob up close."""
+PAIR_VIEW_UM = 250.0
+"""A click on a residual row zooms the view to about this many um across, around the pair."""
 LIVE_FIT_DELAY_MS = 200
 """Residuals are refitted this long after the last point edit (not on every drag step)."""
 
@@ -190,16 +195,18 @@ class RegistrationWidget(Container):
             "ndim": 2, "units": UNITS_UM, "border_color": "white", "border_width": 0.15,
             "features": pd.DataFrame({"name": pd.Series([], dtype=object), "active": pd.Series([], dtype=bool)}),
             "feature_defaults": {"name": "", "active": True},
-            "text": {"string": "{name}", "color": "white", "size": 9, "anchor": "upper_left"},
+            "canvas_size_limits": MARKER_SCREEN_PX,
         }
+        # the two names of a pair sit on either side of it, so overlaid they do not print over each other
         self.he_points = self.viewer.add_points(
             name=HE_POINTS_LAYER, affine=he.affine.affine_matrix, translate=he.translate,
-            size=MARKER_UM, face_color="lime",
-            metadata={"sdata": self.sdata, "space": HE_PX}, **common,
+            size=MARKER_UM, face_color="lime", metadata={"sdata": self.sdata, "space": HE_PX},
+            text={"string": "{name}", "color": "lime", "size": 9, "anchor": "upper_left"}, **common,
         )
         self.xenium_points = self.viewer.add_points(
             name=XENIUM_POINTS_LAYER, scale=(xenium_px, xenium_px), size=MARKER_UM / xenium_px,
-            face_color="magenta", metadata={"sdata": self.sdata}, **common,
+            face_color="magenta", metadata={"sdata": self.sdata},
+            text={"string": "{name}", "color": "magenta", "size": 9, "anchor": "lower_right"}, **common,
         )
         for layer, partner in ((self.he_points, self.xenium_points), (self.xenium_points, self.he_points)):
             callback = partial(self._on_points_changed, layer, partner)
@@ -430,11 +437,15 @@ class RegistrationWidget(Container):
         self.fit(notify=False)
 
     def centre_on_pair(self, i: int):
-        """Centre the view on pair i (on the Xenium point; side by side, between the two)."""
+        """Centre the view on pair i (on the Xenium point; side by side, between the two) and zoom
+        to about PAIR_VIEW_UM across it (side by side: wide enough for both points)."""
         he_world = np.asarray(self.he_points.data_to_world(self.he_points.data[i]))
         xenium_world = np.asarray(self.xenium_points.data_to_world(self.xenium_points.data[i]))
         centre = xenium_world if self.view.value == OVERLAY else (he_world + xenium_world) / 2
+        across_um = PAIR_VIEW_UM if self.view.value == OVERLAY else (
+            PAIR_VIEW_UM + float(np.abs(he_world - xenium_world).max()))
         self.viewer.scene.camera.center = tuple(centre)
+        self.viewer.scene.camera.zoom = min(self.viewer.canvas.size) / across_um
         self.he_points.selected_data = {i}
         self.xenium_points.selected_data = {i}
 
