@@ -18,16 +18,16 @@ from pathlib import Path
 import napari
 import numpy as np
 
-from napari_morphomol._layers import sample_layers
-from napari_morphomol._layers_explore import (
+from napari_morphomol.analysis import explore_run
+from napari_morphomol.inference import PredictOptions, predict
+from napari_morphomol.io.sample import load_sample
+from napari_morphomol.layers.run import (
     CLUSTERS_LAYER,
     MEASURED_LAYER,
     PREDICTED_LAYER,
     SELECTION_LAYER,
 )
-from napari_morphomol.analysis import explore_run
-from napari_morphomol.inference import PredictOptions, predict
-from napari_morphomol.io.sample import load_sample
+from napari_morphomol.layers.sample import sample_layers
 from napari_morphomol.synthetic import SyntheticSample, write_synthetic_sample
 from napari_morphomol.widgets.explore import ExploreWidget
 from napari_morphomol.widgets.screenshot import settle

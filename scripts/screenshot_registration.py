@@ -17,8 +17,8 @@ import napari
 import numpy as np
 from qtpy.QtWidgets import QApplication
 
-from napari_morphomol._layers import sample_layers
 from napari_morphomol.io.sample import load_sample
+from napari_morphomol.layers.sample import sample_layers
 from napari_morphomol.registration import read_keypoints_csv
 from napari_morphomol.synthetic import write_synthetic_sample
 from napari_morphomol.widgets.registration import OVERLAY, RegistrationWidget

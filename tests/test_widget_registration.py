@@ -371,3 +371,13 @@ def test_a_residual_row_zooms_to_its_pair_and_markers_stay_readable(opened, synt
     for layer in (widget.he_points, widget.xenium_points):
         assert tuple(layer.canvas_size_limits) == MARKER_SCREEN_PX
     assert widget.he_points.text.anchor != widget.xenium_points.text.anchor
+
+
+def test_the_flick_button_reads_h_and_e(opened):
+    """Issue 18, finding 4: Qt takes a single & for a shortcut key and drew "Flick HE / DAPI"."""
+    from qtpy.QtWidgets import QPushButton
+
+    _, widget, _ = opened
+    button = widget.flick_button.native
+    button = button if isinstance(button, QPushButton) else button.findChild(QPushButton)
+    assert button.text().replace("&&", "\0").count("&") == 0 and button.text().replace("&&", "&") == "Flick H&E / DAPI"

@@ -107,7 +107,7 @@ class RegistrationWidget(Container):
         self.redo_button = PushButton(text="Redo apply")
         self.view = ComboBox(choices=[OVERLAY, SIDE_BY_SIDE], value=OVERLAY, label="view")
         self.blend = FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, label="DAPI <-> H&E")
-        self.flick_button = PushButton(text="Flick H&E / DAPI")
+        self.flick_button = PushButton(text="Flick H&&E / DAPI")  # && shows one &: Qt takes & for a shortcut key
         self.table = Table(value={"data": [], "index": [], "columns": TABLE_COLUMNS})
         self.file_format = ComboBox(choices=[KEYPOINTS, ALIGNMENT, BIGWARP], value=KEYPOINTS, label="format")
         self.import_path = FileEdit(mode="r", label="import from", filter="*.csv")
