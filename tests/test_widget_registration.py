@@ -337,6 +337,8 @@ def test_the_applied_per_region_fit_is_what_predict_records_and_export_writes(op
     widget.model.value = "per-region"
     qtbot.waitUntil(lambda: widget.fitted is not None and widget.fitted.model == "per-region", timeout=10_000)
     widget.apply_button.clicked.emit()
+    assert "overlay shows its best single affine" in widget.status.value  # finding 3: it says so
+    assert "full per-region model" in widget.status.value
     predict = PredictWidget(viewer)
     viewer.window.add_dock_widget(predict, name="Predict")
     predict.region.value = WHOLE_SLIDE

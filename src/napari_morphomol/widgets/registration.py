@@ -29,7 +29,7 @@ from napari.utils.notifications import show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QAbstractItemView, QMessageBox
 
-from napari_morphomol.coords import HE_PX, napari_to_xy, xy_to_napari
+from napari_morphomol.coords import HE_PX, apply_affine_xy, napari_to_xy, xy_to_napari
 from napari_morphomol.elements import HE_IMAGE, sample_info
 from napari_morphomol.errors import InputError
 from napari_morphomol.layers.sample import DAPI_LAYER, UNITS_UM, display_pixel_size_um, he_pixel_to_global
@@ -79,6 +79,19 @@ def _same_layer(a, b) -> bool:
 
 def _fmt_um(value: float) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.2f}"
+
+
+def shown_as_best_affine(fitted) -> str:
+    """What the overlay cannot show of a fit that is not one affine: napari places the H&E by one
+    matrix, so it shows the fit's best single affine; the tiles and transcripts use the full model.
+    Says how far that affine is from the landmarks ("" for affine fits)."""
+    if fitted.matrix is not None:
+        return ""
+    used = fitted.pairs.active & fitted.used
+    miss_px = apply_affine_xy(fitted.best_affine, fitted.pairs.he_px[used]) - fitted.pairs.global_px[used]
+    rmse_um = float(np.sqrt((miss_px**2).sum(axis=1).mean())) * fitted.xenium_pixel_size_um
+    return (f". The overlay shows its best single affine (RMSE {rmse_um:.2f} um at the landmarks): napari places "
+            f"an image by one matrix. Tiles, transcripts and predictions use the full {fitted.model} model")
 
 
 class RegistrationWidget(Container):
@@ -348,7 +361,8 @@ class RegistrationWidget(Container):
             self._message("nothing to apply: add at least as many pairs as the model needs and Fit", True)
             return
         self._move_he_layers(partial(self.history.apply, self.sdata, self.fitted))
-        self._message(f"applied the {self.fitted.model} fit (RMSE {self.fitted.rmse_um:.2f} um)", False)
+        self._message(f"applied the {self.fitted.model} fit (RMSE {self.fitted.rmse_um:.2f} um)"
+                      + shown_as_best_affine(self.fitted), False)
 
     def undo(self, *_):
         if not self.history.can_undo:
