@@ -1,15 +1,25 @@
-"""What docks share: reading a path field, and reporting a failure (the user's to fix as a
-message, a bug with its traceback)."""
+"""What docks share: a status line that wraps, reading a path field, and reporting a failure
+(the user's to fix as a message, a bug with its traceback)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from magicgui.widgets import FileEdit
+from magicgui.widgets import FileEdit, Label
 from napari.utils.notifications import show_error
+from qtpy.QtWidgets import QSizePolicy
 
 from napari_morphomol.errors import InputError
+
+
+def status_label(value: str = "") -> Label:
+    """A dock's status line: it wraps, so a long message grows the dock down, never the window wide."""
+    label = Label(value=value)
+    label.native.setWordWrap(True)
+    # a wrapping QLabel still asks for a width that grows with its text; Ignored takes the dock's
+    label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    return label
 
 
 def report_error(exc: BaseException, set_status: Callable[[str], None]) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, PushButton
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 
 from napari_morphomol.errors import InputError
 from napari_morphomol.export import LANDMARK_FORMATS, RESULTS_LAYER_KEY, export_results
-from napari_morphomol.widgets._errors import chosen_path, report_error
+from napari_morphomol.widgets._errors import chosen_path, report_error, status_label
 
 
 def default_outputs(results_path: Path) -> dict[str, Path]:
@@ -45,7 +45,7 @@ class ExportWidget(Container):
         self.clusters = CheckBox(value=True, text="clusters and UMAP of the embeddings")
         self.overwrite = CheckBox(value=False, text="replace existing files")
         self.export_button = PushButton(text="Export")
-        self.status = Label(value="")
+        self.status = status_label("")
         super().__init__(widgets=[
             self.results_path, self.write_h5ad, self.h5ad_path, self.write_spatialdata, self.spatialdata_path,
             self.write_landmarks, self.landmarks_path, self.landmark_format, self.write_cells, self.cells_path,

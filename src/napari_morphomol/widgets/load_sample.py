@@ -6,7 +6,6 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSpinBox,
-    Label,
     LineEdit,
     PushButton,
     Select,
@@ -21,7 +20,7 @@ from napari_morphomol.io.sample import load_sample
 from napari_morphomol.io.transcript_density import transcripts_in_box_um
 from napari_morphomol.layers.sample import UNITS_UM, density_layer, sample_layers, transcript_density
 from napari_morphomol.layers.view import camera_box_xy_um
-from napari_morphomol.widgets._errors import chosen_path, report_error
+from napari_morphomol.widgets._errors import chosen_path, report_error, status_label
 
 POINTS_FIELD_OF_VIEW_UM = 800.0
 """Actual transcripts are drawn only when the view is narrower than this (density otherwise)."""
@@ -43,7 +42,7 @@ class LoadSampleWidget(Container):
             value=0.0, min=0.0, max=50.0, step=0.0001, label="H&E um/px (0 = from file)"
         )
         self.load_button = PushButton(text="Load")
-        self.status = Label(value="")
+        self.status = status_label("")
         self.gene_search = LineEdit(label="find gene")
         self._all_genes: list[str] = []
         self.gene_list = Select(choices=self._gene_choices, label="genes", allow_multiple=True)

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 
@@ -18,7 +18,7 @@ from napari_morphomol.inference import InferenceCancelled, PredictOptions, defau
 from napari_morphomol.layers.sample import um_to_he_px
 from napari_morphomol.layers.view import camera_box_xy_um
 from napari_morphomol.models.trust import CALIBRATED_LEVELS, DEFAULT_LEVEL
-from napari_morphomol.widgets._errors import report_error
+from napari_morphomol.widgets._errors import report_error, status_label
 
 WHOLE_SLIDE = "whole slide"
 IN_VIEW = "what is in view"
@@ -49,7 +49,7 @@ class PredictWidget(Container):
         self.store = FileEdit(mode="w", label="results store", filter="*.zarr")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.status = Label(value="" if shipped else "no shipped model found: choose a checkpoint")
+        self.status = status_label("" if shipped else "no shipped model found: choose a checkpoint")
         super().__init__(widgets=[self.checkpoint, self.device, self.batch_size, self.interval_level, self.region,
                                   self.store,
                                   self.run_button, self.cancel_button, self.status])

@@ -19,7 +19,6 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSlider,
-    Label,
     PushButton,
     Table,
 )
@@ -53,6 +52,7 @@ from napari_morphomol.registration.manual import (
     side_by_side_shift_um,
     unique_landmark_names,
 )
+from napari_morphomol.widgets._errors import status_label
 
 HE_POINTS_LAYER = "landmarks (H&E)"
 XENIUM_POINTS_LAYER = "landmarks (Xenium)"
@@ -110,7 +110,7 @@ class RegistrationWidget(Container):
         self._row_pairs: list[int] = []
         self._point_callbacks: list = []
 
-        self.status = Label(value="")
+        self.status = status_label("")
         self.model = ComboBox(choices=list(REGISTRATION_MODELS), value="affine", label="model")
         self.robust = CheckBox(value=False, text="robust (leave out outliers)")
         self.auto_button = PushButton(text="Automatic start")
@@ -134,7 +134,6 @@ class RegistrationWidget(Container):
                 self.file_format, self.import_path, self.import_button, self.export_path, self.export_button,
             ]
         )
-        self.status.native.setWordWrap(True)
         table = self.table.native
         table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
