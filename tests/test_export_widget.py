@@ -93,6 +93,7 @@ def test_replace_existing_never_replaces_a_folder_that_is_not_an_export(widget, 
     widget.export_button.clicked.emit()
     qtbot.waitUntil(lambda: widget.status.value.startswith(("written", "error")), timeout=300_000)
     assert "is not a SpatialData export written by napari-morphomol" in widget.status.value
+    qtbot.waitUntil(lambda: widget.export_button.enabled, timeout=60_000)  # the worker has finished
     assert sorted(p.name for p in documents.iterdir()) == ["letter.txt"]
     assert (documents / "letter.txt").read_text() == "dear colleague"
 
@@ -122,5 +123,6 @@ def test_a_moved_sample_is_refused_before_anything_is_written(make_napari_viewer
     widget.clusters.value = False
     widget.export_button.clicked.emit()
     qtbot.waitUntil(lambda: "no longer where the run found it" in widget.status.value, timeout=300_000)
+    qtbot.waitUntil(lambda: widget.export_button.enabled, timeout=60_000)  # the worker has finished
     assert not (tmp_path / "run.h5ad").exists() and not (tmp_path / "run.sdata.zarr").exists()
     assert "move it back there and export again" in widget.status.value
