@@ -228,14 +228,13 @@ def token_and_cell_intervals(checkpoint: Path, workdir: Path) -> dict[str, dict[
     calibration = read_model_card(checkpoint).calibration
     q = calibration.quantile("token", LEVEL)[columns]
     q_cell = calibration.quantile("cell", LEVEL)[columns]
-    rate, _, measured = bench_fine_maps.token_count_maps(explorer)
+    full_rate, _, measured = bench_fine_maps.token_count_maps(explorer)
     covered = explorer.token_grid.covered
-    rate, measured = rate[covered], measured[covered]
+    rate, measured = full_rate[covered], measured[covered]
     table = {"token (18 um)": interval_figures(q * token_spread(rate), np.abs(measured - rate), token_spread(rate))}
     adata = cells_anndata(explorer)
     cell_measured = adata.layers["measured"][:, adata.var["measured"].to_numpy()]
     scale = adata.obs["cell_area"].to_numpy() / adata.uns["morphomol_cells"]["token_area_um2"]
-    full_rate, _, _ = bench_fine_maps.token_count_maps(explorer)
     cell_rate = full_rate.reshape(-1, len(columns))[adata.obs["token"].to_numpy()] * scale[:, None]
     cell_errors = np.abs(np.expm1(cell_measured) - cell_rate)
     spread = token_spread(cell_rate)

@@ -32,18 +32,14 @@ from napari_morphomol.models.trust import (
     OutlierThreshold,
     ScaleCalibration,
     conformal_quantiles,
-    tile_spread,
-    token_spread,
+    count_scores,
+    tile_scores,
 )
 
 MIN_PREDICTIONS = 20
 """Calibration predictions a gene needs at a scale before its quantile is taken from the runs."""
 MAX_TOKENS = 200_000
 """Raster tokens scored per run at most (a random sample of the covered ones)."""
-
-
-def _scores_by_gene(measured: np.ndarray, predicted_rate: np.ndarray) -> np.ndarray:
-    return np.abs(measured - predicted_rate) / token_spread(predicted_rate)
 
 
 def _at_tokens(raster, rows: np.ndarray, cols: np.ndarray, band: int = 64) -> np.ndarray:
@@ -70,9 +66,8 @@ def run_scores(explorer: RunExplorer, seed: int = 0) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if "prediction_log_variance" in results.outputs:
         scores = np.full(results.predictions.shape, np.nan)
-        predicted = results.predictions[:, measured_columns]
-        spread = tile_spread(results.output("prediction_log_variance")[:, measured_columns])
-        scores[:, measured_columns] = np.abs(results.measured_log1p - predicted) / spread
+        scores[:, measured_columns] = tile_scores(results.measured_log1p, results.predictions[:, measured_columns],
+                                                  results.output("prediction_log_variance")[:, measured_columns])
         out["tile"] = scores
     if explorer.has_token_maps:
         rows, cols = np.nonzero(explorer.token_grid.covered)
@@ -82,14 +77,14 @@ def run_scores(explorer: RunExplorer, seed: int = 0) -> dict[str, np.ndarray]:
         rate = np.expm1(results.token_maps["predicted"].at_tokens(rows, cols).astype(np.float64))
         counts = _at_tokens(results.measured_token_counts, rows, cols)
         scores = np.full(rate.shape, np.nan)
-        scores[:, measured_columns] = _scores_by_gene(counts, rate[:, measured_columns])
+        scores[:, measured_columns] = count_scores(counts, rate[:, measured_columns])
         out["token"] = scores
         if explorer.cell_view_refusal() is None and "measured" in explorer.cells.layers:
             cells = explorer.cells
             scores = np.full(cells.shape, np.nan)
-            scores[:, measured_columns] = _scores_by_gene(np.expm1(cells.layers["measured"][:, measured_columns]),
-                                                          np.expm1(np.asarray(cells.X[:, measured_columns],
-                                                                              dtype=np.float64)))
+            scores[:, measured_columns] = count_scores(np.expm1(cells.layers["measured"][:, measured_columns]),
+                                                       np.expm1(np.asarray(cells.X[:, measured_columns],
+                                                                           dtype=np.float64)))
             out["cell"] = scores
     return out
 

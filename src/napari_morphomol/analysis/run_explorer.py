@@ -188,6 +188,15 @@ class RunExplorer:
             return "the run's model is not calibrated at the token scale, so token and cell maps have no intervals"
         return None
 
+    @property
+    def map_kinds(self) -> tuple[str, ...]:
+        """The maps this run has (of :data:`MAP_KINDS`): predicted; measured and residual when the
+        sample measured add-on genes; the interval width when it has intervals at some resolution."""
+        kinds = ("predicted",) + (MEASURED_KINDS if self.results.measured_genes else ())
+        if self.interval_refusal("tile") is None or self.interval_refusal("token") is None:
+            kinds += ("interval",)
+        return kinds
+
     def _require_intervals(self, resolution: str) -> None:
         refusal = self.interval_refusal(resolution)
         if refusal is not None:

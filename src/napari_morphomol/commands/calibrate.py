@@ -5,7 +5,8 @@ Give the model (MODEL.safetensors) and finished runs of it (RESULTS.zarr from `m
 run with the panel, beside its H&E). Each run is scored as Explore shows it: per tile (a model
 with a variance head), per stitched 18 um token and per Xenium cell (a model with the token head),
 and the outlier threshold is set at the 99 % quantile of the runs' tiles. The new card is written
-to --out (never over MODEL or any input); the weights are the same. See docs/trust.md.
+to --out (never over MODEL or any input, nor inside one; an existing checkpoint of ours only with
+--overwrite); the weights are the same. See docs/trust.md.
 """
 
 from __future__ import annotations
@@ -19,22 +20,35 @@ def add_arguments(parser):
     parser.add_argument("runs", nargs="+", metavar="RESULTS.zarr",
                         help="finished runs of the model over held-out samples that measured the add-on panel")
     parser.add_argument("--out", required=True, metavar="OUT.safetensors", help="the calibrated model to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is a napari-morphomol checkpoint (never MODEL or another input)")
+
+
+def _is_our_checkpoint(path) -> bool:
+    from napari_morphomol.errors import InputError
+    from napari_morphomol.models import read_model_card
+
+    try:
+        read_model_card(path)
+    except InputError:
+        return False
+    return True
 
 
 def run(args) -> int:
     import dataclasses
     from pathlib import Path
 
+    from napari_morphomol._atomic import OutputKind, guard_output
     from napari_morphomol.analysis import explore_run
     from napari_morphomol.analysis.calibration import calibrate_on_runs
     from napari_morphomol.errors import InputError
     from napari_morphomol.inference.prediction import file_sha256
     from napari_morphomol.models import load_checkpoint, save_checkpoint
 
-    checkpoint, out = Path(args.checkpoint), Path(args.out)
-    inputs = {p.resolve() for p in (checkpoint, *map(Path, args.runs))}
-    if out.resolve() in inputs or out.exists():
-        raise InputError(f"{out} exists or is an input; give a new file for the calibrated model")
+    checkpoint = Path(args.checkpoint)
+    out = guard_output(args.out, OutputKind("napari-morphomol checkpoint (.safetensors)", _is_our_checkpoint),
+                       inputs=[checkpoint, *args.runs], overwrite=args.overwrite)
     model, card = load_checkpoint(checkpoint)
     sha = file_sha256(checkpoint)
     explorers = []

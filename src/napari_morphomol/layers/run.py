@@ -157,13 +157,19 @@ def outlier_layer(explorer: RunExplorer) -> tuple:
     """The tiles flagged out of distribution, grey over the maps (transparent elsewhere)."""
     trust = explorer.trust
     flagged = np.flatnonzero(trust.outlier_flag)
+    return _tile_mask_layer(explorer, flagged, OUTLIER_LAYER, OUTLIER_COLOR, 0.75, {
+        "n_flagged": int(len(flagged)), "threshold": trust.threshold,
+        "legend": {f"out of distribution (outlier score > {trust.threshold:.2f})": OUTLIER_COLOR}})
+
+
+def _tile_mask_layer(explorer: RunExplorer, tiles: np.ndarray, name: str, color: tuple, opacity: float,
+                     metadata: dict | None = None) -> tuple:
+    """A labels layer painting the given results rows' tiles in ``color`` (transparent elsewhere)."""
     return (
-        selection_mask(explorer, flagged),
-        {"name": OUTLIER_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "opacity": 0.75,
-         "colormap": {0: "transparent", None: "transparent", 1: OUTLIER_COLOR},
-         "metadata": {RESULTS_LAYER_KEY: str(explorer.results.path), "n_flagged": int(len(flagged)),
-                      "threshold": trust.threshold,
-                      "legend": {f"out of distribution (outlier score > {trust.threshold:.2f})": OUTLIER_COLOR}}},
+        selection_mask(explorer, tiles),
+        {"name": name, "units": UNITS_UM, "affine": tile_affine_um(explorer), "opacity": opacity,
+         "colormap": {0: "transparent", None: "transparent", 1: color},
+         "metadata": {RESULTS_LAYER_KEY: str(explorer.results.path), **(metadata or {})}},
         "labels",
     )
 
@@ -176,10 +182,4 @@ def selection_mask(explorer: RunExplorer, tiles: np.ndarray) -> np.ndarray:
 
 
 def selection_layer(explorer: RunExplorer, tiles: np.ndarray) -> tuple:
-    return (
-        selection_mask(explorer, tiles),
-        {"name": SELECTION_LAYER, "units": UNITS_UM, "affine": tile_affine_um(explorer), "opacity": 0.7,
-         "colormap": {0: "transparent", None: "transparent", 1: SELECTION_COLOR},
-         "metadata": {RESULTS_LAYER_KEY: str(explorer.results.path)}},
-        "labels",
-    )
+    return _tile_mask_layer(explorer, tiles, SELECTION_LAYER, SELECTION_COLOR, 0.7)

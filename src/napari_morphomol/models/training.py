@@ -40,7 +40,7 @@ from napari_morphomol.models.baseline import fit_min_mae_baseline
 from napari_morphomol.models.checkpoint import ModelCard, build_model, save_checkpoint
 from napari_morphomol.models.config import ADDON_TOKEN_HEAD, ModelConfig
 from napari_morphomol.models.metrics import mean_metrics, per_gene_metrics
-from napari_morphomol.models.trust import fit_calibration
+from napari_morphomol.models.trust import LOG_VARIANCE_RANGE, fit_calibration
 from napari_morphomol.tiling.geometry import TileSpec
 
 VALIDATION_METRIC = "val/mse"
@@ -236,11 +236,6 @@ def token_loss(log_rate: torch.Tensor, counts: torch.Tensor, kind: str) -> torch
     if kind == "poisson":
         return F.poisson_nll_loss(log_rate, counts, log_input=True, full=False)
     return F.mse_loss(F.softplus(log_rate), torch.log1p(counts))
-
-
-#: Log variances of the variance head are clamped to this range in its loss (log1p targets vary
-#: by far less than e^3 and more than e^-14), so one tile cannot blow the likelihood up.
-LOG_VARIANCE_RANGE = (-14.0, 3.0)
 
 
 def variance_nll(log_variance: torch.Tensor, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

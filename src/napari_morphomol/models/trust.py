@@ -172,14 +172,29 @@ def conformal_quantiles(scores: np.ndarray, levels: tuple[float, ...] = CALIBRAT
     return out
 
 
+LOG_VARIANCE_RANGE = (-14.0, 3.0)
+"""Log variances of the variance head are clamped to this range (log1p targets vary by far less
+than e^3 and more than e^-14), in its loss and in its spread, so one tile cannot blow either up."""
+
+
 def tile_spread(log_variance: np.ndarray) -> np.ndarray:
     """The variance head's standard deviation, log1p units."""
-    return np.exp(0.5 * np.clip(np.asarray(log_variance, dtype=np.float64), -14.0, 3.0))
+    return np.exp(0.5 * np.clip(np.asarray(log_variance, dtype=np.float64), *LOG_VARIANCE_RANGE))
 
 
 def token_spread(rate: np.ndarray) -> np.ndarray:
     """The Poisson spread of a count at ``rate`` (with the offset of :data:`TOKEN_SPREAD_OFFSET`)."""
     return np.sqrt(np.asarray(rate, dtype=np.float64) + TOKEN_SPREAD_OFFSET)
+
+
+def tile_scores(measured_log1p: np.ndarray, predicted_log1p: np.ndarray, log_variance: np.ndarray) -> np.ndarray:
+    """Calibration scores of tile predictions: ``|measured - predicted| / tile_spread``."""
+    return np.abs(np.asarray(measured_log1p, np.float64) - predicted_log1p) / tile_spread(log_variance)
+
+
+def count_scores(counts: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Calibration scores of token or cell predictions: ``|counts - rate| / token_spread(rate)``."""
+    return np.abs(np.asarray(counts, np.float64) - rate) / token_spread(rate)
 
 
 def tile_interval(predictions: np.ndarray, log_variance: np.ndarray, quantile: np.ndarray
@@ -229,20 +244,20 @@ def fit_calibration(model, calibration_dataset, training_dataset, *, samples: tu
 
     if model.config.variant_spec.has_token_sequence:
         model = with_outlier_reference(model, training_dataset, batch_size=batch_size, device=device, seed=seed)
-    tile_scores, token_scores, outlier = [], [], []
+    tile_parts, token_parts, outlier = [], [], []
     rng = np.random.default_rng(seed)
     for batch, output in model_outputs(model, calibration_dataset, batch_size=batch_size, device=device):
         if "prediction_log_variance" in output:
-            residual = np.abs(batch["target"].numpy() - output["predictions"])
-            tile_scores.append(residual / tile_spread(output["prediction_log_variance"]))
+            tile_parts.append(tile_scores(batch["target"].numpy(), output["predictions"],
+                                          output["prediction_log_variance"]))
         if "token_rate" in output:
-            rate, counts = output["token_rate"], batch["token_target"].numpy()
-            scores = (np.abs(counts - rate) / token_spread(rate)).reshape(-1, rate.shape[-1])
-            token_scores.append(scores[rng.random(len(scores)) < 0.25])  # a quarter of the tokens is plenty
+            rate = output["token_rate"]
+            scores = count_scores(batch["token_target"].numpy(), rate).reshape(-1, rate.shape[-1])
+            token_parts.append(scores[rng.random(len(scores)) < 0.25])  # a quarter of the tokens is plenty
         if "outlier_score" in output:
             outlier.append(output["outlier_score"][:, 0])
     scales = {name: ScaleCalibration(conformal_quantiles(np.concatenate(parts)), sum(map(len, parts)))
-              for name, parts in (("tile", tile_scores), ("token", token_scores)) if parts}
+              for name, parts in (("tile", tile_parts), ("token", token_parts)) if parts}
     outliers = None
     if outlier:
         scores = np.concatenate(outlier)

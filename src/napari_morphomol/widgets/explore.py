@@ -77,15 +77,6 @@ def _no_token_maps(explorer: RunExplorer) -> str:
     return ""
 
 
-def map_kinds(explorer: RunExplorer) -> tuple[str, ...]:
-    """The map layers a run gets: predicted; measured and residual when the sample measured add-on
-    genes; the interval width when the run has intervals at some resolution."""
-    kinds = ("predicted",) + (("measured", "residual") if explorer.results.measured_genes else ())
-    if explorer.interval_refusal("tile") is None or explorer.interval_refusal("token") is None:
-        kinds += ("interval",)
-    return kinds
-
-
 def trust_note(explorer: RunExplorer) -> str:
     """What the dock says of a run's trust: its intervals and flagged tiles, or why it has none."""
     trust = explorer.trust
@@ -296,7 +287,7 @@ class ExploreWidget(QWidget):
     def _add_map_layers(self, gene: str, resolution: str):
         """One map layer per kind the run has (only the predicted one shown), made anew at ``resolution``;
         the out-of-distribution mask stays on top of them."""
-        kinds = map_kinds(self.explorer)
+        kinds = self.explorer.map_kinds
         for kind in [kind for kind in self.map_layers if kind not in kinds]:  # another run's kinds
             layer = self.map_layers.pop(kind)
             if layer in self.viewer.layers:
@@ -328,7 +319,7 @@ class ExploreWidget(QWidget):
         """A newer state of the same run (chunks finished): refresh the shown maps in place (made
         anew when the run gained a kind of map: the intervals of a finished calibrated run)."""
         if (not self.map_layers or self.explorer is None or explorer.grid.shape != self.explorer.grid.shape
-                or map_kinds(explorer) != tuple(self.map_layers)):
+                or explorer.map_kinds != tuple(self.map_layers)):
             self.set_explorer(explorer)
             return
         self.explorer = explorer

@@ -87,7 +87,7 @@ def shown_as_best_affine(fitted) -> str:
     Says how far that affine is from the landmarks ("" for affine fits)."""
     if fitted.matrix is not None:
         return ""
-    used = fitted.pairs.active & fitted.used
+    used = fitted.used  # active pairs, robust outliers left out
     miss_px = apply_affine_xy(fitted.best_affine, fitted.pairs.he_px[used]) - fitted.pairs.global_px[used]
     rmse_um = float(np.sqrt((miss_px**2).sum(axis=1).mean())) * fitted.xenium_pixel_size_um
     return (f". The overlay shows its best single affine (RMSE {rmse_um:.2f} um at the landmarks): napari places "
