@@ -45,6 +45,24 @@ def tiny_checkpoint(tmp_path_factory, synthetic_sample):
     return save_checkpoint(build_model(config), card, tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors")
 
 
+@pytest.fixture(scope="session")
+def dropout_checkpoint(tmp_path_factory, synthetic_sample):
+    """A randomly initialised early-fusion model with the add-on token head, marked as trained with
+    modality dropout (``unimodal_inputs``), so it runs on an H&E alone."""
+    import json
+
+    import torch
+
+    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelCard, ModelConfig, build_model, save_checkpoint
+
+    panel = json.loads(synthetic_sample.panel_json.read_text())
+    torch.manual_seed(0)
+    config = ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]), backbone_kwargs=TINY_VIT,
+                         token_heads={ADDON_TOKEN_HEAD: len(panel["addon"])}, unimodal_inputs=True)
+    card = ModelCard(config, tuple(panel["core"]), tuple(panel["addon"]))
+    return save_checkpoint(build_model(config), card, tmp_path_factory.mktemp("dropout") / "dropout.safetensors")
+
+
 def predicted_store(tmp_path_factory, sample, checkpoint, name: str):
     """``name``.zarr: a finished run of ``checkpoint`` over ``sample`` on the CPU, in float32."""
     from napari_morphomol.inference import PredictOptions, predict

@@ -20,7 +20,6 @@ from napari_morphomol.analysis.gene_maps import (
     token_map_image,
 )
 from napari_morphomol.analysis.tiles_anndata import gene_metrics, tiles_anndata
-from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference import Results, open_results
 from napari_morphomol.inference.token_maps import TOKEN_MAP_UNITS
@@ -31,6 +30,9 @@ MAP_KINDS = ("predicted", "measured", "residual", "interval")
 prediction's calibrated interval (upper - lower bound, log1p units)."""
 MEASURED_KINDS = ("measured", "residual")
 """The map kinds that need the gene to be measured."""
+IMAGE_ROUTE_NOTE = ("predicted from the H&E alone (no Xenium run): predicted maps only. Nothing was measured on "
+                    "this slide, so there are no measured or residual maps, metrics or cells")
+"""What Explore says of a run of the image-only route."""
 EXPRESSION_UNITS = "log1p counts per tile"
 TOKEN_EXPRESSION_UNITS = TOKEN_MAP_UNITS
 
@@ -189,6 +191,12 @@ class RunExplorer:
         return None
 
     @property
+    def route_note(self) -> str:
+        """What the run's inputs mean for what it shows: :data:`IMAGE_ROUTE_NOTE` for an H&E alone
+        (no Xenium run), else ""."""
+        return "" if (self.results.metadata.get("sample") or {}).get("xenium_dir") else IMAGE_ROUTE_NOTE
+
+    @property
     def map_kinds(self) -> tuple[str, ...]:
         """The maps this run has (of :data:`MAP_KINDS`): predicted; measured and residual when the
         sample measured add-on genes; the interval width when it has intervals at some resolution."""
@@ -319,6 +327,5 @@ def partial_results(store_path: str | Path) -> Results | None:
 
 
 def explore_results(results: Results) -> RunExplorer:
-    pixel_um = (results.metadata.get("sample") or {}).get("xenium_pixel_size_um") or XENIUM_PIXEL_SIZE_UM
     return RunExplorer(results, tiles_anndata(results), StrideGrid.from_results(results), gene_metrics(results),
-                       float(pixel_um))
+                       results.frame_pixel_size_um)

@@ -14,9 +14,14 @@ from napari_morphomol.errors import InputError
 _INPUT_OPTIONS = ("xenium_dir", "he", "alignment", "registration", "region", "panel", "checkpoint", "landmarks")
 
 
-def add_sample_arguments(parser: argparse.ArgumentParser, *, region_action: str) -> None:
-    """XENIUM_DIR, --he, --alignment / --registration, --he-pixel-size-um and --region."""
-    parser.add_argument("xenium_dir", metavar="XENIUM_DIR", help="Xenium output folder (holds experiment.xenium)")
+def add_sample_arguments(parser: argparse.ArgumentParser, *, region_action: str, xenium_optional: bool = False) -> None:
+    """XENIUM_DIR (optional with ``xenium_optional``: an H&E alone), --he, --alignment / --registration,
+    --he-pixel-size-um and --region."""
+    if xenium_optional:
+        parser.add_argument("xenium_dir", metavar="XENIUM_DIR", nargs="?",
+                            help="Xenium output folder (holds experiment.xenium); leave it out for an H&E alone")
+    else:
+        parser.add_argument("xenium_dir", metavar="XENIUM_DIR", help="Xenium output folder (holds experiment.xenium)")
     parser.add_argument("--he", required=True, metavar="HE", help="H&E image (pyramidal OME-TIFF / TIFF / SVS)")
     parser.add_argument("--alignment", metavar="CSV",
                         help="3 x 3 H&E px -> global px matrix (Xenium's he_imagealignment.csv); "

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="path stem of the tables: writes OUT.csv, OUT.md and OUT_genes.csv")
     parser.add_argument("--work", metavar="DIR", help="where sample folders are tiled (default: beside OUT)")
     parser.add_argument("--batch-size", type=whole_number(1), default=64, help="tiles per forward pass (default 64)")
+    parser.add_argument("--route", choices=("both", "image", "transcripts"),
+                        help="what each model is given: both inputs, the H&E alone or the transcripts alone (a fusion "
+                             "model trained with --modality-dropout runs all three); default: every input it reads")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace tables that an earlier evaluate wrote at OUT (never other files)")
     parser.add_argument("--genes", type=whole_number(0), default=20, metavar="N",
@@ -74,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
         cohort = open_cohort(stores, core_genes=card.core_genes, addon_genes=card.addon_genes)
         for sample in cohort.samples:
             check_tile_geometry(card, sample.store.geometry)
-        evaluation = evaluate_model(model, cohort, addon_genes=card.addon_genes, batch_size=args.batch_size)
-        variant = card.model.variant
+        evaluation = evaluate_model(model, cohort, addon_genes=card.addon_genes, batch_size=args.batch_size,
+                                    route=args.route)
+        variant = card.model.variant if args.route is None else f"{card.model.variant} ({args.route})"
         per_variant.setdefault(variant, []).append(evaluation.gene_metrics)
         genes = evaluation.gene_metrics.reset_index()
         genes.insert(0, "checkpoint", str(path))

@@ -1,11 +1,14 @@
-"""Predict a trained model's add-on gene panel for every tissue tile of an H&E + Xenium sample.
+"""Predict a trained model's add-on gene panel for every tissue tile of an H&E + Xenium sample,
+or of an H&E alone.
 
 Tiles (512 px at 0.5 um/px, stride 256, as the model was trained) are cut from the registered
 H&E and run through the model with their core-gene token counts, chunk by chunk, as a dask
-graph: threads by default, or a dask.distributed cluster with --scheduler. Results go to
-RESULTS.zarr (one array per model output: predictions, embeddings; tile table, run metadata;
-for a calibrated model the interval bounds and the out-of-distribution flag; layout in
-docs/inference.md).
+graph: threads by default, or a dask.distributed cluster with --scheduler. Without XENIUM_DIR
+(`predict --he HE.svs --out R.zarr`) the tiles are cut from the H&E alone and the model runs
+image-only (a model trained with modality dropout, as the shipped one; others are refused before
+any work); the tiles then lie in the H&E's own frame, in um. Results go to RESULTS.zarr (one
+array per model output: predictions, embeddings; tile table, run metadata; for a calibrated
+model the interval bounds and the out-of-distribution flag; layout in docs/inference.md).
 An interrupted run leaves RESULTS.zarr.partial: run the same command again to resume it.
 """
 
@@ -18,13 +21,14 @@ from pathlib import Path
 
 from napari_morphomol.commands._arguments import fraction, whole_number
 from napari_morphomol.commands._sample_inputs import add_sample_arguments, alignment_path, region_polygon_he_px
+from napari_morphomol.errors import InputError
 
 NAME = "predict"
 HELP = "run a trained model over a sample -> RESULTS.zarr (resumable, any dask scheduler)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_sample_arguments(parser, region_action="predict")
+    add_sample_arguments(parser, region_action="predict", xenium_optional=True)
     parser.add_argument("--checkpoint", metavar="CKPT",
                         help="model .safetensors with its model card; default: the model shipped with napari-morphomol")
     parser.add_argument("--out", required=True, metavar="RESULTS.zarr", help="results store (finalised atomically)")
@@ -71,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
     from napari_morphomol.io.sample import load_sample
     from napari_morphomol.registration import read_registration_json
 
-    alignment = alignment_path(Path(args.xenium_dir), args.alignment, args.registration)
+    if args.xenium_dir is None and (args.alignment or args.registration):
+        raise InputError("--alignment and --registration map the H&E onto a Xenium run: give XENIUM_DIR too, or "
+                         "leave them out to predict from the H&E alone")
+    alignment = None if args.xenium_dir is None else alignment_path(Path(args.xenium_dir), args.alignment,
+                                                                     args.registration)
     registration = read_registration_json(args.registration) if args.registration else None
     sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
     options = PredictOptions(store=args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
@@ -94,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     results = open_results(out)
     precision = results.metadata["precision"]
     segment = results.metadata["segments"][-1]
-    print(f"{len(results.tiles)} tiles x {len(results.addon_genes)} add-on genes on {precision['device']} "
+    route = {"both": "H&E + transcripts", "image": "the H&E alone", "transcripts": "transcripts alone"}[results.route]
+    print(f"{len(results.tiles)} tiles x {len(results.addon_genes)} add-on genes from {route} on {precision['device']} "
           f"({precision['dtype']}: {precision['reason']}); {segment['tiles_run']} tiles run now in "
           f"{segment['timings'].get('inference_s', 0):.1f} s")
     trust = results.trust

@@ -12,6 +12,7 @@ once into a NAME.images.zarr beside each store.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -62,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also predict the add-on panel per token (18 um for the paper's tiles), trained on the "
                             "per-token counts with this loss (poisson or mse_log1p) beside the tile loss; variants "
                             "without a token sequence are trained without it")
+    model.add_argument("--modality-dropout", type=real_number(0.0, 1.0), default=0.0, metavar="RATE",
+                       help="fraction of training batches that lose one modality (half the image, half the "
+                            "transcripts), so a fusion model also predicts from an H&E alone or from transcripts "
+                            "alone (default 0: both inputs always; the shipped model uses 0.5)")
     model.add_argument("--token-loss-weight", type=real_number(0.0, 1e3), default=1.0,
                        help="weight of the per-token loss against the tile MSE (default 1)")
     fit = parser.add_argument_group("training (defaults: the paper's)")
@@ -192,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
         strategy=args.strategy, token_loss=args.token_head or "poisson", token_loss_weight=args.token_loss_weight,
     )
     for variant in args.variants:
+        unimodal = args.modality_dropout > 0 and VARIANT_TABLE[variant].stage is not None
+        if args.modality_dropout > 0 and not unimodal:
+            report(f"{variant}: reads one modality, trained without modality dropout")
+        variant_settings = dataclasses.replace(settings, modality_dropout=args.modality_dropout if unimodal else 0.0)
         token_head = args.token_head is not None and VARIANT_TABLE[variant].has_token_sequence
         if args.token_head is not None and not token_head:
             report(f"{variant}: no token sequence, trained without the token head")
@@ -201,11 +210,13 @@ def run(args: argparse.Namespace) -> int:
             learnable_gate=args.learnable_gate and config_allows_gate(variant),
             token_heads={ADDON_TOKEN_HEAD: len(cohort.addon_genes)} if token_head else {},
             variance_head=args.variance_head and VARIANT_TABLE[variant].neural,
+            unimodal_inputs=unimodal,
         )
         result = train_model(
             config, Subset(cohort, index["train"]), Subset(cohort, index["val"]),
             core_genes=cohort.core_genes, addon_genes=cohort.addon_genes,
-            checkpoint_path=out / f"{variant}.safetensors", settings=settings, backbone_weights=args.backbone_weights,
+            checkpoint_path=out / f"{variant}.safetensors", settings=variant_settings,
+            backbone_weights=args.backbone_weights,
             tile_geometry=cohort.tile_spec(),
             data_summary={"samples": groups, "cli_arguments": _arguments(args)},
             calibration_dataset=Subset(cohort, index["calibration"]) if index["calibration"] else None,

@@ -45,7 +45,8 @@ def _run_summary(results: Results) -> dict:
         "run_id": str(meta.get("run_id", "")),
         "xenium_pixel_size_um": float(sample.get("xenium_pixel_size_um") or np.nan),
         "he_pixel_size_um": float(sample.get("he_pixel_size_um") or np.nan),
-        "spatial_units": "global px (Xenium morphology pixels)",
+        "spatial_units": ("global px (Xenium morphology pixels)" if sample.get("xenium_dir")
+                          else "H&E um (an H&E alone: no Xenium frame)"),
         "run_metadata": json.dumps({k: v for k, v in meta.items() if k != "model_card"}),
     }
 

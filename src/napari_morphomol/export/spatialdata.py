@@ -67,15 +67,17 @@ EXPORT_FORMAT_VERSION = 1
 
 
 def open_run_sample(results: Results) -> SpatialData:
-    """The sample the run predicted on, opened lazily from the paths the run recorded."""
+    """The sample the run predicted on (its Xenium run and H&E, or an H&E alone), opened lazily
+    from the paths and the H&E pixel size the run recorded."""
     sample = results.metadata.get("sample", {})
     xenium_dir, he_path = sample.get("xenium_dir"), sample.get("he_path")
-    missing = [p for p in (xenium_dir, he_path) if p is None or not Path(p).exists()]
+    recorded = [he_path] if xenium_dir is None else [xenium_dir, he_path]
+    missing = [p for p in recorded if p is None or not Path(p).exists()]
     if missing:
         raise InputError(f"the sample of {results.path} is no longer where the run found it (missing: "
                          f"{', '.join(map(str, missing))}); move it back there and export again (from Python, "
                          "export_results(..., sample=open_sample(WHERE_IT_IS_NOW)) exports with it where it is)")
-    return load_sample(xenium_dir, he_path)
+    return load_sample(xenium_dir, he_path, he_pixel_size_um=sample.get("he_pixel_size_um"))
 
 
 def _token_map_images(results: Results) -> dict:

@@ -1,9 +1,10 @@
 """The checks :func:`~napari_morphomol.inference.predict` makes before it writes anything.
 
 In the order predict runs them: the options (numbers in range, a known dtype), the sample (an
-H&E file and transcripts), the memory the model's tile geometry, batch and chunk imply over this
-H&E image, and the checkpoint's weights against its card. After tiling, a model that reads
-transcripts is refused when too few of the sample's transcripts fall on its tiles. Each refusal
+H&E file, with Xenium transcripts or alone) and the route the model takes on it, the memory the
+model's tile geometry, batch and chunk imply over this H&E image, and the checkpoint's weights
+against its card. After tiling, a model that reads transcripts is refused when too few of the
+sample's transcripts fall on its tiles. Each refusal
 is one :class:`~napari_morphomol.errors.InputError` saying what to give instead.
 """
 
@@ -39,12 +40,43 @@ def check_options(options) -> None:
     check_dtype(options.dtype)
 
 
-def check_sample(sdata, info) -> None:
-    """A sample predict can run on: an H&E image read from a file (workers reopen it) and transcripts."""
+def sample_route(sdata, info, card) -> str:
+    """The route a run of ``card``'s model takes on this sample (``models.config.ROUTES``): every input
+    the model reads when the sample has Xenium transcripts, the image alone when it is an H&E alone.
+    Refuses a sample without an H&E image file (workers reopen it) and a model that cannot take
+    that route, saying what to do."""
     from napari_morphomol.elements import HE_IMAGE, TRANSCRIPTS
 
-    if HE_IMAGE not in sdata.images or TRANSCRIPTS not in sdata.points or info.he_path is None:
-        raise InputError("prediction needs a sample with an H&E image file and Xenium transcripts")
+    if HE_IMAGE not in sdata.images or info.he_path is None:
+        what = "a Xenium run without its H&E" if TRANSCRIPTS in sdata.points else "no H&E image"
+        raise InputError(f"prediction needs an H&E image file (with or without a Xenium run); this sample has {what}: "
+                         "give the H&E (--he HE.ome.tif)")
+    route = card.model.default_route if TRANSCRIPTS in sdata.points else "image"
+    card.model.check_route(route)
+    return route
+
+
+def run_route(sdata, checkpoint) -> str:
+    """The route (``models.config.ROUTES``) a run of ``checkpoint`` takes on the sample ``sdata``
+    (``image`` for an H&E alone), checked as :func:`~napari_morphomol.inference.predict` checks it.
+
+    Parameters
+    ----------
+    sdata
+        A sample from :func:`napari_morphomol.io.load_sample`.
+    checkpoint
+        A .safetensors model with its card.
+
+    Returns
+    -------
+    str
+        ``both``, ``image`` or ``transcripts``; InputError, saying what to do, when the model
+        cannot take the route the sample needs.
+    """
+    from napari_morphomol.elements import sample_info
+    from napari_morphomol.models import read_model_card
+
+    return sample_route(sdata, sample_info(sdata), read_model_card(checkpoint))
 
 
 def sample_geometry(sdata, info, card):
@@ -85,12 +117,14 @@ def check_weights(checkpoint: Path, sha: str, device: str, scheduler) -> None:
         load_checkpoint(checkpoint, "cpu")
 
 
-def check_transcripts_meet_tiles(card, tiling) -> None:
-    """Refuse a model that reads transcripts when the sample's transcripts miss its tiles."""
+def check_transcripts_meet_tiles(card, tiling, route: str) -> None:
+    """Refuse a model that reads transcripts on ``route`` when the sample's transcripts miss its tiles."""
     from napari_morphomol.tiling.pipeline import REGISTRATION_HINT, transcripts_on_tissue_text
 
+    if not card.model.route_reads(route)[1]:
+        return
     on_tissue = tiling.report["transcripts_on_tissue_tiles"]
-    if card.model.uses_transcripts and on_tissue["share"] < MIN_FUSION_TRANSCRIPT_SHARE:
+    if on_tissue["share"] < MIN_FUSION_TRANSCRIPT_SHARE:
         raise InputError(
             f"the sample's transcripts do not meet its tiles: {transcripts_on_tissue_text(tiling.report)}. The "
             "registration probably does not place the H&E on the Xenium run, and this model reads the "

@@ -42,10 +42,10 @@ from napari_morphomol.errors import InputError
 from napari_morphomol.inference.checks import (
     check_memory,
     check_options,
-    check_sample,
     check_transcripts_meet_tiles,
     check_weights,
     sample_geometry,
+    sample_route,
 )
 from napari_morphomol.inference.devices import DeviceFallbackWarning, auto_dtype, resolve_device
 from napari_morphomol.inference.scheduling import (
@@ -138,6 +138,8 @@ class _Inputs:
     panel_match: object
     output_specs: tuple
     fingerprint: dict
+    route: str
+    """Which inputs the model is given (``models.config.ROUTES``): ``image`` for an H&E alone."""
 
     @property
     def paths(self) -> tuple:
@@ -160,6 +162,10 @@ class _CallRecord:
 
     def total_timings(self) -> dict[str, float]:
         return {**self.timings, "total_s": time.perf_counter() - self.started}
+
+
+HE_FRAME_SOURCE = "no Xenium run: tiles lie in the H&E's own frame, in um (H&E px x pixel size)"
+"""The registration an image-only run of an H&E alone records."""
 
 
 def default_checkpoint_path() -> Path:
@@ -237,15 +243,21 @@ def _checked_inputs(sample, options: PredictOptions, record: _CallRecord) -> _In
     """Open and check the checkpoint, the sample, the device and the memory; fingerprint them."""
     from napari_morphomol.elements import TRANSCRIPTS, sample_info
     from napari_morphomol.io.sample import open_sample
-    from napari_morphomol.models import match_gene_panel, read_model_card
+    from napari_morphomol.models import PanelMatch, match_gene_panel, read_model_card
     from napari_morphomol.tiling import feature_names
 
     checkpoint = options.checkpoint if options.checkpoint is not None else default_checkpoint_path()
     card = read_model_card(checkpoint)
     sdata = open_sample(sample) if isinstance(sample, (str, Path)) else sample
     info = sample_info(sdata)
-    check_sample(sdata, info)
-    panel_match = match_gene_panel(card, feature_names(sdata.points[TRANSCRIPTS]))  # raises before any work
+    route = sample_route(sdata, info, card)  # a model that cannot run on an H&E alone is refused here
+    if TRANSCRIPTS in sdata.points:
+        panel_match = match_gene_panel(card, feature_names(sdata.points[TRANSCRIPTS]))  # raises before any work
+    else:
+        panel_match = PanelMatch(np.zeros(0, dtype=np.int64), (), ())
+        if options.he_to_global is not None:
+            raise InputError("a registration maps the H&E onto a Xenium run, and this sample is an H&E alone: "
+                             "predict without one, or load the Xenium run with the H&E")
     if is_local(options.scheduler):
         _, note = resolve_device(options.device)  # an absent explicit device fails here, before any work
         if note:
@@ -255,15 +267,18 @@ def _checked_inputs(sample, options: PredictOptions, record: _CallRecord) -> _In
     sha = file_sha256(checkpoint)
     from napari_morphomol.registration import REGISTRATION_ATTRS_KEY
 
-    fingerprint = run_fingerprint(options, info, sha, sdata.attrs.get(REGISTRATION_ATTRS_KEY))
-    return _Inputs(sdata, info, card, checkpoint, sha, panel_match, output_specs, fingerprint)
+    fingerprint = run_fingerprint(options, info, sha, sdata.attrs.get(REGISTRATION_ATTRS_KEY), route)
+    return _Inputs(sdata, info, card, checkpoint, sha, panel_match, output_specs, fingerprint, route)
 
 
-def run_fingerprint(options: PredictOptions, info, checkpoint_sha256: str, applied: dict | None = None) -> dict:
+def run_fingerprint(options: PredictOptions, info, checkpoint_sha256: str, applied: dict | None = None,
+                    route: str = "both") -> dict:
     """What must match for a store to be reused or resumed (recorded as ``fingerprint``);
-    ``applied``: the record of a registration applied to the sample (the Register dock's)."""
+    ``applied``: the record of a registration applied to the sample (the Register dock's);
+    ``route``: the inputs the model is given."""
     region = options.region_he_px
     return {
+        "route": route,
         "checkpoint_sha256": checkpoint_sha256,
         "he_path": str(Path(info.he_path).resolve()),
         "xenium_dir": str(Path(info.xenium_dir).resolve()) if info.xenium_dir else None,
@@ -281,6 +296,9 @@ def _registration_record(info, he_to_global, applied: dict | None = None) -> dic
     one applied to the sample (``sdata.attrs``, as the tiling reads it), else its alignment matrix."""
     if he_to_global is None and applied is not None:
         return applied
+    if he_to_global is None and info.xenium_dir is None:
+        p = float(info.he_pixel_size_um)
+        return {"model": "none", "matrix": np.diag([p, p, 1.0]).tolist(), "source": HE_FRAME_SOURCE}
     if he_to_global is None:
         return {"model": "affine", "matrix": info.he_to_global, "source": info.alignment_csv}
     if isinstance(he_to_global, np.ndarray):
@@ -353,7 +371,7 @@ def _start_store(partial: Path, inputs: _Inputs, options: PredictOptions, record
     attrs = _store_attrs(inputs, tiling, list(tiles.columns), record)
     with atomic_output(partial, RESULTS_STORE, inputs=inputs.paths, overwrite=options.overwrite) as tmp:
         create_partial_store(tmp, tiles=tiles, tiles_per_chunk=k, measured_counts=measured,
-                             token_raster=tiling.bins.tokens, attrs=attrs,
+                             token_raster=None if tiling.bins is None else tiling.bins.tokens, attrs=attrs,
                              measured_token_raster=tiling.bins.addon_tokens if measured is not None else None)
     return read_attrs(partial)
 
@@ -361,18 +379,19 @@ def _start_store(partial: Path, inputs: _Inputs, options: PredictOptions, record
 def _tile(inputs: _Inputs, options: PredictOptions, record: _CallRecord):
     """The sample tiled with the card's tile geometry; a model whose transcripts miss the tiles is
     refused before the tiling's warnings are shown (they are moot then)."""
-    from napari_morphomol.tiling import GenePanel, TilingOptions, tile_sample
+    from napari_morphomol.elements import TRANSCRIPTS
+    from napari_morphomol.tiling import GenePanel, TilingOptions, tile_he_sample, tile_sample
 
+    tiling_options = TilingOptions(spec=inputs.card.tile_geometry, min_transcripts=options.min_transcripts,
+                                   max_background=options.max_background, region_he_px=options.region_he_px)
+    if TRANSCRIPTS not in inputs.sdata.points:
+        return tile_he_sample(inputs.sdata, options=tiling_options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tiling = tile_sample(inputs.sdata, panel=GenePanel(core=_core_genes(inputs),
                                                            addon=inputs.panel_match.addon_measured),
-                             he_to_global=options.he_to_global,
-                             options=TilingOptions(spec=inputs.card.tile_geometry,
-                                                   min_transcripts=options.min_transcripts,
-                                                   max_background=options.max_background,
-                                                   region_he_px=options.region_he_px))
-    check_transcripts_meet_tiles(inputs.card, tiling)
+                             he_to_global=options.he_to_global, options=tiling_options)
+    check_transcripts_meet_tiles(inputs.card, tiling, inputs.route)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if w.category.__module__.startswith("napari_morphomol"):
@@ -401,6 +420,7 @@ def _store_attrs(inputs: _Inputs, tiling, tile_columns: list[str], record: _Call
     card, info, geometry, checkpoint = inputs.card, inputs.info, tiling.geometry, inputs.checkpoint
     return {
         "fingerprint": inputs.fingerprint,
+        "route": inputs.route,
         "run_id": uuid.uuid4().hex,
         "started_at": _now(),
         "tile_columns": tile_columns,
@@ -460,7 +480,8 @@ def _run(partial: Path, final: Path, attrs: dict, inputs: _Inputs, options: Pred
     spec = RunSpec(store=str(partial), run_id=attrs["run_id"], checkpoint=str(inputs.checkpoint.resolve()),
                    checkpoint_sha256=inputs.sha256, he_path=attrs["fingerprint"]["he_path"],
                    geometry=attrs["geometry_args"], device=options.device,
-                   dtype=attrs.get("precision", {}).get("dtype") or "float32", batch_size=int(options.batch_size))
+                   dtype=attrs.get("precision", {}).get("dtype") or "float32", batch_size=int(options.batch_size),
+                   route=inputs.route)
     if "precision" not in attrs:
         spec, attrs = _calibrate(partial, spec, options, scheduler, record)
     run_warnings = _merged_warnings(attrs.get("warnings", []), record.raised)
@@ -481,7 +502,7 @@ def _run(partial: Path, final: Path, attrs: dict, inputs: _Inputs, options: Pred
     tick = time.perf_counter()
     token_maps = write_token_maps(zarr.open_group(partial, mode="r+"), attrs)
     record.timings["token_maps_s"] = time.perf_counter() - tick
-    trust = write_trust(zarr.open_group(partial, mode="r+"), inputs.card, options.interval_level)
+    trust = write_trust(zarr.open_group(partial, mode="r+"), inputs.card, options.interval_level, inputs.route)
     segment.update(
         status="complete", finished_at=_now(), chunks_run=len(pending),
         tiles_run=int(sum(r["tiles"] for r in records)), devices=sorted({r["device"] for r in records}),

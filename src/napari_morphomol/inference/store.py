@@ -226,7 +226,8 @@ def output_shape(record: dict, n_tiles: int, n_tokens: int) -> tuple[int, ...]:
 def create_partial_store(path: Path, *, tiles: pd.DataFrame, tiles_per_chunk: int, measured_counts: np.ndarray | None,
                          token_raster, attrs: dict, measured_token_raster=None) -> zarr.Group:
     """A fresh run store at ``path`` (the partial folder); ``tiles`` already in chunk order, ``attrs``
-    holding the ``outputs`` records (:func:`output_records`) and ``tokens_per_tile``;
+    holding the ``outputs`` records (:func:`output_records`) and ``tokens_per_tile``; ``token_raster``
+    the core-gene counts the tasks read (None for a run that reads no transcripts);
     ``measured_token_raster`` (a ``tiling.TokenRaster`` of the measured add-on genes) with
     ``measured_counts``."""
     from napari_morphomol.tiling.store import write_token_raster
@@ -254,7 +255,8 @@ def create_partial_store(path: Path, *, tiles: pd.DataFrame, tiles_per_chunk: in
         write_token_raster(root, "measured_token_counts", measured_token_raster, "measured_gene")
     root.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False)
     root.create_array("chunk_seconds", shape=(n_chunks,), dtype=np.float64, chunks=(1,), fill_value=np.nan)
-    write_token_raster(root.require_group("inputs"), "tokens", token_raster, "core_gene")
+    if token_raster is not None:  # None: an image-only run reads no transcripts
+        write_token_raster(root.require_group("inputs"), "tokens", token_raster, "core_gene")
     root.attrs[ATTRS_KEY] = {**attrs, "format_version": FORMAT_VERSION, "status": "running",
                              "n_tiles": n_tiles, "n_chunks": n_chunks, "tiles_per_chunk": tiles_per_chunk}
     return root
@@ -367,6 +369,27 @@ class Results:
     def measured_log1p(self) -> np.ndarray | None:
         """log1p of ``measured_counts``: the scale of ``predictions``."""
         return None if self.measured_counts is None else np.log1p(self.measured_counts).astype(np.float32)
+
+    @property
+    def route(self) -> str:
+        """Which inputs the model was given (``models.config.ROUTES``): ``image`` for an H&E alone
+        (runs made before routes were recorded gave the model every input it reads)."""
+        return self.metadata.get("route") or self.model_card.model.default_route
+
+    @property
+    def frame_pixel_size_um(self) -> float:
+        """The size of one ``global`` px of the tile table: the Xenium pixel, or for an H&E alone
+        (no Xenium frame: tiles lie in H&E um) 1 um."""
+        sample = self.metadata.get("sample") or {}
+        if sample.get("xenium_pixel_size_um"):
+            return float(sample["xenium_pixel_size_um"])
+        if sample.get("he_path") and not sample.get("xenium_dir"):
+            from napari_morphomol.tiling.pipeline import HE_FRAME_PIXEL_SIZE_UM
+
+            return HE_FRAME_PIXEL_SIZE_UM
+        from napari_morphomol.coords import XENIUM_PIXEL_SIZE_UM
+
+        return XENIUM_PIXEL_SIZE_UM
 
     @property
     def model_card(self):

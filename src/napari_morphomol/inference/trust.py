@@ -15,7 +15,10 @@ quantiles and the outlier score mean):
   ``samples`` (what it was calibrated on).
 
 A run of a model without calibration has no ``trust`` group: :func:`read_trust` then gives a
-:class:`RunTrust` whose ``unavailable`` says why, and nothing shows an interval of zero width.
+:class:`RunTrust` whose ``unavailable`` says why, and nothing shows an interval of zero width. A
+calibration holds for the route the model was calibrated on (every input it reads): a run by
+another route (an H&E alone) gets a ``trust`` group holding only that reason (attribute
+``unavailable``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ from napari_morphomol.inference.store import TRUST
 NO_CALIBRATION = ("intervals and out-of-distribution flags are unavailable: the model card has no calibration "
                   "(a model trained before calibration existed, or converted from the reference code); retrain "
                   "with held-out samples to calibrate on (morphomol train --calibration SAMPLE)")
+
+
+OTHER_ROUTE = ("intervals and out-of-distribution flags are unavailable for this run: the model is calibrated "
+               "with both the H&E and the transcripts, and this run had {route}; an interval calibrated there would "
+               "be too narrow here")
+ROUTE_WORDS = {"image": "the H&E alone", "transcripts": "the transcripts alone", "both": "both"}
 
 
 @dataclass(frozen=True)
@@ -60,15 +69,20 @@ class RunTrust:
         return self.outlier_flag is not None
 
 
-def write_trust(root: zarr.Group, card, level: float) -> dict | None:
+def write_trust(root: zarr.Group, card, level: float, route: str | None = None) -> dict | None:
     """Write the ``trust`` group of a finished run from ``card.calibration`` at ``level``; returns
-    its summary for the store's attributes (None, writing nothing, when the card has no calibration)."""
+    its summary for the store's attributes (None, writing nothing, when the card has no calibration).
+    ``route``: the run's (None: the model's default, the route it was calibrated on)."""
     from napari_morphomol.models.trust import tile_interval
 
     calibration = card.calibration
     if calibration is None:
         return None
     group = root.require_group(TRUST)
+    if route not in (None, card.model.default_route):
+        summary = {"unavailable": OTHER_ROUTE.format(route=ROUTE_WORDS[route])}
+        group.attrs.update(summary)
+        return summary
     n_tiles, n_genes = root["predictions"].shape
     summary: dict = {"level": float(level), "samples": list(calibration.samples)}
     if "tile" in calibration.scales and "prediction_log_variance" in root:
@@ -99,6 +113,8 @@ def read_trust(root: zarr.Group, attrs: dict) -> RunTrust:
         return RunTrust()
     group = root[TRUST]
     attrs = dict(group.attrs)
+    if attrs.get("unavailable"):
+        return RunTrust(unavailable=attrs["unavailable"])
 
     def array(name: str) -> np.ndarray | None:
         return group[name][:] if name in group else None

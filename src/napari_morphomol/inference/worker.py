@@ -55,6 +55,8 @@ class RunSpec:
     dtype: str
     batch_size: int
     torch_threads: int | None = None
+    route: str | None = None
+    """Which inputs the model is given (``models.config.ROUTES``); None: every input it reads."""
 
 
 @dataclass
@@ -201,8 +203,7 @@ def run_context(spec: RunSpec, loaded: LoadedModel) -> RunContext:
     key = (spec.store, spec.run_id)
     with _CACHE_LOCK:
         if key not in _RUNS:
-            config = loaded.card.model
-            _RUNS[key] = RunContext.open(spec, config.uses_image, config.uses_transcripts)
+            _RUNS[key] = RunContext.open(spec, *loaded.card.model.route_reads(spec.route))
             while len(_RUNS) > _MAX_OPEN_RUNS:
                 _RUNS.popitem(last=False)
         _RUNS.move_to_end(key)

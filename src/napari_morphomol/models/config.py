@@ -65,6 +65,12 @@ VARIANT_TABLE: dict[str, Variant] = {
 }
 VARIANTS = tuple(VARIANT_TABLE)
 DEFAULT_VARIANT = "early_fusion_add"
+
+#: Which inputs a model is given: the H&E and the transcripts, the H&E alone (a slide without a
+#: Xenium run), the transcripts alone. A fusion model runs the single routes only if it was trained
+#: with modality dropout (``ModelConfig.unimodal_inputs``); a single-modality model has one route.
+ROUTES = ("both", "image", "transcripts")
+ROUTE_INPUTS = {"both": ("image", "transcripts"), "image": ("image",), "transcripts": ("transcripts",)}
 DEFAULT_BACKBONE = "vit_small_patch16_224"
 
 #: Image normalisation of the augreg ViT-S/16 weights the paper starts from: uint8 / 255, then
@@ -349,6 +355,44 @@ class ModelConfig:
     @property
     def uses_transcripts(self) -> bool:
         return self.variant_spec.uses_transcripts
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The :data:`ROUTES` this model runs: all three for a fusion model trained with modality
+        dropout, ``both`` for other fusion models, ``image`` or ``transcripts`` for a single modality."""
+        if self.stage is None:
+            return ("image",) if self.uses_image else ("transcripts",)
+        return ROUTES if self.unimodal_inputs else ("both",)
+
+    @property
+    def default_route(self) -> str:
+        """The route with every input this model reads."""
+        return self.routes[0]
+
+    def check_route(self, route: str) -> None:
+        """InputError saying what to do when this model cannot run ``route``."""
+        if route not in ROUTES:
+            raise InputError(f"Unknown route {route!r}; choose one of {', '.join(ROUTES)}.")
+        if route in self.routes:
+            return
+        given = {"both": "the H&E and the transcripts", "image": "the H&E alone",
+                 "transcripts": "the transcripts alone"}[route]
+        if self.stage is not None:
+            raise InputError(
+                f"This {self.variant} model was trained without modality dropout, so it needs both the H&E and the "
+                f"Xenium transcripts and cannot predict from {given}. Use a model trained with modality dropout "
+                "(`morphomol train --modality-dropout 0.5`; the model shipped with napari-morphomol is one)."
+            )
+        raise InputError(f"This {self.variant} model reads only {'the H&E' if self.uses_image else 'transcripts'} "
+                         f"and cannot predict from {given}; use a model that reads it.")
+
+    def route_reads(self, route: str | None = None) -> tuple[bool, bool]:
+        """Whether the model is given (the image, the transcripts) on ``route`` (None: its default),
+        after :meth:`check_route`."""
+        route = self.default_route if route is None else route
+        self.check_route(route)
+        inputs = ROUTE_INPUTS[route]
+        return "image" in inputs and self.uses_image, "transcripts" in inputs and self.uses_transcripts
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

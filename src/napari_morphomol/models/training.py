@@ -555,18 +555,21 @@ def _fit_with_lightning(config: ModelConfig, settings: TrainingSettings, train_d
 
 
 def model_outputs(model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device: str | torch.device = "cpu",
-                  bf16: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]]:
+                  bf16: bool = False, route: str | None = None
+                  ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]]:
     """Run ``model`` over ``dataset`` in order, yielding each batch and its outputs as float32 numpy:
     ``predictions``, ``embeddings``, with a variance head ``prediction_log_variance``, with an outlier
     reference ``outlier_score``, and with the add-on token head ``token_rate`` (counts per token) and
-    ``token_log1p`` (its expected log1p)."""
+    ``token_log1p`` (its expected log1p). ``route`` (:data:`~napari_morphomol.models.config.ROUTES`;
+    None: every input the model reads) chooses what it is given."""
     config = model.config
+    reads_image, reads_tokens = config.route_reads(route)
     device = torch.device(device)
     model = model.to(device).eval()
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            images = batch["image"].to(device) if config.uses_image else None
-            tokens = batch["tokens"].to(device) if config.uses_transcripts else None
+            images = batch["image"].to(device) if reads_image else None
+            tokens = batch["tokens"].to(device) if reads_tokens else None
             output = model(images, tokens)
             arrays = {"predictions": output.predictions.float().cpu().numpy(),
                       "embeddings": output.embeddings.float().cpu().numpy()}
@@ -589,12 +592,15 @@ def evaluate_model(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     bf16: bool = False,
+    route: str | None = None,
 ) -> Evaluation:
-    """Predict every tile of ``dataset`` and score it per gene (Pearson, Spearman, MSE)."""
+    """Predict every tile of ``dataset`` and score it per gene (Pearson, Spearman, MSE); ``route``
+    as for :func:`model_outputs` (None: every input the model reads)."""
     config = model.config
     check_tile_dataset(dataset, config, "evaluation")
     outputs: dict[str, list[np.ndarray]] = {}
-    for batch, arrays in model_outputs(model, dataset, batch_size=batch_size, device=device, bf16=bf16):
+    for batch, arrays in model_outputs(model, dataset, batch_size=batch_size, device=device, bf16=bf16,
+                                       route=route):
         arrays["targets"] = batch["target"].float().numpy()
         if "token_log1p" in arrays:
             arrays["token_targets"] = batch["token_target"].float().numpy()

@@ -25,6 +25,10 @@ REGISTRATION_HINT = ("check the registration with `morphomol register` (its resi
                      "H&E px to Xenium global px like Xenium's he_imagealignment.csv, not global -> H&E (the inverse)")
 
 
+HE_FRAME_PIXEL_SIZE_UM = 1.0
+"""The ``global`` pixel of an H&E alone (no Xenium frame): tiles are placed in H&E um."""
+
+
 class FewTranscriptsWarning(UserWarning):
     """Few of the sample's transcripts fall on its tissue tiles: the registration may be off."""
 
@@ -35,29 +39,35 @@ class Tiling:
 
     geometry: TileGeometry
     tiles: pd.DataFrame
-    bins: TranscriptBins
+    bins: TranscriptBins | None
+    """The transcript counts; None for an H&E alone (:func:`make_he_tiling`)."""
     transform: HeGlobalTransform
     xenium_pixel_size_um: float
     report: dict = field(default_factory=dict)
 
     @property
     def panel(self) -> GenePanel:
-        return self.bins.panel
+        return self._bins().panel
+
+    def _bins(self) -> TranscriptBins:
+        if self.bins is None:
+            raise InputError("these tiles were cut from an H&E alone: they have no transcript counts")
+        return self.bins
 
     def tokens(self, positions: np.ndarray) -> np.ndarray:
         """(B, 14, 14, core genes) uint32 token counts of tiles at table positions."""
         sel = self.tiles.iloc[np.atleast_1d(positions)]
-        return self.bins.tokens.tile_tokens(self.geometry, sel["row"].to_numpy(), sel["col"].to_numpy())
+        return self._bins().tokens.tile_tokens(self.geometry, sel["row"].to_numpy(), sel["col"].to_numpy())
 
     def addon_tokens(self, positions: np.ndarray) -> np.ndarray:
         """(B, 14, 14, add-on genes) uint32 per-token add-on counts of tiles at table positions
         (they sum to the tile's add-on counts)."""
         sel = self.tiles.iloc[np.atleast_1d(positions)]
-        return self.bins.addon_tokens.tile_tokens(self.geometry, sel["row"].to_numpy(), sel["col"].to_numpy())
+        return self._bins().addon_tokens.tile_tokens(self.geometry, sel["row"].to_numpy(), sel["col"].to_numpy())
 
     def targets_log1p(self) -> np.ndarray:
         """(tiles, add-on genes) float32 log1p of add-on counts summed over each tile."""
-        counts = self.bins.tile_addon_counts(self.tiles["row"].to_numpy(), self.tiles["col"].to_numpy())
+        counts = self._bins().tile_addon_counts(self.tiles["row"].to_numpy(), self.tiles["col"].to_numpy())
         return np.log1p(counts).astype(np.float32)
 
 
@@ -183,29 +193,12 @@ def make_tiling(
     InputError
         When no tile is kept (saying which filter removed them) or the inputs do not fit.
     """
-    spec, max_background = options.spec, options.max_background
-    region_he_px = None if options.region_he_px is None else np.asarray(options.region_he_px, dtype=float)
     transform = as_he_global_transform(he_to_global)
-    full_h, full_w = (int(s) for s in levels_yxc[0].shape[:2])
-    geometry = TileGeometry(**spec.to_dict(), he_pixel_size_um=he_pixel_size_um, he_height_px=full_h,
-                            he_width_px=full_w)
     features = feature_names(transcripts)
     panel = GenePanel.all_genes(features) if panel is None else panel.validated(features)
-
-    tiles = grid_tiles(geometry, transform, xenium_pixel_size_um)
-    report: dict = {"grid_tiles": len(tiles)}
-    tissue, mask_px = mask if mask is not None else compute_tissue_mask(levels_yxc, he_pixel_size_um)
-    boxes = tiles[["he_x0", "he_y0", "he_x1", "he_y1"]].to_numpy()
-    tiles["background_fraction"] = tile_background_fraction(tissue, mask_px, boxes)
-    tiles = tiles[tiles["background_fraction"] <= max_background]
-    report["tissue_tiles"] = len(tiles)
-    tissue_rows, tissue_cols = tiles["row"].to_numpy(), tiles["col"].to_numpy()
-    if region_he_px is not None and len(tiles):
-        tiles = tiles[tiles_in_region(geometry, tissue_rows, tissue_cols, region_he_px)]
-        report["region_tiles"] = len(tiles)
-    if len(tiles) == 0:  # before the transcripts are read
-        raise InputError(f"no tile is kept: {why_no_tiles(report, max_background)}")
-
+    geometry, tiles, report, (tissue_rows, tissue_cols) = _tissue_tiles(levels_yxc, he_pixel_size_um, transform,
+                                                                        xenium_pixel_size_um, options, mask)
+    max_background = options.max_background
     bins = bin_transcripts(transcripts, geometry, panel, transform, xenium_pixel_size_um=xenium_pixel_size_um,
                            min_qv=options.min_qv, x_col=x_col, y_col=y_col, max_dense_bytes=options.max_dense_bytes,
                            progress=progress)
@@ -225,6 +218,66 @@ def make_tiling(
     if len(tiles) == 0:
         raise InputError(f"no tile is kept: {why_no_tiles(report, max_background)}")
     return Tiling(geometry, tiles, bins, transform, xenium_pixel_size_um, report)
+
+
+def _tissue_tiles(levels_yxc: Sequence, he_pixel_size_um: float, transform: HeGlobalTransform,
+                  frame_pixel_size_um: float, options: TilingOptions,
+                  mask: tuple[np.ndarray, tuple[float, float]] | None):
+    """The grid's tiles on tissue (and in the region): geometry, tile table, report and the rows and
+    columns of every tissue tile; InputError when none is left."""
+    spec, max_background = options.spec, options.max_background
+    region_he_px = None if options.region_he_px is None else np.asarray(options.region_he_px, dtype=float)
+    full_h, full_w = (int(s) for s in levels_yxc[0].shape[:2])
+    geometry = TileGeometry(**spec.to_dict(), he_pixel_size_um=he_pixel_size_um, he_height_px=full_h,
+                            he_width_px=full_w)
+    tiles = grid_tiles(geometry, transform, frame_pixel_size_um)
+    report: dict = {"grid_tiles": len(tiles)}
+    tissue, mask_px = mask if mask is not None else compute_tissue_mask(levels_yxc, he_pixel_size_um)
+    boxes = tiles[["he_x0", "he_y0", "he_x1", "he_y1"]].to_numpy()
+    tiles["background_fraction"] = tile_background_fraction(tissue, mask_px, boxes)
+    tiles = tiles[tiles["background_fraction"] <= max_background]
+    report["tissue_tiles"] = len(tiles)
+    tissue_rows, tissue_cols = tiles["row"].to_numpy(), tiles["col"].to_numpy()
+    if region_he_px is not None and len(tiles):
+        tiles = tiles[tiles_in_region(geometry, tissue_rows, tissue_cols, region_he_px)]
+        report["region_tiles"] = len(tiles)
+    if len(tiles) == 0:  # before any transcript is read
+        raise InputError(f"no tile is kept: {why_no_tiles(report, max_background)}")
+    return geometry, tiles, report, (tissue_rows, tissue_cols)
+
+
+def make_he_tiling(levels_yxc: Sequence, *, he_pixel_size_um: float, options: TilingOptions = TilingOptions(),
+                   mask: tuple[np.ndarray, tuple[float, float]] | None = None) -> Tiling:
+    """Tile an H&E image alone (a slide without a Xenium run) for the model's image-only route.
+
+    The tissue and region filters of :func:`make_tiling`; there are no transcripts, so no
+    transcript filter and no counts (``Tiling.bins`` is None). With no Xenium frame the tiles are
+    placed in the H&E's own, in um: ``Tiling.transform`` scales H&E px to um and
+    ``Tiling.xenium_pixel_size_um`` is 1 (:data:`HE_FRAME_PIXEL_SIZE_UM`), so a tile's ``global``
+    and ``um`` centres are both its centre in H&E um.
+
+    Parameters
+    ----------
+    levels_yxc
+        H&E pyramid levels ``(H, W, 3)``, full resolution first.
+    he_pixel_size_um
+        Native H&E pixel size.
+    options
+        Tile geometry, background and region filters (``min_transcripts`` and ``min_qv`` do not apply).
+    mask
+        A tissue mask and its pixel size in H&E px (x, y); None computes it from the pyramid.
+
+    Returns
+    -------
+    Tiling
+        The kept tiles and what every filter removed (``report``, with ``"route": "image"``).
+    """
+    transform = as_he_global_transform(np.diag([he_pixel_size_um, he_pixel_size_um, 1.0]))
+    geometry, tiles, report, _ = _tissue_tiles(levels_yxc, he_pixel_size_um, transform, HE_FRAME_PIXEL_SIZE_UM,
+                                               options, mask)
+    tiles = tiles.reset_index(drop=True)
+    report.update(route="image", kept_tiles=len(tiles))
+    return Tiling(geometry, tiles, None, transform, HE_FRAME_PIXEL_SIZE_UM, report)
 
 
 def _on_tiles(bins: TranscriptBins, rows: np.ndarray, cols: np.ndarray) -> dict:
@@ -321,3 +374,26 @@ def tile_sample(sdata, *, panel: GenePanel | None, he_to_global: np.ndarray | He
         xenium_pixel_size_um=info.xenium_pixel_size_um, panel=panel, options=options, x_col="x", y_col="y",
         progress=progress,
     )
+
+
+def tile_he_sample(sdata, *, options: TilingOptions = TilingOptions()) -> Tiling:
+    """:func:`make_he_tiling` on the H&E image of a sample opened by :func:`napari_morphomol.io.load_sample`
+    (any transcripts it holds are not read).
+
+    Parameters
+    ----------
+    sdata
+        The sample (its H&E image).
+    options
+        As for :func:`make_he_tiling`.
+
+    Returns
+    -------
+    Tiling
+    """
+    from napari_morphomol.elements import HE_IMAGE, element_levels_cyx, levels_yxc, sample_info
+
+    if HE_IMAGE not in sdata.images:
+        raise InputError("tiling needs a sample with an H&E image")
+    he_levels = levels_yxc(element_levels_cyx(sdata.images[HE_IMAGE]))
+    return make_he_tiling(he_levels, he_pixel_size_um=sample_info(sdata).he_pixel_size_um, options=options)

@@ -281,8 +281,9 @@ class ExploreWidget(QWidget):
         done = np.isfinite(explorer.results.predictions).all(axis=1).sum()
         tiles = f"{explorer.adata.n_obs:,} tiles" if done == explorer.adata.n_obs else (
             f"{done:,} of {explorer.adata.n_obs:,} tiles predicted")
-        self.status.setText(f"{tiles}, {len(explorer.genes)} add-on genes "
-                            f"({len(explorer.results.measured_genes)} measured) from {explorer.results.path.name}")
+        measured = f"{len(explorer.results.measured_genes)} measured" if not explorer.route_note else "H&E alone"
+        status = f"{tiles}, {len(explorer.genes)} add-on genes ({measured}) from {explorer.results.path.name}"
+        self.status.setText(status + (f". {explorer.route_note}" if explorer.route_note else ""))
 
     def _add_map_layers(self, gene: str, resolution: str):
         """One map layer per kind the run has (only the predicted one shown), made anew at ``resolution``;
@@ -417,6 +418,8 @@ class ExploreWidget(QWidget):
             return
         shown = [layer.name for layer in self.map_layers.values() if layer.visible] or ["no map shown"]
         measured = "measured in this sample" if self.explorer.is_measured(self.gene) else "not measured in this sample"
+        if self.explorer.route_note:
+            measured = "predicted from the H&E alone"
         overlay = self.viewer.canvas.overlays.text
         overlay.text = f"{self.gene}: {', '.join(shown)} ({MAP_UNITS[self.shown_resolution]}); {measured}"
         overlay.visible = True

@@ -14,7 +14,7 @@ from napari.utils.notifications import show_info
 from napari_morphomol.analysis import explore_results, explore_run, partial_results
 from napari_morphomol.coords import napari_to_xy
 from napari_morphomol.errors import InputError
-from napari_morphomol.inference import InferenceCancelled, PredictOptions, default_checkpoint_path, predict
+from napari_morphomol.inference import InferenceCancelled, PredictOptions, default_checkpoint_path, predict, run_route
 from napari_morphomol.layers.sample import um_to_he_px
 from napari_morphomol.layers.view import camera_box_xy_um
 from napari_morphomol.models.trust import CALIBRATED_LEVELS, DEFAULT_LEVEL
@@ -100,6 +100,7 @@ class PredictWidget(Container):
             options = PredictOptions(store=Path(store), checkpoint=Path(checkpoint),
                                      batch_size=int(self.batch_size.value), device=self.device.value,
                                      region_he_px=self.region_he_px(sdata), interval_level=self.interval_level.value)
+            route = run_route(sdata, options.checkpoint)  # a model that cannot run on an H&E alone says so now
         except InputError as exc:
             self._on_error(exc)
             return None
@@ -111,7 +112,8 @@ class PredictWidget(Container):
         worker.returned.connect(self._on_done)
         worker.finished.connect(self._on_finished)
         self.run_button.enabled, self.cancel_button.enabled = False, True
-        self.status.value = "tiling and calibrating..."
+        self.status.value = ("tiling and calibrating (the model predicts from the H&E alone)..."
+                             if route == "image" else "tiling and calibrating...")
         worker.start()
         self.worker = worker
         return worker
