@@ -2,8 +2,9 @@
 
 The Table A.1 cohort of ``bench_variants.py`` (train 101-103, early stopping on 104), plus two
 calibration samples (seeds 106, 107) and the held-out test sample (seed 105). The early-fusion
-model with the add-on token head (Poisson) and a variance head is trained three times (training
-seeds 0, 1, 2), each calibrated on seeds 106 and 107
+model with the add-on token head (Poisson) and a variance head, trained with modality dropout
+(--modality-dropout, the rate ``bench_routes.py`` picked, so it also predicts from an H&E alone),
+is trained three times (training seeds 0, 1, 2), each calibrated on seeds 106 and 107
 (:func:`napari_morphomol.models.trust.fit_calibration`, as ``morphomol train --calibration``).
 
 Intervals, tile scale, three spreads each calibrated split-conformally on seeds 106 and 107 and
@@ -51,6 +52,9 @@ SHIFTS = {
     "registration +50 um": {"registration_offset_um": (50.0, 0.0)},
 }
 LEVEL = 0.9
+SHIPPED_MODALITY_DROPOUT = 0.3
+"""The modality dropout of the shipped model: the highest rate of ``bench_routes.py`` whose fused
+route stays within 0.01 mean Spearman of the model trained without it (docs/models.md)."""
 
 
 def make_samples(workdir: Path, size_mm: float) -> dict[str, Path]:
@@ -94,7 +98,8 @@ def train_one(job) -> tuple[int, Path, str]:
     subset = {name: Subset(cohort, [i for i, s in enumerate(cohort.sample_ids) if s in members])
               for name, members in (("train", [f"seed{s}" for s in TRAIN]), ("val", [f"seed{VAL}"]),
                                     ("calibration", calibration_ids))}
-    checkpoint = args.workdir / "trust" / f"early_fusion_add-variance-seed{seed}.safetensors"
+    dropout = args.modality_dropout
+    checkpoint = args.workdir / "trust" / f"early_fusion_add-variance-dropout{dropout:g}-seed{seed}.safetensors"
     if checkpoint.exists() and not args.retrain:
         model, card = load_checkpoint(checkpoint)
         model = refit_variance_head(model, subset["val"])
@@ -106,8 +111,9 @@ def train_one(job) -> tuple[int, Path, str]:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         config = ModelConfig(n_core_genes=len(cohort.core_genes), n_addon_genes=len(cohort.addon_genes),
                              backbone_kwargs=args.vit, token_heads={ADDON_TOKEN_HEAD: len(cohort.addon_genes)},
-                             variance_head=True)
-        settings = bench_variants.image_settings(args.image_epochs, seed)
+                             variance_head=True, unimodal_inputs=dropout > 0)
+        settings = dataclasses.replace(bench_variants.image_settings(args.image_epochs, seed),
+                                       modality_dropout=dropout)
         result = train_model(config, subset["train"], subset["val"], core_genes=cohort.core_genes,
                              addon_genes=cohort.addon_genes, settings=settings,
                              checkpoint_path=checkpoint, calibration_dataset=subset["calibration"],
@@ -287,6 +293,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--out", type=Path, help="write trust.json and trust.md here")
+    parser.add_argument("--modality-dropout", type=float, default=SHIPPED_MODALITY_DROPOUT,
+                        help="fraction of training batches that lose one modality (default "
+                             f"{SHIPPED_MODALITY_DROPOUT}, the rate bench_routes.py picked; 0: both inputs always)")
     parser.add_argument("--retrain", action="store_true", help="train again even where --workdir has the models")
     parser.add_argument("--ship", type=Path, metavar="FILE",
                         help="save the first seed's calibrated model here, its card holding this command and the "
@@ -333,11 +342,15 @@ def ship(checkpoint: Path, args, figures: dict, stores: dict[str, Path]) -> None
     from napari_morphomol.synthetic import GENERATOR_VERSION
 
     model, card = load_checkpoint(checkpoint)
-    evaluation = evaluate_model(model, TileDataset.from_store(stores[f"seed{TEST}"]), addon_genes=card.addon_genes)
+    test_tiles = TileDataset.from_store(stores[f"seed{TEST}"])
+    evaluation = evaluate_model(model, test_tiles, addon_genes=card.addon_genes)
+    routes = {route: evaluate_model(model, test_tiles, addon_genes=card.addon_genes, route=route).means
+              for route in model.config.routes}
     fine_maps = bench_fine_maps.score_run(checkpoint.with_suffix(".results.zarr"), args.workdir / f"seed{TEST}")
     training = {**card.training, "test": {"sample": f"seed{TEST}", "metrics": evaluation.means,
                                           "gene_metrics": evaluation.gene_metrics.reset_index().to_dict(orient="list"),
                                           "token_metrics": evaluation.token_means, "fine_maps": fine_maps,
+                                          "route_metrics": routes,
                                           "trust": figures}}
     provenance = {**card.provenance,
                   "trained_on": "synthetic samples (napari_morphomol.synthetic, generator version "

@@ -128,6 +128,32 @@ def trusted_checkpoint(tmp_path_factory, synthetic_sample):
 
 
 @pytest.fixture(scope="session")
+def dropout_trusted_checkpoint(tmp_path_factory, synthetic_sample):
+    """The trusted checkpoint's model marked as trained with modality dropout, calibrated on both
+    routes (the image alone too) by ``fit_calibration``."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from napari_morphomol.models import ADDON_TOKEN_HEAD, ModelCard, ModelConfig, build_model, save_checkpoint
+    from napari_morphomol.models.data import TileDataset, tile_sample_folder
+    from napari_morphomol.models.trust import fit_calibration
+
+    panel = json.loads(synthetic_sample.panel_json.read_text())
+    torch.manual_seed(0)
+    config = ModelConfig(n_core_genes=len(panel["core"]), n_addon_genes=len(panel["addon"]), backbone_kwargs=TINY_VIT,
+                         token_heads={ADDON_TOKEN_HEAD: len(panel["addon"])}, variance_head=True,
+                         unimodal_inputs=True)
+    folder = tmp_path_factory.mktemp("dropout_trusted")
+    tiles = TileDataset.from_store(tile_sample_folder(synthetic_sample.root, folder / "sample.tiles.zarr"))
+    model, calibration = fit_calibration(build_model(config), tiles, tiles, samples=("sample",))
+    card = dataclasses.replace(ModelCard(model.config, tuple(panel["core"]), tuple(panel["addon"])),
+                               calibration=calibration)
+    return save_checkpoint(model, card, folder / "dropout_trusted.safetensors")
+
+
+@pytest.fixture(scope="session")
 def trusted_results_store(tmp_path_factory, synthetic_sample, trusted_checkpoint):
     """A finished run of the calibrated model over the synthetic sample (intervals and flags written)."""
     return predicted_store(tmp_path_factory, synthetic_sample, trusted_checkpoint, "trusted")

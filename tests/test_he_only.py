@@ -17,7 +17,7 @@ from napari_morphomol.elements import HE_IMAGE, TRANSCRIPTS, sample_info
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference import PredictOptions, open_results, predict, run_route
 from napari_morphomol.io.sample import load_sample
-from napari_morphomol.models import build_model, save_checkpoint
+from napari_morphomol.models import save_checkpoint
 from napari_morphomol.tiling.pipeline import HE_FRAME_PIXEL_SIZE_UM
 
 FORMATS = ("ome-tiff", "svs", "tiff")
@@ -160,17 +160,70 @@ def test_he_only_results_export_and_reopen(he_only_store, he_files, tmp_path):
     assert "no Xenium" in explorer.cell_view_refusal() or "Xenium folder" in explorer.cell_view_refusal()
 
 
-def test_a_calibration_of_the_fused_route_is_not_applied_to_the_image_route(he_files, trusted_checkpoint, tmp_path):
-    """Intervals calibrated with both inputs would be too narrow for the image alone: none is shown."""
+def test_a_calibration_of_the_fused_route_alone_is_not_applied_to_the_image_route(he_files,
+                                                                                dropout_trusted_checkpoint, tmp_path):
+    """Intervals calibrated with both inputs would be too narrow for the image alone: a card that
+    calibrated only the fused route (as before routes were calibrated) shows none on an H&E alone."""
     from napari_morphomol.models import load_checkpoint
 
-    model, card = load_checkpoint(trusted_checkpoint)
-    config = dataclasses.replace(card.model, unimodal_inputs=True)
-    unimodal = build_model(config)
-    unimodal.load_state_dict(model.state_dict())
-    checkpoint = save_checkpoint(unimodal, dataclasses.replace(card, model=config), tmp_path / "trusted.safetensors")
+    model, card = load_checkpoint(dropout_trusted_checkpoint)
+    fused_only = dataclasses.replace(card, calibration=dataclasses.replace(card.calibration, routes={}))
+    checkpoint = save_checkpoint(model, fused_only, tmp_path / "fused-only.safetensors")
     out = predict(load_sample(he_path=he_files[0]["ome-tiff"]),
                   PredictOptions(checkpoint=checkpoint, store=tmp_path / "R.zarr", device="cpu", batch_size=8))
     trust = open_results(out).trust
     assert trust.unavailable and "the H&E alone" in trust.unavailable and not trust.has_intervals
     assert explore_run(out).map_kinds == ("predicted",)
+
+
+@pytest.fixture
+def viewer_with_he_alone(make_napari_viewer, qtbot, he_files):
+    """The SVS opened in the Load sample dock with nothing else, as a user with an H&E alone would."""
+    from napari_morphomol.layers.sample import HE_LAYER
+    from napari_morphomol.widgets.load_sample import LoadSampleWidget
+
+    viewer = make_napari_viewer()
+    load = LoadSampleWidget(viewer)
+    viewer.window.add_dock_widget(load, name="Load sample")
+    load.he_path.value = he_files[0]["svs"]
+    load.load_button.clicked.emit()
+    qtbot.waitUntil(lambda: HE_LAYER in viewer.layers and load.load_button.enabled, timeout=60_000)
+    assert "H&E alone" in load.status.value
+    return viewer
+
+
+def test_the_docks_predict_an_he_alone_and_explore_says_why_maps_are_missing(viewer_with_he_alone, qtbot,
+                                                                            dropout_checkpoint, tmp_path):
+    from napari_morphomol.layers.run import PREDICTED_LAYER
+    from napari_morphomol.widgets.predict import WHOLE_SLIDE, PredictWidget
+
+    viewer = viewer_with_he_alone
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Predict")
+    widget.checkpoint.value = dropout_checkpoint
+    widget.region.value = WHOLE_SLIDE
+    widget.device.value = "cpu"
+    widget.batch_size.value = 8
+    widget.store.value = tmp_path / "RESULTS.zarr"
+    widget.run_button.clicked.emit()
+    assert "from the H&E alone" in widget.status.value
+    qtbot.waitUntil(lambda: widget.results_path is not None, timeout=300_000)
+    qtbot.waitUntil(lambda: widget.run_button.enabled, timeout=10_000)
+    explore = widget.explore_widget
+    assert explore.explorer.results.route == "image"
+    assert set(explore.map_layers) == {"predicted"} and PREDICTED_LAYER in viewer.layers
+    assert "H&E alone" in explore.status.text() and "no measured or residual maps" in explore.status.text()
+    assert "predicted from the H&E alone" in viewer.canvas.overlays.text.text
+    assert explore.metrics_table.rowCount() == 0
+
+
+def test_the_predict_dock_refuses_a_model_without_dropout_at_once(viewer_with_he_alone, tiny_checkpoint, tmp_path):
+    from napari_morphomol.widgets.predict import WHOLE_SLIDE, PredictWidget
+
+    widget = PredictWidget(viewer_with_he_alone)
+    widget.checkpoint.value = tiny_checkpoint
+    widget.region.value = WHOLE_SLIDE
+    widget.store.value = tmp_path / "RESULTS.zarr"
+    assert widget.run() is None  # no worker started
+    assert "trained without modality dropout" in widget.status.value
+    assert not (tmp_path / "RESULTS.zarr").exists()

@@ -117,6 +117,29 @@ def test_a_model_given_no_image_has_no_outlier_score_rather_than_a_wrong_one():
     assert torch.isnan(model(None, tiles.tokens).outlier_score).all()
 
 
+def test_a_dropout_model_scores_an_he_alone_against_image_only_tokens():
+    """A model trained with modality dropout keeps a second reference, of image-only token features:
+    its image route is scored against tokens of that route, not against fused ones."""
+    import torch
+
+    from napari_morphomol.models import build_model
+    from napari_morphomol.models.trust import with_outlier_reference
+    from test_models_training import TinyTiles, tiny_config
+
+    model = with_outlier_reference(build_model(tiny_config("early_fusion_add", unimodal_inputs=True)), TinyTiles(4, 0))
+    assert model.outlier_routes == ("both", "image")
+    fused, image = model.outlier_reference_of("both")[0], model.outlier_reference_of("image")[0]
+    assert fused.shape == image.shape and not torch.equal(fused, image)
+    training = TinyTiles(4, 0)
+    on_training = model(training.images, None).outlier_score  # the image route's own training tiles
+    against_fused = model.outlier_reference_of("both")
+    features = model.outlier_features(training.images,
+                                      model.forward_tokens(model.forward_features(training.images, None)))
+    from napari_morphomol.models.fusion import token_outlier_score
+
+    assert (on_training[:, 0] < token_outlier_score(features, *against_fused)).all()
+
+
 # -- the card ---------------------------------------------------------------------------------------
 
 
@@ -337,3 +360,38 @@ def test_calibrate_on_runs_scores_tiles_stitched_tokens_and_cells(trusted_checkp
     np.testing.assert_allclose(explorer.trust.cell_quantile, card.calibration.quantile("cell", 0.9))
     lower, upper = token_interval(explorer.cells.X, explorer.trust.cell_quantile)
     np.testing.assert_allclose(explorer.cells.layers["predicted_upper"], upper, rtol=1e-6)
+
+
+def test_a_dropout_model_is_calibrated_on_the_he_alone_too(dropout_trusted_checkpoint, synthetic_sample, tmp_path):
+    """fit_calibration gives a dropout model the image route's own quantiles and threshold; they
+    survive save and load bit for bit, and an H&E-alone run carries intervals and flags from them."""
+    import torch
+
+    from napari_morphomol.inference import PredictOptions, open_results, predict
+    from napari_morphomol.io.sample import load_sample
+    from napari_morphomol.models import save_checkpoint
+
+    model, card = load_checkpoint(dropout_trusted_checkpoint)
+    image = card.calibration.for_route("image", card.model.default_route)
+    assert set(card.calibration.routes) == {"image"} and set(image.scales) == {"tile", "token"}
+    assert not np.array_equal(image.scales["tile"].quantiles, card.calibration.scales["tile"].quantiles)
+    assert image.outliers.threshold != card.calibration.outliers.threshold
+    assert card.calibration.for_route("transcripts", "both") is None
+    again = save_checkpoint(model, card, tmp_path / "again.safetensors")
+    reloaded, loaded = load_checkpoint(again)
+    assert torch.equal(model.outlier_reference_image, reloaded.outlier_reference_image)
+    loaded_image = loaded.calibration.routes["image"]
+    for scale, values in image.scales.items():
+        assert np.array_equal(loaded_image.scales[scale].quantiles, values.quantiles)
+    assert loaded_image.outliers == image.outliers
+
+    out = predict(load_sample(he_path=synthetic_sample.he_path),
+                  PredictOptions(checkpoint=dropout_trusted_checkpoint, store=tmp_path / "R.zarr", device="cpu",
+                                 dtype="float32", batch_size=8))
+    results = open_results(out)
+    trust = results.trust
+    assert results.route == "image" and trust.unavailable is None and trust.has_intervals and trust.has_flags
+    assert trust.threshold == pytest.approx(image.outliers.threshold)
+    # bounds around each prediction (the lower one at least 0 counts: an untrained model predicts below it)
+    assert (trust.lower <= np.maximum(results.predictions, 0) + 1e-6).all()
+    assert (trust.upper >= results.predictions - 1e-6).all() and (trust.upper > trust.lower).all()

@@ -121,6 +121,11 @@ def calibrate_on_runs(explorers: Sequence[RunExplorer], card, samples: Sequence[
     """
     if not explorers:
         raise InputError("give at least one finished run of a held-out sample to calibrate on")
+    for explorer in explorers:
+        if explorer.results.route != card.model.default_route:
+            raise InputError(f"the run in {explorer.results.path} gave the model {explorer.results.route} inputs "
+                             f"only; calibrate on runs with every input it reads ({card.model.default_route}): the "
+                             "image-only route keeps the calibration it had at training time")
     per_run = [run_scores(explorer) for explorer in explorers]
     old = card.calibration
     scales = {}

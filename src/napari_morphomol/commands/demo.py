@@ -3,7 +3,9 @@ SpatialData sample, the shipped early-fusion model run over it tile by tile, clu
 tile embeddings, export to AnnData (tiles and, with a token-head model, cells) and SpatialData,
 a screenshot of the sample in napari, one of MKI67 at tile and token resolution, and one of its
 interval width with the tiles flagged out of distribution (the sample's right 30 % is a
-sarcomatoid tumour, a tissue the shipped model never saw).
+sarcomatoid tumour, a tissue the shipped model never saw). Then the same slide's H&E alone, as
+for a slide that never saw a Xenium run: the shipped model predicts from the image, and a
+screenshot shows MKI67 by both routes side by side.
 
 Everything goes into --out; running it again reuses the sample and the finished prediction and
 rewrites the exported files."""
@@ -97,4 +99,30 @@ def run(args) -> int:
               f"its {trust.level:.0%} interval width and the flagged tiles in napari: {shot}", start)
     else:
         print(f"  {trust.unavailable or 'the model gives no tile intervals'}")
+    _he_alone(sdata, explorer, out, args.device)
     return 0
+
+
+def _he_alone(sdata, explorer, out, device: str) -> None:
+    """Step 5: the sample's H&E alone through the image-only route, and both routes' maps side by side."""
+    from napari_morphomol.analysis import explore_run
+    from napari_morphomol.elements import sample_info
+    from napari_morphomol.errors import InputError
+    from napari_morphomol.inference import PredictOptions, predict
+    from napari_morphomol.io.sample import load_sample
+    from napari_morphomol.widgets.screenshot import screenshot_routes
+
+    start = time.perf_counter()
+    results = out / "results-he-alone.zarr"
+    print(f"5. the same slide's H&E alone (no Xenium run), predicted from the image into {results}")
+    he_alone = load_sample(he_path=sample_info(sdata).he_path)
+    try:
+        predict(he_alone, PredictOptions(store=results, device=device))
+    except InputError as exc:
+        print(f"  {exc}")
+        return
+    start = _step("predicted from the H&E alone", start)
+    he_explorer = explore_run(results)
+    gene = DEMO_GENE if DEMO_GENE in explorer.genes else explorer.genes[0]
+    shot = screenshot_routes({"H&E + Xenium": explorer, "H&E alone": he_explorer}, gene, out / "routes.png")
+    _step(f"{gene} from H&E + Xenium and from the H&E alone, side by side in napari: {shot}", start)

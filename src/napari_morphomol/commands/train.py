@@ -229,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
         if calibration is not None:
             report(f"{variant}: calibrated on {', '.join(calibration.samples)} at scales "
                    f"{', '.join(calibration.scales) or 'none (no variance or token head)'}; out-of-distribution "
-                   f"threshold {calibration.outliers.threshold:.2f}")
+                   f"threshold {calibration.outliers.threshold:.2f}"
+                   + ("; the H&E alone calibrated too" if "image" in calibration.routes else ""))
         if result.validation.token_means is not None:
             tokens, summed = result.validation.token_means, result.validation.token_sum_means
             report(f"{variant}: per token pearson {tokens['pearson']:.3f} spearman {tokens['spearman']:.3f}; "

@@ -16,9 +16,9 @@ quantiles and the outlier score mean):
 
 A run of a model without calibration has no ``trust`` group: :func:`read_trust` then gives a
 :class:`RunTrust` whose ``unavailable`` says why, and nothing shows an interval of zero width. A
-calibration holds for the route the model was calibrated on (every input it reads): a run by
-another route (an H&E alone) gets a ``trust`` group holding only that reason (attribute
-``unavailable``).
+run takes the calibration of its route (``Calibration.for_route``: an H&E alone the image-only
+route's, which a model trained with modality dropout has); a run by a route the card did not
+calibrate gets a ``trust`` group holding only that reason (attribute ``unavailable``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ NO_CALIBRATION = ("intervals and out-of-distribution flags are unavailable: the 
 
 OTHER_ROUTE = ("intervals and out-of-distribution flags are unavailable for this run: the model is calibrated "
                "with both the H&E and the transcripts, and this run had {route}; an interval calibrated there would "
-               "be too narrow here")
+               "be too narrow here (a model trained with modality dropout and calibrated since, as the shipped one, "
+               "is calibrated on the H&E alone too)")
 ROUTE_WORDS = {"image": "the H&E alone", "transcripts": "the transcripts alone", "both": "both"}
 
 
@@ -75,16 +76,17 @@ def write_trust(root: zarr.Group, card, level: float, route: str | None = None) 
     ``route``: the run's (None: the model's default, the route it was calibrated on)."""
     from napari_morphomol.models.trust import tile_interval
 
-    calibration = card.calibration
-    if calibration is None:
+    if card.calibration is None:
         return None
     group = root.require_group(TRUST)
-    if route not in (None, card.model.default_route):
+    calibration = card.calibration.for_route(route, card.model.default_route)
+    if calibration is None:
         summary = {"unavailable": OTHER_ROUTE.format(route=ROUTE_WORDS[route])}
         group.attrs.update(summary)
         return summary
     n_tiles, n_genes = root["predictions"].shape
-    summary: dict = {"level": float(level), "samples": list(calibration.samples)}
+    summary: dict = {"level": float(level), "samples": list(calibration.samples),
+                     "route": route or card.model.default_route}
     if "tile" in calibration.scales and "prediction_log_variance" in root:
         lower, upper = tile_interval(root["predictions"][:], root["prediction_log_variance"][:],
                                      calibration.quantile("tile", level))

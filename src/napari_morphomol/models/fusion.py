@@ -174,11 +174,12 @@ class FusionModel(nn.Module):
         if config.variance_head:
             self.variance_head = nn.Linear(self.embedding_dim, config.n_addon_genes)
         self.outlier_dim = None if self.token_dim is None else self.token_dim + (embed_dim if config.uses_image else 0)
-        if config.outlier_reference_tokens:  # filled by calibration, kept in the checkpoint
-            size = (config.outlier_reference_tokens, self.outlier_dim)
-            self.register_buffer("outlier_reference", torch.zeros(size))
-            self.register_buffer("outlier_centre", torch.zeros(self.outlier_dim))
-            self.register_buffer("outlier_scale", torch.ones(self.outlier_dim))
+        for route in self.outlier_routes:  # filled by calibration, kept in the checkpoint
+            suffix = self._outlier_suffix(route)
+            self.register_buffer(f"outlier_reference{suffix}",
+                                 torch.zeros(config.outlier_reference_tokens, self.outlier_dim))
+            self.register_buffer(f"outlier_centre{suffix}", torch.zeros(self.outlier_dim))
+            self.register_buffer(f"outlier_scale{suffix}", torch.ones(self.outlier_dim))
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -211,7 +212,7 @@ class FusionModel(nn.Module):
             tokens = self.forward_tokens(features)
             token_outputs = {name: head(tokens) for name, head in self.token_heads.items()}
             if self.config.outlier_reference_tokens:
-                outlier_score = self._outlier_score(images, tokens)
+                outlier_score = self._outlier_score(images, tokens, token_counts)
         log_variance = self.variance_head(embeddings) if self.config.variance_head else None
         return ModelOutput(self.head(embeddings), embeddings, MappingProxyType(token_outputs), log_variance,
                            outlier_score)
@@ -269,12 +270,39 @@ class FusionModel(nn.Module):
             return None
         return torch.cat([tokens, self.image_encoder.patch_embed(self._normalise(images)).to(tokens.dtype)], dim=-1)
 
-    def _outlier_score(self, images: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 1) :func:`token_outlier_score` of each tile; NaN without the image the reference needs."""
+    @property
+    def outlier_routes(self) -> tuple[str, ...]:
+        """The routes with an outlier reference of their own (``outlier_reference``, and for a model
+        trained with modality dropout ``outlier_reference_image``: an image-only token is not a fused
+        one): none without ``config.outlier_reference_tokens``."""
+        config = self.config
+        if not config.outlier_reference_tokens:
+            return ()
+        return ("both", "image") if config.unimodal_inputs and config.uses_image else (config.default_route,)
+
+    def _outlier_suffix(self, route: str) -> str:
+        """The default route's outlier buffers are ``outlier_reference`` (and centre, scale); another
+        route's carry its name (``outlier_reference_image``)."""
+        return "" if route == self.config.default_route else f"_{route}"
+
+    def outlier_reference_of(self, route: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reference, centre, scale) buffers of ``route`` (one of :attr:`outlier_routes`)."""
+        if route not in self.outlier_routes:
+            raise InputError(f"the model has no outlier reference for the {route} route "
+                             f"(it has {', '.join(self.outlier_routes) or 'none'})")
+        suffix = self._outlier_suffix(route)
+        return (getattr(self, f"outlier_reference{suffix}"), getattr(self, f"outlier_centre{suffix}"),
+                getattr(self, f"outlier_scale{suffix}"))
+
+    def _outlier_score(self, images: torch.Tensor | None, tokens: torch.Tensor,
+                       token_counts: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1) :func:`token_outlier_score` of each tile against the reference of the route it took;
+        NaN without the image the reference needs."""
         features = self.outlier_features(images, tokens)
         if features is None:
             return torch.full((tokens.shape[0], 1), float("nan"), device=tokens.device)
-        return token_outlier_score(features, self.outlier_reference, self.outlier_centre, self.outlier_scale)[:, None]
+        route = "image" if token_counts is None and self.config.uses_transcripts else self.config.default_route
+        return token_outlier_score(features, *self.outlier_reference_of(route))[:, None]
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.to(self.image_mean.dtype) / 255.0

@@ -18,8 +18,13 @@ Definitions (what a :class:`Calibration` in a model card means):
   A tile is *flagged* when its score is above ``threshold``, the ``threshold_level`` quantile of
   held-out in-distribution tiles' scores.
 
+A calibration holds for the route (``models.config.ROUTES``) it was made on: the model's default
+(every input it reads), and for a model trained with modality dropout the image-only route too
+(``Calibration.routes['image']``: its own quantiles, its own outlier reference and threshold).
+
 Invariant: intervals are only ever given at one of :data:`CALIBRATED_LEVELS`, the levels whose
-quantiles the card holds; a card without a calibration gives no interval (never a zero width).
+quantiles the card holds, and only for a route calibrated as such; a card without a calibration
+gives no interval (never a zero width).
 
 Entry points: :func:`fit_calibration` (at training time, on held-out samples),
 :func:`tile_interval`, :func:`token_interval`; the outlier score is the model's own output.
@@ -83,6 +88,15 @@ class Calibration:
     samples: tuple[str, ...] = ()
     """The held-out samples it was calibrated on."""
     levels: tuple[float, ...] = CALIBRATED_LEVELS
+    routes: Mapping[str, Calibration] = dataclasses.field(default_factory=dict)
+    """The calibrations of routes other than the model's default, by route (``image`` for a model
+    trained with modality dropout): what :meth:`for_route` gives for them."""
+
+    def for_route(self, route: str | None, default_route: str) -> Calibration | None:
+        """The calibration of ``route`` (None: the default route), or None when it was not calibrated."""
+        if route is None or route == default_route:
+            return self
+        return self.routes.get(route)
 
     def quantile(self, scale: str, level: float) -> np.ndarray:
         """(genes,) conformal quantiles of ``scale`` at ``level`` (one of :data:`CALIBRATED_LEVELS`)."""
@@ -104,6 +118,8 @@ class Calibration:
             values["outliers"] = {"score": "90th percentile over the tile's tokens of each token's mean distance to "
                                            "its nearest standardised training tokens (ModelOutput.outlier_score)",
                                   **dataclasses.asdict(self.outliers)}
+        if self.routes:
+            values["routes"] = {route: calibration.to_card() for route, calibration in self.routes.items()}
         return values
 
     @classmethod
@@ -137,7 +153,14 @@ class Calibration:
             outliers = OutlierThreshold(float(o["threshold"]), float(o["threshold_level"]),
                                         int(o.get("n_training_tiles", 0)), int(o.get("n_reference_tokens", 0)))
         samples = values.get("samples", [])
-        return cls(scales, outliers, tuple(str(s) for s in samples), tuple(float(v) for v in levels))
+        routes = {}
+        for route, nested in _dict(values.get("routes", {}), "calibration.routes").items():
+            if route not in ("image", "transcripts"):
+                raise InputError(f"Model card calibration route {route!r} is unknown (known: image, transcripts).")
+            if isinstance(nested, dict) and "routes" in nested:
+                raise InputError("Model card calibration.routes entries cannot hold routes of their own.")
+            routes[route] = cls.from_card(nested, n_genes)
+        return cls(scales, outliers, tuple(str(s) for s in samples), tuple(float(v) for v in levels), routes)
 
 
 def _is_number(value: Any) -> bool:
@@ -238,15 +261,28 @@ def fit_calibration(model, calibration_dataset, training_dataset, *, samples: tu
     model, Calibration
         The model with its outlier reference (``config.outlier_reference_tokens`` set, the same
         weights), and per-gene conformal quantiles at every calibrated level for the tile and
-        token scales the model has, with the threshold of the outlier score.
+        token scales the model has, with the threshold of the outlier score. A model trained with
+        modality dropout is calibrated on its image-only route as well (``Calibration.routes``),
+        with an outlier reference of image-only tokens: the route an H&E alone takes.
     """
-    from napari_morphomol.models.training import model_outputs  # torch stays out of card reading
-
     if model.config.variant_spec.has_token_sequence:
         model = with_outlier_reference(model, training_dataset, batch_size=batch_size, device=device, seed=seed)
+    routes = ("image",) if model.config.unimodal_inputs and model.config.uses_image else ()
+    calibration = _route_calibration(model, calibration_dataset, None, len(training_dataset), samples,
+                                     batch_size=batch_size, device=device, seed=seed)
+    others = {route: _route_calibration(model, calibration_dataset, route, len(training_dataset), samples,
+                                        batch_size=batch_size, device=device, seed=seed) for route in routes}
+    return model, dataclasses.replace(calibration, routes=others)
+
+
+def _route_calibration(model, calibration_dataset, route: str | None, n_training_tiles: int,
+                       samples: tuple[str, ...], *, batch_size: int, device: str, seed: int) -> Calibration:
+    """The conformal quantiles and outlier threshold of one route (None: the model's default)."""
+    from napari_morphomol.models.training import model_outputs  # torch stays out of card reading
+
     tile_parts, token_parts, outlier = [], [], []
     rng = np.random.default_rng(seed)
-    for batch, output in model_outputs(model, calibration_dataset, batch_size=batch_size, device=device):
+    for batch, output in model_outputs(model, calibration_dataset, batch_size=batch_size, device=device, route=route):
         if "prediction_log_variance" in output:
             tile_parts.append(tile_scores(batch["target"].numpy(), output["predictions"],
                                           output["prediction_log_variance"]))
@@ -259,48 +295,61 @@ def fit_calibration(model, calibration_dataset, training_dataset, *, samples: tu
     scales = {name: ScaleCalibration(conformal_quantiles(np.concatenate(parts)), sum(map(len, parts)))
               for name, parts in (("tile", tile_parts), ("token", token_parts)) if parts}
     outliers = None
-    if outlier:
-        scores = np.concatenate(outlier)
-        outliers = OutlierThreshold(float(np.quantile(scores, OUTLIER_LEVEL)), OUTLIER_LEVEL, len(training_dataset),
+    scores = np.concatenate(outlier) if outlier else np.zeros(0)
+    if np.isfinite(scores).any():
+        outliers = OutlierThreshold(float(np.nanquantile(scores, OUTLIER_LEVEL)), OUTLIER_LEVEL, n_training_tiles,
                                     model.config.outlier_reference_tokens)
-    return model, Calibration(scales, outliers, tuple(samples))
+    return Calibration(scales, outliers, tuple(samples))
 
 
 def with_outlier_reference(model, training_dataset, *, batch_size: int = 64, device: str = "cpu", seed: int = 0):
-    """A copy of ``model`` holding a random sample of its training tiles' tokens' outlier features
-    (``FusionModel.outlier_features``, standardised)."""
+    """A copy of ``model`` holding, for each of its outlier routes (``FusionModel.outlier_routes``:
+    the default, and the image alone for a model trained with modality dropout), a random sample of
+    its training tiles' tokens' outlier features on that route (``FusionModel.outlier_features``,
+    standardised)."""
     import dataclasses as dc
 
     import torch
-    from torch.utils.data import DataLoader
 
     from napari_morphomol.models.checkpoint import build_model
 
     config = model.config
     n_tokens = model.n_tokens * len(training_dataset)
     size = int(min(OUTLIER_REFERENCE_TOKENS, OUTLIER_REFERENCE_BYTES // (4 * model.outlier_dim), n_tokens))
-    keep = min(1.0, 4.0 * size / n_tokens)  # a 4x oversample, drawn batch by batch: memory stays small
+    calibrated = build_model(dc.replace(config, outlier_reference_tokens=size))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("outlier_")}
+    missing = [k for k in calibrated.load_state_dict(state, strict=False).missing_keys if not k.startswith("outlier_")]
+    if missing:
+        raise InputError(f"the calibrated model lacks weights of the trained one: {', '.join(missing[:5])}")
+    model = model.to(device).eval()
+    for route in calibrated.outlier_routes:
+        pool = _reference_pool(model, training_dataset, route, size, batch_size=batch_size, device=device, seed=seed)
+        centre, scale = pool.mean(dim=0), pool.std(dim=0).clamp_min(1e-6)
+        reference, reference_centre, reference_scale = calibrated.outlier_reference_of(route)
+        with torch.no_grad():
+            reference_centre.copy_(centre)
+            reference_scale.copy_(scale)
+            reference.copy_((pool - centre) / scale)
+    return calibrated.to(device).eval()
+
+
+def _reference_pool(model, training_dataset, route: str, size: int, *, batch_size: int, device: str, seed: int):
+    """``size`` training tokens' outlier features on ``route``, drawn at random batch by batch (a 4x
+    oversample: memory stays small)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    reads_image, reads_tokens = model.config.route_reads(route)
+    keep = min(1.0, 4.0 * size / (model.n_tokens * len(training_dataset)))
     generator = torch.Generator().manual_seed(seed)
     kept = []
-    model = model.to(device).eval()
     with torch.inference_mode():
         for batch in DataLoader(training_dataset, batch_size=batch_size, shuffle=False):
-            images = batch["image"].to(device) if config.uses_image else None
-            tokens = batch["tokens"].to(device) if config.uses_transcripts else None
+            images = batch["image"].to(device) if reads_image else None
+            tokens = batch["tokens"].to(device) if reads_tokens else None
             features = model.outlier_features(images, model.forward_tokens(model.forward_features(images, tokens)))
             features = features.float().cpu()
             features = features.reshape(-1, features.shape[-1])
             kept.append(features[torch.rand(len(features), generator=generator) < keep])
     pool = torch.cat(kept)
-    pool = pool[torch.randperm(len(pool), generator=generator)[:size]]
-    calibrated = build_model(dc.replace(config, outlier_reference_tokens=len(pool)))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("outlier_")}
-    missing = [k for k in calibrated.load_state_dict(state, strict=False).missing_keys if not k.startswith("outlier_")]
-    if missing:
-        raise InputError(f"the calibrated model lacks weights of the trained one: {', '.join(missing[:5])}")
-    centre, scale = pool.mean(dim=0), pool.std(dim=0).clamp_min(1e-6)
-    with torch.no_grad():
-        calibrated.outlier_centre.copy_(centre)
-        calibrated.outlier_scale.copy_(scale)
-        calibrated.outlier_reference.copy_((pool - centre) / scale)
-    return calibrated.to(device).eval()
+    return pool[torch.randperm(len(pool), generator=generator)[:size]]

@@ -115,7 +115,7 @@ class LoadSampleWidget(Container):
         self.viewer.canvas.overlays.scale_bar.visible = True
         self.viewer.reset_view()
         if TRANSCRIPTS not in self.sdata.points:
-            self.status.value = "H&E only (no Xenium run)"
+            self.status.value = "H&E alone (no Xenium run): Predict runs the model on the image alone"
             self.load_button.enabled = True
             return
         self.status.value = "counting transcripts per gene..."

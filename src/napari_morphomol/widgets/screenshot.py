@@ -94,3 +94,28 @@ def screenshot_trust(explorer, gene: str, path: str | Path, *, size_px: tuple[in
         viewer.canvas.overlays.text.visible = True
 
     return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
+
+
+def screenshot_routes(explorers: dict, gene: str, path: str | Path, *, size_px: tuple[int, int] = (900, 1800)
+                      ) -> Path:
+    """One slide's predictions of ``gene`` by each route, side by side (napari grid mode, one
+    panel per run, left to right in the order of ``explorers``, a title -> ``RunExplorer`` map):
+    at token resolution when every run has token maps (else tile), with the contrast limits of the
+    first, so equal colours are equal values; saved as PNG."""
+    resolution = "token" if all(e.has_token_maps for e in explorers.values()) else "tile"
+
+    def add_layers(viewer):
+        limits = None
+        for title, explorer in explorers.items():
+            data, kwargs, _ = gene_map_layer(explorer, gene, "predicted", resolution)
+            kwargs["name"] = f"{gene} predicted, {title}"
+            limits = kwargs.get("contrast_limits") if limits is None else limits
+            kwargs["contrast_limits"] = limits
+            viewer.add_image(data, **kwargs).colorbar.visible = True
+        viewer.grid.enabled = True
+        viewer.grid.shape = (1, len(explorers))
+        viewer.canvas.overlays.text.text = (f"{gene} predicted at {resolution} resolution, one colour scale: "
+                                            + " | ".join(explorers))
+        viewer.canvas.overlays.text.visible = True
+
+    return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
