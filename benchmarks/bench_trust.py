@@ -147,15 +147,16 @@ def calibrate_on_calibration_runs(checkpoint: Path, workdir: Path) -> None:
     save_checkpoint(model, dataclasses.replace(card, calibration=calibration), checkpoint)
 
 
-def outputs(checkpoint: Path, store: Path) -> dict[str, np.ndarray]:
-    """Predictions, log variances, outlier scores and targets of every tile of a tiles store."""
+def outputs(checkpoint: Path, store: Path, route: str | None = None) -> dict[str, np.ndarray]:
+    """Predictions, log variances, outlier scores and targets of every tile of a tiles store, the
+    model given the inputs of ``route`` (None: all it reads)."""
     from napari_morphomol.models import load_checkpoint
     from napari_morphomol.models.data import TileDataset
     from napari_morphomol.models.training import model_outputs
 
     model, _ = load_checkpoint(checkpoint)
     got: dict[str, list] = {}
-    for batch, arrays in model_outputs(model, TileDataset.from_store(store)):
+    for batch, arrays in model_outputs(model, TileDataset.from_store(store), route=route):
         arrays["targets"] = batch["target"].numpy()
         for name in ("predictions", "prediction_log_variance", "outlier_score", "targets"):
             got.setdefault(name, []).append(arrays[name])
@@ -249,21 +250,36 @@ def token_and_cell_intervals(checkpoint: Path, workdir: Path) -> dict[str, dict[
     return table
 
 
-def outlier_figures(checkpoint: Path, stores: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Fraction of tiles flagged, and the median outlier score, for each test sample."""
+def he_alone_intervals(checkpoint: Path, stores: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """The image-only route (an H&E alone) on seed 105, with the card's quantiles of that route."""
+    from napari_morphomol.models import read_model_card
+    from napari_morphomol.models.trust import tile_spread
+
+    calibration = read_model_card(checkpoint).calibration.routes["image"]
+    test = outputs(checkpoint, stores[f"seed{TEST}"], route="image")
+    sigma = tile_spread(test["prediction_log_variance"])
+    return {"variance head, H&E alone": interval_figures(calibration.quantile("tile", LEVEL) * sigma,
+                                                         np.abs(test["targets"] - test["predictions"]), sigma)}
+
+
+def outlier_figures(checkpoint: Path, stores: dict[str, Path], route: str | None = None
+                    ) -> dict[str, dict[str, float]]:
+    """Fraction of tiles flagged, and the median outlier score, for each test sample, on ``route``
+    (None: every input) with that route's threshold."""
     from napari_morphomol.models import read_model_card
 
-    outliers = read_model_card(checkpoint).calibration.outliers
+    card = read_model_card(checkpoint)
+    outliers = card.calibration.for_route(route, card.model.default_route).outliers
     table = {}
     for name in SHIFTS:
-        scores = outputs(checkpoint, stores[name])["outlier_score"][:, 0]
+        scores = outputs(checkpoint, stores[name], route)["outlier_score"][:, 0]
         table[name] = {"flagged": float((scores > outliers.threshold).mean()), "median_score": float(np.median(scores)),
                        "tiles": int(len(scores))}
     table["threshold"] = {"score": outliers.threshold, "level": outliers.threshold_level}
     return table
 
 
-def markdown(tiles: dict, fine: dict, flags: dict) -> str:
+def markdown(tiles: dict, fine: dict, flags: dict, he_alone: dict | None = None) -> str:
     lines = ["| spread | scale | coverage (mean) | coverage (worst gene) | mean width | constant interval, same "
              "coverage (oracle) | constant conformal interval: coverage, width | AUROC, 10 % largest errors | "
              "AUROC per gene (mean) |", "|---" * 9 + "|"]
@@ -275,11 +291,18 @@ def markdown(tiles: dict, fine: dict, flags: dict) -> str:
             lines.append(f"| {label} | {where} | {f['coverage_mean']:.3f} | {f['coverage_worst']:.3f} | "
                          f"{f['width_mean']:.3f} | {f['constant_width_mean']:.3f} | {constant} | {f['auroc']:.3f} | "
                          f"{f['auroc_gene_mean']:.3f} |")
-    lines += ["", "| test sample | tiles | flagged | median outlier score |", "|---|---|---|---|"]
-    lines += [f"| {name} | {f['tiles']} | {f['flagged']:.1%} | {f['median_score']:.2f} |"
-              for name, f in flags.items() if name != "threshold"]
-    t = flags["threshold"]
-    lines.append(f"\nthreshold {t['score']:.2f} (the {t['level']:.0%} quantile of the calibration samples' tiles)")
+    for name, f in (he_alone or {}).get("tile", {}).items():
+        lines.append(f"| {name} | tile (256 um) | {f['coverage_mean']:.3f} | {f['coverage_worst']:.3f} | "
+                     f"{f['width_mean']:.3f} | {f['constant_width_mean']:.3f} |  | {f['auroc']:.3f} | "
+                     f"{f['auroc_gene_mean']:.3f} |")
+    routes = {"H&E + transcripts": flags, **({"H&E alone": he_alone["outliers"]} if he_alone else {})}
+    lines += ["", "| test sample | route | tiles | flagged | median outlier score |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {route} | {f['tiles']} | {f['flagged']:.1%} | {f['median_score']:.2f} |"
+              for route, table in routes.items() for name, f in table.items() if name != "threshold"]
+    for route, table in routes.items():
+        t = table["threshold"]
+        lines.append(f"\n{route}: threshold {t['score']:.2f} (the {t['level']:.0%} quantile of the calibration "
+                     "samples' tiles)")
     return "\n".join(lines)
 
 
@@ -301,6 +324,8 @@ def main() -> None:
                         help="save the first seed's calibrated model here, its card holding this command and the "
                              "test figures (the shipped model)")
     args = parser.parse_args()
+    from napari_morphomol.models import read_model_card
+
     start = time.perf_counter()
     stores = make_samples(args.workdir, args.size_mm)
     print(f"samples ready in {time.perf_counter() - start:.0f} s", flush=True)
@@ -318,11 +343,14 @@ def main() -> None:
     first = checkpoints[args.seeds[0]]
     fine = token_and_cell_intervals(first, args.workdir)
     flags = outlier_figures(first, stores)
-    text = markdown(tiles, fine, flags)
+    he_alone = None
+    if "image" in read_model_card(first).calibration.routes:
+        he_alone = {"tile": he_alone_intervals(first, stores), "outliers": outlier_figures(first, stores, "image")}
+    text = markdown(tiles, fine, flags, he_alone)
     print(f"\nheld-out sample seed {TEST}, nominal {LEVEL:.0%} intervals calibrated on seeds {CALIBRATION} "
           f"({time.perf_counter() - start:.0f} s in all)\n")
     print(text)
-    figures = {"tile": tiles, "fine": fine, "outliers": flags}
+    figures = {"tile": tiles, "fine": fine, "outliers": flags, "he_alone": he_alone}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "trust.json").write_text(json.dumps(figures, indent=1))

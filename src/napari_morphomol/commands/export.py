@@ -1,9 +1,9 @@
 """Export a prediction run (RESULTS.zarr from `morphomol predict`) to AnnData and SpatialData.
 
 --h5ad: tiles as observations, predicted add-on expression (log1p) as X, measured counts (log1p)
-in layers['measured'], tile centres in obsm['spatial'] (Xenium morphology px), embeddings, PCA,
-UMAP and Leiden clusters (0.5, 1.0) of the embeddings, per-gene metrics in var, model card and
-registration in uns. Reads straight into scanpy.
+in layers['measured'], tile centres in obsm['spatial'] (Xenium morphology px; H&E um for a run
+of an H&E alone), embeddings, PCA, UMAP and Leiden clusters (0.5, 1.0) of the embeddings,
+per-gene metrics in var, model card and registration in uns. Reads straight into scanpy.
 
 --spatialdata: the sample's images and transcripts, the tiles as shapes annotated by the table
 above, and the predicted / measured gene maps as images (one channel per gene), all placed in
