@@ -52,7 +52,7 @@ SHIFTS = {
     "registration +50 um": {"registration_offset_um": (50.0, 0.0)},
 }
 LEVEL = 0.9
-SHIPPED_MODALITY_DROPOUT = 0.3
+SHIPPED_MODALITY_DROPOUT = 0.2
 """The modality dropout of the shipped model: the highest rate of ``bench_routes.py`` whose fused
 route stays within 0.01 mean Spearman of the model trained without it (docs/models.md)."""
 

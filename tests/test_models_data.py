@@ -159,7 +159,7 @@ def test_cli_trains_the_token_head_where_a_variant_has_tokens(stores, tmp_path, 
 
 def test_cli_train_calibrates_on_the_named_held_out_samples(stores, tmp_path, capsys):
     """--calibration keeps its samples out of training and validation and writes the card's
-    calibration; a sample named twice is refused."""
+    calibration, with --modality-dropout for the H&E alone too; a sample named twice is refused."""
     import shutil
 
     for suffix in (".tiles.zarr", ".tiles.images.zarr"):  # a third sample: b's tiles under another name
@@ -172,13 +172,16 @@ def test_cli_train_calibrates_on_the_named_held_out_samples(stores, tmp_path, ca
     out = tmp_path / "calibrated"
     assert main(["train", *data, "--out", str(out), "--val", "b", "--calibration", "c", "--variance-head",
                  "--token-head", "poisson", "--backbone-kwargs", TINY_VIT, "--epochs", "1", "--warmup-epochs", "0",
-                 "--batch-size", "4", "--accumulate", "1"]) == 0
+                 "--batch-size", "4", "--accumulate", "1", "--modality-dropout", "0.2"]) == 0
     printed = capsys.readouterr().out
     assert "calibration c" in printed and "calibrated on c at scales tile, token" in printed
+    assert "the H&E alone calibrated too" in printed
     split = json.loads((out / "split.json").read_text())
     assert split["train"] == ["a"] and split["calibration"] == ["c"]
     _, card = load_checkpoint(out / "early_fusion_add.safetensors")
     assert card.model.variance_head and card.calibration.samples == ("c",)
+    assert card.model.routes == ("both", "image", "transcripts") and set(card.calibration.routes) == {"image"}
+    assert card.training["how"]["settings"]["modality_dropout"] == 0.2
     assert card.calibration.outliers.n_training_tiles == len(TileDataset.from_store(stores["a"]))
 
 

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--modality-dropout", type=real_number(0.0, 1.0), default=0.0, metavar="RATE",
                        help="fraction of training batches that lose one modality (half the image, half the "
                             "transcripts), so a fusion model also predicts from an H&E alone or from transcripts "
-                            "alone (default 0: both inputs always; the shipped model uses 0.5)")
+                            "alone (default 0: both inputs always; the shipped model uses 0.2)")
     model.add_argument("--token-loss-weight", type=real_number(0.0, 1e3), default=1.0,
                        help="weight of the per-token loss against the tile MSE (default 1)")
     fit = parser.add_argument_group("training (defaults: the paper's)")

@@ -381,7 +381,7 @@ class ModelConfig:
             raise InputError(
                 f"This {self.variant} model was trained without modality dropout, so it needs both the H&E and the "
                 f"Xenium transcripts and cannot predict from {given}. Use a model trained with modality dropout "
-                "(`morphomol train --modality-dropout 0.5`; the model shipped with napari-morphomol is one)."
+                "(`morphomol train --modality-dropout 0.2`; the model shipped with napari-morphomol is one)."
             )
         raise InputError(f"This {self.variant} model reads only {'the H&E' if self.uses_image else 'transcripts'} "
                          f"and cannot predict from {given}; use a model that reads it.")
