@@ -53,6 +53,23 @@ def test_widget_writes_the_cells_anndata_of_a_token_head_run(make_napari_viewer,
     assert anndata.read_h5ad(tmp_path / "cells.h5ad").obs_names.name == "cell_id"
 
 
+def test_widget_writes_qupath_geojson_beside_the_run(widget, results_store, tmp_path, qtbot):
+    """Tick QuPath GeoJSON: the tiles go out as QuPath tile objects, named after the run by default."""
+    import json
+
+    assert widget.qupath_path.value == results_store.with_name("results.qupath.geojson")
+    widget.qupath_path.value = tmp_path / "tiles.geojson"
+    widget.write_h5ad.value = widget.write_spatialdata.value = False
+    widget.write_qupath.value = True
+    widget.export_button.clicked.emit()
+    qtbot.waitUntil(lambda: widget.status.value.startswith(("written", "error")), timeout=300_000)
+    assert widget.status.value == f"written\nqupath: {tmp_path / 'tiles.geojson'}"
+    qtbot.waitUntil(lambda: widget.export_button.enabled, timeout=60_000)
+    features = json.loads((tmp_path / "tiles.geojson").read_text())["features"]
+    assert features and features[0]["properties"]["objectType"] == "tile"
+    assert features[0]["properties"]["classification"]["name"].startswith("Leiden ")
+
+
 def test_widget_asks_for_what_is_missing(make_napari_viewer, qtbot):
     widget = ExportWidget(make_napari_viewer())
     widget.export_button.clicked.emit()

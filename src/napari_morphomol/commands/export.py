@@ -14,6 +14,10 @@ predicted add-on expression per cell from the token map (log1p, area-scaled) as 
 counts (log1p) in layers['measured'], centroids (um) in obsm['spatial']; needs a model trained
 with --token-head and a run with cell segmentation (cells.parquet).
 
+--qupath: the tiles as QuPath GeoJSON (File > Object data... > Import objects in QuPath, over the
+H&E): tile objects in H&E level-0 px with each gene's prediction (and measurement, interval and
+outlier score) as measurements and the Leiden clusters as classifications with their colours.
+
 --landmarks: the landmark pairs of the run's registration (Xenium Explorer keypoints CSV, or
 BigWarp CSV with --landmark-format bigwarp).
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 from napari_morphomol.errors import InputError
 
 NAME = "export"
-HELP = "write a prediction run as AnnData (.h5ad), SpatialData (.zarr) and/or landmark CSV"
+HELP = "write a prediction run as AnnData (.h5ad), SpatialData (.zarr), QuPath GeoJSON and/or landmark CSV"
 
 
 def add_arguments(parser):
@@ -39,6 +43,8 @@ def add_arguments(parser):
     parser.add_argument("--landmarks", metavar="OUT.csv", help="write the registration's landmark pairs here")
     parser.add_argument("--cells-h5ad", metavar="CELLS.h5ad",
                         help="write the predictions per Xenium cell here (a model trained with --token-head)")
+    parser.add_argument("--qupath", metavar="TILES.geojson",
+                        help="write the tiles as QuPath GeoJSON (H&E level-0 px, predictions as measurements)")
     parser.add_argument("--landmark-format", choices=LANDMARK_FORMATS, default="xenium",
                         help="landmark CSV flavour (default: xenium, Xenium Explorer keypoints)")
     parser.add_argument("--no-clusters", dest="clusters", action="store_false",
@@ -50,12 +56,12 @@ def add_arguments(parser):
 def run(args) -> int:
     from napari_morphomol.export import export_results
 
-    if not (args.h5ad or args.spatialdata or args.landmarks or args.cells_h5ad):
-        raise InputError("nothing to export: give --h5ad OUT.h5ad, --spatialdata OUT.zarr, --landmarks OUT.csv "
-                         "and/or --cells-h5ad CELLS.h5ad")
+    if not (args.h5ad or args.spatialdata or args.landmarks or args.cells_h5ad or args.qupath):
+        raise InputError("nothing to export: give --h5ad OUT.h5ad, --spatialdata OUT.zarr, --landmarks OUT.csv, "
+                         "--cells-h5ad CELLS.h5ad and/or --qupath TILES.geojson")
     written = export_results(args.results, h5ad=args.h5ad, spatialdata=args.spatialdata, landmarks=args.landmarks,
                              landmark_format=args.landmark_format, overwrite=args.overwrite, clusters=args.clusters,
-                             cells_h5ad=args.cells_h5ad)
+                             cells_h5ad=args.cells_h5ad, qupath=args.qupath)
     for kind, path in written.items():
         print(f"{kind}: {path.resolve()}")
     return 0

@@ -1,4 +1,5 @@
-"""Write a prediction run to files: AnnData ``.h5ad``, SpatialData ``.zarr``, landmark CSV.
+"""Write a prediction run to files: AnnData ``.h5ad``, SpatialData ``.zarr``, landmark CSV,
+QuPath GeoJSON (:mod:`.qupath`).
 
 Every writer goes through :func:`napari_morphomol._atomic.atomic_output`: the file or store is
 written beside the target under a hidden temporary name and renamed into place only once
@@ -22,6 +23,7 @@ from spatialdata import SpatialData
 from napari_morphomol._atomic import OutputKind, atomic_output, guard_output, zarr_store_kind
 from napari_morphomol.errors import InputError
 from napari_morphomol.export.anndata import results_to_anndata
+from napari_morphomol.export.qupath import QUPATH_GEOJSON, write_qupath_geojson
 from napari_morphomol.export.registration import run_registration
 from napari_morphomol.export.spatialdata import EXPORT_ATTRS_KEY, open_run_sample, results_to_spatialdata
 from napari_morphomol.inference.store import Results, open_results
@@ -99,7 +101,8 @@ def _run_inputs(results: Results) -> list[Path]:
 def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
                    spatialdata: str | Path | None = None, landmarks: str | Path | None = None,
                    landmark_format: str = "xenium", overwrite: bool = False, clusters: bool = True,
-                   sample: SpatialData | None = None, cells_h5ad: str | Path | None = None) -> dict[str, Path]:
+                   sample: SpatialData | None = None, cells_h5ad: str | Path | None = None,
+                   qupath: str | Path | None = None) -> dict[str, Path]:
     """Write the requested files for the run in ``results_path``.
 
     All targets are checked before any work, so a refused target never leaves the others half
@@ -127,12 +130,16 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
     cells_h5ad
         Where to write the cells AnnData (``.h5ad``: predictions per Xenium cell from the token
         map, ``analysis.cells_anndata``), or None; needs a run of a model with the token head.
+    qupath
+        Where to write the tiles as QuPath GeoJSON (``.geojson``: tile objects in H&E level-0 px
+        with the predictions as measurements and the clusters as classifications,
+        :func:`~napari_morphomol.export.qupath.write_qupath_geojson`), or None.
 
     Returns
     -------
     dict of str to Path
         ``{kind: path}`` for each file written (``"h5ad"``, ``"spatialdata"``, ``"landmarks"``,
-        ``"cells_h5ad"``).
+        ``"cells_h5ad"``, ``"qupath"``).
 
     Raises
     ------
@@ -142,14 +149,14 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
         is written then.
     """
     targets = {kind: Path(p) for kind, p in (("h5ad", h5ad), ("spatialdata", spatialdata), ("landmarks", landmarks),
-                                            ("cells_h5ad", cells_h5ad)) if p is not None}
+                                            ("cells_h5ad", cells_h5ad), ("qupath", qupath)) if p is not None}
     if not targets:
-        raise InputError("nothing to export: give an .h5ad path, a SpatialData .zarr path, a landmarks CSV path and/or "
-                         "a cells .h5ad path")
+        raise InputError("nothing to export: give an .h5ad path, a SpatialData .zarr path, a landmarks CSV path, "
+                         "a cells .h5ad path and/or a QuPath .geojson path")
     results = open_results(results_path)
     inputs = _run_inputs(results)
     kinds = {"h5ad": H5AD_EXPORT, "spatialdata": SPATIALDATA_EXPORT, "cells_h5ad": H5AD_EXPORT,
-             "landmarks": KEYPOINTS_CSV if landmark_format == "xenium" else BIGWARP_CSV}
+             "qupath": QUPATH_GEOJSON, "landmarks": KEYPOINTS_CSV if landmark_format == "xenium" else BIGWARP_CSV}
     if len(set(t.resolve() for t in targets.values())) < len(targets):
         raise InputError(f"two exports name the same path ({', '.join(map(str, targets.values()))}); give each its own")
     for kind, target in targets.items():
@@ -168,8 +175,11 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
     if "landmarks" in targets:
         written["landmarks"] = write_landmarks_csv(results, targets["landmarks"], landmark_format=landmark_format,
                                                    overwrite=overwrite, inputs=inputs)
-    if "h5ad" in targets or "spatialdata" in targets:
+    if {"h5ad", "spatialdata", "qupath"} & set(targets):
         adata = results_to_anndata(results, clusters=clusters)
+        if "qupath" in targets:
+            written["qupath"] = write_qupath_geojson(results, targets["qupath"], adata=adata if clusters else None,
+                                                     overwrite=overwrite, inputs=inputs)
         if "h5ad" in targets:
             written["h5ad"] = write_h5ad(adata, targets["h5ad"], overwrite=overwrite, inputs=inputs)
         if "spatialdata" in targets:

@@ -1,4 +1,4 @@
-"""Dock widget "Export": write a prediction run as .h5ad / SpatialData .zarr / landmark CSV.
+"""Dock widget "Export": write a prediction run as .h5ad / SpatialData .zarr / QuPath GeoJSON / landmark CSV.
 
 A thin view over :func:`napari_morphomol.export.export_results`: pick the results store (taken
 from the viewer's layers when one shows a run), tick what to write, press Export. The work runs
@@ -26,6 +26,7 @@ def default_outputs(results_path: Path) -> dict[str, Path]:
         "spatialdata": results_path.with_name(f"{stem}.spatialdata.zarr"),
         "landmarks": results_path.with_name(f"{stem}.landmarks.csv"),
         "cells_h5ad": results_path.with_name(f"{stem}.cells.h5ad"),
+        "qupath": results_path.with_name(f"{stem}.qupath.geojson"),
     }
 
 
@@ -42,6 +43,8 @@ class ExportWidget(Container):
         self.landmark_format = ComboBox(choices=LANDMARK_FORMATS, value="xenium", label="landmark format")
         self.write_cells = CheckBox(value=False, text="cells AnnData (.h5ad; a token-head model)")
         self.cells_path = FileEdit(mode="w", label="cells h5ad file", filter="*.h5ad")
+        self.write_qupath = CheckBox(value=False, text="QuPath GeoJSON (tiles over the H&E)")
+        self.qupath_path = FileEdit(mode="w", label="QuPath file", filter="*.geojson")
         self.clusters = CheckBox(value=True, text="clusters and UMAP of the embeddings")
         self.overwrite = CheckBox(value=False, text="replace existing files")
         self.export_button = PushButton(text="Export")
@@ -49,7 +52,7 @@ class ExportWidget(Container):
         super().__init__(widgets=[
             self.results_path, self.write_h5ad, self.h5ad_path, self.write_spatialdata, self.spatialdata_path,
             self.write_landmarks, self.landmarks_path, self.landmark_format, self.write_cells, self.cells_path,
-            self.clusters, self.overwrite,
+            self.write_qupath, self.qupath_path, self.clusters, self.overwrite,
             self.export_button, self.status,
         ])
         self.results_path.changed.connect(self._fill_outputs)
@@ -75,13 +78,15 @@ class ExportWidget(Container):
         self.spatialdata_path.value = outputs["spatialdata"]
         self.landmarks_path.value = outputs["landmarks"]
         self.cells_path.value = outputs["cells_h5ad"]
+        self.qupath_path.value = outputs["qupath"]
 
     def export(self):
         """Write the ticked outputs in a worker thread."""
         ticked = {"h5ad": (self.write_h5ad, self.h5ad_path),
                   "spatialdata": (self.write_spatialdata, self.spatialdata_path),
                   "landmarks": (self.write_landmarks, self.landmarks_path),
-                  "cells_h5ad": (self.write_cells, self.cells_path)}
+                  "cells_h5ad": (self.write_cells, self.cells_path),
+                  "qupath": (self.write_qupath, self.qupath_path)}
         targets = {kind: chosen_path(edit) for kind, (box, edit) in ticked.items() if box.value}
         results = chosen_path(self.results_path)
         options = {"landmark_format": self.landmark_format.value, "overwrite": self.overwrite.value,
