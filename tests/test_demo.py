@@ -14,8 +14,11 @@ def test_demo_runs_the_whole_path(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--size-mm", "0.4", "0.4", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     for name in ("results.zarr", "tiles.h5ad", "sample.zarr", "screenshot.png", "cells.h5ad", "token_maps.png",
-                 "trust.png"):
+                 "trust.png", "results-he-alone.zarr", "routes.png"):
         assert (out / name).exists() and str(out / name) in printed
+    assert "MKI67 from H&E + Xenium and from the H&E alone, side by side" in printed
+    routes = np.asarray(Image.open(out / "routes.png").convert("RGB"))
+    assert routes.std() > 10
     assert "MKI67 at tile and token resolution" in printed
     assert "tiles out of distribution; MKI67 with its 90% interval width" in printed
     trust = np.asarray(Image.open(out / "trust.png").convert("RGB"))

@@ -136,6 +136,10 @@ def test_cli_train_and_evaluate_end_to_end(stores, synthetic_sample, tmp_path, c
     assert len(genes) == 2 * len(card.addon_genes)
     assert set(genes.columns) >= {"checkpoint", "variant", "gene", "pearson", "spearman", "mse"}
     assert stem.with_suffix(".md").read_text().startswith("| Variant |")
+    # --route image: a model trained without modality dropout says what to do instead
+    code = main(["evaluate", str(out / "early_fusion_add.safetensors"), "--data", str(stores["b"]), "--out",
+                 str(tmp_path / "image_route"), "--route", "image"])
+    assert code == 2 and "trained without modality dropout" in capsys.readouterr().err
 
 
 def test_cli_trains_the_token_head_where_a_variant_has_tokens(stores, tmp_path, capsys):
