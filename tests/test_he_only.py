@@ -227,3 +227,11 @@ def test_the_predict_dock_refuses_a_model_without_dropout_at_once(viewer_with_he
     assert widget.run() is None  # no worker started
     assert "trained without modality dropout" in widget.status.value
     assert not (tmp_path / "RESULTS.zarr").exists()
+
+
+def test_calibrating_on_an_he_alone_run_is_refused(he_only_store, dropout_checkpoint):
+    from napari_morphomol.analysis.calibration import calibrate_on_runs
+    from napari_morphomol.models import read_model_card
+
+    with pytest.raises(InputError, match="gave the model image inputs only; calibrate on runs with every input"):
+        calibrate_on_runs([explore_run(he_only_store)], read_model_card(dropout_checkpoint), ["slide"])
