@@ -140,6 +140,25 @@ def test_a_dropout_model_scores_an_he_alone_against_image_only_tokens():
     assert (on_training[:, 0] < token_outlier_score(features, *against_fused)).all()
 
 
+def test_a_dropout_model_has_a_variance_head_per_route():
+    """The H&E alone errs more and elsewhere than both inputs: its spread comes from a head of its own."""
+    import torch
+
+    from napari_morphomol.models import build_model
+    from test_models_training import TinyTiles, tiny_config
+
+    model = build_model(tiny_config("early_fusion_add", unimodal_inputs=True, variance_head=True)).eval()
+    assert set(model.variance_heads()) == {"both", "image"}
+    with torch.no_grad():
+        model.variance_head_image.weight.zero_()
+        model.variance_head_image.bias.fill_(1.5)
+    tiles = TinyTiles(2, 0)
+    image_only = model(tiles.images, None).prediction_log_variance
+    both = model(tiles.images, tiles.tokens).prediction_log_variance
+    assert torch.allclose(image_only, torch.full_like(image_only, 1.5)) and not torch.allclose(both, image_only)
+    assert set(build_model(tiny_config("early_fusion_add", variance_head=True)).variance_heads()) == {"both"}
+
+
 # -- the card ---------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,9 @@ A forward pass goes the timm way, in three steps:
    :meth:`~FusionModel.forward_tokens` one feature per token (B, tokens, E_token), aligned with
    the token raster in row-major order (None for variants that average transcripts per tile).
 3. *heads*: ``head`` maps the tile embedding to the add-on genes (and ``variance_head``, with
-   ``config.variance_head``, to the log variance of each); each of ``token_heads``
+   ``config.variance_head``, to the log variance of each; a model trained with modality dropout
+   has a second, ``variance_head_image``, for its image-only route, whose errors are larger and lie
+   elsewhere); each of ``token_heads``
    (``config.token_heads``) maps the token features to a per-token output.
 
 :meth:`~FusionModel.output_specs` declares what a forward pass gives, as :class:`OutputSpec`
@@ -173,6 +175,8 @@ class FusionModel(nn.Module):
                                           for name, width in config.token_heads.items()})
         if config.variance_head:
             self.variance_head = nn.Linear(self.embedding_dim, config.n_addon_genes)
+            if config.unimodal_inputs and config.uses_image:
+                self.variance_head_image = nn.Linear(self.embedding_dim, config.n_addon_genes)
         self.outlier_dim = None if self.token_dim is None else self.token_dim + (embed_dim if config.uses_image else 0)
         for route in self.outlier_routes:  # filled by calibration, kept in the checkpoint
             suffix = self._outlier_suffix(route)
@@ -194,9 +198,19 @@ class FusionModel(nn.Module):
             tile += (OutputSpec("outlier_score", "tile", 1),)
         return tile + tuple(OutputSpec(name, "token", head.out_features) for name, head in self.token_heads.items())
 
+    def variance_heads(self) -> dict[str, nn.Linear]:
+        """The variance heads by the route they serve: ``both`` (every input; the only one of a model
+        trained without modality dropout) and ``image``; none without ``config.variance_head``."""
+        if not self.config.variance_head:
+            return {}
+        heads = {"both": self.variance_head}
+        if hasattr(self, "variance_head_image"):
+            heads["image"] = self.variance_head_image
+        return heads
+
     def head_parameters(self) -> list[nn.Parameter]:
         """The heads (tile, variance and token), trained at the head rate."""
-        variance = list(self.variance_head.parameters()) if self.config.variance_head else []
+        variance = [p for head in self.variance_heads().values() for p in head.parameters()]
         return list(self.head.parameters()) + variance + list(self.token_heads.parameters())
 
     def backbone_parameters(self) -> list[nn.Parameter]:
@@ -213,7 +227,10 @@ class FusionModel(nn.Module):
             token_outputs = {name: head(tokens) for name, head in self.token_heads.items()}
             if self.config.outlier_reference_tokens:
                 outlier_score = self._outlier_score(images, tokens, token_counts)
-        log_variance = self.variance_head(embeddings) if self.config.variance_head else None
+        log_variance = None
+        if self.config.variance_head:
+            route = "image" if token_counts is None and self.config.uses_transcripts else "both"
+            log_variance = self.variance_heads().get(route, self.variance_head)(embeddings)
         return ModelOutput(self.head(embeddings), embeddings, MappingProxyType(token_outputs), log_variance,
                            outlier_score)
 

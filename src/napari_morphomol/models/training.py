@@ -328,8 +328,8 @@ def start_at_mean_target(model: nn.Module, dataset: Dataset) -> torch.Tensor:
             # per-token counts sum to its count, so that is the mean tile count over the tokens of a tile
             per_token = torch.expm1(targets).mean(dim=0) / model.n_tokens
             model.token_heads[ADDON_TOKEN_HEAD].bias.copy_(per_token.clamp_min(1e-3).log())
-        if model.config.variance_head:  # start at the spread of the constant predictor
-            model.variance_head.bias.copy_(targets.var(dim=0).clamp_min(1e-4).log())
+        for head in model.variance_heads().values():  # start at the spread of the constant predictor
+            head.bias.copy_(targets.var(dim=0).clamp_min(1e-4).log())
     return mean
 
 
@@ -443,12 +443,23 @@ def refit_variance_head(model: nn.Module, val_dataset: Dataset, *, batch_size: i
     the 10 % largest test errors goes from 0.71 (trained head) to 0.84 (refit). The head starts
     from the mean log squared residual per gene, with zero weights, and is strongly regularised
     (weight decay 0.1): a few hundred tiles of one sample must not teach it that sample's quirks.
+    A model trained with modality dropout has a head per route (``FusionModel.variance_heads``):
+    each is refit on the residuals of its own route (the image route's on the H&E alone).
     """
-    outputs = [(batch["target"].float(), arrays) for batch, arrays in
-               model_outputs(model, val_dataset, batch_size=batch_size, device=device)]
-    embeddings = torch.cat([torch.from_numpy(arrays["embeddings"]) for _, arrays in outputs])
-    squared = torch.cat([(target - torch.from_numpy(arrays["predictions"])) ** 2 for target, arrays in outputs])
-    head = model.variance_head.cpu()
+    for route, head in model.variance_heads().items():
+        outputs = [(batch["target"].float(), arrays) for batch, arrays in
+                   model_outputs(model, val_dataset, batch_size=batch_size, device=device,
+                                 route=None if route == "both" else route)]
+        embeddings = torch.cat([torch.from_numpy(arrays["embeddings"]) for _, arrays in outputs])
+        squared = torch.cat([(target - torch.from_numpy(arrays["predictions"])) ** 2 for target, arrays in outputs])
+        _fit_log_variance(head.cpu(), embeddings, squared)
+    model.to(device)
+    return model
+
+
+def _fit_log_variance(head: nn.Linear, embeddings: torch.Tensor, squared: torch.Tensor) -> None:
+    """Fit ``head`` alone to the squared residuals (Gaussian likelihood), from the mean log squared
+    residual per gene with zero weights."""
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(squared.mean(dim=0).clamp_min(1e-6).log())
@@ -461,8 +472,6 @@ def refit_variance_head(model: nn.Module, val_dataset: Dataset, *, batch_size: i
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    model.to(device)
-    return model
 
 
 def _token_summary(validation: Evaluation) -> dict[str, Any]:
