@@ -99,3 +99,25 @@ def test_bad_input_is_a_message_not_a_traceback(make_napari_viewer, qtbot, tmp_p
     qtbot.waitUntil(lambda: widget.status.value.startswith("error"), timeout=20_000)
     assert "no experiment.xenium" in widget.status.value
     assert worker is not None and len(viewer.layers) == 0
+
+
+@pytest.mark.parametrize("dock_first", [False, True])
+def test_a_sample_opened_from_the_file_menu_is_the_docks_too(make_napari_viewer, qtbot, synthetic_sample, dock_first):
+    """Issue 18, finding 6: after File > Open (or Open Sample) the Load sample dock picks the sample
+    up, whether it was open before or not: its files fill the fields, the scale bar shows and the
+    gene list fills, so gene search and density work without loading it again."""
+    viewer = make_napari_viewer()
+    if dock_first:
+        widget = LoadSampleWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Load sample")
+    viewer.open(str(synthetic_sample.root), plugin="napari-morphomol")
+    if not dock_first:
+        widget = LoadSampleWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Load sample")
+    qtbot.waitUntil(lambda: widget.density is not None, timeout=60_000)
+    assert widget.xenium_dir.value == synthetic_sample.xenium_dir and widget.he_path.value == synthetic_sample.he_path
+    assert viewer.canvas.overlays.scale_bar.visible
+    widget.gene_search.value = "MUC"
+    assert widget.gene_list.choices and all("MUC" in gene for gene in widget.gene_list.choices)
+    widget.gene_list.value = [widget.gene_list.choices[0]]
+    assert widget.add_density_of_selection() is not None

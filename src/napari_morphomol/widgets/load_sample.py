@@ -15,7 +15,7 @@ from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer
 
 from napari_morphomol.coords import xy_to_napari
-from napari_morphomol.elements import TRANSCRIPTS
+from napari_morphomol.elements import TRANSCRIPTS, sample_info
 from napari_morphomol.io.sample import load_sample
 from napari_morphomol.io.transcript_density import transcripts_in_box_um
 from napari_morphomol.layers.sample import UNITS_UM, density_layer, sample_layers, transcript_density
@@ -70,17 +70,21 @@ class LoadSampleWidget(Container):
         self.native.destroyed.connect(self._disconnect_camera)
         self._points_worker = None
         self.load_worker = self.density_worker = None
+        self.viewer.layers.events.inserted.connect(self._adopt_opened_sample)
+        self._adopt_opened_sample()
 
     def _on_camera_moved(self, _event=None):
         if not self._closed:
             self._camera_timer.start()
 
     def _disconnect_camera(self, *_):
-        """The dock is gone: stop following the camera and drop results still on their way."""
+        """The dock is gone: stop following the camera and the layer list, and drop results still
+        on their way."""
         self._closed = True
         camera = self.viewer.scene.camera
         camera.events.zoom.disconnect(self._on_camera_moved)
         camera.events.center.disconnect(self._on_camera_moved)
+        self.viewer.layers.events.inserted.disconnect(self._adopt_opened_sample)
 
     # loading -------------------------------------------------------------------------------
     def load(self):
@@ -108,12 +112,33 @@ class LoadSampleWidget(Container):
         self.load_button.enabled = True
         self._on_error(exc)
 
+    def _adopt_opened_sample(self, _event=None):
+        """A sample opened another way (File > Open, File > Open Sample) becomes the dock's: its files
+        fill the fields, the scale bar shows and its genes fill the list, as after Load (issue 18, 6)."""
+        if self._closed or self.sdata is not None or self.load_worker is not None:
+            return
+        sdata = next((layer.metadata["sdata"] for layer in self.viewer.layers
+                      if isinstance(layer.metadata, dict) and layer.metadata.get("sdata") is not None), None)
+        if sdata is None:
+            return
+        self.sdata = sdata
+        info = sample_info(sdata)
+        for edit, path in ((self.xenium_dir, info.xenium_dir), (self.he_path, info.he_path),
+                           (self.alignment_csv, info.alignment_csv)):
+            if path is not None:
+                edit.value = path
+        self._show_sample()
+
     def _on_loaded(self, result):
         self.sdata, layers = result
         for data, kwargs, kind in layers:
             getattr(self.viewer, f"add_{kind}")(data, **kwargs)
-        self.viewer.canvas.overlays.scale_bar.visible = True
         self.viewer.reset_view()
+        self._show_sample()
+
+    def _show_sample(self):
+        """The scale bar, and the transcript density pass of a sample with a Xenium run."""
+        self.viewer.canvas.overlays.scale_bar.visible = True
         if TRANSCRIPTS not in self.sdata.points:
             self.status.value = "H&E alone (no Xenium run): Predict runs the model on the image alone"
             self.load_button.enabled = True
