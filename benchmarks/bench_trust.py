@@ -17,7 +17,10 @@ the mean of per-gene AUROCs). Token scale: the model predicts seed 105 end to en
 and its stitched 18 um token map is scored with the card's token-scale quantiles (counts per
 token, Poisson spread); per cell with the same quantiles (cell rate = token rate x cell area).
 
-Out-of-distribution flag of one model (seed 0): the fraction of tiles flagged on seed 105 as
+"One model" (the variance head row, the fine scales, the flags and --ship) is the training seed
+with the best validation Spearman (chosen on the early-stopping sample, never on the test one).
+Out-of-distribution flag of that model, on both inputs and on the H&E alone (the image-only
+route, with its own quantiles and threshold): the fraction of tiles flagged on seed 105 as
 generated, and on seed 105 made with a stain no cohort sample has, with a sarcomatoid tumour
 (spindle tumour cells, a form no cohort tumour has) and with its recorded registration shifted
 by 50 um (``napari_morphomol.synthetic.plan.DatasetShift``). Usage:
@@ -321,8 +324,8 @@ def main() -> None:
                              f"{SHIPPED_MODALITY_DROPOUT}, the rate bench_routes.py picked; 0: both inputs always)")
     parser.add_argument("--retrain", action="store_true", help="train again even where --workdir has the models")
     parser.add_argument("--ship", type=Path, metavar="FILE",
-                        help="save the first seed's calibrated model here, its card holding this command and the "
-                             "test figures (the shipped model)")
+                        help="save the best validation seed's calibrated model here, its card holding this command "
+                             "and the test figures (the shipped model)")
     args = parser.parse_args()
     from napari_morphomol.models import read_model_card
 
@@ -334,13 +337,20 @@ def main() -> None:
         for seed, checkpoint, line in pool.map(train_one, [(seed, args, stores) for seed in args.seeds]):
             print(line, flush=True)
             checkpoints[seed] = checkpoint
+    # the one model of the single-model rows and of --ship: the best validation run of the three
+    # (chosen on the early-stopping sample, never on the test sample)
+    validation = {seed: read_model_card(path).training["validation_metrics"]["spearman"]
+                  for seed, path in checkpoints.items()}
+    best = max(validation, key=validation.get)
+    print("validation spearman by training seed: " + ", ".join(f"{s}: {v:.3f}" for s, v in validation.items())
+          + f"; seed {best} is the one model", flush=True)
+    first = checkpoints[best]
     members = []
-    for seed in args.seeds:
+    for seed in sorted(args.seeds, key=lambda s: s != best):  # the one model first
         calibration = [outputs(checkpoints[seed], stores[f"seed{sample}"]) for sample in CALIBRATION]
         joined = {name: np.concatenate([c[name] for c in calibration]) for name in calibration[0]}
         members.append({"calibration": joined, "test": outputs(checkpoints[seed], stores[f"seed{TEST}"])})
     tiles = tile_intervals(members)
-    first = checkpoints[args.seeds[0]]
     fine = token_and_cell_intervals(first, args.workdir)
     flags = outlier_figures(first, stores)
     he_alone = None
@@ -360,7 +370,7 @@ def main() -> None:
 
 
 def ship(checkpoint: Path, args, figures: dict, stores: dict[str, Path]) -> None:
-    """The first seed's calibrated model with this command and its test figures in its card: the
+    """The one model (best validation seed), calibrated, with this command and its test figures in its card: the
     tile metrics, the fine maps' per scale (``bench_fine_maps.score_run``) and the trust figures."""
     import shlex
 

@@ -118,6 +118,15 @@ def test_the_same_slide_by_both_routes_differs_only_in_inputs(synthetic_sample, 
     assert len(same) == len(both.tiles)  # the tissue filter does not depend on the transcripts
     first = both.tiles.set_index(["row", "col"]).index.get_indexer(image.tiles.set_index(["row", "col"]).index)
     assert not np.allclose(both.predictions[first], image.predictions)  # transcripts change the prediction
+    # side by side (the demo's screenshot), the H&E alone is carried into the Xenium frame: the same
+    # tile lands on the same place
+    from napari_morphomol.layers.run import he_alone_in_frame_of
+
+    affine = he_alone_in_frame_of(explore_run(both.path), explore_run(image.path))
+    centres_rc = np.c_[image.tiles["um_y"], image.tiles["um_x"], np.ones(len(image.tiles))]
+    moved = (affine @ centres_rc.T).T[:, :2]
+    np.testing.assert_allclose(moved, both.tiles[["um_y", "um_x"]].to_numpy()[first], atol=1e-6)
+    assert he_alone_in_frame_of(explore_run(image.path), explore_run(both.path)) is None
 
 
 def test_a_model_without_dropout_refuses_the_he_alone_before_any_work(he_files, tmp_path, tiny_checkpoint, capsys):

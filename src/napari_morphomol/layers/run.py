@@ -92,6 +92,26 @@ def tile_affine_um(explorer: RunExplorer) -> np.ndarray:
     return layer_affine_um(explorer.grid.tile_pixel_to_global(), explorer.xenium_pixel_size_um)
 
 
+def he_alone_in_frame_of(run: RunExplorer, he_alone: RunExplorer) -> np.ndarray | None:
+    """The napari affine that carries the layers of an H&E-alone run (placed in H&E um) into the frame
+    of ``run``, a run of the same H&E file with its Xenium run (Xenium um), through ``run``'s
+    registration (its best affine); None when they are not of the same H&E or ``run`` has no
+    Xenium frame."""
+    from pathlib import Path
+
+    from napari_morphomol.analysis.gene_maps import results_he_to_global
+    from napari_morphomol.coords import napari_affine, scale_matrix
+
+    sample, alone = (run.results.metadata.get("sample") or {}), (he_alone.results.metadata.get("sample") or {})
+    if run.route_note or not he_alone.route_note or not sample.get("he_path") or not alone.get("he_path"):
+        return None
+    if Path(sample["he_path"]).resolve() != Path(alone["he_path"]).resolve():
+        return None
+    he_um_to_run_um = (scale_matrix(run.xenium_pixel_size_um) @ results_he_to_global(run.results)
+                       @ scale_matrix(1.0 / float(alone["he_pixel_size_um"])))
+    return napari_affine(he_um_to_run_um)
+
+
 def gene_map_layer(explorer: RunExplorer, gene: str, kind: str = "predicted", resolution: str = "tile") -> tuple:
     """One map of ``gene`` at ``resolution``; the Explore dock swaps ``data`` (and contrast) of this
     one layer to change gene, and its affine too to change between tile and token resolution (a

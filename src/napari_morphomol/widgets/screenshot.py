@@ -8,7 +8,7 @@ from pathlib import Path
 import napari
 from qtpy.QtWidgets import QApplication
 
-from napari_morphomol.layers.run import gene_map_layer, outlier_layer
+from napari_morphomol.layers.run import gene_map_layer, he_alone_in_frame_of, outlier_layer
 from napari_morphomol.layers.sample import sample_layers
 
 
@@ -101,13 +101,18 @@ def screenshot_routes(explorers: dict, gene: str, path: str | Path, *, size_px: 
     """One slide's predictions of ``gene`` by each route, side by side (napari grid mode, one
     panel per run, left to right in the order of ``explorers``, a title -> ``RunExplorer`` map):
     at token resolution when every run has token maps (else tile), with the contrast limits of the
-    first, so equal colours are equal values; saved as PNG."""
+    first, so equal colours are equal values, and in the first run's frame (an H&E alone of the
+    same slide is carried into its Xenium frame by its registration); saved as PNG."""
     resolution = "token" if all(e.has_token_maps for e in explorers.values()) else "tile"
+    first = next(iter(explorers.values()))
 
     def add_layers(viewer):
         limits = None
         for title, explorer in explorers.items():
             data, kwargs, _ = gene_map_layer(explorer, gene, "predicted", resolution)
+            into_first = he_alone_in_frame_of(first, explorer)
+            if into_first is not None:
+                kwargs["affine"] = into_first @ kwargs["affine"]
             kwargs["name"] = f"{gene} predicted, {title}"
             limits = kwargs.get("contrast_limits") if limits is None else limits
             kwargs["contrast_limits"] = limits
