@@ -37,6 +37,17 @@ def test_widget_takes_the_run_from_the_layers_and_writes_beside_it(widget, resul
     assert widget.export_button.enabled
 
 
+def export_only(widget, qtbot, kind: str, box, path_edit, target) -> None:
+    """Untick the default outputs, tick ``box``, name ``target``, press Export and wait until it is written."""
+    path_edit.value = target
+    widget.write_h5ad.value = widget.write_spatialdata.value = False
+    box.value = True
+    widget.export_button.clicked.emit()
+    qtbot.waitUntil(lambda: widget.status.value.startswith(("written", "error")), timeout=300_000)
+    assert widget.status.value == f"written\n{kind}: {target}"
+    qtbot.waitUntil(lambda: widget.export_button.enabled, timeout=60_000)  # the worker has finished
+
+
 def test_widget_writes_the_cells_anndata_of_a_token_head_run(make_napari_viewer, token_results_store, tmp_path,
                                                              qtbot):
     import anndata
@@ -44,12 +55,7 @@ def test_widget_writes_the_cells_anndata_of_a_token_head_run(make_napari_viewer,
     widget = ExportWidget(make_napari_viewer())
     widget.results_path.value = token_results_store
     assert widget.cells_path.value == token_results_store.with_name("tokens.cells.h5ad")
-    widget.cells_path.value = tmp_path / "cells.h5ad"
-    widget.write_h5ad.value = widget.write_spatialdata.value = False
-    widget.write_cells.value = True
-    widget.export_button.clicked.emit()
-    qtbot.waitUntil(lambda: widget.status.value.startswith(("written", "error")), timeout=300_000)
-    assert widget.status.value == f"written\ncells_h5ad: {tmp_path / 'cells.h5ad'}"
+    export_only(widget, qtbot, "cells_h5ad", widget.write_cells, widget.cells_path, tmp_path / "cells.h5ad")
     assert anndata.read_h5ad(tmp_path / "cells.h5ad").obs_names.name == "cell_id"
 
 
@@ -58,13 +64,7 @@ def test_widget_writes_qupath_geojson_beside_the_run(widget, results_store, tmp_
     import json
 
     assert widget.qupath_path.value == results_store.with_name("results.qupath.geojson")
-    widget.qupath_path.value = tmp_path / "tiles.geojson"
-    widget.write_h5ad.value = widget.write_spatialdata.value = False
-    widget.write_qupath.value = True
-    widget.export_button.clicked.emit()
-    qtbot.waitUntil(lambda: widget.status.value.startswith(("written", "error")), timeout=300_000)
-    assert widget.status.value == f"written\nqupath: {tmp_path / 'tiles.geojson'}"
-    qtbot.waitUntil(lambda: widget.export_button.enabled, timeout=60_000)
+    export_only(widget, qtbot, "qupath", widget.write_qupath, widget.qupath_path, tmp_path / "tiles.geojson")
     features = json.loads((tmp_path / "tiles.geojson").read_text())["features"]
     assert features and features[0]["properties"]["objectType"] == "tile"
     assert features[0]["properties"]["classification"]["name"].startswith("Leiden ")

@@ -4,8 +4,8 @@ In the order predict runs them: the options (numbers in range, a known dtype), t
 H&E file, with Xenium transcripts or alone) and the route the model takes on it, the memory the
 model's tile geometry, batch and chunk imply over this H&E image, and the checkpoint's weights
 against its card. After tiling, a model that reads transcripts is refused when too few of the
-sample's transcripts fall on its tiles. Each refusal
-is one :class:`~napari_morphomol.errors.InputError` saying what to give instead.
+sample's transcripts fall on its tiles. Each refusal is one
+:class:`~napari_morphomol.errors.InputError` saying what to give instead.
 """
 
 from __future__ import annotations

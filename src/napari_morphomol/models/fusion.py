@@ -199,11 +199,12 @@ class FusionModel(nn.Module):
         return tile + tuple(OutputSpec(name, "token", head.out_features) for name, head in self.token_heads.items())
 
     def variance_heads(self) -> dict[str, nn.Linear]:
-        """The variance heads by the route they serve: ``both`` (every input; the only one of a model
-        trained without modality dropout) and ``image``; none without ``config.variance_head``."""
+        """The variance heads by the route they serve: the default route's (every input; the only one
+        of a model trained without modality dropout), and ``image``; none without
+        ``config.variance_head``."""
         if not self.config.variance_head:
             return {}
-        heads = {"both": self.variance_head}
+        heads = {self.config.default_route: self.variance_head}
         if hasattr(self, "variance_head_image"):
             heads["image"] = self.variance_head_image
         return heads
@@ -229,8 +230,8 @@ class FusionModel(nn.Module):
                 outlier_score = self._outlier_score(images, tokens, token_counts)
         log_variance = None
         if self.config.variance_head:
-            route = "image" if token_counts is None and self.config.uses_transcripts else "both"
-            log_variance = self.variance_heads().get(route, self.variance_head)(embeddings)
+            heads = self.variance_heads()
+            log_variance = heads.get(self._input_route(token_counts), self.variance_head)(embeddings)
         return ModelOutput(self.head(embeddings), embeddings, MappingProxyType(token_outputs), log_variance,
                            outlier_score)
 
@@ -318,8 +319,12 @@ class FusionModel(nn.Module):
         features = self.outlier_features(images, tokens)
         if features is None:
             return torch.full((tokens.shape[0], 1), float("nan"), device=tokens.device)
-        route = "image" if token_counts is None and self.config.uses_transcripts else self.config.default_route
-        return token_outlier_score(features, *self.outlier_reference_of(route))[:, None]
+        return token_outlier_score(features, *self.outlier_reference_of(self._input_route(token_counts)))[:, None]
+
+    def _input_route(self, token_counts: torch.Tensor | None) -> str:
+        """The route an input takes for the heads and references kept per route: the image alone
+        when a model that reads transcripts is given none, else the model's default."""
+        return "image" if token_counts is None and self.config.uses_transcripts else self.config.default_route
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.to(self.image_mean.dtype) / 255.0

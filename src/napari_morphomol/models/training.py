@@ -448,8 +448,7 @@ def refit_variance_head(model: nn.Module, val_dataset: Dataset, *, batch_size: i
     """
     for route, head in model.variance_heads().items():
         outputs = [(batch["target"].float(), arrays) for batch, arrays in
-                   model_outputs(model, val_dataset, batch_size=batch_size, device=device,
-                                 route=None if route == "both" else route)]
+                   model_outputs(model, val_dataset, batch_size=batch_size, device=device, route=route)]
         embeddings = torch.cat([torch.from_numpy(arrays["embeddings"]) for _, arrays in outputs])
         squared = torch.cat([(target - torch.from_numpy(arrays["predictions"])) ** 2 for target, arrays in outputs])
         _fit_log_variance(head.cpu(), embeddings, squared)
