@@ -59,6 +59,34 @@ def test_gene_search_switches_the_one_map_layer(opened, qtbot):
     assert viewer.canvas.overlays.text.text.startswith(f"{gene}: {PREDICTED_LAYER}, {MEASURED_LAYER} (")
 
 
+def test_predicted_and_measured_maps_of_a_gene_share_one_contrast(opened):
+    """Issue 18, finding 4: side by side, equal colours are equal values."""
+    viewer, widget = opened
+    gene = next(g for g in widget.explorer.genes if widget.explorer.is_measured(g))
+    widget.show_gene(gene)
+    measured = viewer.layers[MEASURED_LAYER]
+    measured.visible = True
+    predicted = viewer.layers[PREDICTED_LAYER]
+    np.testing.assert_allclose(predicted.contrast_limits, measured.contrast_limits)
+    both = np.concatenate([predicted.data.ravel(), measured.data.ravel()])
+    assert predicted.contrast_limits[1] <= np.nanmax(both) and predicted.contrast_limits[0] >= np.nanmin(both)
+
+
+def test_the_cluster_view_hides_the_gene_maps_and_a_gene_brings_them_back(opened, qtbot):
+    """Issue 18, finding 4: Leiden colours are not drawn over a gene map, and the caption says what is shown."""
+    viewer, widget = opened
+    qtbot.mouseClick(widget.cluster_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: CLUSTERS_LAYER in viewer.layers, timeout=120_000)
+    assert viewer.layers[CLUSTERS_LAYER].visible
+    assert not any(layer.visible for layer in widget.map_layers.values())
+    assert viewer.canvas.overlays.text.text.startswith(f"{CLUSTERS_LAYER} (leiden_0.5): ")
+    assert viewer.canvas.overlays.text.text.endswith(" clusters")
+    gene = widget.explorer.genes[3]
+    widget.gene_list.setCurrentItem(widget.gene_list.findItems(gene, Qt.MatchExactly)[0])
+    assert not viewer.layers[CLUSTERS_LAYER].visible and viewer.layers[PREDICTED_LAYER].visible
+    assert viewer.canvas.overlays.text.text.startswith(f"{gene}: {PREDICTED_LAYER}")
+
+
 def test_metrics_table_sorts_and_click_shows_gene(opened, qtbot):
     viewer, widget = opened
     table = widget.metrics_table

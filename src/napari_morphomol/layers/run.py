@@ -62,16 +62,27 @@ def map_raster(explorer: RunExplorer, gene: str, kind: str, resolution: str = "t
     return predicted(gene, kind)
 
 
+SHARED_CONTRAST_KINDS = ("predicted", "measured")
+"""The predicted and measured maps of a measured gene share one contrast (over both maps' values),
+so equal colours mean equal expression side by side."""
+
+
 def map_limits(explorer: RunExplorer, gene: str, kind: str, resolution: str, raster) -> tuple[float, float] | None:
-    """Contrast of one map (:func:`map_contrast_limits`; a cell map's from its cells' values), None
-    when it has no finite value."""
+    """Contrast of one map (:func:`map_contrast_limits`; a cell map's from its cells' values; the
+    :data:`SHARED_CONTRAST_KINDS` of a measured gene over both maps), None when it has no finite value."""
     if resolution == "cell":
         if kind in MEASURED_KINDS and not explorer.is_measured(gene):
             return None
         if kind == "interval" and explorer.interval_refusal(resolution) is not None:
             return None
         raster = explorer.cell_label_values(gene, kind)
-    return map_contrast_limits(raster, kind) if np.isfinite(raster).any() else None
+    values = np.asarray(raster, dtype=np.float64).ravel()
+    if kind in SHARED_CONTRAST_KINDS and explorer.is_measured(gene):
+        other = next(k for k in SHARED_CONTRAST_KINDS if k != kind)
+        other_values = (explorer.cell_label_values(gene, other) if resolution == "cell"
+                        else map_raster(explorer, gene, other, resolution))
+        values = np.concatenate([values, np.asarray(other_values, dtype=np.float64).ravel()])
+    return map_contrast_limits(values, kind) if np.isfinite(values).any() else None
 
 
 def map_affine_um(explorer: RunExplorer, resolution: str = "tile") -> np.ndarray:

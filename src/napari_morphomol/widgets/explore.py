@@ -343,7 +343,17 @@ class ExploreWidget(QWidget):
 
     def _on_gene_list(self, gene: str):
         if gene:
+            self._show_gene_maps()
             self.show_gene(gene)
+
+    def _show_gene_maps(self):
+        """Back from the cluster view to the gene maps: the clusters are hidden, the predicted map and
+        the out-of-distribution mask shown."""
+        if CLUSTERS_LAYER in self.viewer.layers and self.viewer.layers[CLUSTERS_LAYER].visible:
+            self.viewer.layers[CLUSTERS_LAYER].visible = False
+            self.map_layers["predicted"].visible = True
+            if OUTLIER_LAYER in self.viewer.layers:
+                self.viewer.layers[OUTLIER_LAYER].visible = True
 
     def show_gene(self, gene: str):
         """Swap the data of the map layers to ``gene`` (layers are reused, never re-created).
@@ -416,11 +426,18 @@ class ExploreWidget(QWidget):
         whether the sample measured the gene."""
         if self.gene is None:
             return
+        overlay = self.viewer.canvas.overlays.text
+        clusters = self.viewer.layers[CLUSTERS_LAYER] if CLUSTERS_LAYER in self.viewer.layers else None
+        if clusters is not None and clusters.visible and not any(m.visible for m in self.map_layers.values()):
+            key = clusters.metadata.get("clustering", "")
+            n = self.explorer.adata.obs[key].cat.categories.size if key in self.explorer.adata.obs else 0
+            overlay.text = f"{CLUSTERS_LAYER} ({key}): {n} clusters"
+            overlay.visible = True
+            return
         shown = [layer.name for layer in self.map_layers.values() if layer.visible] or ["no map shown"]
         measured = "measured in this sample" if self.explorer.is_measured(self.gene) else "not measured in this sample"
         if self.explorer.route_note:
             measured = "predicted from the H&E alone"
-        overlay = self.viewer.canvas.overlays.text
         overlay.text = f"{self.gene}: {', '.join(shown)} ({MAP_UNITS[self.shown_resolution]}); {measured}"
         overlay.visible = True
 
@@ -446,6 +463,7 @@ class ExploreWidget(QWidget):
         return [self.metrics_table.item(i, 0).text() for i in range(self.metrics_table.rowCount())]
 
     def _on_metrics_click(self, row: int, _column: int):
+        self._show_gene_maps()
         self.show_gene(self.metrics_table.item(row, 0).text())
 
     # tile inspector ----------------------------------------------------------------------------
@@ -556,6 +574,13 @@ class ExploreWidget(QWidget):
         layer.metadata["clustering"] = key
         self._fill_legend(key)
         self._colour_umap()
+        # the clusters alone: a gene map or the grey mask under them would mix their colours (issue 18, 4)
+        layer.visible = True
+        for map_layer in self.map_layers.values():
+            map_layer.visible = False
+        if OUTLIER_LAYER in self.viewer.layers:
+            self.viewer.layers[OUTLIER_LAYER].visible = False
+        self._caption()
 
     def legend_entries(self) -> list[tuple[str, str, int]]:
         """(cluster, colour, tiles) of the shown clustering."""
