@@ -145,7 +145,7 @@ def test_an_alignment_without_a_xenium_run_is_refused(he_files, dropout_checkpoi
                                                        synthetic_sample):
     code = main(["predict", "--he", str(he_files[0]["tiff"]), "--alignment", str(synthetic_sample.alignment_csv),
                  "--checkpoint", str(dropout_checkpoint), "--out", str(tmp_path / "R.zarr")])
-    assert code != 0 and "give XENIUM_DIR too" in capsys.readouterr().err
+    assert code != 0 and "give the sample (SAMPLE) too" in capsys.readouterr().err
 
 
 def test_he_only_results_export_and_reopen(he_only_store, he_files, tmp_path):

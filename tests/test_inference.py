@@ -386,6 +386,22 @@ def test_chunks_are_compact_blocks_of_a_full_grid(tiles_per_chunk, n_rows, extra
             assert (r.max() - r.min() + 1) * (c.max() - c.min() + 1) <= len(group) + 2 * band
 
 
+def test_cli_predict_finds_the_he_and_alignment_by_the_readers_rule(tmp_path, synthetic_sample, checkpoint, capsys):
+    """Issue 18, one rule for inputs: `predict SAMPLE_DIR` runs on what `morphomol synth` writes, and
+    on its xenium/ folder with the H&E and alignment beside it; the same files as given explicitly."""
+    from napari_morphomol.cli import main
+
+    s = synthetic_sample
+    common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--dtype", "float32", "--batch-size", "8"]
+    for name, sample in (("root", s.root), ("bundle", s.xenium_dir)):
+        assert main(["predict", str(sample), "--out", str(tmp_path / f"{name}.zarr"), *common]) == 0
+        recorded = open_results(tmp_path / f"{name}.zarr").metadata["sample"]
+        assert recorded["he_path"] == str(s.he_path) and recorded["alignment_csv"] == str(s.alignment_csv)
+        assert recorded["xenium_dir"] == str(s.xenium_dir)
+    assert main(["predict", str(tmp_path), "--out", str(tmp_path / "none.zarr"), *common]) == 2
+    assert "neither a Xenium output folder" in capsys.readouterr().err
+
+
 def test_cli_predict(tmp_path, synthetic_sample, checkpoint, capsys):
     from napari_morphomol.cli import main
 

@@ -129,3 +129,13 @@ def test_stores_of_another_kind_or_format_are_refused_with_what_to_do(tmp_path, 
         with pytest.raises(InputError, match=f"of format {other}, and this version reads format {version}; .*"
                                              f"{re.escape(remedy)}"):
             read(store)
+
+
+def test_tiles_of_a_sample_folder_are_those_of_its_files_given_explicitly(synthetic_sample, tiles_store, tmp_path):
+    """Issue 18, one rule for inputs: `tiles SAMPLE_DIR` finds the H&E and the alignment as the reader does."""
+    out = tmp_path / "found.zarr"
+    assert main(["tiles", str(synthetic_sample.root), "--panel", str(synthetic_sample.panel_json),
+                 "--out", str(out)]) == 0
+    found, given = read_tiles_zarr(out), read_tiles_zarr(tiles_store)
+    pd.testing.assert_frame_equal(found.tiles, given.tiles)
+    assert found.attrs["provenance"]["he"] == str(synthetic_sample.he_path)

@@ -17,15 +17,18 @@ _INPUT_OPTIONS = ("xenium_dir", "he", "alignment", "registration", "region", "pa
 def add_sample_arguments(parser: argparse.ArgumentParser, *, region_action: str, xenium_optional: bool = False) -> None:
     """XENIUM_DIR (optional with ``xenium_optional``: an H&E alone), --he, --alignment / --registration,
     --he-pixel-size-um and --region."""
+    where = ("a sample folder (holding xenium/, as `morphomol synth` writes) or a Xenium output folder (holding "
+             "experiment.xenium)")
     if xenium_optional:
-        parser.add_argument("xenium_dir", metavar="XENIUM_DIR", nargs="?",
-                            help="Xenium output folder (holds experiment.xenium); leave it out for an H&E alone")
+        parser.add_argument("xenium_dir", metavar="SAMPLE", nargs="?",
+                            help=f"{where}; leave it out for an H&E alone (then give --he)")
     else:
-        parser.add_argument("xenium_dir", metavar="XENIUM_DIR", help="Xenium output folder (holds experiment.xenium)")
-    parser.add_argument("--he", required=True, metavar="HE", help="H&E image (pyramidal OME-TIFF / TIFF / SVS)")
+        parser.add_argument("xenium_dir", metavar="SAMPLE", help=where)
+    parser.add_argument("--he", metavar="HE", help="H&E image (pyramidal OME-TIFF / TIFF / SVS); default: the one "
+                                                   "*he_image.ome.tif in the Xenium folder or beside it in SAMPLE")
     parser.add_argument("--alignment", metavar="CSV",
                         help="3 x 3 H&E px -> global px matrix (Xenium's he_imagealignment.csv); "
-                             "default: a *he_imagealignment.csv in XENIUM_DIR")
+                             "default: the one *he_imagealignment.csv found as the H&E is")
     parser.add_argument("--registration", metavar="JSON",
                         help="registration record written by `morphomol register` (any model, e.g. per-region); "
                              "used instead of the alignment matrix")
@@ -60,17 +63,39 @@ def region_polygon_he_px(path: str | None) -> np.ndarray | None:
     return vertices
 
 
-def alignment_path(xenium_dir: Path, given: str | None, registration: str | None) -> str | None:
-    """--alignment, else the one *he_imagealignment.csv in XENIUM_DIR (none when --registration)."""
-    if given is not None or registration is not None:
-        return given
-    found = sorted(xenium_dir.glob("*he_imagealignment.csv"))
-    if len(found) != 1:
-        raise InputError(
-            f"no --alignment given and {len(found)} *he_imagealignment.csv files in {xenium_dir}; "
-            "register the H&E first and pass --alignment CSV or --registration JSON"
-        )
-    return str(found[0])
+def sample_paths(args: argparse.Namespace) -> tuple[str | None, str, str | None]:
+    """(Xenium folder, H&E, alignment CSV) of the command line, by the reader's rule
+    (:func:`napari_morphomol.io.sample.find_sample_parts`): SAMPLE is a sample folder (holding
+    ``xenium/``) or a Xenium bundle; --he and --alignment default to the one ``*he_image.ome.tif``
+    and ``*he_imagealignment.csv`` in the bundle, or beside it in the sample folder (the bundle's
+    parent); no alignment with --registration. Sets ``args.xenium_dir`` and ``args.he`` to what
+    was found, so every later step (and the output guard) sees the same files."""
+    from napari_morphomol.io.sample import find_sample_parts
+
+    if args.xenium_dir is None:
+        if args.he is None:
+            raise InputError("give a sample folder or Xenium folder, or --he HE for an H&E alone")
+        return None, args.he, None
+    folder = Path(args.xenium_dir)
+    parts = find_sample_parts(folder)
+    if parts is None:
+        raise InputError(f"{folder} is neither a Xenium output folder (no experiment.xenium) nor a sample folder "
+                         "holding xenium/: give the folder the instrument or `morphomol synth` wrote")
+    beside = find_sample_parts(folder.parent) if parts.he_path is None and folder.name == "xenium" else None
+    he_found = parts.he_path or (beside.he_path if beside is not None else None)
+    alignment_found = parts.alignment_csv or (beside.alignment_csv if beside is not None else None)
+    args.xenium_dir = str(parts.xenium_dir)
+    if args.he is None:
+        if he_found is None:
+            raise InputError(f"no --he given and no *he_image.ome.tif in {parts.xenium_dir} or beside it: "
+                             "give the H&E image (--he HE)")
+        args.he = str(he_found)
+    if args.alignment is not None or getattr(args, "registration", None) is not None:
+        return args.xenium_dir, args.he, args.alignment
+    if alignment_found is None:
+        raise InputError(f"no --alignment given and no *he_imagealignment.csv in {parts.xenium_dir} or beside it; "
+                         "register the H&E first and pass --alignment CSV or --registration JSON")
+    return args.xenium_dir, args.he, str(alignment_found)
 
 
 def input_paths(args: argparse.Namespace, *more: str | Path | None) -> list[str | Path]:

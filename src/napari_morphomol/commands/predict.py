@@ -3,12 +3,14 @@ or of an H&E alone.
 
 Tiles (512 px at 0.5 um/px, stride 256, as the model was trained) are cut from the registered
 H&E and run through the model with their core-gene token counts, chunk by chunk, as a dask
-graph: threads by default, or a dask.distributed cluster with --scheduler. Without XENIUM_DIR
-(`predict --he HE.svs --out R.zarr`) the tiles are cut from the H&E alone and the model runs
-image-only (a model trained with modality dropout, as the shipped one; others are refused before
-any work); the tiles then lie in the H&E's own frame, in um. Results go to RESULTS.zarr (one
-array per model output: predictions, embeddings; tile table, run metadata; for a calibrated
-model the interval bounds and the out-of-distribution flag; layout in docs/inference.md).
+graph: threads by default, or a dask.distributed cluster with --scheduler. SAMPLE is a sample
+folder (as `morphomol synth` writes) or a Xenium folder; the H&E and its alignment are found in or
+beside it unless --he / --alignment name them. Without SAMPLE (`predict --he HE.svs --out
+R.zarr`) the tiles are cut from the H&E alone and the model runs image-only (a model trained with
+modality dropout, as the shipped one; others are refused before any work); the tiles then lie in
+the H&E's own frame, in um. Results go to RESULTS.zarr (one array per model output: predictions,
+embeddings; tile table, run metadata; for a calibrated model the interval bounds and the
+out-of-distribution flag; layout in docs/inference.md).
 An interrupted run leaves RESULTS.zarr.partial: run the same command again to resume it.
 """
 
@@ -17,10 +19,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from napari_morphomol.commands._arguments import fraction, whole_number
-from napari_morphomol.commands._sample_inputs import add_sample_arguments, alignment_path, region_polygon_he_px
+from napari_morphomol.commands._sample_inputs import add_sample_arguments, region_polygon_he_px, sample_paths
 from napari_morphomol.errors import InputError
 
 NAME = "predict"
@@ -76,12 +77,11 @@ def run(args: argparse.Namespace) -> int:
     from napari_morphomol.registration import read_registration_json
 
     if args.xenium_dir is None and (args.alignment or args.registration):
-        raise InputError("--alignment and --registration map the H&E onto a Xenium run: give XENIUM_DIR too, or "
-                         "leave them out to predict from the H&E alone")
-    alignment = None if args.xenium_dir is None else alignment_path(Path(args.xenium_dir), args.alignment,
-                                                                     args.registration)
+        raise InputError("--alignment and --registration map the H&E onto a Xenium run: give the sample (SAMPLE) "
+                         "too, or leave them out to predict from the H&E alone")
+    xenium_dir, he, alignment = sample_paths(args)
     registration = read_registration_json(args.registration) if args.registration else None
-    sdata = load_sample(args.xenium_dir, args.he, alignment, he_pixel_size_um=args.he_pixel_size_um)
+    sdata = load_sample(xenium_dir, he, alignment, he_pixel_size_um=args.he_pixel_size_um)
     options = PredictOptions(store=args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
                              device=args.device, dtype=args.dtype, scheduler=args.scheduler, num_workers=args.workers,
                              tiles_per_chunk=args.tiles_per_chunk, min_transcripts=args.min_transcripts,

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from napari_morphomol.commands._arguments import fraction, real_number, whole_number
 from napari_morphomol.commands._sample_inputs import (
     add_sample_arguments,
-    alignment_path,
     input_paths,
     region_polygon_he_px,
+    sample_paths,
 )
 
 NAME = "tiles"
@@ -52,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_morphomol.registration import read_registration_json
     from napari_morphomol.tiling import TILES_STORE, GenePanel, TileSpec, TilingOptions, tile_sample, write_tiles_zarr
 
-    alignment = alignment_path(Path(args.xenium_dir), args.alignment, args.registration)
+    _, _, alignment = sample_paths(args)
     inputs = input_paths(args, alignment)
     out = guard_output(args.out, TILES_STORE, inputs=inputs, overwrite=args.overwrite)
     registration = read_registration_json(args.registration) if args.registration else None
