@@ -9,6 +9,7 @@ has no display and often no Qt. The layer builders and the napari entry points (
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,3 +48,14 @@ def test_core_imports_without_qt_or_napari():
         assert core in report["imported"]
     assert not any(name.startswith(GUI_PACKAGE) for name in report["imported"])
     assert report["blamed"] == {}, f"core modules loaded Qt or napari: {report['blamed']}"
+
+
+def test_the_predict_dock_imports_without_torch():
+    """Issue 18, finding 5: opening the Predict dock froze the window for seconds while torch was
+    imported on the event loop; the dock imports the core (torch among it) in a thread instead."""
+    script = ("import sys; import napari_morphomol.widgets.predict, napari_morphomol.widgets.load_sample; "
+              "print(sorted(m for m in ('torch', 'timm', 'lightning') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QT_API": "pyqt6"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

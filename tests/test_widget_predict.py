@@ -96,8 +96,8 @@ def test_the_shipped_model_is_preselected(make_napari_viewer):
 def test_maps_fill_in_mid_run_then_cancel_and_run_again_resumes(viewer_with_sample, qtbot, tmp_path, monkeypatch):
     """The real predict in chunks of 4 tiles. Chunks after the first to start wait until the test
     has seen the partial maps and pressed Cancel, so events come in a user's order, not a race's."""
+    from napari_morphomol import inference
     from napari_morphomol.inference import partial_path, predict, scheduling
-    from napari_morphomol.widgets import predict as predict_dock
 
     cancel_pressed = threading.Event()
     started, lock = [], threading.Lock()
@@ -112,7 +112,7 @@ def test_maps_fill_in_mid_run_then_cancel_and_run_again_resumes(viewer_with_samp
         return run_chunk(spec, chunk)
 
     monkeypatch.setattr(scheduling, "run_chunk", run_chunk_after_the_first_waits)
-    monkeypatch.setattr(predict_dock, "predict", lambda sample, options, **kwargs: predict(
+    monkeypatch.setattr(inference, "predict", lambda sample, options, **kwargs: predict(
         sample, dataclasses.replace(options, tiles_per_chunk=4), **kwargs))
     viewer = viewer_with_sample
     widget = PredictWidget(viewer)

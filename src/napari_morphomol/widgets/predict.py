@@ -1,24 +1,30 @@
-"""Dock widget "Predict add-on genes": run a checkpoint over the loaded sample in a worker thread."""
+"""Dock widget "Predict add-on genes": run a checkpoint over the loaded sample in a worker thread.
+
+The core it calls (``inference``, ``analysis``: torch and timm, seconds to import) is imported in a
+thread when the dock opens, not at the dock's import, so opening it does not freeze the window
+(issue 18, finding 5)."""
 
 from __future__ import annotations
 
 import queue
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
 
-from napari_morphomol.analysis import explore_results, explore_run, partial_results
 from napari_morphomol.coords import napari_to_xy
 from napari_morphomol.errors import InputError
-from napari_morphomol.inference import InferenceCancelled, PredictOptions, default_checkpoint_path, predict, run_route
 from napari_morphomol.layers.sample import um_to_he_px
 from napari_morphomol.layers.view import camera_box_xy_um
 from napari_morphomol.models.trust import CALIBRATED_LEVELS, DEFAULT_LEVEL
 from napari_morphomol.widgets._errors import report_error, status_label
+
+if TYPE_CHECKING:
+    from napari_morphomol.inference import PredictOptions
 
 WHOLE_SLIDE = "whole slide"
 IN_VIEW = "what is in view"
@@ -26,10 +32,18 @@ DEVICES = ["auto", "cpu", "cuda", "mps"]
 
 
 def _shipped_checkpoint() -> Path | None:
+    from napari_morphomol.models.shipped import shipped_model_path
+
     try:
-        return default_checkpoint_path()
+        return shipped_model_path()
     except InputError:
         return None
+
+
+def _import_core() -> None:
+    """Import what Run needs (torch among it) ahead of time, off the event loop."""
+    import napari_morphomol.analysis  # noqa: F401
+    import napari_morphomol.inference  # noqa: F401
 
 
 class PredictWidget(Container):
@@ -61,6 +75,7 @@ class PredictWidget(Container):
         self.worker = None
         self.explore_widget = None
         self.results_path: Path | None = None
+        threading.Thread(target=_import_core, name="morphomol-import", daemon=True).start()
 
     def _region_choices(self, *_) -> list[str]:
         shapes = [layer.name for layer in self.viewer.layers if layer._type_string == "shapes"]
@@ -89,6 +104,8 @@ class PredictWidget(Container):
         return um_to_he_px(sdata, napari_to_xy(world_rc))
 
     def run(self, *_):
+        from napari_morphomol.inference import PredictOptions, run_route
+
         try:
             sdata = self._sample()
             checkpoint = self.checkpoint.value
@@ -120,6 +137,8 @@ class PredictWidget(Container):
 
     def _work(self, sdata, options: PredictOptions):
         """Runs predict in a thread of its own and yields its (done, total) chunks to the GUI thread."""
+        from napari_morphomol.inference import predict
+
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
 
@@ -153,6 +172,8 @@ class PredictWidget(Container):
 
     def _show_partial(self):
         """Gene maps fill in as chunks finish: show what the partial store holds so far."""
+        from napari_morphomol.analysis import explore_results, partial_results
+
         partial = partial_results(self.store.value)
         if partial is None or not np.isfinite(partial.predictions).all(axis=1).any():
             return
@@ -171,6 +192,8 @@ class PredictWidget(Container):
         self.status.value = "cancelling after the current batch..."
 
     def _on_done(self, path):
+        from napari_morphomol.analysis import explore_run
+
         self.results_path = Path(path)
         self.status.value = f"done: {self.results_path}"
         explore = self._explore_dock()
@@ -178,6 +201,8 @@ class PredictWidget(Container):
         explore.update_explorer(explore_run(self.results_path))
 
     def _on_error(self, exc):
+        from napari_morphomol.inference import InferenceCancelled
+
         if isinstance(exc, InferenceCancelled):
             self.status.value = "cancelled: run again with the same settings to resume"
             show_info(self.status.value)
