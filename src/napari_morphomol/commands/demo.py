@@ -1,7 +1,8 @@
 """The whole path on the embedded default: a synthetic Xenium + H&E sample, loaded as one
 SpatialData sample, the shipped early-fusion model run over it tile by tile, clusters of the
 tile embeddings, export to AnnData (tiles and, with a token-head model, cells) and SpatialData,
-a screenshot of the sample in napari, one of MKI67 at tile and token resolution, and one of its
+a screenshot of the product in napari (MKI67 predicted over the H&E, the Explore dock with the
+clusters' legend and the metrics), one of MKI67 at tile and token resolution, and one of its
 interval width with the tiles flagged out of distribution (the sample's right 30 % is a
 sarcomatoid tumour, a tissue the shipped model never saw). Then the same slide's H&E alone, as
 for a slide that never saw a Xenium run: the shipped model predicts from the image, and a
@@ -83,10 +84,11 @@ def run(args) -> int:
         print(f"  {kind}: {path}")
     start = _step("exported", start)
 
-    from napari_morphomol.widgets.screenshot import screenshot_maps, screenshot_sample, screenshot_trust
+    from napari_morphomol.widgets.screenshot import screenshot_maps, screenshot_product, screenshot_trust
 
-    shot = screenshot_sample(sdata, out / "screenshot.png")
-    start = _step(f"screenshot of the sample in napari: {shot}", start)
+    gene = DEMO_GENE if DEMO_GENE in explorer.genes else explorer.genes[0]
+    shot = screenshot_product(sdata, explorer, gene, out / "screenshot.png")
+    start = _step(f"{gene} predicted over the H&E, with the Explore dock, in napari: {shot}", start)
     if explorer.has_token_maps:
         gene = DEMO_GENE if DEMO_GENE in explorer.genes else explorer.genes[0]
         maps = screenshot_maps(explorer, gene, out / "token_maps.png")

@@ -5,7 +5,8 @@ Each dock gathers its fields, calls one core function in a worker thread and sho
 (``registration.manual``), :class:`PredictWidget` (``inference.predict``), :class:`ExploreWidget`
 (``analysis.explore_run``, with the :class:`UmapDock`) and :class:`ExportWidget`
 (``export.export_results``). Their layers come from :mod:`napari_morphomol.layers`; napari finds
-them through ``napari.yaml``. :func:`screenshot_sample` draws a sample headless for the docs.
+them through ``napari.yaml``. :func:`screenshot_product` draws a run as a user sees it, for the
+demo and the docs.
 """
 
 from napari_morphomol._lazy import lazy_attributes
@@ -17,7 +18,7 @@ _SOURCES = {
     "load_sample": ("LoadSampleWidget",),
     "predict": ("PredictWidget",),
     "registration": ("RegistrationWidget",),
-    "screenshot": ("screenshot_sample",),
+    "screenshot": ("screenshot_product",),
     "umap_dock": ("UmapDock",),
 }
 __getattr__ = lazy_attributes("napari_morphomol.widgets", _SOURCES)

@@ -1,4 +1,5 @@
-"""Screenshots of a sample as napari shows it (used by ``morphomol demo`` and the docs)."""
+"""Screenshots of a run as napari shows it (used by ``morphomol demo`` and the docs); the window is
+shown (an unshown canvas renders black): run under a display or ``xvfb-run``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 from pathlib import Path
 
 import napari
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QApplication
 
 from napari_morphomol.layers.run import gene_map_layer, he_alone_in_frame_of, outlier_layer
@@ -34,18 +36,6 @@ def _save_window(viewer, add_layers, path: Path, size_px: tuple[int, int]) -> Pa
     finally:
         viewer.close()
     return path
-
-
-def screenshot_sample(sdata, path: str | Path, *, size_px: tuple[int, int] = (1000, 1400)) -> Path:
-    """Open the sample's layers in a viewer window and save the window as PNG.
-
-    The window is shown (an unshown canvas renders black): run under a display or ``xvfb-run``.
-    """
-    def add_layers(viewer):
-        for data, kwargs, kind in sample_layers(sdata):
-            getattr(viewer, f"add_{kind}")(data, **kwargs)
-
-    return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
 
 
 def screenshot_maps(explorer, gene: str, path: str | Path, *, size_px: tuple[int, int] = (900, 1800)) -> Path:
@@ -122,5 +112,26 @@ def screenshot_routes(explorers: dict, gene: str, path: str | Path, *, size_px: 
         viewer.canvas.overlays.text.text = (f"{gene} predicted at {resolution} resolution, one colour scale: "
                                             + " | ".join(explorers))
         viewer.canvas.overlays.text.visible = True
+
+    return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
+
+
+def screenshot_product(sdata, explorer, gene: str, path: str | Path, *, size_px: tuple[int, int] = (1000, 1600)
+                       ) -> Path:
+    """The first picture a newcomer sees: the sample's H&E with ``gene`` predicted over it, its colour
+    bar and the Explore dock beside it (clusters computed: their legend, the metrics, the trust note),
+    as a user has it after the demo's steps; saved as PNG."""
+    from napari_morphomol.widgets.explore import ExploreWidget
+
+    def add_layers(viewer):
+        for data, kwargs, kind in sample_layers(sdata, with_density=False):
+            getattr(viewer, f"add_{kind}")(data, **kwargs)
+        for layer in list(viewer.layers)[1:]:  # the H&E under the map; DAPI and the rest hidden
+            layer.visible = False
+        dock = ExploreWidget(viewer)
+        viewer.window.add_dock_widget(dock, name="Explore predictions")
+        dock.set_explorer(explorer)
+        dock._on_clusters(explorer.cluster())  # the clusters' legend, in the dock
+        dock.gene_list.setCurrentItem(dock.gene_list.findItems(gene, Qt.MatchExactly)[0])  # back to the gene
 
     return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
