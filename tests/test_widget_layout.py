@@ -28,3 +28,28 @@ def test_a_long_status_message_wraps_and_leaves_the_canvas_its_width(make_napari
     assert widget.status.native.wordWrap()
     assert viewer.window._qt_window.width() <= before[0]
     assert viewer.canvas.size[1] >= 0.95 * before[1]
+
+
+def test_the_explore_dock_scrolls_instead_of_growing_the_window(make_napari_viewer, qtbot, results_store):
+    """Issue 18, finding 1: stacked under another dock, the Explore dock (the tallest) scrolled
+    nothing and grew the window by 800 px past a 1,000 px screen, squeezing its metrics table to
+    one row; now its content scrolls and the tables keep about five rows."""
+    from qtpy.QtWidgets import QScrollArea
+
+    from napari_morphomol.analysis import explore_run
+    from napari_morphomol.widgets.explore import TABLE_MIN_HEIGHT_PX, ExploreWidget
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1400, 900)
+    viewer.window.add_dock_widget(PredictWidget(viewer), name="Predict")
+    qtbot.wait(200)
+    before = window.height()
+    explore = ExploreWidget(viewer)
+    viewer.window.add_dock_widget(explore, name="Explore predictions")
+    explore.set_explorer(explore_run(results_store))
+    QApplication.processEvents()
+    qtbot.wait(300)
+    assert window.height() - before < 200
+    assert explore.findChild(QScrollArea) is not None
+    assert explore.metrics_table.height() >= TABLE_MIN_HEIGHT_PX

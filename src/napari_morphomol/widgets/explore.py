@@ -14,12 +14,14 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
     QFormLayout,
+    QFrame,
     QGridLayout,
     QGroupBox,
     QLabel,
     QLineEdit,
     QListWidget,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -66,6 +68,8 @@ SELECT_SHAPES_LAYER = "draw to select tiles"
 TOKEN_PREVIEW_PX = 168
 """Side of the tile inspector's token map (14 x 14 tokens, 12 screen px each)."""
 TOP_GENES = 10
+TABLE_MIN_HEIGHT_PX = 160
+"""The metrics and inspector tables keep at least about five rows in view; the dock scrolls instead."""
 
 
 def _no_token_maps(explorer: RunExplorer) -> str:
@@ -181,7 +185,19 @@ class ExploreWidget(QWidget):
         self.legend_layout = QGridLayout(self.legend)
         self.legend_layout.setContentsMargins(0, 0, 0, 0)
 
-        layout = QVBoxLayout(self)
+        # the dock's content scrolls: docks stacked in the window share its height instead of
+        # growing it past the screen (issue 18, finding 1), and no table is squeezed to a row
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.metrics_table.setMinimumHeight(TABLE_MIN_HEIGHT_PX)
+        self.inspector_table.setMinimumHeight(TABLE_MIN_HEIGHT_PX)
         layout.addWidget(self.results_path.native)
         layout.addWidget(self.open_button)
         layout.addWidget(self.status)
@@ -208,6 +224,9 @@ class ExploreWidget(QWidget):
         clusters_form.addRow(self.legend)
         layout.addWidget(clusters_box)
         layout.addStretch(1)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll = scroll
+        self._fit_width()
 
         self.open_button.clicked.connect(self.open)
         self.gene_search.textChanged.connect(self._filter_genes)
@@ -220,6 +239,12 @@ class ExploreWidget(QWidget):
         self.viewer.mouse_drag_callbacks.append(self._on_viewer_click)
         self.destroyed.connect(lambda *_: self._detach_from_viewer())
         self._set_enabled(False)
+
+    def _fit_width(self):
+        """As wide as the content (no sideways scrolling), as tall as the window gives it."""
+        scroll = self.scroll
+        scrollbar_px = scroll.verticalScrollBar().sizeHint().width()
+        scroll.setMinimumWidth(scroll.widget().minimumSizeHint().width() + scrollbar_px)
 
     def _detach_from_viewer(self):
         if self._on_viewer_click in self.viewer.mouse_drag_callbacks:
@@ -274,6 +299,7 @@ class ExploreWidget(QWidget):
         self._show_status()
         self.show_gene(first)
         self.viewer.canvas.overlays.scale_bar.visible = True
+        self._fit_width()
 
     def _show_status(self):
         """The status line: the shown run's tiles, genes and store (finished tiles of a running one)."""

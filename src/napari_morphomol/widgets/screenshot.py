@@ -133,5 +133,7 @@ def screenshot_product(sdata, explorer, gene: str, path: str | Path, *, size_px:
         dock.set_explorer(explorer)
         dock._on_clusters(explorer.cluster())  # the clusters' legend, in the dock
         dock.gene_list.setCurrentItem(dock.gene_list.findItems(gene, Qt.MatchExactly)[0])  # back to the gene
+        settle(0.3)
+        dock.scroll.ensureWidgetVisible(dock.legend)  # the dock scrolls: show its clusters' legend
 
     return _save_window(napari.Viewer(show=True), add_layers, Path(path), size_px)
