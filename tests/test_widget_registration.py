@@ -156,6 +156,25 @@ def test_delete_removes_the_partner(opened):
     assert list(widget.xenium_points.features["name"]) == ["Pt-0", "Pt-2", "Pt-1"]
 
 
+def test_deleting_a_landmark_layer_leaves_new_empty_ones_for_the_loaded_sample(opened, qtbot):
+    """Issue 18, finding 8: deleting one landmark layer deletes its partner too (pairs need both),
+    but the sample is still loaded: new empty layers come at once, and Fit asks for pairs, not for
+    a sample."""
+    viewer, widget, _ = opened
+    click_pairs(viewer, widget, [[100.0, 100.0], [200.0, 300.0]], [[120.0, 90.0], [250.0, 380.0]])
+    old_he, old_xenium = widget.he_points, widget.xenium_points
+    viewer.layers.remove(old_he)
+    assert old_xenium not in viewer.layers
+    qtbot.waitUntil(lambda: widget.he_points is not None, timeout=10_000)
+    assert widget.he_points is not old_he and len(widget.he_points.data) == 0
+    assert HE_POINTS_LAYER in viewer.layers and XENIUM_POINTS_LAYER in viewer.layers
+    assert "deleted with their 2 pairs; new empty ones are ready" in widget.status.value
+    widget.fit_button.clicked.emit()
+    assert "load a sample" not in widget.status.value and "landmark pairs" in widget.status.value
+    click_pairs(viewer, widget, [[100.0, 100.0]], [[120.0, 90.0]])  # clicking goes on in the new layers
+    assert len(widget.he_points.data) == len(widget.xenium_points.data) == 1
+
+
 def test_bad_clicks_are_messages_not_tracebacks(opened):
     viewer, widget, _ = opened
     click_pairs(viewer, widget, [[100.0, 100.0], [900.0, 300.0]], [[120.0, 90.0], [1200.0, 380.0]])

@@ -100,6 +100,7 @@ class RegistrationWidget(Container):
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer
         self.sdata = None
+        self._deleted = ""  # what the last deletion of the landmark layers took, said when new ones come
         self.geometry = None
         self.fitted = None
         self.history = RegistrationHistory()
@@ -200,6 +201,10 @@ class RegistrationWidget(Container):
         self.viewer.layers.selection.active = self.he_points
         self.he_points.mode = "add"
         self.status.value = "click a feature on the H&E, then the same feature on the DAPI; repeat"
+        if self._deleted:
+            self.status.value = (f"{self._deleted}; new empty ones are ready: click pairs again, or import "
+                                 "landmarks (export them first to keep them)")
+            self._deleted = ""
 
     def _add_landmark_layers(self, he):
         xenium_px = display_pixel_size_um(self.sdata)
@@ -239,18 +244,22 @@ class RegistrationWidget(Container):
             layer.events.data.disconnect(callback)
 
     def _on_layer_removed(self, event):
-        """Pairs need both layers: deleting one deletes the other (a new pair of layers comes
-        when a sample is loaded again)."""
+        """Pairs need both layers: deleting one deletes the other, and while the sample is loaded
+        a new, empty pair of layers takes their place at once, so clicking (or Fit) goes on
+        (issue 18, finding 8: Fit used to say to load the sample that was loaded)."""
         if not any(_same_layer(event.value, ours) for ours in (self.he_points, self.xenium_points)):
             return
         other = self.xenium_points if _same_layer(event.value, self.he_points) else self.he_points
+        n_pairs = len(event.value.data)
         self.he_points = self.xenium_points = self.fitted = None
         self._fit_timer.stop()
         self._show_table()
-        self.status.value = "the landmark layers were deleted with their pairs"
         for layer in list(self.viewer.layers):
             if _same_layer(layer, other):
                 self.viewer.layers.remove(layer)
+        self._deleted = f"the landmark layers were deleted with their {n_pairs} pair{'s' * (n_pairs != 1)}"
+        self.status.value = self._deleted
+        self._attach_soon()  # after the event loop: a viewer clearing all its layers gets none back
 
     # points --------------------------------------------------------------------------------
     def _on_points_changed(self, layer, partner, event):
