@@ -21,6 +21,7 @@ so a slide's worth never sits in memory as one string.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -113,10 +114,10 @@ def write_qupath_geojson(results: Results, path: str | Path, *, adata=None, clus
     with atomic_output(path, QUPATH_GEOJSON, inputs=inputs, overwrite=overwrite) as tmp, \
             open(tmp, "w", encoding="utf-8") as out:
         out.write('{"type": "FeatureCollection", ' + _MARKER + ", " + json.dumps(header)[1:] + ', "features": [\n')
-        for i, (x0, y0, x1, y1) in enumerate(boxes):
-            measurements = {name: float(v) for name, v in zip(names, values[i], strict=True) if np.isfinite(v)}
-            properties = {"objectType": "tile", "name": f"tile {int(tiles['tile_id'].iloc[i])}",
-                          "measurements": measurements}
+        tile_ids = tiles["tile_id"].to_numpy()
+        for i, ((x0, y0, x1, y1), row) in enumerate(zip(boxes.tolist(), values.tolist(), strict=True)):
+            measurements = {name: v for name, v in zip(names, row, strict=True) if math.isfinite(v)}
+            properties = {"objectType": "tile", "name": f"tile {int(tile_ids[i])}", "measurements": measurements}
             if classes is not None:
                 properties["classification"] = {"name": f"Leiden {classes[i]}",
                                                 "color": colours.get(classes[i], [128, 128, 128])}
