@@ -89,6 +89,10 @@ def test_gene_search_density_and_points(loaded, qtbot):
     (x0, x1), (y0, y1) = widget._view_box_um()
     assert (points.data[:, 1] >= x0).all() and (points.data[:, 1] < x1).all()
     assert worker is not None
+    viewer.camera.center = (0, -5000.0, -5000.0)  # far off the section: no transcript in view
+    widget.refresh_points_in_view()
+    qtbot.waitUntil(lambda: widget.status.value.startswith("0 transcripts"), timeout=30_000)
+    assert len(viewer.layers["transcripts in view"].data) == 0
 
 
 def test_bad_input_is_a_message_not_a_traceback(make_napari_viewer, qtbot, tmp_path):

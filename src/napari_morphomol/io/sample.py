@@ -138,18 +138,27 @@ def _read_transcript_row_groups(
     return df
 
 
+def _feature_names(file: Path) -> list[str]:
+    """The gene names of a transcripts table from its dictionaries, one row group at a time (the
+    column of 300 M codes would take 1.2 GB), sorted."""
+    parquet = pq.ParquetFile(file, read_dictionary=["feature_name"])
+    names: set = set()
+    for i in range(parquet.metadata.num_row_groups):
+        column = parquet.read_row_group(i, columns=["feature_name"]).column(0)
+        for chunk in column.chunks:
+            names.update(chunk.dictionary.to_pylist() if pa.types.is_dictionary(chunk.type) else
+                         pc.unique(chunk).to_pylist())
+    names.discard(None)
+    return sorted(c.decode() if isinstance(c, bytes) else c for c in names)
+
+
 def _read_transcripts(xenium_dir: Path, xenium_pixel_size_um: float) -> dd.DataFrame:
     """Transcripts as lazy dask points (x, y, z in um; Scale to ``global``), laid out exactly as
     spatialdata-io lays them out, but without its passes over the whole table: the gene names
     come from the parquet dictionaries, so the first frame does not wait for a scan of 100 M rows."""
     file = _check_transcripts(xenium_dir)
     metadata = pq.ParquetFile(file).metadata
-    categories = []
-    if metadata.num_rows:
-        names = pq.read_table(file, columns=["feature_name"], read_dictionary=["feature_name"]).column(0)
-        dictionaries = [chunk.dictionary for chunk in names.unify_dictionaries().chunks]
-        categories = pc.unique(pa.chunked_array(dictionaries, type=names.type.value_type)).to_pylist()
-        categories = sorted(c.decode() if isinstance(c, bytes) else c for c in categories)
+    categories = _feature_names(file) if metadata.num_rows else []
     batches, batch, rows = [], [], 0
     for i in range(metadata.num_row_groups):
         batch.append(i)

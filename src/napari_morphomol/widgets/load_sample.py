@@ -203,11 +203,14 @@ class LoadSampleWidget(Container):
             show_info("load a Xenium run and select one or more genes first")
             return None
         x_range, y_range = self._view_box_um()
-        points = self.sdata.points[TRANSCRIPTS]
         if self._points_worker is not None:
             self._points_worker.quit()
+        if self.density is not None:  # the index reads the blocks in view
+            find, args = self.density.transcripts_in_box, (genes,)
+        else:  # before the index is built: a pass over every partition
+            find, args = transcripts_in_box_um, (self.sdata.points[TRANSCRIPTS], genes)
         worker = create_worker(
-            transcripts_in_box_um, points, genes, x_range_um=x_range, y_range_um=y_range,
+            find, *args, x_range_um=x_range, y_range_um=y_range,
             _connect={"errored": self._on_error}, _start_thread=False,
         )
         worker.returned.connect(lambda df: self._show_points(df, genes))
@@ -232,4 +235,6 @@ class LoadSampleWidget(Container):
             layer.face_color = kwargs["face_color"]
         else:
             self.viewer.add_points(data, name=name, **kwargs)
-        self.status.value = f"{len(df):,} transcripts of {', '.join(genes)} in view"
+        n_in_view = df.attrs.get("n_in_box", len(df))
+        shown = f"{len(df):,} of {n_in_view:,}" if n_in_view > len(df) else f"{len(df):,}"
+        self.status.value = f"{shown} transcripts of {', '.join(genes)} in view"
