@@ -123,18 +123,26 @@ def _read_transcript_row_groups(
     row_groups: list[int], file: Path, categories: list[str], columns: list[str] | None = None
 ) -> pd.DataFrame:
     """One partition: row groups with ``feature_name`` as categories straight from the file's
-    dictionary pages (no per-row gene strings); dask passes the projected ``columns``. Binary
-    names (older runs) are decoded, as spatialdata-io does."""
+    dictionary pages (no per-row gene strings; each row group's dictionary is mapped onto
+    ``categories`` by one lookup table); dask passes the projected ``columns``. Binary names
+    (older runs) are decoded, as spatialdata-io does."""
     parquet = pq.ParquetFile(file, read_dictionary=["feature_name"])
-    df = parquet.read_row_groups(row_groups, columns=columns).to_pandas()
-    if "feature_name" in df.columns:
-        names = df["feature_name"]
-        if not isinstance(names.dtype, pd.CategoricalDtype):  # no rows: pandas wrote the column as nulls
-            names = names.astype("category")
-        read = names.cat.categories
-        if len(read) and isinstance(read[0], bytes):
-            names = names.cat.rename_categories([c.decode() for c in read])
-        df["feature_name"] = names.cat.set_categories(categories)
+    table = parquet.read_row_groups(row_groups, columns=columns)
+    if "feature_name" not in table.column_names:
+        return table.to_pandas()
+    dtype = pd.CategoricalDtype(categories)
+    code_type = np.int16 if len(categories) < np.iinfo(np.int16).max else np.int32
+    codes = [np.zeros(0, code_type)]
+    for chunk in table.column("feature_name").chunks:
+        if not pa.types.is_dictionary(chunk.type):  # no rows: pandas wrote the column as nulls
+            chunk = chunk.dictionary_encode()
+        names = [c.decode() if isinstance(c, bytes) else c for c in chunk.dictionary.to_pylist()]
+        lookup = np.append(dtype.categories.get_indexer(names), -1).astype(code_type)
+        indices = chunk.indices.fill_null(len(names)).to_numpy(zero_copy_only=False)
+        codes.append(lookup[indices])
+    df = table.drop_columns(["feature_name"]).to_pandas()
+    df.insert(table.column_names.index("feature_name"), "feature_name",
+              pd.Categorical.from_codes(np.concatenate(codes), dtype=dtype))
     return df
 
 
