@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pint
 from magicgui.widgets import (
     Container,
     FileEdit,
@@ -96,6 +97,7 @@ class LoadSampleWidget(Container):
 
         def work():
             sdata = load_sample(*args, he_pixel_size_um=pixel)
+            pint.get_application_registry().um  # builds pint's unit registry here, not in add_image (1 s)
             return sdata, sample_layers(sdata, with_density=False)
 
         worker = create_worker(work, _progress={"desc": "Loading sample"}, _connect={"errored": self._on_load_error},
@@ -130,11 +132,20 @@ class LoadSampleWidget(Container):
         self._show_sample()
 
     def _on_loaded(self, result):
+        """One layer per turn of the event loop (each costs a few hundred ms of drawing set-up)."""
         self.sdata, layers = result
-        for data, kwargs, kind in layers:
-            getattr(self.viewer, f"add_{kind}")(data, **kwargs)
-        self.viewer.reset_view()
-        self._show_sample()
+        if self._closed:
+            return
+        if not layers:
+            self._show_sample()
+            return
+        data, kwargs, kind = layers[0]
+        getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+        if len(layers) == 1:
+            self.viewer.reset_view()
+            QTimer.singleShot(0, self._show_sample)
+        else:
+            QTimer.singleShot(0, lambda: self._on_loaded((self.sdata, layers[1:])))
 
     def _show_sample(self):
         """The scale bar, and the transcript density pass of a sample with a Xenium run."""
