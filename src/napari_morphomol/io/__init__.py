@@ -4,8 +4,9 @@ transcript density built from it. Nothing here ever writes into a bundle.
 Entry points: :func:`load_sample` (bundle + H&E + alignment) and :func:`open_sample` (a sample
 folder, found by :func:`find_sample_parts`) give the sample; :func:`summarize_sample` describes
 it; :func:`read_pyramid` / :func:`open_he_image` read an H&E pyramid level by level;
-:func:`build_transcript_density` bins its transcripts per gene. A sample's element keys, its
-provenance record (``sample_info``) and its image levels are in :mod:`napari_morphomol.elements`.
+:func:`build_transcript_density` indexes its transcripts per gene and per block in bounded memory
+(the index lives in a scratch folder). A sample's element keys, its provenance record
+(``sample_info``) and its image levels are in :mod:`napari_morphomol.elements`.
 The synthetic sample generator is :mod:`napari_morphomol.synthetic`.
 """
 
