@@ -96,6 +96,23 @@ def test_writer_refuses_layers_of_no_run(make_napari_viewer, tmp_path):
         write_h5ad(str(tmp_path / "x.h5ad"), [(np.zeros((2, 2)), {"metadata": {}}, "image")])
 
 
+def test_self_contained_box_copies_the_sample_into_the_store(widget, tmp_path, qtbot):
+    """By default the store refers to the sample (an H&E overview, no transcripts); ticking
+    "copy the whole sample" writes the sample's H&E, DAPI and transcripts into it."""
+    import spatialdata as sd
+
+    from napari_morphomol.elements import HE_IMAGE, TRANSCRIPTS
+    from napari_morphomol.export import HE_OVERVIEW
+
+    widget.clusters.value = False
+    export_only(widget, qtbot, "spatialdata", widget.write_spatialdata, widget.spatialdata_path, tmp_path / "a.zarr")
+    assert HE_OVERVIEW in sd.read_zarr(tmp_path / "a.zarr").images
+    widget.self_contained.value = True
+    export_only(widget, qtbot, "spatialdata", widget.write_spatialdata, widget.spatialdata_path, tmp_path / "b.zarr")
+    full = sd.read_zarr(tmp_path / "b.zarr")
+    assert HE_IMAGE in full.images and TRANSCRIPTS in full.points
+
+
 def test_replace_existing_never_replaces_a_folder_that_is_not_an_export(widget, tmp_path, qtbot):
     """With "replace existing files" ticked, a folder of the user's documents at the SpatialData
     path is refused with a message, and every file in it stays."""

@@ -15,6 +15,7 @@ from napari_morphomol.analysis.run_explorer import IMAGE_ROUTE_NOTE
 from napari_morphomol.cli import main
 from napari_morphomol.elements import HE_IMAGE, TRANSCRIPTS, sample_info
 from napari_morphomol.errors import InputError
+from napari_morphomol.export import open_export
 from napari_morphomol.inference import PredictOptions, open_results, predict, run_route
 from napari_morphomol.io.sample import load_sample
 from napari_morphomol.models import save_checkpoint
@@ -156,7 +157,7 @@ def test_he_only_results_export_and_reopen(he_only_store, he_files, tmp_path):
     results = open_results(he_only_store)
     np.testing.assert_allclose(adata.obsm["spatial"], results.tiles[["um_x", "um_y"]].to_numpy())
     assert "H&E um" in adata.uns["morphomol"]["spatial_units"] and "measured" not in adata.layers
-    sdata = spatialdata.read_zarr(sdata_path)
+    sdata = open_export(sdata_path)  # the H&E the default export refers to, attached from its file
     assert {HE_IMAGE, "predicted_expression", "predicted_expression_tokens"} <= set(sdata.images)
     assert "measured_expression" not in sdata.images
     # the H&E and the maps share the global frame, in um

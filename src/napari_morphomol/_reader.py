@@ -1,4 +1,5 @@
-"""npe2 reader: a Xenium folder, a sample folder (``xenium/`` + H&E), or our SpatialData ``.zarr``."""
+"""npe2 reader: a Xenium folder, a sample folder (``xenium/`` + H&E), or our SpatialData ``.zarr`` (a sample
+saved by us, or an export, whose sample it opens from the files the export names)."""
 
 from __future__ import annotations
 
@@ -31,5 +32,14 @@ def get_reader(path):
 
 
 def read_sample(path):
-    path = path[0] if isinstance(path, list) else path
+    """The sample's layers; a SpatialData export of ours shows its sample at full resolution
+    (``export.open_export`` attaches the sample's files a default export names)."""
+    path = Path(path[0] if isinstance(path, list) else path)
+    if path.is_dir() and (path / "zarr.json").is_file():
+        from napari_morphomol.export.writers import SPATIALDATA_EXPORT
+
+        if SPATIALDATA_EXPORT.is_ours(path):
+            from napari_morphomol.export import open_export
+
+            return sample_layers(open_export(path))
     return sample_layers(open_sample(path))

@@ -5,9 +5,13 @@ in layers['measured'], tile centres in obsm['spatial'] (Xenium morphology px; H&
 of an H&E alone), embeddings, PCA, UMAP and Leiden clusters (0.5, 1.0) of the embeddings,
 per-gene metrics in var, model card and registration in uns. Reads straight into scanpy.
 
---spatialdata: the sample's images and transcripts, the tiles as shapes annotated by the table
-above, and the predicted / measured gene maps as images (one channel per gene), all placed in
-the 'global' coordinate system. Opens with spatialdata.read_zarr and napari-spatialdata.
+--spatialdata: the tiles as shapes annotated by the table above, the predicted / measured gene
+maps as images (one channel per gene), the cells where the run has them, and a coarse overview of
+the H&E (about 2 um/px), all placed in the 'global' coordinate system; the store names the sample's
+files and refers to them rather than copying them (napari_morphomol.export.open_export reads it
+back with the full H&E, DAPI and transcripts). Opens with spatialdata.read_zarr and
+napari-spatialdata (the maps over the H&E overview). --self-contained copies the sample's images
+and transcripts into the store instead (about the bundle's size).
 
 --cells-h5ad: the Xenium cells as observations (obs indexed by cell_id, cell_area), the
 predicted add-on expression per cell from the token map (log1p, area-scaled) as X, measured
@@ -45,6 +49,9 @@ def add_arguments(parser):
                         help="write the predictions per Xenium cell here (a model trained with --token-head)")
     parser.add_argument("--qupath", metavar="TILES.geojson",
                         help="write the tiles as QuPath GeoJSON (H&E level-0 px, predictions as measurements)")
+    parser.add_argument("--self-contained", action="store_true",
+                        help="copy the sample's H&E, DAPI and transcripts into the SpatialData store (about the "
+                             "bundle's size) instead of referring to the sample's files")
     parser.add_argument("--landmark-format", choices=LANDMARK_FORMATS, default="xenium",
                         help="landmark CSV flavour (default: xenium, Xenium Explorer keypoints)")
     parser.add_argument("--no-clusters", dest="clusters", action="store_false",
@@ -61,7 +68,7 @@ def run(args) -> int:
                          "--cells-h5ad CELLS.h5ad and/or --qupath TILES.geojson")
     written = export_results(args.results, h5ad=args.h5ad, spatialdata=args.spatialdata, landmarks=args.landmarks,
                              landmark_format=args.landmark_format, overwrite=args.overwrite, clusters=args.clusters,
-                             cells_h5ad=args.cells_h5ad, qupath=args.qupath)
+                             cells_h5ad=args.cells_h5ad, qupath=args.qupath, self_contained=args.self_contained)
     for kind, path in written.items():
         print(f"{kind}: {path.resolve()}")
     return 0

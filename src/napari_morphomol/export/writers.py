@@ -25,7 +25,12 @@ from napari_morphomol.errors import InputError
 from napari_morphomol.export.anndata import results_to_anndata
 from napari_morphomol.export.qupath import QUPATH_GEOJSON, write_qupath_geojson
 from napari_morphomol.export.registration import run_registration
-from napari_morphomol.export.spatialdata import EXPORT_ATTRS_KEY, open_run_sample, results_to_spatialdata
+from napari_morphomol.export.spatialdata import (
+    EXPORT_ATTRS_KEY,
+    open_run_sample,
+    results_to_spatialdata,
+    sample_reference,
+)
 from napari_morphomol.inference.store import Results, open_results
 from napari_morphomol.registration import write_bigwarp_csv, write_keypoints_csv
 from napari_morphomol.registration.formats import BIGWARP_CSV, KEYPOINTS_CSV, LANDMARK_FORMATS
@@ -102,7 +107,7 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
                    spatialdata: str | Path | None = None, landmarks: str | Path | None = None,
                    landmark_format: str = "xenium", overwrite: bool = False, clusters: bool = True,
                    sample: SpatialData | None = None, cells_h5ad: str | Path | None = None,
-                   qupath: str | Path | None = None) -> dict[str, Path]:
+                   qupath: str | Path | None = None, self_contained: bool = False) -> dict[str, Path]:
     """Write the requested files for the run in ``results_path``.
 
     All targets are checked before any work, so a refused target never leaves the others half
@@ -115,8 +120,8 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
     h5ad
         Where to write the tiles AnnData (``.h5ad``), or None.
     spatialdata
-        Where to write the SpatialData store (``.zarr``: the sample's elements, the prediction
-        maps and the tiles table), or None.
+        Where to write the SpatialData store (``.zarr``: the prediction maps, the tiles and their
+        table, an H&E overview, and where the sample's files are; see ``self_contained``), or None.
     landmarks
         Where to write the run's landmark pairs as a CSV, or None.
     landmark_format
@@ -134,6 +139,10 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
         Where to write the tiles as QuPath GeoJSON (``.geojson``: tile objects in H&E level-0 px
         with the predictions as measurements and the clusters as classifications,
         :func:`~napari_morphomol.export.qupath.write_qupath_geojson`), or None.
+    self_contained
+        Copy the sample's H&E, DAPI and transcripts into the SpatialData store (the whole sample,
+        re-encoded: about the bundle's size). By default the store refers to the sample's files
+        instead (``export.open_export`` attaches them) and holds a coarse H&E overview.
 
     Returns
     -------
@@ -145,8 +154,8 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
     ------
     InputError
         When nothing is asked for, two targets are the same path, a target is refused by the
-        output guard, or the SpatialData export's sample is not where the run found it; nothing
-        is written then.
+        output guard, or the SpatialData export's sample is not where the run found it (or, without
+        ``self_contained``, records no files to refer to); nothing is written then.
     """
     targets = {kind: Path(p) for kind, p in (("h5ad", h5ad), ("spatialdata", spatialdata), ("landmarks", landmarks),
                                             ("cells_h5ad", cells_h5ad), ("qupath", qupath)) if p is not None}
@@ -161,8 +170,10 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
         raise InputError(f"two exports name the same path ({', '.join(map(str, targets.values()))}); give each its own")
     for kind, target in targets.items():
         guard_output(target, kinds[kind], inputs=inputs, overwrite=overwrite, inputs_of="the run")
-    if "spatialdata" in targets and sample is None:  # a moved sample is refused before anything is written
-        sample = open_run_sample(results)
+    if "spatialdata" in targets:  # a moved sample, or one that records no files, is refused before any writing
+        sample = open_run_sample(results) if sample is None else sample
+        if not self_contained:
+            sample_reference(sample)
     written: dict[str, Path] = {}
     explorer = None
     if "cells_h5ad" in targets:  # first: its refusals (a tile-only model, no segmentation) cost no other work
@@ -183,7 +194,8 @@ def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,
         if "h5ad" in targets:
             written["h5ad"] = write_h5ad(adata, targets["h5ad"], overwrite=overwrite, inputs=inputs)
         if "spatialdata" in targets:
-            sdata = results_to_spatialdata(results, adata, sample=sample, explorer=explorer)
+            sdata = results_to_spatialdata(results, adata, sample=sample, explorer=explorer,
+                                           self_contained=self_contained)
             written["spatialdata"] = write_spatialdata_zarr(sdata, targets["spatialdata"], overwrite=overwrite,
                                                            inputs=inputs)
     return written

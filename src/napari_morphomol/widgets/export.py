@@ -38,6 +38,8 @@ class ExportWidget(Container):
         self.h5ad_path = FileEdit(mode="w", label="h5ad file", filter="*.h5ad")
         self.write_spatialdata = CheckBox(value=True, text="SpatialData (.zarr)")
         self.spatialdata_path = FileEdit(mode="d", label="SpatialData store")
+        self.self_contained = CheckBox(value=False, text="copy the whole sample into it (self-contained: about the "
+                                                        "bundle's size; otherwise it refers to the sample's files)")
         self.write_landmarks = CheckBox(value=False, text="landmarks (CSV)")
         self.landmarks_path = FileEdit(mode="w", label="landmarks file", filter="*.csv")
         self.landmark_format = ComboBox(choices=LANDMARK_FORMATS, value="xenium", label="landmark format")
@@ -51,6 +53,7 @@ class ExportWidget(Container):
         self.status = status_label("")
         super().__init__(widgets=[
             self.results_path, self.write_h5ad, self.h5ad_path, self.write_spatialdata, self.spatialdata_path,
+            self.self_contained,
             self.write_landmarks, self.landmarks_path, self.landmark_format, self.write_cells, self.cells_path,
             self.write_qupath, self.qupath_path, self.clusters, self.overwrite,
             self.export_button, self.status,
@@ -90,7 +93,7 @@ class ExportWidget(Container):
         targets = {kind: chosen_path(edit) for kind, (box, edit) in ticked.items() if box.value}
         results = chosen_path(self.results_path)
         options = {"landmark_format": self.landmark_format.value, "overwrite": self.overwrite.value,
-                   "clusters": self.clusters.value}
+                   "clusters": self.clusters.value, "self_contained": self.self_contained.value}
 
         def work():
             if results is None:
