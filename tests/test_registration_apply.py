@@ -22,6 +22,7 @@ from napari_morphomol.registration import (
     transform_xy_columns,
     write_registration_json,
 )
+from napari_morphomol.registration.transforms import INVERSE_GRID_TOLERANCE_PX
 
 TRUTH = np.array([[1.2841, 0.0312, 812.25], [-0.0298, 1.2853, -431.5], [0.0, 0.0, 1.0]])
 
@@ -39,9 +40,19 @@ def test_chunked_columns_match_point_mapping(model, inverse):
     fitted = fitted_example(model)
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0, 25000, 10_001), rng.uniform(0, 25000, 10_001)
-    ox, oy = transform_xy_columns(fitted, x, y, inverse=inverse, chunk_points=1000, workers=2)
+    ox, oy = transform_xy_columns(fitted, x, y, inverse=inverse, exact=True, chunk_points=1000, workers=2)
     mapping = fitted.inverse_apply_xy if inverse else fitted.apply_xy
     np.testing.assert_allclose(np.column_stack([ox, oy]), mapping(np.column_stack([x, y])), rtol=0, atol=1e-7)
+
+
+def test_per_region_inverse_columns_come_from_the_grid_within_its_tolerance():
+    fitted = fitted_example("per-region")
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 25000, 10_001), rng.uniform(0, 25000, 10_001)
+    ox, oy = transform_xy_columns(fitted, x, y, inverse=True, chunk_points=1000, workers=2)
+    exact = fitted.inverse_apply_xy(np.column_stack([x, y]))
+    error = np.hypot(ox - exact[:, 0], oy - exact[:, 1])
+    assert 0 < error.max() <= INVERSE_GRID_TOLERANCE_PX
 
 
 def test_affine_columns_keep_float32():
@@ -68,7 +79,7 @@ def test_transcripts_get_he_px_columns_lazily(model):
     assert isinstance(lazy, dd.DataFrame)
     out = lazy.compute()
     expected = fitted.inverse_apply_xy(um / fitted.xenium_pixel_size_um)
-    np.testing.assert_allclose(out[[HE_X_PX, HE_Y_PX]].to_numpy(), expected, atol=1e-7)
+    np.testing.assert_allclose(out[[HE_X_PX, HE_Y_PX]].to_numpy(), expected, rtol=0, atol=INVERSE_GRID_TOLERANCE_PX)
     assert list(out.columns[:3]) == ["x", "y", "feature_name"]
     with pytest.raises(InputError, match="no column 'x_location'"):
         transcripts_with_he_px(frame, fitted, x_um_column="x_location")

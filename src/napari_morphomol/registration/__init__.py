@@ -3,8 +3,9 @@
 Fit with :func:`fit_transform` (landmarks clicked, read from a file, or proposed by
 :func:`propose_landmarks_for_sample`), read and write landmark and matrix files with the ``read_*`` /
 ``write_*`` functions, move transcripts with :func:`transform_xy_columns` or
-:func:`transcripts_with_he_px`, and put the result on a SpatialData sample with
-:func:`set_he_registration`.
+:func:`transcripts_with_he_px` (per-region and spline inverses read from an :class:`InverseGrid`,
+within ``transforms.INVERSE_GRID_TOLERANCE_PX`` of the exact one), and put the result on a
+SpatialData sample with :func:`set_he_registration`.
 """
 
 from napari_morphomol.registration.apply import (
@@ -38,7 +39,13 @@ from napari_morphomol.registration.formats import (
     write_keypoints_csv,
 )
 from napari_morphomol.registration.landmarks import LandmarkPairs
-from napari_morphomol.registration.transforms import AffineXY, HeGlobalTransform, PerRegionAffine, ThinPlateSplineXY
+from napari_morphomol.registration.transforms import (
+    AffineXY,
+    HeGlobalTransform,
+    InverseGrid,
+    PerRegionAffine,
+    ThinPlateSplineXY,
+)
 
 __all__ = [
     "HE_X_PX",
@@ -50,6 +57,7 @@ __all__ = [
     "FitOptions",
     "FittedTransform",
     "HeGlobalTransform",
+    "InverseGrid",
     "LandmarkPairs",
     "PerRegionAffine",
     "RegistrationModel",

@@ -11,8 +11,7 @@ display), and the full model travels as a JSON record in ``sdata.attrs[REGISTRAT
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import dask.dataframe as dd
@@ -25,12 +24,10 @@ from napari_morphomol.elements import HE_IMAGE, SAMPLE_ATTRS_KEY
 from napari_morphomol.errors import InputError
 from napari_morphomol.registration.fit import FitOptions, FittedTransform, fit_transform
 from napari_morphomol.registration.landmarks import LandmarkPairs
+from napari_morphomol.registration.transforms import EXACT_CHUNK_POINTS, filling, map_columns_chunked
 
 AFFINE_CHUNK_POINTS = 1 << 20
-"""Points per chunk for affine maps: a few passes over a few MB per column."""
-BLENDED_CHUNK_POINTS = 1 << 14
-"""Points per chunk for per-region and spline maps: their per-point work (K region weights,
-Newton steps) then stays in cache, which is several times faster than 1 M-point chunks."""
+"""Points per chunk for affine maps and grid reads: a few passes over a few MB per column."""
 
 REGISTRATION_ATTRS_KEY = "morphomol_registration"
 """Where a sample keeps the record of the registration applied to it (``sdata.attrs``); the
@@ -48,33 +45,55 @@ def transform_xy_columns(
     y: np.ndarray,
     *,
     inverse: bool = False,
+    exact: bool = False,
     chunk_points: int | None = None,
     workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Map point columns H&E px -> ``global`` px (``inverse=True``: ``global`` px -> H&E px).
 
-    Columns stay columns (as in a parquet table) and are processed in chunks on a thread
-    pool. Affine fits keep float32 columns float32; other models compute in float64.
+    Columns stay columns (as in a parquet table) and are processed in chunks on a thread pool.
+    Affine fits keep float32 columns float32; other models compute in float64. The inverse of a
+    per-region or spline fit is read from its inverse grid (built on the first call), within
+    ``INVERSE_GRID_TOLERANCE_PX`` H&E px of the exact Newton inverse, unless ``exact``.
+
+    Parameters
+    ----------
+    fitted
+        The registration.
+    x, y
+        1-D columns of equal length: H&E px, or ``global`` px with ``inverse``.
+    inverse
+        Map ``global`` px -> H&E px.
+    exact
+        Solve a non-affine inverse by Newton steps for every point (about 10 x slower).
+    chunk_points
+        Points per chunk; None: a size that suits the model.
+    workers
+        Threads; None: one per CPU.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        The mapped x and y columns.
+
+    Raises
+    ------
+    InputError
+        Columns of different lengths or not 1-D; a non-affine inverse that does not converge.
     """
     x = np.asarray(x)
     y = np.asarray(y)
     if x.shape != y.shape or x.ndim != 1:
         raise InputError(f"x and y must be 1-D columns of equal length, got {x.shape} and {y.shape}")
-    dtype = np.result_type(x.dtype, y.dtype, np.float32) if fitted.matrix is not None else np.float64
-    out_x = np.empty(x.shape, dtype=dtype)
-    out_y = np.empty(x.shape, dtype=dtype)
-
-    if chunk_points is None:
-        chunk_points = AFFINE_CHUNK_POINTS if fitted.matrix is not None else BLENDED_CHUNK_POINTS
-
-    def run(start: int) -> None:
-        sl = slice(start, start + chunk_points)
-        out_x[sl], out_y[sl] = fitted.transform.map_columns(x[sl], y[sl], inverse=inverse)
-
-    starts = range(0, len(x), chunk_points)
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        list(pool.map(run, starts))
-    return out_x, out_y
+    transform = fitted.transform
+    mapping = filling(partial(transform.map_columns, inverse=inverse))
+    if fitted.matrix is not None:
+        dtype, chunk = np.result_type(x.dtype, y.dtype, np.float32), AFFINE_CHUNK_POINTS
+    elif inverse and not exact:
+        dtype, chunk, mapping = np.float64, AFFINE_CHUNK_POINTS, transform.bulk_inverse_columns
+    else:
+        dtype, chunk = np.float64, EXACT_CHUNK_POINTS
+    return map_columns_chunked(mapping, x, y, dtype, chunk_points or chunk, workers)
 
 
 def transcripts_with_he_px(
