@@ -182,10 +182,11 @@ class TiffLevel:
             present = [key for key in keys if streams[key] is not None]
             data = [torch.frombuffer(bytearray(_with_tables(streams[key], self._jpeg_tables)), dtype=torch.uint8)
                     for key in present]
-            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.jpeg_device) if data else []
             batch = {key: None for key in keys}
-            batch.update({key: image.permute(1, 2, 0).cpu().numpy() for key, image in zip(present, images,
-                                                                                          strict=True)})
+            if data:  # one copy back for the batch, (tiles, y, x, 3) made contiguous on the device
+                images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.jpeg_device)
+                host = torch.stack(images).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+                batch.update(zip(present, host, strict=True))
             self._decoded.tiles = batch
         return batch[(ty, tx)]
 
