@@ -72,7 +72,7 @@ def write_cell_tables(xenium: Path, plan: SamplePlan, panel: ProgramPanel, cells
 
     Returns the number of transcripts and the (n_cells, 8) cell summary that cells.zarr.zip holds.
     """
-    columns = _TranscriptColumns.of(panel, plan.size_um)
+    columns = TranscriptColumns.of(panel, plan.size_um)
     feature_kind = np.array([_CONTROL_KIND.get(c, 0) for c in panel.categories])
     sink = _TableSink(xenium, panel, len(cells))
     cell_summary = np.zeros((len(cells), 8))
@@ -127,8 +127,9 @@ def _cell_counts(t: BlockTranscripts, rows: np.ndarray, n_features: int) -> np.n
 
 
 @dataclass(frozen=True)
-class _TranscriptColumns:
-    """The dictionaries and per-feature codes shared by every block of transcripts.parquet."""
+class TranscriptColumns:
+    """The dictionaries and per-feature codes shared by every block of transcripts.parquet (and
+    every copy of a scale sample, :mod:`.scale`)."""
 
     features: pa.Array
     categories: pa.Array
@@ -139,7 +140,7 @@ class _TranscriptColumns:
     n_genes: int
 
     @classmethod
-    def of(cls, panel: ProgramPanel, size_um: tuple[float, float]) -> _TranscriptColumns:
+    def of(cls, panel: ProgramPanel, size_um: tuple[float, float]) -> TranscriptColumns:
         n_fov_x = int(np.ceil(size_um[0] / _FOV_UM))
         n_fov_y = int(np.ceil(size_um[1] / _FOV_UM))
         category_names = sorted(set(panel.categories))
@@ -300,24 +301,33 @@ def _boundary_table(vertices: np.ndarray, ids: np.ndarray, labels: np.ndarray) -
     )
 
 
+TRANSCRIPT_ROW_GROUP_ROWS = 1 << 20
+"""Rows per row group of transcripts.parquet (at most; a block smaller than this is one group)."""
+
+
+def transcripts_writer(path: Path) -> pq.ParquetWriter:
+    """The writer of transcripts.parquet: its schema, codec and dictionary columns."""
+    return pq.ParquetWriter(
+        path,
+        _TRANSCRIPT_SCHEMA,
+        compression="zstd",
+        compression_level=1,
+        use_dictionary=["cell_id", "feature_name", "fov_name", "codeword_category"],
+        store_schema=False,
+    )
+
+
 class _TableSink:
     """The block-by-block files of the bundle; written from one thread, in block order."""
 
     def __init__(self, xenium: Path, panel: ProgramPanel, n_cells: int):
         self._xenium = xenium
         self._matrix = TenXMatrixWriter(xenium / "cell_feature_matrix.h5", panel.names, panel.feature_types, n_cells)
-        self._transcripts = pq.ParquetWriter(
-            xenium / "transcripts.parquet",
-            _TRANSCRIPT_SCHEMA,
-            compression="zstd",
-            compression_level=1,
-            use_dictionary=["cell_id", "feature_name", "fov_name", "codeword_category"],
-            store_schema=False,
-        )
+        self._transcripts = transcripts_writer(xenium / "transcripts.parquet")
         self._cell_writers: list[pq.ParquetWriter] = []
 
     def write(self, transcripts: pa.Table, cell_tables) -> None:
-        self._transcripts.write_table(transcripts, row_group_size=1 << 20)
+        self._transcripts.write_table(transcripts, row_group_size=TRANSCRIPT_ROW_GROUP_ROWS)
         if cell_tables is None:
             return
         *tables, counts = cell_tables

@@ -92,7 +92,7 @@ class SamplePlan:
 
 
 def plan_sample(size_mm: tuple[float, float], *, seed: int, he_pixel_size_um: float, deformation: bool,
-                shift: DatasetShift = DatasetShift()) -> SamplePlan:
+                shift: DatasetShift = DatasetShift(), axis_aligned: bool = False) -> SamplePlan:
     """Check the arguments of a sample and fix its sizes, transform and stain.
 
     Parameters
@@ -107,6 +107,9 @@ def plan_sample(size_mm: tuple[float, float], *, seed: int, he_pixel_size_um: fl
         Add a smooth warp to the H&E placement.
     shift
         What makes the sample unlike the cohort (nothing by default).
+    axis_aligned
+        Place the H&E by the pixel-size ratio and a whole-pixel shift only (no rotation, scale
+        error or shear).
 
     Returns
     -------
@@ -124,7 +127,7 @@ def plan_sample(size_mm: tuple[float, float], *, seed: int, he_pixel_size_um: fl
     morph_w, morph_h = int(np.ceil(size_um[0] / px)), int(np.ceil(size_um[1] / px))
     transform, (he_w, he_h) = random_transform(
         np.random.default_rng([seed, 3]), (morph_w, morph_h), he_pixel_size_um, px, HE_MARGIN_UM / he_pixel_size_um,
-        deformation,
+        deformation, axis_aligned,
     )
     return SamplePlan(
         seed=seed,

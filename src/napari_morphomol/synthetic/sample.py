@@ -107,6 +107,7 @@ def write_synthetic_sample(
     he_pixel_size_um: float = 0.2737,
     deformation: bool = True,
     shift: DatasetShift = DatasetShift(),
+    axis_aligned: bool = False,
     progress=None,
 ) -> SyntheticSample:
     """Write a synthetic sample into the new (or empty) folder ``out_dir``, atomically.
@@ -128,6 +129,9 @@ def write_synthetic_sample(
     shift
         What makes the sample unlike the cohort: an unseen stain, a sarcomatoid tumour, a recorded
         registration that is off (:class:`~napari_morphomol.synthetic.plan.DatasetShift`; none by default).
+    axis_aligned
+        Place the H&E by the pixel-size ratio and a whole-pixel shift only (no rotation, scale error
+        or shear): the block a scale sample repeats (:func:`~napari_morphomol.synthetic.scale.write_scale_sample`).
     progress
         ``progress(message)``, called between stages when given.
 
@@ -138,8 +142,9 @@ def write_synthetic_sample(
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
     out_dir = Path(out_dir).absolute()
-    plan = plan_sample(size_mm, seed=seed, he_pixel_size_um=he_pixel_size_um, deformation=deformation, shift=shift)
-    _check_out_dir(out_dir)
+    plan = plan_sample(size_mm, seed=seed, he_pixel_size_um=he_pixel_size_um, deformation=deformation, shift=shift,
+                       axis_aligned=axis_aligned)
+    check_out_dir(out_dir)
     say = progress or (lambda message: None)
     with atomic_output(out_dir, SAMPLE_FOLDER, overwrite=True) as tmp:
         panel = make_panel(n_core_genes, n_addon_genes)
@@ -181,7 +186,8 @@ def write_synthetic_sample(
     return SyntheticSample.at(out_dir, summary)
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse (InputError) a sample folder that exists and is not empty, or whose parent is missing."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"{out_dir} already exists and is not empty: pick a new folder for the synthetic sample")
     if not out_dir.parent.is_dir():

@@ -78,13 +78,19 @@ def random_transform(
     xenium_pixel_size_um: float,
     margin_he_px: float,
     deformation: bool,
+    axis_aligned: bool = False,
 ) -> tuple[TrueTransform, tuple[int, int]]:
     """A non-trivial affine (rotation, scale error, slight shear, shift) placing the H&E so
-    that it covers the whole morphology image, and the H&E image size (width, height)."""
+    that it covers the whole morphology image, and the H&E image size (width, height).
+
+    ``axis_aligned``: the affine is the pixel-size ratio and a shift of whole global px only (no
+    rotation, scale error or shear), the block that :mod:`.scale` repeats."""
     angle = np.deg2rad(rng.choice([-1, 1]) * rng.uniform(4.0, 20.0))
     scale = he_pixel_size_um / xenium_pixel_size_um * rng.uniform(0.985, 1.015)
     aniso = rng.uniform(0.99, 1.01)
     shear = rng.uniform(-0.01, 0.01)
+    if axis_aligned:
+        angle, scale, aniso, shear = 0.0, he_pixel_size_um / xenium_pixel_size_um, 1.0, 0.0
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     linear = rot @ np.array([[scale * aniso, shear * scale], [0.0, scale / aniso]])
     inv_linear = np.linalg.inv(linear)
@@ -94,6 +100,8 @@ def random_transform(
     lo = he_corners.min(axis=0)
     hi = he_corners.max(axis=0)
     extra = margin_he_px + rng.uniform(0, margin_he_px, 2)
+    if axis_aligned:  # the shift (scale * extra) a whole number of global px
+        extra = np.round(extra * scale) / scale
     he_size = np.ceil(hi - lo + extra + margin_he_px).astype(int)
     # he = inv(linear) @ global - lo + extra  <=>  global = linear @ he + linear @ (lo - extra)
     translation = linear @ (lo - extra)
