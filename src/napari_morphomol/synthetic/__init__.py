@@ -9,13 +9,16 @@ each cell's expected counts without counting noise, and :func:`true_he_to_global
 :func:`true_global_to_he_px` apply the exact map. Add-on genes depend on cell type (seen by H&E
 and core genes), on hidden states (seen only by core genes) and on morphology states (seen only
 by H&E), so neither modality alone explains the add-on panel. Deterministic by seed; memory
-stays per block. See docs/synthetic.md.
+stays per block. :func:`write_scale_sample` writes a slide-scale sample (hundreds of millions of
+transcripts) in minutes by repeating one block on a grid (a :class:`ScaleSample`, no cell
+segmentation). See docs/synthetic.md.
 
 Modules: :mod:`.plan` (sizes, transform, stain, seed), :mod:`.tissue` (fields, regions, cells),
 :mod:`.expression` (the panel's programs and transcript sampling), :mod:`.render` and
 :mod:`.kernels` (image chunks), :mod:`.transform` (the true map), :mod:`.bundle` (the Xenium
 tables and metadata), :mod:`.images` (DAPI, masks, H&E), :mod:`.writers` (streaming OME-TIFF and
-10x HDF5), :mod:`.truth` (ground truth), :mod:`.sample` (the folder, written atomically).
+10x HDF5), :mod:`.truth` (ground truth), :mod:`.sample` (the folder, written atomically), :mod:`.scale` (a
+block repeated).
 """
 
 from napari_morphomol._lazy import lazy_attributes
@@ -24,6 +27,7 @@ from napari_morphomol._lazy import lazy_attributes
 #: package (a command's --help, Open Sample's menu entry) does not load numba, pyarrow or zarr.
 _SOURCES = {
     "sample": ("SampleSummary", "SyntheticSample", "write_synthetic_sample"),
+    "scale": ("SCALE_HE_PIXEL_SIZE_UM", "ScaleSample", "write_scale_sample"),
     "truth": ("GENERATOR_VERSION", "GroundTruth", "expected_cell_counts", "load_ground_truth", "true_global_to_he_px",
               "true_he_to_global_px"),
 }
@@ -31,12 +35,15 @@ __getattr__ = lazy_attributes("napari_morphomol.synthetic", _SOURCES)
 
 __all__ = [
     "GENERATOR_VERSION",
+    "SCALE_HE_PIXEL_SIZE_UM",
     "GroundTruth",
     "SampleSummary",
+    "ScaleSample",
     "SyntheticSample",
     "expected_cell_counts",
     "load_ground_truth",
     "true_global_to_he_px",
     "true_he_to_global_px",
+    "write_scale_sample",
     "write_synthetic_sample",
 ]
