@@ -29,6 +29,15 @@ DENSITY_COLORMAP = {
 """Transparent where there are no transcripts, so a density map reads on top of the H&E."""
 
 
+IN_MEMORY_LEVEL_SIDE_PX = 4096
+"""Pyramid levels this small (at most 50 MB of RGB) are read where the layer data is made (the Load
+sample dock's worker), so napari's first frame and thumbnail read memory, not tiles, on the event loop."""
+
+
+def _small_levels_in_memory(levels: list) -> list:
+    return [np.asarray(level) if max(level.shape[:2]) <= IN_MEMORY_LEVEL_SIDE_PX else level for level in levels]
+
+
 def he_pixel_to_global(sdata: SpatialData) -> np.ndarray:
     """H&E px -> global as a 3 x 3 (x, y) matrix; the H&E alone is shown at its own pixel size."""
     info = sample_info(sdata)
@@ -55,7 +64,7 @@ def he_layer(sdata: SpatialData) -> tuple:
     assert get_transformation(element, HE_PX) is not None
     affine = layer_affine_um(he_pixel_to_global(sdata), display_pixel_size_um(sdata))
     return (
-        levels_yxc(element_levels_cyx(element)),
+        _small_levels_in_memory(levels_yxc(element_levels_cyx(element))),
         {"name": HE_LAYER, "rgb": True, "units": UNITS_UM, "multiscale": True, "affine": affine,
          "metadata": {"sdata": sdata, "element": HE_IMAGE}},
         "image",
@@ -64,7 +73,7 @@ def he_layer(sdata: SpatialData) -> tuple:
 
 def dapi_layer(sdata: SpatialData) -> tuple:
     element = sdata.images[MORPHOLOGY]
-    levels = [level[0] for level in element_levels_cyx(element)]  # DAPI
+    levels = _small_levels_in_memory([level[0] for level in element_levels_cyx(element)])  # DAPI
     pixel_um = display_pixel_size_um(sdata)
     return (
         levels,
