@@ -643,8 +643,8 @@ class HeGlobalTransform(Protocol):
 
 def as_he_global_transform(transform: np.ndarray | HeGlobalTransform) -> HeGlobalTransform:
     """Accept a 3 x 3 H&E px -> global px matrix, a registration transform or a fitted one."""
+    if isinstance(getattr(transform, "transform", None), HeGlobalTransform):  # registration.FittedTransform
+        return transform.transform  # the model itself, with its bulk inverse
     if isinstance(transform, HeGlobalTransform):
         return transform
-    if isinstance(getattr(transform, "transform", None), HeGlobalTransform):  # registration.FittedTransform
-        return transform.transform
     return AffineXY(np.asarray(transform, dtype=np.float64))

@@ -50,14 +50,19 @@ class TokenMapping:
     def um_to_tokens_xy(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Token coordinates of points, with exactly the float operations of the binning kernel.
 
-        Points with a NaN or infinite coordinate map to NaN (a non-affine inverse is never asked
-        about them: its Newton steps would not converge)."""
+        A non-affine registration's inverse is its bulk one where it has it (an inverse grid, within
+        ``registration.transforms.INVERSE_GRID_TOLERANCE_PX`` of the exact inverse; one affine's cost at slide
+        scale). Points with a NaN or infinite coordinate map to NaN (a non-affine inverse is never
+        asked about them: its Newton steps would not converge)."""
         x = np.asarray(x_um, dtype=np.float64)
         y = np.asarray(y_um, dtype=np.float64)
         a = self.um_to_tokens_matrix
         if a is None:
             finite = np.isfinite(x) & np.isfinite(y)
-            he = self.transform.inverse_apply_xy(np.stack([x[finite], y[finite]], axis=1) / self.xenium_pixel_size_um)
+            global_x, global_y = x[finite] / self.xenium_pixel_size_um, y[finite] / self.xenium_pixel_size_um
+            bulk = getattr(self.transform, "bulk_inverse_columns", None)
+            he = (np.column_stack(bulk(global_x, global_y)) if bulk is not None
+                  else self.transform.inverse_apply_xy(np.stack([global_x, global_y], axis=1)))
             q = np.full((len(x), 2), np.nan)
             q[finite] = self.geometry.he_px_to_tokens(he)
             return np.ascontiguousarray(q[:, 0]), np.ascontiguousarray(q[:, 1])
