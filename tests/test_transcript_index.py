@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from napari_morphomol.elements import MORPHOLOGY, TRANSCRIPTS
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.features import XeniumDataWarning
-from napari_morphomol.io.sample import load_sample
+from napari_morphomol.io.sample import load_sample, transcripts_file
 from napari_morphomol.io.transcript_density import MIN_QV, build_transcript_density
 
 FEATURES = ["ACTB", "EPCAM", "KRT8", "NegControlProbe_1", "ZEROGENE"]
@@ -112,6 +112,8 @@ def test_a_sample_indexes_as_its_points_count(synthetic_sample):
     points = sdata.points[TRANSCRIPTS]
     height_px, width_px = sdata.images[MORPHOLOGY]["scale0"]["image"].shape[1:]
     extent_um = (width_px * 0.2125, height_px * 0.2125)
+    assert transcripts_file(points) is not None  # the index reads the parquet file itself
+    assert transcripts_file(points[points["x"] > 10]) is None  # a derived element is read through dask
     density = build_transcript_density(points, extent_um=extent_um)
     frame = points[["x", "y", "feature_name", "qv"]].compute()
     expected = in_memory_counts(frame, extent_um, 4.0)

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from dask.base import tokenize
 from spatialdata import SpatialData, read_zarr
 from spatialdata.models import Image2DModel, PointsModel
 from spatialdata.models.pyramids_utils import dask_arrays_to_datatree
@@ -119,19 +120,11 @@ def _version_warnings(specs: dict, spec_file: Path) -> list[str]:
     return found
 
 
-def _read_transcript_row_groups(
-    row_groups: list[int], file: Path, categories: list[str], columns: list[str] | None = None
-) -> pd.DataFrame:
-    """One partition: row groups with ``feature_name`` as categories straight from the file's
-    dictionary pages (no per-row gene strings; each row group's dictionary is mapped onto
-    ``categories`` by one lookup table); dask passes the projected ``columns``. Binary names
-    (older runs) are decoded, as spatialdata-io does."""
-    parquet = pq.ParquetFile(file, read_dictionary=["feature_name"])
-    table = parquet.read_row_groups(row_groups, columns=columns)
-    if "feature_name" not in table.column_names:
-        return table.to_pandas()
-    dtype = pd.CategoricalDtype(categories)
-    code_type = np.int16 if len(categories) < np.iinfo(np.int16).max else np.int32
+def _feature_codes(table: pa.Table, dtype: pd.CategoricalDtype) -> np.ndarray:
+    """The ``feature_name`` column as codes of ``dtype``'s categories, straight from the file's
+    dictionary pages (no per-row gene strings): each chunk's dictionary is mapped onto the
+    categories by one lookup table; binary names (older runs) are decoded, as spatialdata-io does."""
+    code_type = np.int16 if len(dtype.categories) < np.iinfo(np.int16).max else np.int32
     codes = [np.zeros(0, code_type)]
     for chunk in table.column("feature_name").chunks:
         if not pa.types.is_dictionary(chunk.type):  # no rows: pandas wrote the column as nulls
@@ -140,10 +133,55 @@ def _read_transcript_row_groups(
         lookup = np.append(dtype.categories.get_indexer(names), -1).astype(code_type)
         indices = chunk.indices.fill_null(len(names)).to_numpy(zero_copy_only=False)
         codes.append(lookup[indices])
+    return np.concatenate(codes)
+
+
+def _read_transcript_row_groups(
+    row_groups: list[int], file: Path, categories: list[str], columns: list[str] | None = None
+) -> pd.DataFrame:
+    """One partition: row groups with ``feature_name`` as categories (:func:`_feature_codes`);
+    dask passes the projected ``columns``."""
+    parquet = pq.ParquetFile(file, read_dictionary=["feature_name"])
+    table = parquet.read_row_groups(row_groups, columns=columns)
+    if "feature_name" not in table.column_names:
+        return table.to_pandas()
+    dtype = pd.CategoricalDtype(categories)
     df = table.drop_columns(["feature_name"]).to_pandas()
     df.insert(table.column_names.index("feature_name"), "feature_name",
-              pd.Categorical.from_codes(np.concatenate(codes), dtype=dtype))
+              pd.Categorical.from_codes(_feature_codes(table, dtype), dtype=dtype))
     return df
+
+
+@dataclass(frozen=True)
+class TranscriptsFile:
+    """Where the rows of a transcripts element :func:`load_sample` made come from: its parquet
+    file, the row groups of each partition and the gene categories. A pass over every
+    transcript (the density index) reads them straight from the file, without dask's frames."""
+
+    path: Path
+    partitions: tuple[tuple[int, ...], ...]
+    categories: tuple[str, ...]
+
+    def read_columns(self, partition: int) -> dict[str, np.ndarray]:
+        """x and y (um, as stored), qv (when the file has it) and gene codes of one partition."""
+        parquet = pq.ParquetFile(self.path, read_dictionary=["feature_name"])
+        columns = ["x_location", "y_location", "feature_name"] + (["qv"] if "qv" in parquet.schema_arrow.names else [])
+        table = parquet.read_row_groups(list(self.partitions[partition]), columns=columns)
+        arrays = {"x": table.column("x_location").to_numpy(), "y": table.column("y_location").to_numpy(),
+                  "codes": _feature_codes(table, pd.CategoricalDtype(list(self.categories)))}
+        if "qv" in columns:
+            arrays["qv"] = table.column("qv").to_numpy()
+        return arrays
+
+
+_TRANSCRIPTS_FILES: dict[str, TranscriptsFile] = {}
+"""The dask token of each transcripts element :func:`load_sample` made -> its file (a few hundred
+bytes a sample); an element derived from it (a query, a filter) has another token."""
+
+
+def transcripts_file(points: dd.DataFrame) -> TranscriptsFile | None:
+    """The file a transcripts element was read from, if :func:`load_sample` made it as it is."""
+    return _TRANSCRIPTS_FILES.get(tokenize(points))
 
 
 def _feature_names(file: Path) -> list[str]:
@@ -181,7 +219,7 @@ def _read_transcripts(xenium_dir: Path, xenium_pixel_size_um: float) -> dd.DataF
         _read_transcript_row_groups, batches, file=file, categories=categories, meta=meta, enforce_metadata=False
     )
     scale = Scale([1.0 / xenium_pixel_size_um] * 2, axes=("x", "y"))
-    return PointsModel.parse(
+    points = PointsModel.parse(
         table,
         coordinates={"x": "x_location", "y": "y_location", "z": "z_location"},
         feature_key="feature_name",
@@ -189,6 +227,9 @@ def _read_transcripts(xenium_dir: Path, xenium_pixel_size_um: float) -> dd.DataF
         transformations={GLOBAL: scale},
         sort=True,
     )
+    _TRANSCRIPTS_FILES[tokenize(points)] = TranscriptsFile(
+        file, tuple(tuple(batch) for batch in batches), tuple(categories))
+    return points
 
 
 def _check_transcripts(xenium_dir: Path) -> Path:

@@ -1,7 +1,9 @@
 """Per-gene transcript density and the transcripts in view, indexed in one bounded-memory pass.
 
 Real runs hold 100-300 M transcripts: neither points nor an in-memory index of them fits a
-laptop. One pass over the dask partitions (a few at a time) bins every transcript (qv >= 20)
+laptop. One pass over the partitions (a few at a time; those of a transcripts element
+:func:`~napari_morphomol.io.load_sample` made are read straight from its parquet file, without
+dask's frames, see ``io.sample.TranscriptsFile``) bins every transcript (qv >= 20)
 into square bins of ``bin_um`` and writes two orderings of the kept ones to a scratch folder:
 
 - **by feature**: each transcript's bin (int32), grouped per partition by feature, so a gene's
@@ -41,6 +43,7 @@ from skimage.measure import block_reduce
 
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.features import is_control_feature, warn_non_finite_xy
+from napari_morphomol.io.sample import transcripts_file
 
 MIN_QV = 20.0
 BLOCK_UM = 200.0
@@ -295,13 +298,20 @@ def build_transcript_density(
     feature_dtype = np.uint16 if n_features <= np.iinfo(np.uint16).max else np.uint32
     has_qv = "qv" in points.columns
 
-    def order_partition(df: pd.DataFrame) -> tuple:
+    def order_frame(df: pd.DataFrame) -> tuple:
         names = df["feature_name"]
         if not (isinstance(names.dtype, pd.CategoricalDtype) and names.dtype == code_of):
             names = names.astype(code_of)
-        codes = names.cat.codes.to_numpy().astype(np.int32)
-        x, y = df["x"].to_numpy(), df["y"].to_numpy()
-        qv = df["qv"].to_numpy() if has_qv else np.full(len(df), np.inf, np.float32)
+        return order_columns(df["x"].to_numpy(), df["y"].to_numpy(), df["qv"].to_numpy() if has_qv else None,
+                             names.cat.codes.to_numpy())
+
+    def order_file_partition(source, partition: int) -> tuple:
+        arrays = source.read_columns(partition)
+        return order_columns(arrays["x"], arrays["y"], arrays.get("qv"), arrays["codes"])
+
+    def order_columns(x, y, qv, codes) -> tuple:
+        codes = codes.astype(np.int32)
+        qv = np.full(len(x), np.inf, np.float32) if qv is None else qv
         bin_of, block_of, feature_counts, block_counts, status_counts = _classify(
             x, y, qv, codes, float(bin_um), nx, ny, block_bins, nbx, n_features, n_blocks, float(min_qv))
         feature_offsets, block_offsets = np.cumsum(feature_counts), np.cumsum(block_counts)
@@ -312,8 +322,12 @@ def build_transcript_density(
         return ordered, feature_offsets, block_offsets, status_counts
 
     scratch = _make_scratch(scratch_dir)
-    columns = ["x", "y", "feature_name"] + (["qv"] if has_qv else [])  # read nothing else from disk
-    delayed_parts = points[columns].to_delayed()
+    source = transcripts_file(points)
+    if source is not None and list(source.categories) == list(features):  # straight from the parquet file
+        delayed_parts = [dask.delayed(order_file_partition)(source, i) for i in range(len(source.partitions))]
+    else:
+        columns = ["x", "y", "feature_name"] + (["qv"] if has_qv else [])  # read nothing else from disk
+        delayed_parts = [dask.delayed(order_frame)(part) for part in points[columns].to_delayed()]
     is_gene = np.array([not is_control_feature(f) for f in features], dtype=bool)
     gene_raster = np.zeros(nx * ny, np.int32)
     feature_offsets, block_offsets, status_counts, written = [], [], np.zeros(4, np.int64), 0
@@ -322,8 +336,7 @@ def build_transcript_density(
         with contextlib.ExitStack() as stack:
             files = {name: stack.enter_context(open(scratch / name, "wb")) for name in _COLUMNS}
             for start in range(0, len(delayed_parts), batch):
-                parts = [dask.delayed(order_partition)(part) for part in delayed_parts[start : start + batch]]
-                for ordered, f_offsets, b_offsets, counts in dask.compute(*parts):
+                for ordered, f_offsets, b_offsets, counts in dask.compute(*delayed_parts[start : start + batch]):
                     for name, array in zip(_COLUMNS, ordered, strict=True):
                         files[name].write(array.tobytes())
                     _add_gene_counts(gene_raster, ordered[0], f_offsets, is_gene)
