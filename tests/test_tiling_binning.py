@@ -6,7 +6,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from napari_morphomol.errors import InputError
@@ -126,6 +126,21 @@ def test_binning_matches_per_tile_reference(scene, sparse):
     np.testing.assert_array_equal(addon_tokens.sum(axis=(1, 2), dtype=np.int64), bins.tile_addon_counts(rows, cols))
     # a tile's tokens sum to the core transcripts inside it
     np.testing.assert_array_equal(bins.tile_core_totals(rows, cols), ref_tokens.sum(axis=(1, 2, 3)))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenes())
+def test_a_count_past_the_dense_type_is_counted_again_wider(scene):
+    geometry, matrix, df = scene
+    crowded = pd.concat([df] + [df.iloc[:20]] * 300, ignore_index=True)  # 300 more of each: past uint8
+    narrow = bin_transcripts(crowded, geometry, PANEL, matrix, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM,
+                             dense_dtype=np.uint8)
+    wide = bin_transcripts(crowded, geometry, PANEL, matrix, xenium_pixel_size_um=XENIUM_PIXEL_SIZE_UM,
+                           dense_dtype=np.uint32)
+    assume(wide.tokens.dense.max(initial=0) > np.iinfo(np.uint8).max)  # one of them was counted in a token
+    np.testing.assert_array_equal(narrow.tokens.dense, wide.tokens.dense)
+    np.testing.assert_array_equal(narrow.addon_tokens.dense, wide.addon_tokens.dense)
+    assert narrow.counts == wide.counts
 
 
 @settings(max_examples=40, deadline=None)

@@ -5,7 +5,7 @@ px and the registration into H&E px, then into token coordinates (see :mod:`.geo
 counted once.
 Work goes partition by partition of a (dask) dataframe; the only memory that grows with the slide
 is the output. The panel raster (core and add-on genes of every token) is dense ``(rows, cols,
-genes)`` uint32 while it fits in ``max_dense_bytes``, otherwise a CSR matrix (tokens x genes) built
+genes)`` uint16 while it fits in ``max_dense_bytes``, otherwise a CSR matrix (tokens x genes) built
 from per-partition sorted keys; it is split into the core and add-on :class:`TokenRaster`.
 Invariant: an add-on transcript is counted in its token exactly when it is counted in its stride
 square, so a tile's per-token add-on counts sum to its tile target.
@@ -104,10 +104,11 @@ class TranscriptCounts:
 
 @numba.njit(cache=True, nogil=True)
 def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, n_panel, a, extent_x, extent_y, stride_tokens,
-                panel_dense, panel_keys, core_totals, addon, counters):
+                panel_dense, dense_max, panel_keys, core_totals, addon, counters):
     """One pass over a partition. Dense mode increments ``panel_dense`` (rows, cols, core + add-on
-    genes); sparse mode (``panel_dense`` of size 0) writes linear keys (token * n_panel + slot)
-    into ``panel_keys`` and returns their count."""
+    genes) up to ``dense_max`` (a count that would pass it is counted in ``counters[8]``); sparse
+    mode (``panel_dense`` of size 0) writes linear keys (token * n_panel + slot) into ``panel_keys``
+    and returns their count."""
     n_rows, n_cols = core_totals.shape
     n_srows, n_scols = addon.shape[0], addon.shape[1]
     dense = panel_dense.size > 0
@@ -151,7 +152,10 @@ def _bin_kernel(x, y, qv, min_qv, codes, slot_of_code, n_core, n_panel, a, exten
                 addon_out += 1
                 continue
         if dense:
-            panel_dense[cy, cx, slot] += 1
+            if panel_dense[cy, cx, slot] < dense_max:
+                panel_dense[cy, cx, slot] += 1
+            else:
+                counters[8] += 1
         else:
             panel_keys[n_keys] = (np.int64(cy) * n_cols + cx) * n_panel + slot
             n_keys += 1
@@ -193,7 +197,7 @@ class TokenRaster:
         rows, cols, genes = self.shape
         r1, c1 = min(row0 + n_rows, rows), min(col0 + n_cols, cols)
         if self.dense is not None:
-            return self.dense[row0:r1, col0:c1]
+            return self.dense[row0:r1, col0:c1].astype(np.uint32)
         tokens = (np.arange(row0, r1)[:, None] * cols + np.arange(col0, c1)[None, :]).ravel()
         return self.csr[tokens].toarray().astype(np.uint32).reshape(r1 - row0, c1 - col0, genes)
 
@@ -307,12 +311,15 @@ def bin_transcripts(
     qv_col: str | None = "qv",
     max_dense_bytes: int = 2 * 1024**3,
     progress: Callable[[int, int], None] | None = None,
+    dense_dtype: type = np.uint16,
 ) -> TranscriptBins:
     """Count transcripts (um columns) into the token and stride rasters of ``geometry``.
 
     Kept: finite x and y, ``qv >= min_qv`` (no ``qv`` column: all kept), panel genes, inside the
     H&E image (token coordinates in ``[0, extent)``). Everything else is counted in
     ``TranscriptBins.counts``; non-finite positions are also warned about (XeniumDataWarning).
+    The dense raster holds uint16 counts (half the memory; a token holds a few hundred
+    transcripts); a token with more than 65,535 of one gene makes the pass run again in uint32.
     """
     for col in (x_col, y_col, feature_col) + ((qv_col,) if qv_col else ()):
         if col not in transcripts.columns:
@@ -328,13 +335,13 @@ def bin_transcripts(
     n_core, n_addon = len(panel.core), len(panel.addon)
     slot_of_gene = {g: i for i, g in enumerate(panel.core + panel.addon)}
     n_panel = n_core + n_addon
-    dense_bytes = rows * cols * n_panel * 4
+    dense_bytes = rows * cols * n_panel * np.dtype(dense_dtype).itemsize
     sparse = dense_bytes > max_dense_bytes
-    panel_dense = np.zeros((0, 0, 0) if sparse else (rows, cols, n_panel), dtype=np.uint32)
+    panel_dense = np.zeros((0, 0, 0) if sparse else (rows, cols, n_panel), dtype=dense_dtype)
     core_totals = np.zeros((rows, cols), dtype=np.uint32)
     addon = np.zeros((*geometry.stride_raster_shape, n_addon), dtype=np.uint32)
     counts = TranscriptCounts()
-    counters = np.zeros(8, dtype=np.int64)
+    counters = np.zeros(9, dtype=np.int64)
     key_parts: list[tuple[np.ndarray, np.ndarray]] = []
     pending = 0
     extent_x, extent_y = geometry.extent_tokens_xy
@@ -352,7 +359,7 @@ def bin_transcripts(
         keys = np.empty(len(part) if sparse else 0, dtype=np.int64)
         n_keys = _bin_kernel(np.ascontiguousarray(x), np.ascontiguousarray(y), qv, float(min_qv), codes, slots,
                              n_core, n_panel, a, extent_x, extent_y, geometry.stride_tokens,
-                             panel_dense, keys, core_totals, addon, counters)
+                             panel_dense, np.iinfo(dense_dtype).max, keys, core_totals, addon, counters)
         if sparse and n_keys:
             unique, per_key = np.unique(keys[:n_keys], return_counts=True)
             key_parts.append((unique, per_key))
@@ -362,6 +369,10 @@ def bin_transcripts(
                 pending = len(key_parts[0][0])
         if progress is not None:
             progress(index + 1, n_parts)
+    if counters[8]:  # a count passed the dense type's range: count again, wider
+        return bin_transcripts(transcripts, geometry, panel, he_to_global, xenium_pixel_size_um=xenium_pixel_size_um,
+                               min_qv=min_qv, x_col=x_col, y_col=y_col, feature_col=feature_col, qv_col=qv_col,
+                               max_dense_bytes=max_dense_bytes, progress=progress, dense_dtype=np.uint32)
     counts.add(counters)
     warn_non_finite_xy(counts.non_finite_xy)
     if sparse:
