@@ -11,6 +11,7 @@ from npe2 import PluginManager
 from napari_morphomol import _sample_data
 from napari_morphomol._reader import get_reader
 from napari_morphomol.layers.sample import DAPI_LAYER, DENSITY_LAYER, HE_LAYER
+from napari_morphomol.widgets.load_sample import LoadSampleWidget
 
 
 def test_manifest_is_valid():
@@ -27,12 +28,13 @@ def test_reader_ignores_what_is_not_a_sample(tmp_path):
     assert get_reader(str(tmp_path / "x.csv")) is None
 
 
-def test_open_folder_with_the_plugin(make_napari_viewer, synthetic_sample):
+def test_open_folder_with_the_plugin(make_napari_viewer, qtbot, synthetic_sample):
     viewer = make_napari_viewer()
     viewer.open(str(synthetic_sample.root), plugin="napari-morphomol")
-    assert [layer.name for layer in viewer.layers] == [HE_LAYER, DAPI_LAYER, DENSITY_LAYER]
-    density = viewer.layers[DENSITY_LAYER]
-    assert np.asarray(density.data).sum() > 0
+    assert [layer.name for layer in viewer.layers] == [HE_LAYER, DAPI_LAYER]  # no pass over the transcripts here
+    widget = LoadSampleWidget(viewer)  # the dock adopts the sample and indexes its transcripts in the background
+    qtbot.waitUntil(lambda: widget.density is not None, timeout=60_000)
+    assert np.asarray(viewer.layers[DENSITY_LAYER].data).sum() > 0
     # a Xenium folder alone opens without H&E
     viewer.layers.clear()
     viewer.open(str(synthetic_sample.xenium_dir), plugin="napari-morphomol")

@@ -132,7 +132,7 @@ def test_scratch_files_go_on_close_and_a_bad_scratch_folder_is_refused(tmp_path)
     assert not density.scratch.exists()
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
-    with pytest.raises(InputError, match="set TMPDIR"):
+    with pytest.raises(InputError, match="set MORPHOMOL_CACHE"):
         build_transcript_density(points, extent_um=(100.0, 100.0), scratch_dir=not_a_folder)
     with pytest.raises(InputError, match="unknown genes"):
         build_transcript_density(points, extent_um=(100.0, 100.0)).raster(["NOPE"])

@@ -39,6 +39,13 @@ import zarr
 
 from napari_morphomol.errors import InputError
 
+
+def cache_dir() -> Path:
+    """The project's own folder for what it makes for the user and may remake (the demo sample, the
+    transcript index's scratch): ``MORPHOMOL_CACHE``, else ~/.cache/napari-morphomol (on disk,
+    where the system's temporary folder is often held in memory)."""
+    return Path(os.environ.get("MORPHOMOL_CACHE", Path.home() / ".cache" / "napari-morphomol"))
+
 _FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _REMOVE_ATTEMPTS = 100
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR}

@@ -32,8 +32,10 @@ def get_reader(path):
 
 
 def read_sample(path):
-    """The sample's layers; a SpatialData export of ours shows its sample at full resolution
-    (``export.open_export`` attaches the sample's files a default export names)."""
+    """The sample's H&E and DAPI (the Load sample dock, open or opened later, adopts the sample and
+    builds its transcript density in the background: a reader runs on the event loop); a
+    SpatialData export of ours shows its sample at full resolution (``export.open_export``
+    attaches the sample's files a default export names)."""
     path = Path(path[0] if isinstance(path, list) else path)
     if path.is_dir() and (path / "zarr.json").is_file():
         from napari_morphomol.export.writers import SPATIALDATA_EXPORT
@@ -41,5 +43,5 @@ def read_sample(path):
         if SPATIALDATA_EXPORT.is_ours(path):
             from napari_morphomol.export import open_export
 
-            return sample_layers(open_export(path))
-    return sample_layers(open_sample(path))
+            return sample_layers(open_export(path), with_density=False)
+    return sample_layers(open_sample(path), with_density=False)

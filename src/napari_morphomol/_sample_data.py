@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from napari_morphomol._atomic import cache_dir
 from napari_morphomol.io.sample import open_sample
 from napari_morphomol.layers.sample import sample_layers
 from napari_morphomol.synthetic import GENERATOR_VERSION, write_synthetic_sample
@@ -15,8 +15,7 @@ DEMO_SEED = 0
 
 def demo_sample_dir() -> Path:
     """Where the demo sample lives (``MORPHOMOL_CACHE`` or ~/.cache/napari-morphomol)."""
-    cache = Path(os.environ.get("MORPHOMOL_CACHE", Path.home() / ".cache" / "napari-morphomol"))
-    return cache / f"synthetic-{DEMO_SIZE_MM[0]:g}x{DEMO_SIZE_MM[1]:g}mm-seed{DEMO_SEED}-v{GENERATOR_VERSION}"
+    return cache_dir() / f"synthetic-{DEMO_SIZE_MM[0]:g}x{DEMO_SIZE_MM[1]:g}mm-seed{DEMO_SEED}-v{GENERATOR_VERSION}"
 
 
 def ensure_demo_sample() -> Path:

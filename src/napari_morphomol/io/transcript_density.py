@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 from skimage.measure import block_reduce
 
+from napari_morphomol._atomic import cache_dir
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.features import is_control_feature, warn_non_finite_xy
 from napari_morphomol.io.sample import transcripts_file
@@ -70,7 +71,7 @@ def _classify(x, y, qv, codes, bin_um, nx, ny, block_bins, nbx, n_features, n_bl
             bin_of[i] = _STATUS_NON_FINITE
         elif codes[i] < 0:
             bin_of[i] = _STATUS_UNNAMED
-        elif qv[i] < min_qv:
+        elif not qv[i] >= min_qv:  # a NaN quality is low too
             bin_of[i] = _STATUS_LOW_QV
         else:
             fx, fy = np.floor(xi / bin_um), np.floor(yi / bin_um)
@@ -273,8 +274,9 @@ def build_transcript_density(
     min_qv
         Transcripts below this quality are counted (``n_low_qv``), not binned.
     scratch_dir
-        Where the scratch folder goes (default: the system's temporary folder, ``TMPDIR``); it
-        needs about 14 bytes per transcript.
+        Where the scratch folder goes (default: ``scratch`` in the project's cache folder,
+        ``MORPHOMOL_CACHE`` or ~/.cache/napari-morphomol, on disk); it needs about 14 bytes per
+        transcript.
 
     Returns
     -------
@@ -331,7 +333,7 @@ def build_transcript_density(
     is_gene = np.array([not is_control_feature(f) for f in features], dtype=bool)
     gene_raster = np.zeros(nx * ny, np.int32)
     feature_offsets, block_offsets, status_counts, written = [], [], np.zeros(4, np.int64), 0
-    batch = 2 * (os.cpu_count() or 1)  # parallel, yet only a few partitions' results in memory
+    batch = os.cpu_count() or 1  # parallel, yet one partition's results per core in memory
     try:
         with contextlib.ExitStack() as stack:
             files = {name: stack.enter_context(open(scratch / name, "wb")) for name in _COLUMNS}
@@ -348,7 +350,8 @@ def build_transcript_density(
         shutil.rmtree(scratch, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InputError(f"no room left in {scratch.parent} for the transcript index (about 14 bytes per "
-                             "transcript); free space there, or set TMPDIR to a folder with more room.") from exc
+                             "transcript); free space there, or set MORPHOMOL_CACHE to a folder with more "
+                             "room.") from exc
         raise
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -364,12 +367,14 @@ def build_transcript_density(
 
 
 def _make_scratch(scratch_dir) -> Path:
+    where = Path(scratch_dir) if scratch_dir is not None else cache_dir() / "scratch"
     try:
-        return Path(tempfile.mkdtemp(prefix="morphomol-transcript-index-", dir=scratch_dir))
+        if scratch_dir is None:
+            where.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="transcript-index-", dir=where))
     except OSError as exc:
-        where = scratch_dir or tempfile.gettempdir()
-        raise InputError(f"cannot make the transcript index's scratch folder in {where} ({exc}); "
-                         "set TMPDIR to a writable folder with room (about 14 bytes per transcript).") from exc
+        raise InputError(f"cannot make the transcript index's scratch folder in {where} ({exc}); set "
+                         "MORPHOMOL_CACHE to a writable folder with room (about 14 bytes per transcript).") from exc
 
 
 def transcripts_in_box_um(

@@ -94,6 +94,9 @@ class LoadSampleWidget(Container):
         args = (chosen_path(self.xenium_dir), chosen_path(self.he_path), chosen_path(self.alignment_csv))
         self.status.value = "loading..."
         self.load_button.enabled = False
+        if self.density is not None:  # the last sample's index: its scratch goes now
+            self.density.close()
+            self.density = None
 
         def work():
             sdata = load_sample(*args, he_pixel_size_um=pixel)
@@ -157,7 +160,8 @@ class LoadSampleWidget(Container):
         self.status.value = "counting transcripts per gene..."
         worker = create_worker(transcript_density, self.sdata, _progress={"desc": "Transcript density"},
                                _connect={"errored": self._on_error}, _start_thread=False)
-        worker.returned.connect(self._on_density)
+        sdata = self.sdata
+        worker.returned.connect(lambda density: self._on_density(density) if sdata is self.sdata else density.close())
         worker.finished.connect(lambda: setattr(self.load_button, "enabled", True))
         worker.start()
         self.density_worker = worker
