@@ -108,7 +108,8 @@ cuda_tests() {
 }
 
 sample() {
-  "$PY" -m napari_morphomol.cli synth "$WORK/sample" --size-mm "$SIZE_MM" "$SIZE_MM" --seed 0
+  [ -f "$WORK/sample/panel.json" ] ||
+    "$PY" -m napari_morphomol.cli synth "$WORK/sample" --size-mm "$SIZE_MM" "$SIZE_MM" --seed 0
 }
 
 bench() {

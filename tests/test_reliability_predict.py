@@ -217,13 +217,29 @@ def test_predict_options_out_of_range_are_refused_by_the_command_line(tmp_path, 
 
 
 @pytest.mark.parametrize("option", [{"num_workers": 0}, {"batch_size": 0}, {"tiles_per_chunk": 0},
-                                    {"min_transcripts": -1}, {"max_background": 1.5}, {"batch_size": 2.5}])
+                                    {"min_transcripts": -1}, {"max_background": 1.5}, {"batch_size": 2.5},
+                                    {"jpeg_device": "mps"}, {"jpeg_device": "gpu"}, {"jpeg_device": 0}])
 def test_predict_refuses_options_out_of_range_from_python_before_any_work(tmp_path, sample, option):
     out = tmp_path / "r.zarr"
     not_read = tmp_path / "not-read-yet.safetensors"  # the options are checked before the checkpoint is opened
     with pytest.raises(InputError, match=next(iter(option))):
         predict(sample, PredictOptions(checkpoint=not_read, store=out, **{**RUN, **option}))
     assert not out.exists() and not partial_path(out).exists()
+
+
+def test_predict_hands_the_jpeg_device_to_the_workers(tmp_path, sample, tiny_checkpoint, monkeypatch):
+    from napari_morphomol.inference import worker
+
+    asked = []
+    opened = worker.open_he_levels
+
+    def recorded(he_path, jpeg_device=None):
+        asked.append(jpeg_device)
+        return opened(he_path, jpeg_device)
+
+    monkeypatch.setattr(worker, "open_he_levels", recorded)
+    predict(sample, PredictOptions(checkpoint=tiny_checkpoint, store=tmp_path / "r.zarr", jpeg_device="cpu", **RUN))
+    assert asked and set(asked) == {"cpu"}
 
 
 # -- 6. partial stores never block the corrected command ----------------------------------------

@@ -194,6 +194,21 @@ def test_cli_writes_a_scale_sample_from_a_block(tmp_path, scale, capsys):
     assert load_ground_truth(written.block_root).transform.warp.size == 0
 
 
+@pytest.mark.parametrize(("extra", "flag"), [
+    (["--scale-grid", "1", "1", "--stain", "unseen"], "--stain does not apply to a scale sample"),
+    (["--scale-grid", "1", "1", "--tissue", "sarcomatoid"], "--tissue does not apply"),
+    (["--scale-transcripts", "1e6", "--tissue-region-um", "0", "0", "1", "1"], "--tissue-region-um does not apply"),
+    (["--scale-size-mm", "1", "1", "--registration-offset-um", "5", "0"], "--registration-offset-um does not apply"),
+    (["--block", "somewhere"], "--block applies only to a scale sample"),
+    (["--dapi-compression", "deflate"], "--dapi-compression applies only to a scale sample"),
+])
+def test_cli_refuses_an_option_the_kind_of_sample_does_not_take(tmp_path, capsys, extra, flag):
+    out = tmp_path / "cli"
+    assert main(["synth", str(out), "--size-mm", "0.2", "0.2", *extra]) == 2
+    assert flag in capsys.readouterr().err
+    assert not out.exists()
+
+
 @settings(max_examples=50, deadline=None)
 @given(per_copy=st.integers(1, 10**7), target=st.floats(1, 1e9))
 def test_the_grid_for_a_transcript_count_is_the_fewest_copies_near_square(per_copy, target):
@@ -224,5 +239,5 @@ def test_repeated_tiff_is_the_pyramid_of_the_tiled_image(tmp_path, compression):
             np.testing.assert_array_equal(mine.asarray(), theirs.asarray())
         if compression == LOSSLESS:
             np.testing.assert_array_equal(repeated.series[0].levels[0].asarray(), tiled)
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(InputError, match="multiples of 2 px: give fewer repeats"):
         write_repeated_ome_tiff(tmp_path / "odd.ome.tif", cell[:511], repeats, 0.5, "c", compression)

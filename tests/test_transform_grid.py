@@ -14,6 +14,7 @@ import numpy as np
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from napari_morphomol.errors import InputError
 from napari_morphomol.registration import (
     FitOptions,
     LandmarkPairs,
@@ -197,4 +198,26 @@ def test_a_model_the_grid_cannot_follow_is_inverted_exactly(monkeypatch):
     pts = np.random.default_rng(2).uniform(0, 40000, (5000, 2))
     hx, hy = transform_xy_columns(fitted, pts[:, 0], pts[:, 1], inverse=True)
     np.testing.assert_allclose(np.column_stack([hx, hy]), fitted.inverse_apply_xy(pts), rtol=0,
+                               atol=transforms.INVERSE_TOLERANCE_PX)
+
+
+def test_polygon_regions_whose_start_grid_fails_start_every_point_at_the_best_affine(monkeypatch):
+    """Where the exact inverse fails somewhere on the start grid's extent (a fold far from the
+    points), the bulk inverse still solves the points, each started from the best affine."""
+
+    def folds(*_):
+        raise InputError("the exact inverse did not converge")
+
+    size = 12000.0
+    strips = [((0.0, 0.0), (5000.0, 0.0), (5000.0, size), (0.0, size)),
+              ((5000.0, 0.0), (size, 0.0), (size, size), (5000.0, size))]
+    pairs = landmarks(seed=5, n=24, size_px=size, scale=1.2, angle_deg=20.0, warp_px=20.0, wavelength_px=3000.0,
+                      noise_px=1.0)
+    fitted = fit_transform(pairs, FitOptions("per-region", region_polygons_he_px=strips), leave_one_out=False)
+    monkeypatch.setattr(type(fitted.transform), "_grid_with_measured_error", folds)
+    he = np.random.default_rng(5).uniform(-0.2 * size, 1.2 * size, (3000, 2))
+    glob = fitted.apply_xy(he)
+    hx, hy = transform_xy_columns(fitted, glob[:, 0], glob[:, 1], inverse=True)
+    assert vars(fitted.transform)["_polygon_start"][0] is None
+    np.testing.assert_allclose(np.column_stack([hx, hy]), fitted.inverse_apply_xy(glob), rtol=0,
                                atol=transforms.INVERSE_TOLERANCE_PX)

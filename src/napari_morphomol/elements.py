@@ -25,6 +25,8 @@ CELL_TABLE = "table"
 """The cell table (AnnData: one row per segmented cell)."""
 SAMPLE_ATTRS_KEY = "morphomol"
 """Where a sample keeps its :class:`SampleInfo` (``sdata.attrs``; also the mark of a saved sample)."""
+SAMPLE_PATH_KEYS = ("xenium_dir", "he_path", "alignment_csv")
+"""The :class:`SampleInfo` fields (and keys of its record) naming the files and folders the sample was read from."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class SampleInfo:
     @property
     def input_paths(self) -> tuple[str, ...]:
         """The files and folders the sample was read from: no output may touch them."""
-        return tuple(p for p in (self.xenium_dir, self.he_path, self.alignment_csv) if p is not None)
+        return tuple(p for p in (getattr(self, key) for key in SAMPLE_PATH_KEYS) if p is not None)
 
 
 def sample_info(sdata) -> SampleInfo:

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto = CUDA, then MPS, then CPU (default auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto = bf16 autocast on CUDA, fp32 on the CPU and MPS (default auto)")
+    parser.add_argument("--jpeg-decoder", default="cpu", choices=["cpu", "cuda"],
+                        help="decode the H&E's JPEG tiles with libjpeg-turbo on the CPU (default) or nvJPEG on CUDA")
     parser.add_argument("--batch-size", type=whole_number(1), default=32, help="tiles per forward pass (default 32)")
     parser.add_argument("--tiles-per-chunk", type=whole_number(1), default=64,
                         help="tiles per dask task, a spatially contiguous block (default 64)")
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                              tiles_per_chunk=args.tiles_per_chunk, min_transcripts=args.min_transcripts,
                              max_background=args.max_background, region_he_px=region_polygon_he_px(args.region),
                              he_to_global=registration, overwrite=args.overwrite,
-                             interval_level=args.interval_level)
+                             interval_level=args.interval_level,
+                             jpeg_device="cuda" if args.jpeg_decoder == "cuda" else None)
     try:
         out = predict(sdata, options, progress=ProgressBar())
     except (KeyboardInterrupt, InferenceCancelled):

@@ -15,6 +15,7 @@ import resource
 import sys
 
 from napari_morphomol.commands._arguments import real_number, whole_number
+from napari_morphomol.errors import InputError
 
 NAME = "synth"
 HELP = "write a synthetic Xenium bundle + H&E sample with ground truth (for tests and demos)"
@@ -34,13 +35,13 @@ def add_arguments(parser):
     parser.add_argument("--no-deformation", action="store_true", help="H&E placed by an affine only (no local warp)")
     shift = parser.add_argument_group("dataset shift",
                                       "make a sample unlike the cohort (for out-of-distribution checks)")
-    shift.add_argument("--stain", choices=("cohort", "unseen"), default="cohort",
+    shift.add_argument("--stain", choices=("cohort", "unseen"), default=None,
                        help="unseen: an H&E protocol no cohort sample has (default cohort)")
-    shift.add_argument("--tissue", choices=("cohort", "sarcomatoid"), default="cohort",
+    shift.add_argument("--tissue", choices=("cohort", "sarcomatoid"), default=None,
                        help="sarcomatoid: spindle tumour cells no cohort tumour has (default cohort)")
     shift.add_argument("--tissue-region-um", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
                        help="apply --tissue only inside this box of the section, in um (default everywhere)")
-    shift.add_argument("--registration-offset-um", type=float, nargs=2, metavar=("DX", "DY"), default=(0.0, 0.0),
+    shift.add_argument("--registration-offset-um", type=float, nargs=2, metavar=("DX", "DY"), default=None,
                        help="write he_imagealignment.csv off by this shift, in um (default 0 0)")
     scale = parser.add_argument_group(
         "scale sample", "a block repeated on a grid (no cells; H&E at 0.2732 um/px, no warp); give one of the "
@@ -55,17 +56,34 @@ def add_arguments(parser):
     scale.add_argument("--block", metavar="DIR",
                        help="repeat this block (written with axis-aligned placement, e.g. by an earlier scale run's "
                             "block/) instead of writing one")
-    scale.add_argument("--dapi-compression", choices=("jpeg2000", "deflate"), default="jpeg2000",
+    scale.add_argument("--dapi-compression", choices=("jpeg2000", "deflate"), default=None,
                        help="DAPI codec: lossless JPEG 2000 as Xenium ships it (default) or deflate (faster to read)")
 
 
+_SECTION_ONLY = {"stain": "--stain", "tissue": "--tissue", "tissue_region_um": "--tissue-region-um",
+                 "registration_offset_um": "--registration-offset-um"}
+"""The dataset shift of a sample written section by section, which a scale sample (a block
+repeated) does not take."""
+_SCALE_ONLY = {"block": "--block", "dapi_compression": "--dapi-compression"}
+"""Options of a scale sample only."""
+
+
 def run(args) -> int:
-    if args.scale_transcripts is not None or args.scale_grid is not None or args.scale_size_mm is not None:
+    scale = args.scale_transcripts is not None or args.scale_grid is not None or args.scale_size_mm is not None
+    for name, flag in (_SECTION_ONLY if scale else _SCALE_ONLY).items():
+        if getattr(args, name) is not None:
+            raise InputError(
+                (f"{flag} does not apply to a scale sample (--scale-*): leave it out, or drop the --scale-* option "
+                 "to write a sample section by section") if scale else
+                (f"{flag} applies only to a scale sample: add --scale-transcripts, --scale-grid or --scale-size-mm, "
+                 "or leave it out"))
+    if scale:
         return _run_scale(args)
     from napari_morphomol.synthetic import write_synthetic_sample
     from napari_morphomol.synthetic.plan import DatasetShift
     region = None if args.tissue_region_um is None else tuple(args.tissue_region_um)
-    shift = DatasetShift(args.stain, args.tissue, region, tuple(args.registration_offset_um))
+    shift = DatasetShift(args.stain or "cohort", args.tissue or "cohort", region,
+                         tuple(args.registration_offset_um or (0.0, 0.0)))
     sample = write_synthetic_sample(
         args.out_dir,
         size_mm=tuple(args.size_mm or (1.0, 1.0)),
@@ -104,7 +122,7 @@ def _run_scale(args) -> int:
         seed=args.seed,
         n_core_genes=args.core_genes,
         n_addon_genes=args.addon_genes,
-        dapi_compression=args.dapi_compression,
+        dapi_compression=args.dapi_compression or "jpeg2000",
         progress=lambda message: print(f"  {message}", file=sys.stderr),
     )
     width_um, height_um = sample.size_um

@@ -11,8 +11,9 @@ The SpatialData store refers to the sample's files by default (it holds the run'
 an H&E overview, ``HE_OVERVIEW``); ``open_export("run.zarr")`` reads it back with the sample's
 full H&E, DAPI and transcripts attached; ``self_contained=True`` copies the sample in instead.
 
-The pieces (``results_to_anndata``, ``results_to_spatialdata``, ``he_overview``, the ``write_*`` functions) are
-public for callers that already hold the objects. Schemas: docs/export.md.
+The pieces (``results_to_anndata``, ``results_to_spatialdata``, ``he_overview``, ``sample_reference``
+(the record by which an export refers to its sample), the ``write_*`` functions) are public for
+callers that already hold the objects. Schemas: docs/export.md.
 """
 
 from napari_morphomol.export.anndata import results_to_anndata
@@ -33,6 +34,7 @@ from napari_morphomol.export.spatialdata import (
     he_overview,
     open_export,
     results_to_spatialdata,
+    sample_reference,
     tile_shapes,
     token_map_element,
 )
@@ -63,6 +65,7 @@ __all__ = [
     "export_results",
     "results_to_anndata",
     "results_to_spatialdata",
+    "sample_reference",
     "gene_map_image",
     "he_overview",
     "open_export",

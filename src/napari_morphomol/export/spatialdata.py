@@ -48,7 +48,14 @@ from spatialdata.transformations import Affine, Identity, Scale, set_transformat
 from napari_morphomol.analysis import StrideGrid, TokenGrid
 from napari_morphomol.analysis.gene_maps import run_token_grid, token_map_image
 from napari_morphomol.coords import GLOBAL, HE_PX, scale_matrix
-from napari_morphomol.elements import HE_IMAGE, MORPHOLOGY, SAMPLE_ATTRS_KEY, TRANSCRIPTS, element_levels_cyx
+from napari_morphomol.elements import (
+    HE_IMAGE,
+    MORPHOLOGY,
+    SAMPLE_ATTRS_KEY,
+    SAMPLE_PATH_KEYS,
+    TRANSCRIPTS,
+    element_levels_cyx,
+)
 from napari_morphomol.errors import InputError
 from napari_morphomol.export.registration import RunRegistration, run_registration
 from napari_morphomol.inference.store import Results
@@ -86,7 +93,6 @@ OVERVIEW_COARSEST_SIDE_PX = 512
 """The overview's levels halve down to this side (napari-spatialdata shows the coarsest first)."""
 SAMPLE_ELEMENTS = (HE_IMAGE, MORPHOLOGY, TRANSCRIPTS)
 """The sample's elements (those ``io.load_sample`` opens) that a default export refers to, not copies."""
-_SAMPLE_PATH_KEYS = ("xenium_dir", "he_path", "alignment_csv")
 
 
 def _load_recorded_sample(record: dict, owner: str, found_by: str, retry: str) -> SpatialData:
@@ -134,7 +140,7 @@ def sample_reference(sample: SpatialData) -> dict:
                          "napari-morphomol's load_sample / open_sample), so an export cannot refer to them; "
                          "open it with napari_morphomol.io.open_sample, or export a self-contained copy "
                          "(--self-contained, self_contained=True)")
-    return {**record, **{k: str(Path(record[k]).resolve()) for k in _SAMPLE_PATH_KEYS if record.get(k)}}
+    return {**record, **{k: str(Path(record[k]).resolve()) for k in SAMPLE_PATH_KEYS if record.get(k)}}
 
 
 def he_overview(he_image, he_to_global: np.ndarray, he_pixel_size_um: float):
@@ -340,8 +346,8 @@ def results_to_spatialdata(results: Results, adata: AnnData, *, sample: SpatialD
 
 
 def open_export(path: str | Path, *, sample: SpatialData | None = None) -> SpatialData:
-    """A SpatialData export of ours read back whole: a default export gets the sample's full lazy
-    elements attached from the files it names, in place of its H&E overview.
+    """A SpatialData export of ours read back: a default export gets the sample's H&E, DAPI and
+    transcripts attached from the files it names, in place of its H&E overview.
 
     Parameters
     ----------
@@ -354,9 +360,11 @@ def open_export(path: str | Path, *, sample: SpatialData | None = None) -> Spati
     Returns
     -------
     spatialdata.SpatialData
-        The store's elements (lazy) with, for a default export, the sample's H&E (placed in
-        ``global`` by the run's registration), DAPI and transcripts: what a self-contained export
-        holds. A self-contained export is returned as ``spatialdata.read_zarr`` reads it.
+        The store's elements (lazy) with, for a default export, the sample elements its mark lists
+        (:data:`SAMPLE_ELEMENTS`: the H&E, placed in ``global`` by the run's registration, the DAPI
+        and the transcripts), read by ``io.load_sample`` without the cell segmentation: the
+        sample's other labels, shapes and tables, which a self-contained export copies in, are not
+        attached. A self-contained export is returned as ``spatialdata.read_zarr`` reads it.
 
     Raises
     ------

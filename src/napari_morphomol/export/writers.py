@@ -21,6 +21,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 
 from napari_morphomol._atomic import OutputKind, atomic_output, guard_output, zarr_store_kind
+from napari_morphomol.elements import SAMPLE_PATH_KEYS
 from napari_morphomol.errors import InputError
 from napari_morphomol.export.anndata import results_to_anndata
 from napari_morphomol.export.qupath import QUPATH_GEOJSON, write_qupath_geojson
@@ -99,8 +100,7 @@ def write_landmarks_csv(results: Results, path: str | Path, *, landmark_format: 
 def _run_inputs(results: Results) -> list[Path]:
     """The run's results store and its sample's files: no export target may touch them."""
     sample = results.metadata.get("sample", {})
-    return [Path(results.path)] + [Path(sample[k]) for k in ("xenium_dir", "he_path", "alignment_csv")
-                                   if sample.get(k)]
+    return [Path(results.path)] + [Path(sample[k]) for k in SAMPLE_PATH_KEYS if sample.get(k)]
 
 
 def export_results(results_path: str | Path, *, h5ad: str | Path | None = None,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numbers
 from pathlib import Path
 
+import torch
+
 from napari_morphomol.errors import InputError
 from napari_morphomol.inference.devices import check_dtype
 from napari_morphomol.inference.worker import PREFETCH_BATCHES, load_model
@@ -26,8 +28,8 @@ _LEAST = {"batch_size": 1, "tiles_per_chunk": 1, "num_workers": 1, "min_transcri
 
 
 def check_options(options) -> None:
-    """The numeric options and the dtype of a ``PredictOptions``, refused with what to give (a
-    Python caller's CLI checks)."""
+    """The numeric options, the dtype and the JPEG decoder's device of a ``PredictOptions``, refused
+    with what to give (a Python caller's CLI checks)."""
     for name, least in _LEAST.items():
         value = getattr(options, name)
         if name == "num_workers" and value is None:
@@ -38,6 +40,21 @@ def check_options(options) -> None:
     if isinstance(share, bool) or not isinstance(share, numbers.Real) or not 0.0 <= share <= 1.0:
         raise InputError(f"max_background is the largest background fraction of a tile, from 0 to 1; got {share!r}")
     check_dtype(options.dtype)
+    _check_jpeg_device(options.jpeg_device)
+
+
+def _check_jpeg_device(jpeg_device) -> None:
+    """Refuse a ``jpeg_device`` that ``torchvision.io.decode_jpeg`` does not take (None, ``"cpu"``
+    or a CUDA device)."""
+    if jpeg_device is None:
+        return
+    try:
+        kind = torch.device(jpeg_device).type if isinstance(jpeg_device, str) else None
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"jpeg_device {jpeg_device!r} is not a device torchvision decodes JPEG on; give None "
+                         "(tifffile's decoder on the CPU), 'cpu' or a CUDA device such as 'cuda' or 'cuda:0'")
 
 
 def sample_route(sdata, info, card) -> str:

@@ -114,6 +114,9 @@ class PredictOptions:
     interval_level: float = DEFAULT_LEVEL
     """Nominal coverage of the interval bounds written beside the predictions (one of the levels
     the model is calibrated at: 0.5, 0.8, 0.9, 0.95, 0.99)."""
+    jpeg_device: str | None = None
+    """Decode the H&E's YCbCr JPEG tiles with ``torchvision.io.decode_jpeg`` on this torch device
+    (``"cuda"``: nvJPEG, or ``"cpu"``; see :class:`~.worker.TiffLevel`); None: tifffile's decoders on the CPU."""
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -481,7 +484,7 @@ def _run(partial: Path, final: Path, attrs: dict, inputs: _Inputs, options: Pred
                    checkpoint_sha256=inputs.sha256, he_path=attrs["fingerprint"]["he_path"],
                    geometry=attrs["geometry_args"], device=options.device,
                    dtype=attrs.get("precision", {}).get("dtype") or "float32", batch_size=int(options.batch_size),
-                   route=inputs.route)
+                   route=inputs.route, jpeg_device=options.jpeg_device)
     if "precision" not in attrs:
         spec, attrs = _calibrate(partial, spec, options, scheduler, record)
     run_warnings = _merged_warnings(attrs.get("warnings", []), record.raised)

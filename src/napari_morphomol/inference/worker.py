@@ -136,8 +136,7 @@ class TiffLevel:
     libjpeg-turbo's by a few levels (another IDCT and chroma upsampling).
     """
 
-    def __init__(self, page, file, jpeg_device: str | None = None) -> None:
-        self._file = file
+    def __init__(self, page, he_path: str, jpeg_device: str | None = None) -> None:
         self._decode = page.decode
         self._decode_args = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader}
         self._offsets = page.dataoffsets
@@ -152,10 +151,30 @@ class TiffLevel:
         self.jpeg_device = jpeg_device if jpeg_device is not None and _torch_decodes(page) else None
         self._jpeg_tables = page.jpegtables
         self._decoded = threading.local()  # per thread: {(ty, tx): tile} of its last JPEG batch
+        # the level's own handle, opened last (nothing above leaves it open when it raises);
+        # closed by close(), or with the level when the run context holding it is dropped
+        self._file = open(he_path, "rb")  # noqa: SIM115
+
+    def close(self) -> None:
+        """Close the level's file handle."""
+        self._file.close()
 
     @staticmethod
     def reads(page, n_pages: int) -> bool:
-        """Whether a level of ``n_pages`` pages with this first page is one this class reads."""
+        """Whether a level of ``n_pages`` pages with this first page is one this class reads.
+
+        Parameters
+        ----------
+        page
+            The level's first (key) tifffile page.
+        n_pages
+            How many pages the level has.
+
+        Returns
+        -------
+        bool
+            True for one interleaved RGB(A) page of 2-D tiles or strips.
+        """
         return (n_pages == 1 and page.planarconfig == 1 and page.samplesperpixel in (3, 4)
                 and page.imagedepth == 1 and len(page.chunks) == 3)
 
@@ -164,7 +183,18 @@ class TiffLevel:
         return os.pread(self._file.fileno(), count, int(self._offsets[index])) if count else None
 
     def stored_tile(self, ty: int, tx: int) -> np.ndarray | None:
-        """Stored tile ``(ty, tx)`` as (rows, cols, samples) (edge tiles may be padded), or None if empty."""
+        """One stored tile, decoded.
+
+        Parameters
+        ----------
+        ty, tx
+            The tile's row and column in the level's grid of stored tiles.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            The tile as (rows, cols, samples) (edge tiles may be padded), or None if it is not stored.
+        """
         if self.jpeg_device is not None:
             return self._torch_decoded(ty, tx)
         index = ty * self._tiles_x + tx
@@ -246,15 +276,26 @@ def open_he_levels(he_path: str, jpeg_device: str | None = None) -> list[StoredL
     """
     import tifffile
 
+    tif = None
     try:
         tif = tifffile.TiffFile(he_path)
         series = tif.series[0]
         levels = series.levels
         if all(TiffLevel.reads(level.keyframe, len(level.pages)) for level in levels):
-            file = open(he_path, "rb")  # noqa: SIM115 - held by the levels for the worker's life
-            return [TiffLevel(level.keyframe, file, jpeg_device) for level in levels]
-        group = zarr.open(series.aszarr(), mode="r")
+            with tif:  # each level reads with its own handle
+                opened: list[TiffLevel] = []
+                try:
+                    for level in levels:
+                        opened.append(TiffLevel(level.keyframe, he_path, jpeg_device))
+                except BaseException:
+                    for done in opened:
+                        done.close()
+                    raise
+                return opened
+        group = zarr.open(series.aszarr(), mode="r")  # the store reads through the open TiffFile
     except (tifffile.TiffFileError, OSError, ValueError, KeyError) as exc:
+        if tif is not None:
+            tif.close()
         raise InputError(
             f"the worker cannot read the H&E image {he_path} ({exc}); is it on a filesystem the workers share?"
         ) from exc

@@ -5,8 +5,10 @@ Entry points: :func:`load_sample` (bundle + H&E + alignment) and :func:`open_sam
 folder, found by :func:`find_sample_parts`) give the sample; :func:`summarize_sample` describes
 it; :func:`read_pyramid` / :func:`open_he_image` read an H&E pyramid level by level;
 :func:`build_transcript_density` indexes its transcripts per gene and per block in bounded memory
-(the index lives in a scratch folder). A sample's element keys, its provenance record
-(``sample_info``) and its image levels are in :mod:`napari_morphomol.elements`.
+(the index lives in a scratch folder; it reads a transcripts element straight from its parquet
+file where :func:`transcripts_file` finds one, a :class:`TranscriptsFile`). A sample's element
+keys, its provenance record (``sample_info``) and its image levels are in
+:mod:`napari_morphomol.elements`.
 The synthetic sample generator is :mod:`napari_morphomol.synthetic`.
 """
 
@@ -17,8 +19,8 @@ from napari_morphomol._lazy import lazy_attributes
 _SOURCES = {
     "features": ("XeniumDataWarning", "is_control_feature"),
     "he_image": ("PyramidImage", "read_pyramid", "rgb_levels_cyx"),
-    "sample": ("SampleParts", "find_sample_parts", "load_sample", "open_he_image", "open_sample", "read_experiment",
-               "summarize_sample"),
+    "sample": ("SampleParts", "TranscriptsFile", "find_sample_parts", "load_sample", "open_he_image", "open_sample",
+               "read_experiment", "summarize_sample", "transcripts_file"),
     "transcript_density": ("TranscriptDensity", "build_transcript_density", "transcripts_in_box_um"),
 }
 __getattr__ = lazy_attributes("napari_morphomol.io", _SOURCES)
@@ -27,6 +29,7 @@ __all__ = [
     "PyramidImage",
     "SampleParts",
     "TranscriptDensity",
+    "TranscriptsFile",
     "XeniumDataWarning",
     "build_transcript_density",
     "find_sample_parts",
@@ -38,5 +41,6 @@ __all__ = [
     "read_pyramid",
     "rgb_levels_cyx",
     "summarize_sample",
+    "transcripts_file",
     "transcripts_in_box_um",
 ]

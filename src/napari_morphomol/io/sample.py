@@ -163,7 +163,19 @@ class TranscriptsFile:
     categories: tuple[str, ...]
 
     def read_columns(self, partition: int) -> dict[str, np.ndarray]:
-        """x and y (um, as stored), qv (when the file has it) and gene codes of one partition."""
+        """x and y (um, as stored), qv (when the file has it) and gene codes of one partition.
+
+        Parameters
+        ----------
+        partition
+            The partition's number in the element (an index into ``partitions``).
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``x``, ``y``, ``codes`` (into ``categories``; -1 where the name is missing) and, when
+            the file has it, ``qv``.
+        """
         parquet = pq.ParquetFile(self.path, read_dictionary=["feature_name"])
         columns = ["x_location", "y_location", "feature_name"] + (["qv"] if "qv" in parquet.schema_arrow.names else [])
         table = parquet.read_row_groups(list(self.partitions[partition]), columns=columns)
@@ -180,7 +192,19 @@ bytes a sample); an element derived from it (a query, a filter) has another toke
 
 
 def transcripts_file(points: dd.DataFrame) -> TranscriptsFile | None:
-    """The file a transcripts element was read from, if :func:`load_sample` made it as it is."""
+    """The file a transcripts element was read from, if :func:`load_sample` made it as it is.
+
+    Parameters
+    ----------
+    points
+        A transcripts element (dask points).
+
+    Returns
+    -------
+    TranscriptsFile or None
+        Its parquet file and partitions; None for an element :func:`load_sample` did not make as
+        it is (a query or filter of one, or one read by another reader).
+    """
     return _TRANSCRIPTS_FILES.get(tokenize(points))
 
 

@@ -153,6 +153,7 @@ class TranscriptDensity:
 
     @property
     def block_um(self) -> float:
+        """Side of one block of the index (``block_bins`` bins), in um."""
         return self.block_bins * self.bin_um
 
     def close(self) -> None:
@@ -199,6 +200,15 @@ class TranscriptDensity:
         max_points: int = 200_000,
     ) -> pd.DataFrame:
         """Transcripts of ``features`` inside a box (half-open, um), read from the blocks it touches.
+
+        Parameters
+        ----------
+        features
+            Gene names of the index (an unknown name is an InputError).
+        x_range_um, y_range_um
+            The box's (low, high) sides in um, half-open.
+        max_points
+            At most this many transcripts come back.
 
         Returns
         -------

@@ -4,7 +4,8 @@ Fit with :func:`fit_transform` (landmarks clicked, read from a file, or proposed
 :func:`propose_landmarks_for_sample`), read and write landmark and matrix files with the ``read_*`` /
 ``write_*`` functions, move transcripts with :func:`transform_xy_columns` or
 :func:`transcripts_with_he_px` (per-region and spline inverses read from an :class:`InverseGrid`,
-within ``transforms.INVERSE_GRID_TOLERANCE_PX`` of the exact one), and put the result on a
+within ``INVERSE_GRID_TOLERANCE_PX`` of the exact one; :func:`map_columns_chunked` maps columns in
+chunks over threads, a columns map made a mapping by :func:`filling`), and put the result on a
 SpatialData sample with :func:`set_he_registration`.
 """
 
@@ -40,16 +41,20 @@ from napari_morphomol.registration.formats import (
 )
 from napari_morphomol.registration.landmarks import LandmarkPairs
 from napari_morphomol.registration.transforms import (
+    INVERSE_GRID_TOLERANCE_PX,
     AffineXY,
     HeGlobalTransform,
     InverseGrid,
     PerRegionAffine,
     ThinPlateSplineXY,
+    filling,
+    map_columns_chunked,
 )
 
 __all__ = [
     "HE_X_PX",
     "HE_Y_PX",
+    "INVERSE_GRID_TOLERANCE_PX",
     "REGISTRATION_ATTRS_KEY",
     "REGISTRATION_MODELS",
     "AffineXY",
@@ -63,8 +68,10 @@ __all__ = [
     "RegistrationModel",
     "ThinPlateSplineXY",
     "check_direction",
+    "filling",
     "fit_transform",
     "fitted_from_record",
+    "map_columns_chunked",
     "read_alignment_csv",
     "read_bigwarp_csv",
     "read_keypoints_csv",

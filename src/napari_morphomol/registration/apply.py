@@ -86,13 +86,13 @@ def transform_xy_columns(
     if x.shape != y.shape or x.ndim != 1:
         raise InputError(f"x and y must be 1-D columns of equal length, got {x.shape} and {y.shape}")
     transform = fitted.transform
-    mapping = filling(partial(transform.map_columns, inverse=inverse))
-    if fitted.matrix is not None:
-        dtype, chunk = np.result_type(x.dtype, y.dtype, np.float32), AFFINE_CHUNK_POINTS
-    elif inverse and not exact:
+    if inverse and not exact and fitted.matrix is None:
         dtype, chunk, mapping = np.float64, AFFINE_CHUNK_POINTS, transform.bulk_inverse_columns
     else:
-        dtype, chunk = np.float64, EXACT_CHUNK_POINTS
+        mapping = filling(partial(transform.map_columns, inverse=inverse))
+        affine = fitted.matrix is not None
+        dtype = np.result_type(x.dtype, y.dtype, np.float32) if affine else np.float64
+        chunk = AFFINE_CHUNK_POINTS if affine else EXACT_CHUNK_POINTS
     return map_columns_chunked(mapping, x, y, dtype, chunk_points or chunk, workers)
 
 

@@ -301,7 +301,18 @@ def map_columns_chunked(
 
 
 def filling(columns: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]):
-    """A columns map ``(x, y) -> (x, y)`` as a mapping for :func:`map_columns_chunked`."""
+    """A columns map ``(x, y) -> (x, y)`` as a mapping for :func:`map_columns_chunked`.
+
+    Parameters
+    ----------
+    columns
+        Maps x and y columns to new x and y columns (e.g. ``transform.map_columns``).
+
+    Returns
+    -------
+    callable
+        ``(x, y, out_x, out_y)``: writes ``columns(x, y)`` into ``out_x`` and ``out_y``.
+    """
 
     def fill(x: np.ndarray, y: np.ndarray, out_x: np.ndarray, out_y: np.ndarray) -> None:
         out_x[:], out_y[:] = columns(x, y)
@@ -402,6 +413,7 @@ class InverseGrid:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the grid's nodes take in memory."""
         return self.nodes_he_px.nbytes
 
     def interpolate(self, x: np.ndarray, y: np.ndarray, out_x: np.ndarray, out_y: np.ndarray) -> np.ndarray:
@@ -578,7 +590,8 @@ class PerRegionAffine(_NewtonInverted):
         cell's edge and no coarser grid of its inverse follows it within the tolerance; their
         inverse is solved exactly instead, by the same Newton steps compiled, on the blended
         matrices at the weight grid's nodes (:meth:`PolygonWeights.blended`), started from a coarse
-        grid of the inverse (``POLYGON_START_GRID_CELLS``; both built once).
+        grid of the inverse (``POLYGON_START_GRID_CELLS``; both built once; where the exact
+        inverse fails somewhere on that grid's extent, every point starts at the best affine's inverse).
         """
         if not isinstance(self.weights, PolygonWeights):
             return super().bulk_inverse_columns(x, y, out_x, out_y)
@@ -590,11 +603,15 @@ class PerRegionAffine(_NewtonInverted):
                     origin, span = self._grid_box_global()
                     pitch = float(span.max()) / POLYGON_START_GRID_CELLS
                     n_x, n_y = (np.ceil(span / pitch).astype(int) + 1).tolist()
-                    self.__dict__["_polygon_start"] = (self._grid_with_measured_error(origin, pitch, n_x, n_y),
-                                                       self.weights.blended(self.region_matrices))
+                    try:
+                        start = self._grid_with_measured_error(origin, pitch, n_x, n_y)
+                    except InputError:  # the exact inverse fails somewhere on the grid's extent
+                        start = None
+                    self.__dict__["_polygon_start"] = (start, self.weights.blended(self.region_matrices))
         start, blended = self.__dict__["_polygon_start"]
-        out_x.fill(np.nan)  # off the start grid: start at the best affine's inverse
-        start.interpolate(x, y, out_x, out_y)
+        out_x.fill(np.nan)  # off the start grid (or with none): start at the best affine's inverse
+        if start is not None:
+            start.interpolate(x, y, out_x, out_y)
         w = self.weights
         failed = _blended_newton_kernel(x, y, w.origin[0], w.origin[1], 1.0 / w.cell_px, blended,
                                         np.linalg.inv(self.best_affine)[:2], INVERSE_TOLERANCE_PX,

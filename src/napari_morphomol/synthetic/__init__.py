@@ -11,7 +11,10 @@ and core genes), on hidden states (seen only by core genes) and on morphology st
 by H&E), so neither modality alone explains the add-on panel. Deterministic by seed; memory
 stays per block. :func:`write_scale_sample` writes a slide-scale sample (hundreds of millions of
 transcripts) in minutes by repeating one block on a grid (a :class:`ScaleSample`, no cell
-segmentation). See docs/synthetic.md.
+segmentation; its pieces: :func:`write_repeated_ome_tiff` with :func:`repeat_step_px`, the
+transcript table's :class:`TranscriptColumns` and :func:`transcripts_writer`,
+:data:`DAPI_COMPRESSIONS`, and :func:`check_out_dir`, the refusal of a folder that is not new or
+empty). See docs/synthetic.md.
 
 Modules: :mod:`.plan` (sizes, transform, stain, seed), :mod:`.tissue` (fields, regions, cells),
 :mod:`.expression` (the panel's programs and transcript sampling), :mod:`.render` and
@@ -26,24 +29,32 @@ from napari_morphomol._lazy import lazy_attributes
 #: Public names and the submodule defining each. They load on first use, so that importing the
 #: package (a command's --help, Open Sample's menu entry) does not load numba, pyarrow or zarr.
 _SOURCES = {
-    "sample": ("SampleSummary", "SyntheticSample", "write_synthetic_sample"),
-    "scale": ("SCALE_HE_PIXEL_SIZE_UM", "ScaleSample", "write_scale_sample"),
+    "bundle": ("TranscriptColumns", "transcripts_writer"),
+    "sample": ("SampleSummary", "SyntheticSample", "check_out_dir", "write_synthetic_sample"),
+    "scale": ("DAPI_COMPRESSIONS", "SCALE_HE_PIXEL_SIZE_UM", "ScaleSample", "write_scale_sample"),
     "truth": ("GENERATOR_VERSION", "GroundTruth", "expected_cell_counts", "load_ground_truth", "true_global_to_he_px",
               "true_he_to_global_px"),
+    "writers": ("repeat_step_px", "write_repeated_ome_tiff"),
 }
 __getattr__ = lazy_attributes("napari_morphomol.synthetic", _SOURCES)
 
 __all__ = [
+    "DAPI_COMPRESSIONS",
     "GENERATOR_VERSION",
     "SCALE_HE_PIXEL_SIZE_UM",
     "GroundTruth",
     "SampleSummary",
     "ScaleSample",
     "SyntheticSample",
+    "TranscriptColumns",
+    "check_out_dir",
     "expected_cell_counts",
     "load_ground_truth",
+    "repeat_step_px",
+    "transcripts_writer",
     "true_global_to_he_px",
     "true_he_to_global_px",
     "write_scale_sample",
+    "write_repeated_ome_tiff",
     "write_synthetic_sample",
 ]

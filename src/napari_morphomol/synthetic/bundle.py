@@ -306,7 +306,18 @@ TRANSCRIPT_ROW_GROUP_ROWS = 1 << 20
 
 
 def transcripts_writer(path: Path) -> pq.ParquetWriter:
-    """The writer of transcripts.parquet: its schema, codec and dictionary columns."""
+    """The writer of transcripts.parquet: its schema, codec and dictionary columns.
+
+    Parameters
+    ----------
+    path
+        The file to write (a temporary name inside the sample being written).
+
+    Returns
+    -------
+    pyarrow.parquet.ParquetWriter
+        Open; the caller writes its tables (:class:`TranscriptColumns`) and closes it.
+    """
     return pq.ParquetWriter(
         path,
         _TRANSCRIPT_SCHEMA,

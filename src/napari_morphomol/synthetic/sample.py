@@ -187,7 +187,18 @@ def write_synthetic_sample(
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Refuse (InputError) a sample folder that exists and is not empty, or whose parent is missing."""
+    """Refuse (InputError) a sample folder that exists and is not empty, or whose parent is missing.
+
+    Parameters
+    ----------
+    out_dir
+        The folder a sample is about to be written to.
+
+    Returns
+    -------
+    None
+        Raises an InputError saying to pick a new folder, or to create its parent.
+    """
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"{out_dir} already exists and is not empty: pick a new folder for the synthetic sample")
     if not out_dir.parent.is_dir():

@@ -62,7 +62,13 @@ from napari_morphomol.synthetic.bundle import (
 from napari_morphomol.synthetic.expression import BlockTranscripts, make_panel
 from napari_morphomol.synthetic.sample import SAMPLE_FOLDER, SyntheticSample, check_out_dir, write_synthetic_sample
 from napari_morphomol.synthetic.truth import GENERATOR, load_ground_truth
-from napari_morphomol.synthetic.writers import JPEG, JPEG2000_LOSSLESS, LOSSLESS, write_repeated_ome_tiff
+from napari_morphomol.synthetic.writers import (
+    JPEG,
+    JPEG2000_LOSSLESS,
+    LOSSLESS,
+    repeat_step_px,
+    write_repeated_ome_tiff,
+)
 
 SCALE_HE_PIXEL_SIZE_UM = XENIUM_PIXEL_SIZE_UM * 9 / 7
 """H&E pixel size of a scale sample (0.2732 um/px): 7 H&E px = 9 Xenium px."""
@@ -118,12 +124,34 @@ class ScaleSample:
         return (self.grid[0] * self.pitch_um[0], self.grid[1] * self.pitch_um[1])
 
     def copy_offset_um(self, column: int, row: int) -> tuple[float, float]:
-        """(dx, dy) um from the block's transcripts to those of copy (column, row)."""
+        """(dx, dy) um from the block's transcripts to those of one copy.
+
+        Parameters
+        ----------
+        column, row
+            The copy's place on the grid (0, 0: the first copy, top left).
+
+        Returns
+        -------
+        tuple of float
+            The shift in x and y, um.
+        """
         return _copy_offset_um(self.cell_global_px, column, row)
 
     @classmethod
     def at(cls, root: str | os.PathLike) -> ScaleSample:
-        """The scale sample folder ``root`` (written by :func:`write_scale_sample`)."""
+        """The scale sample folder ``root``, read back from its record.
+
+        Parameters
+        ----------
+        root
+            A folder written by :func:`write_scale_sample`.
+
+        Returns
+        -------
+        ScaleSample
+            Its paths, grid, cell and counts; an InputError when ``root`` has no readable record.
+        """
         root = Path(root)
         try:
             record = json.loads((root / SCALE_RECORD).read_text())
@@ -346,8 +374,8 @@ def _check_levels(cell: _Cell, columns_rows: tuple[int, int]) -> None:
     """The images' pyramids must repeat a whole halved cell at every level (writers.write_repeated_ome_tiff)."""
     for what, (_, _, width, height) in (("DAPI", cell.global_px), ("H&E", cell.he_px)):
         side = max(width * columns_rows[0], height * columns_rows[1])
-        halvings = max(0, math.ceil(math.log2(side / 1024)))
-        if width % 2**halvings or height % 2**halvings:
+        step = repeat_step_px((height, width), (columns_rows[1], columns_rows[0]))
+        if width % step or height % step:
             raise InputError(
                 f"a {columns_rows[0]} x {columns_rows[1]} grid makes a {side} px {what} image, too large for a cell of "
                 f"{width} x {height} px: give fewer copies or a larger block"

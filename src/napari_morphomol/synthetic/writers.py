@@ -16,6 +16,8 @@ import h5py
 import numpy as np
 import tifffile
 
+from napari_morphomol.errors import InputError
+
 TILE_PX = 512
 _MIN_LEVEL_PX = 1024
 LOSSLESS = ("zlib", 1)
@@ -133,7 +135,8 @@ def write_repeated_ome_tiff(
         The file to write.
     cell
         (height, width) or (height, width, 3) uint8/uint16; each side a multiple of
-        2 ** (levels - 1), so that every level repeats a whole halved cell.
+        :func:`repeat_step_px` (2 ** (levels - 1)), so that every level repeats a whole halved
+        cell (else an InputError).
     repeats
         How many cells down and across.
     pixel_size_um
@@ -151,9 +154,11 @@ def write_repeated_ome_tiff(
     samples = cell.shape[2] if cell.ndim == 3 else 1
     height, width = cell.shape[0] * repeats[0], cell.shape[1] * repeats[1]
     levels = _pyramid_levels(height, width)
-    step = 2 ** (len(levels) - 1)
+    step = repeat_step_px(cell.shape[:2], repeats)
     if cell.shape[0] % step or cell.shape[1] % step:
-        raise ValueError(f"cell {cell.shape[:2]} must have sides divisible by {step} for {len(levels)} levels")
+        raise InputError(f"a {cell.shape[0]} x {cell.shape[1]} px cell repeated {repeats[0]} x {repeats[1]} times "
+                         f"makes {len(levels)} pyramid levels, and each repeats a whole halved cell only if the "
+                         f"cell's sides are multiples of {step} px: give fewer repeats or such a cell")
     encode = _tile_encoder(compression, samples)
     options = _tiff_options(samples, cell.dtype, pixel_size_um, compression)
     extra = ((samples,) if samples > 1 else ())
@@ -195,6 +200,26 @@ def _repeated_tiles(cell: np.ndarray, shape: tuple[int, int], encode: Callable[[
     distinct = list(dict.fromkeys(keys))
     encoded = dict(zip(distinct, pool.map(tile, distinct)))
     return (encoded[key] for key in keys)
+
+
+def repeat_step_px(cell_shape_px: tuple[int, int], repeats: tuple[int, int]) -> int:
+    """What each side of a cell repeated by :func:`write_repeated_ome_tiff` must be a multiple of.
+
+    Parameters
+    ----------
+    cell_shape_px
+        The cell's (height, width).
+    repeats
+        How many cells down and across.
+
+    Returns
+    -------
+    int
+        ``2 ** (levels - 1)`` for the levels of the repeated image's pyramid, so that every level
+        repeats a whole halved cell.
+    """
+    levels = _pyramid_levels(cell_shape_px[0] * repeats[0], cell_shape_px[1] * repeats[1])
+    return 2 ** (len(levels) - 1)
 
 
 def _pyramid_levels(height: int, width: int) -> list[tuple[int, int]]:
