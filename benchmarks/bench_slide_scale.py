@@ -83,8 +83,8 @@ def cli_path(sample: Path, work: Path) -> dict:
         wall, peak = timed_process(command)
         figures[step] = {"wall_s": wall, "peak_rss_bytes": peak,
                          "output_bytes": sum(disk_bytes(work / name) for name in outputs[step])}
-        print(f"  {step:8s} {wall:7.1f} s  peak RSS {peak / 1e9:5.2f} GB  wrote {figures[step]['output_bytes'] / 1e6:8.1f} MB",
-              flush=True)
+        wrote_mb = figures[step]["output_bytes"] / 1e6
+        print(f"  {step:8s} {wall:7.1f} s  peak RSS {peak / 1e9:5.2f} GB  wrote {wrote_mb:8.1f} MB", flush=True)
     return figures
 
 
@@ -140,7 +140,8 @@ def summary(results: dict) -> None:
                   f"1 cm^2 peak {large['peak_rss_bytes'] / 1e9:.2f} GB (target 4 GB)")
     opened = results["open"]
     for name, f in opened.items():
-        print(f"  open {name} ({f['transcripts'] / 1e6:.0f} M): peak RSS {f['peak_rss_bytes'] / 1e9:.2f} GB (target 3), "
+        print(f"  open {name} ({f['transcripts'] / 1e6:.0f} M): peak RSS {f['peak_rss_bytes'] / 1e9:.2f} GB "
+              "(target 3), "
               f"first frame {f['first_frame_s'] / f['baseline_s']:.2f} x (0.3), density "
               f"{f['density_ready_s'] / f['baseline_s']:.2f} x (1.0) of the pyarrow read ({f['baseline_s']:.1f} s), "
               f"worst stall {f['worst_stall_ms']:.0f} ms (200), points in view {f['points_in_view_s']:.2f} s (1)")
