@@ -320,6 +320,14 @@ def filling(columns: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.nda
     return fill
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bilinear(grid, row, col, fu, fv, k):
+    """Channel ``k`` of a (rows, cols, channels) grid read bilinearly in cell (row, col) at (fu, fv)."""
+    top = grid[row, col, k] + fu * (grid[row, col + 1, k] - grid[row, col, k])
+    bottom = grid[row + 1, col, k] + fu * (grid[row + 1, col + 1, k] - grid[row + 1, col, k])
+    return top + fv * (bottom - top)
+
+
 @numba.njit(cache=True, nogil=True)
 def _bilinear_kernel(x, y, x0, y0, inv_pitch, nodes, out_x, out_y, outside):
     """Bilinear interpolation of ``nodes`` (rows, cols, 2) at the points; the indices of points
@@ -339,14 +347,8 @@ def _bilinear_kernel(x, y, x0, y0, inv_pitch, nodes, out_x, out_y, outside):
         r = min(int(v), n_rows - 2)
         fu = u - c
         fv = v - r
-        for k in range(2):
-            top = nodes[r, c, k] + fu * (nodes[r, c + 1, k] - nodes[r, c, k])
-            bottom = nodes[r + 1, c, k] + fu * (nodes[r + 1, c + 1, k] - nodes[r + 1, c, k])
-            value = top + fv * (bottom - top)
-            if k == 0:
-                out_x[i] = value
-            else:
-                out_y[i] = value
+        out_x[i] = _bilinear(nodes, r, c, fu, fv, 0)
+        out_y[i] = _bilinear(nodes, r, c, fu, fv, 1)
     return n_outside
 
 
@@ -377,10 +379,7 @@ def _blended_newton_kernel(x, y, x0, y0, inv_cell, coefficients, affine, toleran
             fu = u - col
             fv = v - row
             for k in range(6):
-                top = coefficients[row, col, k] + fu * (coefficients[row, col + 1, k] - coefficients[row, col, k])
-                bottom = coefficients[row + 1, col, k] + fu * (coefficients[row + 1, col + 1, k]
-                                                               - coefficients[row + 1, col, k])
-                c[k] = top + fv * (bottom - top)
+                c[k] = _bilinear(coefficients, row, col, fu, fv, k)
             mx = c[0] * px + c[1] * py + c[2] - gx
             my = c[3] * px + c[4] * py + c[5] - gy
             det = c[0] * c[4] - c[1] * c[3]
