@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from napari_morphomol.synthetic.expression import BlockTranscripts, ProgramPanel
 from napari_morphomol.synthetic.plan import SamplePlan
 from napari_morphomol.synthetic.tissue import BLOCK_NODES, NODE_REACH, NODE_UM, Cells, TissueFields, block_grid
 from napari_morphomol.synthetic.truth import GENERATOR
-from napari_morphomol.synthetic.writers import TenXMatrixWriter
+from napari_morphomol.synthetic.writers import TenXMatrixWriter, write_in_background
 
 XENIUM_SOFTWARE_VERSION = "xenium-3.0.0.15"
 EXPERIMENT_FILE = "experiment.xenium"
@@ -77,28 +76,21 @@ def write_cell_tables(xenium: Path, plan: SamplePlan, panel: ProgramPanel, cells
     sink = _TableSink(xenium, panel, len(cells))
     cell_summary = np.zeros((len(cells), 8))
     next_id = 0
-    # one writer thread: parquet/HDF5 encoding overlaps with sampling the next block
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: list = []
-        try:
-            for rows, box_um, rng in _blocks(plan, cells):
-                t = sample_block(rng, panel, cells, rows, fields.region, box_um)
-                table = columns.table(t, rows, cell_ids, next_id)
-                next_id += len(t)
-                cell_tables = None
-                if len(rows):
-                    counts = _cell_counts(t, rows, len(panel.names))
-                    cell_tables = _cell_tables(cells, rows, cell_ids, counts, feature_kind, cell_summary)
-                while len(pending) >= 2:
-                    pending.pop(0).result()
-                pending.append(pool.submit(sink.write, table, cell_tables))
-            for future in pending:
-                future.result()
-        finally:
-            for future in pending:
-                future.cancel()
-            pool.shutdown(wait=True)
-            sink.close(cell_ids)
+
+    def tables():
+        nonlocal next_id
+        for rows, box_um, rng in _blocks(plan, cells):
+            t = sample_block(rng, panel, cells, rows, fields.region, box_um)
+            table = columns.table(t, rows, cell_ids, next_id)
+            next_id += len(t)
+            cell_tables = None
+            if len(rows):
+                counts = _cell_counts(t, rows, len(panel.names))
+                cell_tables = _cell_tables(cells, rows, cell_ids, counts, feature_kind, cell_summary)
+            yield table, cell_tables
+
+    # parquet/HDF5 encoding overlaps with sampling the next block
+    write_in_background(tables(), sink.write, lambda: sink.close(cell_ids))
     return next_id, cell_summary
 
 

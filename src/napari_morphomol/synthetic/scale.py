@@ -67,6 +67,7 @@ from napari_morphomol.synthetic.writers import (
     JPEG2000_LOSSLESS,
     LOSSLESS,
     repeat_step_px,
+    write_in_background,
     write_repeated_ome_tiff,
 )
 
@@ -408,32 +409,24 @@ def _write_transcripts(xenium: Path, block: SyntheticSample, base: BlockTranscri
     cell_rows = np.arange(n_block_cells)
     x_um, y_um = base.x_um.astype(np.float64), base.y_um.astype(np.float64)
     writer = transcripts_writer(xenium / "transcripts.parquet")
-    # one writer thread: parquet encoding overlaps with making the next copy's table
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: list = []
-        try:
-            for copy in range(columns * rows):
-                row, column = divmod(copy, columns)
-                dx, dy = _copy_offset_um(cell.global_px, column, row)
-                t = BlockTranscripts(
-                    x_um=(x_um + dx).astype(np.float32), y_um=(y_um + dy).astype(np.float32), z_um=base.z_um,
-                    feature=base.feature, cell=base.cell, overlaps_nucleus=base.overlaps_nucleus,
-                    nucleus_distance_um=base.nucleus_distance_um, qv=base.qv,
-                )
-                ids = cell_ids[copy * n_block_cells : (copy + 1) * n_block_cells]
-                table = table_columns.table(t, cell_rows, ids, copy * len(base))
-                while len(pending) >= 2:
-                    pending.pop(0).result()
-                pending.append(pool.submit(writer.write_table, table, row_group_size=TRANSCRIPT_ROW_GROUP_ROWS))
-                if (copy + 1) % max(1, columns * rows // 10) == 0:
-                    say(f"transcripts: {copy + 1} of {columns * rows} copies")
-            for future in pending:
-                future.result()
-        finally:
-            for future in pending:
-                future.cancel()
-            pool.shutdown(wait=True)
-            writer.close()
+
+    def tables():
+        for copy in range(columns * rows):
+            row, column = divmod(copy, columns)
+            dx, dy = _copy_offset_um(cell.global_px, column, row)
+            t = BlockTranscripts(
+                x_um=(x_um + dx).astype(np.float32), y_um=(y_um + dy).astype(np.float32), z_um=base.z_um,
+                feature=base.feature, cell=base.cell, overlaps_nucleus=base.overlaps_nucleus,
+                nucleus_distance_um=base.nucleus_distance_um, qv=base.qv,
+            )
+            ids = cell_ids[copy * n_block_cells : (copy + 1) * n_block_cells]
+            yield (table_columns.table(t, cell_rows, ids, copy * len(base)),)
+            if (copy + 1) % max(1, columns * rows // 10) == 0:
+                say(f"transcripts: {copy + 1} of {columns * rows} copies")
+
+    # parquet encoding overlaps with making the next copy's table
+    write_in_background(tables(), lambda table: writer.write_table(table, row_group_size=TRANSCRIPT_ROW_GROUP_ROWS),
+                        writer.close)
     return columns * rows * len(base)
 
 

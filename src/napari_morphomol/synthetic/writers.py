@@ -8,7 +8,7 @@ it repeats, so the time goes into writing bytes, not encoding them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -322,3 +322,32 @@ class TenXMatrixWriter:
         self._group.create_dataset("barcodes", data=np.asarray(barcodes, dtype="S"))
         self._group.create_dataset("shape", data=np.array([self._n_features, self._n_cells], dtype=np.int32))
         self._file.close()
+
+
+def write_in_background(items: Iterable[tuple], write: Callable[..., object], close: Callable[[], object]) -> None:
+    """``write(*item)`` for each item, in order, in one background thread while the next item is made
+    (at most two waiting), then ``close()``, also after an error (the first error is raised).
+
+    Parameters
+    ----------
+    items
+        The argument tuples, made lazily (a generator) in the calling thread.
+    write
+        Writes one item (encoding overlaps with making the next).
+    close
+        Finishes the files.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: list = []
+        try:
+            for item in items:
+                while len(pending) >= 2:
+                    pending.pop(0).result()
+                pending.append(pool.submit(write, *item))
+            for future in pending:
+                future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+            close()
