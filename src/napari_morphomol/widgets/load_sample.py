@@ -26,7 +26,8 @@ from napari_morphomol.widgets._errors import chosen_path, report_error, status_l
 POINTS_FIELD_OF_VIEW_UM = 800.0
 """Actual transcripts are drawn only when the view is narrower than this (density otherwise)."""
 
-GENE_COLORS = ["cyan", "magenta", "yellow", "lime", "orange", "red", "dodgerblue", "white"]
+GENE_COLORS = ["yellow", "lime", "orange", "red", "white", "dodgerblue", "magenta", "cyan"]
+"""Transcript colours by gene, the first ones unlike the DAPI (cyan) and the H&E (pink) beneath them."""
 
 
 class LoadSampleWidget(Container):
