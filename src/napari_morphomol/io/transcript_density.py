@@ -44,7 +44,6 @@ from skimage.measure import block_reduce
 from napari_morphomol._atomic import cache_dir
 from napari_morphomol.errors import InputError
 from napari_morphomol.io.features import is_control_feature, warn_non_finite_xy
-from napari_morphomol.io.sample import transcripts_file
 
 MIN_QV = 20.0
 BLOCK_UM = 200.0
@@ -52,6 +51,8 @@ BLOCK_UM = 200.0
 whole bins."""
 _COLUMNS = ("bins", "x", "y", "feature")
 """The scratch files: the by-feature ordering's bins, and the by-block ordering's x, y and feature codes."""
+_COUNT_CHUNK = 1 << 24
+"""Transcripts whose bins are counted at once when a gene's density is asked for (64 MB)."""
 _STATUS_NON_FINITE, _STATUS_UNNAMED, _STATUS_LOW_QV, _STATUS_OUTSIDE = -1, -2, -3, -4
 
 
@@ -178,10 +179,15 @@ class TranscriptDensity:
             return self._gene_raster.reshape(self.shape_yx).astype(np.float32)
         n_bins = self.shape_yx[0] * self.shape_yx[1]
         summed = np.zeros(n_bins, np.int64)
-        for row in self._rows(features):
-            for start, stop in self._feature_offsets[:, row : row + 2]:
-                if stop > start:
-                    summed += np.bincount(self._read("bins", np.int32, start, stop), minlength=n_bins)
+        slices, pending = [], 0
+        spans = [(start, stop) for row in self._rows(features)
+                 for start, stop in self._feature_offsets[:, row : row + 2] if stop > start]
+        for k, (start, stop) in enumerate(spans):  # one bin count per 16 M transcripts, not one per partition
+            slices.append(self._read("bins", np.int32, start, stop))
+            pending += stop - start
+            if pending >= _COUNT_CHUNK or k == len(spans) - 1:
+                summed += np.bincount(np.concatenate(slices), minlength=n_bins)
+                slices, pending = [], 0
         return summed.reshape(self.shape_yx).astype(np.float32)
 
     def pyramid(self, raster: np.ndarray, min_size_px: int = 1024) -> list[np.ndarray]:
@@ -334,6 +340,8 @@ def build_transcript_density(
         return ordered, feature_offsets, block_offsets, status_counts
 
     scratch = _make_scratch(scratch_dir)
+    from napari_morphomol.io.sample import transcripts_file  # spatialdata's import, only when indexing
+
     source = transcripts_file(points)
     if source is not None and list(source.categories) == list(features):  # straight from the parquet file
         delayed_parts = [dask.delayed(order_file_partition)(source, i) for i in range(len(source.partitions))]

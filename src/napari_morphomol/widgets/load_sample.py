@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pint
 from magicgui.widgets import (
     Container,
     FileEdit,
@@ -100,6 +99,8 @@ class LoadSampleWidget(Container):
             self.density = None
 
         def work():
+            import pint  # napari imports it only for units; here, in the worker
+
             sdata = load_sample(*args, he_pixel_size_um=pixel)
             pint.get_application_registry().um  # builds pint's unit registry here, not in add_image (1 s)
             return sdata, sample_layers(sdata, with_density=False)
